@@ -1,0 +1,73 @@
+"""``swarm-broker``: run the swarm's broker (embedded amqtt, or Mosquitto) in this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from . import logs
+from .errors import ConfigError
+from .home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome
+from .topics import DEFAULT_SWARM, check_id
+
+ENGINES = ("amqtt", "mosquitto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-broker", description=__doc__)
+    add_broker_arguments(parser)
+    logs.add_arguments(parser)
+    return parser
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = "--engine") -> None:
+    parser.add_argument(engine_flag, dest="engine", choices=ENGINES, default="amqtt", help="which broker to run")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--swarm", default=DEFAULT_SWARM, help="swarm id, the first topic level after swarm/")
+    parser.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
+
+
+def home_from(args: argparse.Namespace) -> SwarmHome:
+    return SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+
+
+async def run_broker(home: SwarmHome, local: LocalSwarm, *, on_ready: object = None) -> None:
+    """Generate credentials if needed, record where we listen, and serve until cancelled."""
+    check_id(local.swarm, what="swarm id")
+    home.ensure()
+    home.save_local(local)
+    ready = on_ready if callable(on_ready) else None
+    if local.engine == "mosquitto":
+        from .mosquitto import MosquittoConfig
+        from .mosquitto import serve as serve_mosquitto
+
+        await serve_mosquitto(
+            MosquittoConfig(local.host, local.port, local.swarm, home.password_file, home.mosquitto_dir),
+            on_ready=ready,
+        )
+    else:
+        from .embedded import EmbeddedBrokerConfig
+        from .embedded import serve as serve_amqtt
+
+        await serve_amqtt(EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file), on_ready=ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(level=args.log_level, json=args.log_json)
+    local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine)
+    try:
+        asyncio.run(run_broker(home_from(args), local))
+    except ConfigError as exc:
+        print(f"swarm-broker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Every payload on the wire, as frozen pydantic models parsed once at the edge.
+
+MQTT 3.1.1 has no message properties, so everything a request needs (id, reply topic, deadline,
+timestamps) travels in this JSON envelope. ``topics.md`` shows an example of each model.
+Unknown fields are refused (``extra="forbid"``) so a typo in a field name is an error, not a
+silently ignored option.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ErrorCode, ProtocolError
+
+#: Request ids become log keys and correlation values; keep them printable and short.
+RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+NodeId = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
+Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+Strategy = Literal["race", "best_of_n"]
+MAX_FANOUT = 16
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+M = TypeVar("M", bound=Wire)
+
+
+def decode(model: type[M], payload: bytes | str) -> M:
+    """Parse one payload; the single place where pydantic's errors become ours."""
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid {model.__name__}: {describe(exc)}") from exc
+
+
+def describe(exc: ValidationError) -> str:
+    """A one-line, human-readable summary of a validation error."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg']}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+# ---------------------------------------------------------------- requests and answers
+
+
+class ChatMessage(Wire):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenParams(Wire):
+    """Sampling parameters. Nodes clamp ``max_tokens`` and ``temperature`` to their limits."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] | None = Field(default=None, max_length=8)
+    tags: list[Tag] = Field(default_factory=list, max_length=16)
+
+
+class PromptRequest(Wire):
+    """What a client publishes on the prompt topic (or plain text, which becomes ``prompt``)."""
+
+    id: RequestId | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
+    params: GenParams = Field(default_factory=GenParams)
+    strategy: Strategy = "race"
+    fanout: int = Field(default=1, ge=1, le=MAX_FANOUT)
+    tags: list[Tag] = Field(default_factory=list, max_length=16)
+    reply_to: str | None = Field(default=None, max_length=256)
+    model: str | None = Field(default=None, max_length=128)
+    timeout_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> PromptRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' is empty")
+        return self
+
+    def chat(self) -> list[ChatMessage]:
+        if self.messages is not None:
+            return list(self.messages)
+        return [ChatMessage(role="user", content=self.prompt or "")]
+
+    def all_tags(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.tags) | set(self.params.tags)))
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.chat())
+
+
+class Usage(Wire):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class Timings(Wire):
+    """Measured on the node: time waiting in its queue, to the first token, and generating."""
+
+    queue_ms: float = Field(ge=0)
+    ttft_ms: float | None = Field(default=None, ge=0)
+    generate_ms: float = Field(ge=0)
+    tokens_per_s: float | None = Field(default=None, ge=0)
+
+
+class ErrorInfo(Wire):
+    code: ErrorCode
+    message: str
+    retry_after_s: float | None = None
+
+
+class Candidate(Wire):
+    node_id: NodeId
+    text: str
+    score: float
+    finish_reason: str | None
+    usage: Usage | None
+    timings: Timings | None
+
+
+class Answer(Wire):
+    """The hub's reply to a request that succeeded."""
+
+    id: RequestId
+    ok: Literal[True] = True
+    text: str
+    node_id: NodeId
+    model: str
+    finish_reason: str | None
+    usage: Usage | None
+    timings: Timings | None
+    latency_ms: float
+    strategy: Strategy
+    attempts: int
+    candidates: list[Candidate] = Field(default_factory=list)
+
+
+class ErrorReply(Wire):
+    """The hub's reply to a request that failed: always sent, never silence."""
+
+    id: str | None
+    ok: Literal[False] = False
+    error: ErrorInfo
+
+
+def decode_reply(payload: bytes | str) -> Answer | ErrorReply:
+    try:
+        return Answer.model_validate_json(payload)
+    except ValidationError:
+        return decode(ErrorReply, payload)
+
+
+# ---------------------------------------------------------------- hub <-> node
+
+
+class Task(Wire):
+    """One attempt at a request, sent to one node. ``timeout_s`` is relative: phones' clocks drift."""
+
+    task_id: RequestId
+    request_id: RequestId
+    messages: list[ChatMessage]
+    params: GenParams
+    timeout_s: float = Field(gt=0)
+    model: str | None = None
+
+
+class Cancel(Wire):
+    task_id: RequestId
+    reason: str
+
+
+class TaskResult(Wire):
+    task_id: RequestId
+    request_id: RequestId
+    node_id: NodeId
+    ok: bool
+    text: str = ""
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    error: ErrorInfo | None = None
+
+    @model_validator(mode="after")
+    def _error_iff_failed(self) -> TaskResult:
+        if self.ok == (self.error is not None):
+            raise ValueError("'error' must be set exactly when ok is false")
+        return self
+
+
+# ---------------------------------------------------------------- node presence
+
+
+class NodeState(StrEnum):
+    ONLINE = "online"
+    PAUSED = "paused"
+    OFFLINE = "offline"
+
+
+class ModelInfo(Wire):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    ctx: int = Field(ge=1)
+
+
+class Announce(Wire):
+    """Retained: who the node is and what it can do."""
+
+    node_id: NodeId
+    model: ModelInfo
+    threads: int = Field(ge=1)
+    tokens_per_s: float = Field(ge=0)
+    ram_total_mb: float | None
+    device: Literal["phone", "laptop", "desktop", "server"]
+    tags: list[Tag] = Field(default_factory=list)
+    agent_version: str
+    slots: int = Field(ge=1)
+    queue_max: int = Field(ge=0)
+    max_tokens: int = Field(ge=1)
+    max_temperature: float = Field(ge=0)
+    ts: float
+
+
+class Status(Wire):
+    """Retained, and the node's Last Will (``offline``)."""
+
+    node_id: NodeId
+    state: NodeState
+    reason: str | None = None
+    ts: float | None = None
+
+
+class Heartbeat(Wire):
+    """Every few seconds. ``None`` means the value could not be read, never zero."""
+
+    node_id: NodeId
+    ts: float
+    battery_pct: float | None
+    charging: bool | None
+    temp_c: float | None
+    ram_free_mb: float | None
+    load: float | None
+    #: recent generation speed, from the node's last answers (its announce has the start-up profile)
+    tokens_per_s: float | None
+    busy: int = Field(ge=0)
+    slots: int = Field(ge=1)
+    queued: int = Field(ge=0)
+    tokens_served: int = Field(ge=0)
+    tasks_done: int = Field(ge=0)
+    tasks_failed: int = Field(ge=0)
+
+
+# ---------------------------------------------------------------- hub presence
+
+
+class HubStatus(Wire):
+    """Retained, and the hub's Last Will (``offline``)."""
+
+    hub_id: str
+    state: Literal["online", "offline"]
+    ts: float | None = None
+    version: str | None = None
+    nodes_online: int = 0
+    nodes_paused: int = 0
+    nodes_offline: int = 0
+    inflight: int = 0
+    answered: int = 0
+    failed: int = 0
+    started_at: float | None = None
+
+
+class NodeRow(Wire):
+    node_id: NodeId
+    state: NodeState
+    model: str | None
+    tokens_per_s: float | None
+    battery_pct: float | None
+    charging: bool | None
+    temp_c: float | None
+    busy: int
+    last_seen: float | None
+    agent_version: str | None
+    tags: list[str]
+
+
+class NodeTable(Wire):
+    """Retained: the hub's view of every node it knows, for ``swarm-hub nodes``."""
+
+    ts: float
+    nodes: list[NodeRow]

@@ -1,0 +1,66 @@
+"""Password hashes in Mosquitto's ``$7$`` format (PBKDF2-SHA512), read by both brokers.
+
+One format means one generated password file serves the embedded amqtt broker and Mosquitto
+mode alike. The passwords themselves are 192-bit random tokens, so Mosquitto's default of 101
+PBKDF2 rounds costs microseconds and never stalls a broker's event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+ITERATIONS = 101
+SALT_BYTES = 12
+
+
+def hash_password(password: str, *, salt: bytes | None = None, iterations: int = ITERATIONS) -> str:
+    salt = salt if salt is not None else os.urandom(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        _, kind, rounds, salt_b64, digest_b64 = encoded.split("$")
+        if kind != "7":
+            return False
+        salt = base64.b64decode(salt_b64)
+        expected = base64.b64decode(digest_b64)
+        iterations = int(rounds)
+    except ValueError:
+        return False
+    actual = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return hmac.compare_digest(actual, expected)
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """``user:$7$...`` lines -> {user: encoded hash}. Blank lines and ``#`` comments are skipped."""
+    entries: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, encoded = line.partition(":")
+        if sep:
+            entries[user] = encoded
+    return entries
+
+
+def write_password_file(path: Path, logins: dict[str, str]) -> None:
+    """Write hashes for ``{user: password}``, readable by the owner only."""
+    text = "".join(f"{user}:{hash_password(pw)}\n" for user, pw in sorted(logins.items()))
+    write_private(path, text)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create or replace a file with mode 0600, atomically, never briefly world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,173 @@
+"""Every topic the swarm uses, built and checked in one place.
+
+``topics.md`` documents the same set; ``tests/test_topics.py`` keeps the two in step through
+:data:`CATALOGUE`. Nothing else in the code base writes a topic string by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .errors import ConfigError
+
+ROOT = "swarm"
+_ID = re.compile(r"^[a-z0-9_-]{1,64}$")
+DEFAULT_SWARM = "main"
+DEFAULT_REPLY = "default"
+
+
+def check_id(value: str, *, what: str) -> str:
+    """Ids become topic levels and ACL patterns: keep them to ``[a-z0-9_-]``."""
+    if not _ID.match(value):
+        raise ConfigError(f"{what} {value!r} must be 1-64 characters of a-z, 0-9, '_' or '-'")
+    return value
+
+
+def is_concrete(topic: str) -> bool:
+    """A topic a client may publish to: no wildcards, no ``$``, no empty or NUL levels.
+
+    amqtt stops serving a connection that publishes to a wildcard or ``$`` topic without closing
+    it (BROKERS.md, defect 4), so we refuse such publishes before they reach the socket.
+    """
+    return bool(topic) and not topic.startswith("$") and "+" not in topic and "#" not in topic and "\x00" not in topic
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic-filter matching (section 4.7)."""
+    if topic.startswith("$") and not topic_filter.startswith("$"):
+        return False
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+class NodeTopic(StrEnum):
+    """The last level of a per-node topic."""
+
+    ANNOUNCE = "announce"
+    STATUS = "status"
+    HEARTBEAT = "heartbeat"
+    TASK = "task"
+    CANCEL = "cancel"
+    RESULT = "result"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One row of the topic contract; ``pattern`` uses ``{sid}``, ``{node_id}`` and ``{name}``."""
+
+    pattern: str
+    publisher: str
+    subscriber: str
+    qos: int
+    retained: bool
+
+
+#: The whole contract. topics.md has one table row per entry, in this order.
+CATALOGUE: tuple[TopicSpec, ...] = (
+    TopicSpec("swarm/{sid}/prompt", "client", "hub", 1, False),
+    TopicSpec("swarm/{sid}/reply/{name}", "hub", "client", 1, False),
+    TopicSpec("swarm/{sid}/node/{node_id}/announce", "node", "hub, client", 1, True),
+    TopicSpec("swarm/{sid}/node/{node_id}/status", "node", "hub, client", 1, True),
+    TopicSpec("swarm/{sid}/node/{node_id}/heartbeat", "node", "hub, client", 0, False),
+    TopicSpec("swarm/{sid}/node/{node_id}/task", "hub", "node", 1, False),
+    TopicSpec("swarm/{sid}/node/{node_id}/cancel", "hub", "node", 1, False),
+    TopicSpec("swarm/{sid}/node/{node_id}/result", "node", "hub", 1, False),
+    TopicSpec("swarm/{sid}/hub/status", "hub", "client, node", 1, True),
+    TopicSpec("swarm/{sid}/hub/nodes", "hub", "client", 1, True),
+    TopicSpec("swarm/{sid}/model", "hub", "node", 1, True),
+    TopicSpec("swarm/{sid}/bundle", "hub", "node", 1, True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic builders for one swarm. ``Topics("main").node_task("pixel7")``."""
+
+    swarm: str = DEFAULT_SWARM
+
+    def __post_init__(self) -> None:
+        check_id(self.swarm, what="swarm id")
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.swarm}"
+
+    # client <-> hub
+    def prompt(self) -> str:
+        return f"{self.base}/prompt"
+
+    def reply(self, name: str = DEFAULT_REPLY) -> str:
+        return f"{self.base}/reply/{check_id(name, what='reply name')}"
+
+    def reply_filter(self) -> str:
+        return f"{self.base}/reply/#"
+
+    def is_reply_topic(self, topic: str) -> bool:
+        """Replies may only go under ``reply/``: the hub must never be tricked into publishing a
+        client-chosen payload onto a task or status topic."""
+        prefix = f"{self.base}/reply/"
+        return topic.startswith(prefix) and len(topic) > len(prefix) and is_concrete(topic)
+
+    # per node
+    def node(self, node_id: str, kind: NodeTopic) -> str:
+        return f"{self.base}/node/{check_id(node_id, what='node id')}/{kind}"
+
+    def node_announce(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.ANNOUNCE)
+
+    def node_status(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.STATUS)
+
+    def node_heartbeat(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.HEARTBEAT)
+
+    def node_task(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.TASK)
+
+    def node_cancel(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.CANCEL)
+
+    def node_result(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.RESULT)
+
+    def all_nodes(self, kind: NodeTopic) -> str:
+        return f"{self.base}/node/+/{kind}"
+
+    def parse_node_topic(self, topic: str) -> tuple[str, NodeTopic] | None:
+        """``swarm/main/node/pixel7/status`` -> ``("pixel7", NodeTopic.STATUS)``; else None."""
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[0] != ROOT or parts[1] != self.swarm or parts[2] != "node":
+            return None
+        if not _ID.match(parts[3]):
+            return None
+        try:
+            return parts[3], NodeTopic(parts[4])
+        except ValueError:
+            return None
+
+    # hub
+    def hub_status(self) -> str:
+        return f"{self.base}/hub/status"
+
+    def hub_nodes(self) -> str:
+        return f"{self.base}/hub/nodes"
+
+    # retained pins (their payloads belong to the update machinery)
+    def model(self) -> str:
+        return f"{self.base}/model"
+
+    def bundle(self) -> str:
+        return f"{self.base}/bundle"
+
+    def everything(self) -> str:
+        return f"{self.base}/#"

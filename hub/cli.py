@@ -1,0 +1,379 @@
+"""``swarm-hub``: run the hub, or a whole swarm, and talk to it.
+
+swarm-hub up                     broker + hub + a local node on the bundled model
+swarm-hub serve --broker URL     the hub alone, against any broker
+swarm-hub ask "What is 2+2?"     ask the swarm; prints the answer, its node and timings
+swarm-hub nodes | status         what the hub sees
+swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto_sub
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nova_swarm.broker import logs
+from nova_swarm.broker.cli import ENGINES
+from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
+from nova_swarm.broker.errors import ConnectionLost, RequestFailed, SwarmError
+from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, Role, SwarmHome
+from nova_swarm.broker.messages import MAX_FANOUT, GenParams, HubStatus, NodeTable, PromptRequest, decode
+from nova_swarm.broker.topics import DEFAULT_SWARM
+from nova_swarm.broker.url import BrokerURL
+
+from .client import SwarmClient
+from .config import HubConfig
+from .hub import Hub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, *, broker_role: str | None = "client") -> None:
+        p.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
+        if broker_role:
+            p.add_argument(
+                "--broker", help=f"mqtt://user:pass@host:port (default: this machine's swarm, as {broker_role})"
+            )
+            p.add_argument("--port", type=int, help="port of this machine's swarm (default: where `up` listens)")
+            p.add_argument("--swarm", help="swarm id (default: this machine's swarm)")
+            p.add_argument("--ca-file", type=Path, help="CA certificate to trust for mqtts:// brokers")
+
+    up = sub.add_parser("up", help="run broker, hub and a local node on this machine")
+    up.add_argument("--broker-engine", choices=ENGINES, default="amqtt")
+    up.add_argument("--host", default=DEFAULT_HOST, help="broker listen address (default: loopback only)")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("--swarm", default=DEFAULT_SWARM)
+    up.add_argument("--model", type=Path, help="GGUF for the local node (default: bundled SmolLM2-135M)")
+    up.add_argument("--node-id", help="the local node's id (default: this host's name)")
+    up.add_argument("--threads", type=int, help="the local node's inference threads")
+    up.add_argument("--no-node", action="store_true", help="start no local node")
+    up.add_argument("--config-dir", type=Path)
+    _hub_arguments(up)
+    logs.add_arguments(up)
+
+    serve = sub.add_parser("serve", help="run the hub against a broker")
+    common(serve, broker_role="hub")
+    _hub_arguments(serve)
+    serve.add_argument("--db", type=Path, help="SQLite file (default: hub.sqlite in the config dir)")
+    serve.add_argument(
+        "--mqtt-version",
+        choices=["auto", "3.1.1", "5"],
+        default="auto",
+        help="auto speaks MQTT 5 where the broker does (for response-topic/correlation-data)",
+    )
+    logs.add_arguments(serve)
+
+    ask = sub.add_parser("ask", help="ask the swarm")
+    ask.add_argument("prompt")
+    ask.add_argument("--strategy", choices=["race", "best_of_n"], default="race")
+    ask.add_argument(
+        "--fanout", type=int, default=None, help=f"nodes to ask (1-{MAX_FANOUT}; default 1, or 2 for best_of_n)"
+    )
+    ask.add_argument("--tags", default="", help="comma-separated tags for routing")
+    ask.add_argument("--model", help="only nodes serving this model")
+    ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--temperature", type=float)
+    ask.add_argument("--seed", type=int)
+    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    ask.add_argument("--json", action="store_true", help="print the hub's whole reply as JSON")
+    common(ask)
+
+    for name, helptext in (("nodes", "list the nodes the hub knows"), ("status", "the hub's status")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the hub's retained report")
+        common(p)
+
+    creds = sub.add_parser("creds", help="print -h -p -u -P for mosquitto_pub/mosquitto_sub")
+    creds.add_argument("--role", choices=[r.value for r in Role], default="client")
+    creds.add_argument("--url", action="store_true", help="print a broker URL instead")
+    creds.add_argument("--port", type=int)
+    creds.add_argument("--config-dir", type=Path)
+    return parser
+
+
+def _hub_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-timeout", type=float, default=35.0, help="seconds of silence before a node is offline")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="default deadline of a request")
+    p.add_argument("--retries", type=int, default=2, help="re-dispatches per request after failures")
+    p.add_argument("--reranker", default="rules", help="best_of_n scorer (entry point nova_swarm.rerankers)")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0, help="the local node's heartbeat (up only)")
+
+
+def _home(args: argparse.Namespace) -> SwarmHome:
+    return SwarmHome(args.config_dir) if getattr(args, "config_dir", None) else SwarmHome.default()
+
+
+def _url(args: argparse.Namespace, home: SwarmHome, role: Role) -> BrokerURL:
+    if getattr(args, "broker", None):
+        return BrokerURL.parse(args.broker)
+    return home.url(role, port=getattr(args, "port", None))
+
+
+def _swarm(args: argparse.Namespace, home: SwarmHome) -> str:
+    return getattr(args, "swarm", None) or home.local().swarm
+
+
+def _hub_config(
+    args: argparse.Namespace, home: SwarmHome, swarm: str, db: Path | None = None, protocol: Protocol = "auto"
+) -> HubConfig:
+    return HubConfig(
+        protocol=protocol,
+        db_path=db or home.db_file,
+        swarm=swarm,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        default_timeout_s=args.request_timeout,
+        retries=args.retries,
+        reranker=args.reranker,
+    )
+
+
+# ---------------------------------------------------------------- up / serve
+
+
+async def _run_hub(hub: Hub) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, hub.stop)
+    await hub.run()
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    home = _home(args)
+    config = _hub_config(args, home, _swarm(args, home), args.db, protocol=args.mqtt_version)
+    hub = Hub(config, _url(args, home, Role.HUB), ca_file=args.ca_file)
+    await _run_hub(hub)
+    return 0
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    home = _home(args)
+    home.ensure()
+    local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.broker_engine)
+    home.save_local(local)
+    env = {**os.environ, "NOVA_SWARM_HOME": str(home.path)}
+    log_flags = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
+    children: list[subprocess.Popen[bytes]] = []
+    # Children get their own session, so a Ctrl-C reaches only us and we stop them in order:
+    # the hub drains first (it needs the node), then the node, then the broker.
+    broker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nova_swarm.broker",
+            "--engine",
+            local.engine,
+            "--host",
+            local.host,
+            "--port",
+            str(local.port),
+            "--swarm",
+            local.swarm,
+            *log_flags,
+        ],
+        env=env,
+        start_new_session=True,
+    )
+    children.append(broker)
+    try:
+        await wait_for_broker(home.url(Role.HUB), exited=broker.poll)
+        # We know the broker we started: Mosquitto speaks MQTT 5, amqtt only 3.1.1.
+        protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
+        hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
+        hub_task = asyncio.create_task(_run_hub(hub))
+        await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not args.no_node and not hub_task.done():
+            node_cmd = [sys.executable, "-m", "nova_swarm.node", "run", "--port", str(local.port)]
+            node_cmd += ["--heartbeat", str(args.heartbeat_interval), *log_flags]
+            for flag, value in (("--model", args.model), ("--node-id", args.node_id), ("--threads", args.threads)):
+                if value is not None:
+                    node_cmd += [flag, str(value)]
+            children.append(subprocess.Popen(node_cmd, env=env, start_new_session=True))
+        print(
+            f"swarm up: broker {local.engine} on {local.host}:{local.port}, swarm {local.swarm!r}. "
+            f"Try: swarm-hub ask 'What is 2+2?'   (Ctrl-C stops everything)",
+            file=sys.stderr,
+        )
+        await hub_task
+    finally:
+        for child in reversed(children):
+            await _stop_child(child)
+    return 0
+
+
+async def _stop_child(child: subprocess.Popen[bytes], grace: float = 40.0) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        give_up = time.monotonic() + grace
+        while child.poll() is None and time.monotonic() < give_up:
+            await asyncio.sleep(0.05)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+# ---------------------------------------------------------------- ask / nodes / status
+
+
+async def cmd_ask(args: argparse.Namespace) -> int:
+    home = _home(args)
+    tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+    fanout = args.fanout or (2 if args.strategy == "best_of_n" else 1)
+    request = PromptRequest(
+        prompt=args.prompt,
+        strategy=args.strategy,
+        fanout=fanout,
+        tags=tags,
+        model=args.model,
+        timeout_s=args.timeout,
+        params=GenParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
+    )
+    async with SwarmClient(_url(args, home, Role.CLIENT), swarm=_swarm(args, home), ca_file=args.ca_file) as client:
+        try:
+            answer = await client.ask(request, timeout=args.timeout + 5)
+        except RequestFailed as exc:
+            if args.json:
+                print(json.dumps({"ok": False, "error": {"code": exc.code.value, "message": exc.message}}))
+            else:
+                print(f"error ({exc.code.value}): {exc.message}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(answer.model_dump_json(indent=2))
+        return 0
+    print(answer.text)
+    t = answer.timings
+    usage = answer.usage
+    details = [f"node {answer.node_id}", answer.model]
+    if usage:
+        details.append(f"{usage.completion_tokens} tokens")
+    if t and t.tokens_per_s:
+        details.append(f"{t.tokens_per_s:.1f} tok/s")
+    if t and t.ttft_ms is not None:
+        details.append(f"first token {t.ttft_ms:.0f} ms")
+    details.append(f"{answer.latency_ms:.0f} ms total")
+    details.append(f"{answer.attempts} attempt{'s' if answer.attempts != 1 else ''}")
+    print("-- " + " · ".join(details), file=sys.stderr)
+    for i, cand in enumerate(answer.candidates, 1):
+        print(f"   #{i} score {cand.score:+.3f} from {cand.node_id}: {cand.text[:100]!r}", file=sys.stderr)
+    return 0
+
+
+async def _retained(args: argparse.Namespace, topic_of: str) -> bytes | None:
+    from nova_swarm.broker.topics import Topics
+
+    home = _home(args)
+    topics = Topics(_swarm(args, home))
+    topic = topics.hub_nodes() if topic_of == "nodes" else topics.hub_status()
+    async with Connection(_url(args, home, Role.CLIENT), ca_file=args.ca_file) as conn:
+        await conn.subscribe(topic)
+        try:
+            async with asyncio.timeout(args.wait):
+                async for message in conn.messages():
+                    if message.topic == topic and message.payload:
+                        return message.payload
+        except TimeoutError:
+            return None
+    return None
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(0.0, time.time() - ts)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+async def cmd_nodes(args: argparse.Namespace) -> int:
+    payload = await _retained(args, "nodes")
+    if payload is None:
+        print("no report from a hub: is `swarm-hub up` or `serve` running?", file=sys.stderr)
+        return 1
+    table = decode(NodeTable, payload)
+    if args.json:
+        print(table.model_dump_json(indent=2))
+        return 0
+    header = ("NODE", "STATE", "MODEL", "TOK/S", "BATTERY", "TEMP", "BUSY", "LAST SEEN")
+    rows = [
+        (
+            n.node_id,
+            n.state.value,
+            n.model or "-",
+            _fmt(n.tokens_per_s, ".1f"),
+            "-" if n.battery_pct is None else f"{n.battery_pct:.0f}%" + ("+" if n.charging else ""),
+            _fmt(n.temp_c, ".1f", "C"),
+            str(n.busy),
+            _ago(n.last_seen),
+        )
+        for n in table.nodes
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    payload = await _retained(args, "status")
+    if payload is None:
+        print("no status from a hub: is `swarm-hub up` or `serve` running?", file=sys.stderr)
+        return 1
+    status = decode(HubStatus, payload)
+    if args.json:
+        print(status.model_dump_json(indent=2))
+        return 0 if status.state == "online" else 1
+    print(f"hub {status.hub_id}: {status.state} (version {status.version or '?'}), up since {_ago(status.started_at)}")
+    print(f"nodes: {status.nodes_online} online, {status.nodes_paused} paused, {status.nodes_offline} offline")
+    print(f"requests: {status.inflight} in flight, {status.answered} answered, {status.failed} failed")
+    return 0 if status.state == "online" else 1
+
+
+def cmd_creds(args: argparse.Namespace) -> int:
+    home = _home(args)
+    url = home.url(Role(args.role), port=args.port)
+    if args.url:
+        print(url)
+    else:
+        print(f"-h {url.host} -p {url.port} -u {url.username} -P {url.password}")
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "serve": cmd_serve, "ask": cmd_ask, "nodes": cmd_nodes, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "log_level"):
+        logs.configure(level=args.log_level, json=args.log_json)
+    else:
+        logs.configure(level="warning")
+    try:
+        if args.command == "creds":
+            return cmd_creds(args)
+        return asyncio.run(COMMANDS[args.command](args))
+    except ConnectionLost as exc:
+        print(f"swarm-hub: {exc}", file=sys.stderr)
+        return 3
+    except SwarmError as exc:
+        print(f"swarm-hub: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

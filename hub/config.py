@@ -1,0 +1,45 @@
+"""The hub's settings: one frozen object built by the CLI and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nova_swarm.broker.connection import Protocol
+from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
+
+from .intake import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    db_path: Path
+    swarm: str = DEFAULT_SWARM
+    hub_id: str = "hub"
+    #: a node unheard for this long is offline (amqtt never fires a Will for a frozen client)
+    heartbeat_timeout_s: float = 35.0
+    #: a request's deadline when it gives no ``timeout_s``
+    default_timeout_s: float = 120.0
+    #: re-dispatches allowed per request after failed, lost or late attempts
+    retries: int = 2
+    #: an attempt gets ``slack`` times its expected generation time, and at least ``attempt_min_s``
+    attempt_min_s: float = 10.0
+    attempt_slack: float = 3.0
+    limits: Limits = field(default_factory=Limits)
+    winrate_half_life_s: float = 86_400.0
+    reranker: str = "rules"
+    status_interval_s: float = 10.0
+    flush_interval_s: float = 2.0
+    #: on shutdown, how long in-flight requests may finish before they get ``hub_stopping``
+    drain_s: float = 10.0
+    protocol: Protocol = "auto"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.swarm, what="swarm id")
+        check_id(self.hub_id, what="hub id")
+        if self.heartbeat_timeout_s <= 0 or self.default_timeout_s <= 0:
+            raise ConfigError("timeouts must be positive")
+        if self.retries < 0:
+            raise ConfigError("retries must be 0 or more")

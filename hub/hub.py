@@ -1,0 +1,594 @@
+"""The hub: takes prompts, fans them out to nodes, and answers every one.
+
+    hub = Hub(config, url)
+    await hub.run()          # until hub.stop()
+
+Each accepted prompt gets a coroutine that drives its ``RequestMachine`` (``lifecycle.py``):
+the machine decides, this module does the I/O. Every prompt ends in exactly one reply on its
+reply topic, an answer or an error; replies that cannot be sent while the broker is away wait
+in an outbox and go out on reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import structlog
+
+from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, reconnecting
+from nova_swarm.broker.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.messages import (
+    Announce,
+    Answer,
+    Candidate,
+    ErrorInfo,
+    ErrorReply,
+    Heartbeat,
+    HubStatus,
+    NodeState,
+    Status,
+    Task,
+    TaskResult,
+    decode,
+)
+from nova_swarm.broker.messages import Cancel as CancelMessage
+from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.version import __version__
+
+from . import rerank
+from .config import HubConfig
+from .intake import Accepted, Rejected, parse_prompt
+from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
+from .registry import NodeRecord, Registry
+from .scheduler import Scheduler
+from .store import Store
+from .winrate import WinRates
+
+log = structlog.get_logger("nova_swarm.hub")
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeLost:
+    node_id: str
+    reason: str
+
+
+class _Wake:
+    """Capacity may have freed up: retry a waiting dispatch."""
+
+
+class _Abort:
+    """The hub is stopping."""
+
+
+_Event = TaskResult | _NodeLost | _Wake | _Abort
+
+
+@dataclass(eq=False)
+class _Run:
+    accepted: Accepted
+    machine: RequestMachine
+    started: float
+    inbox: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
+    #: task ids assigned and not yet released
+    tracked: set[str] = field(default_factory=set)
+    pending: Dispatch | None = None
+
+
+class Hub:
+    def __init__(
+        self,
+        config: HubConfig,
+        url: BrokerURL,
+        *,
+        reranker: rerank.Reranker | None = None,
+        ca_file: object = None,
+    ) -> None:
+        self.config = config
+        self.url = url
+        self.topics = Topics(config.swarm)
+        self.registry = Registry(heartbeat_timeout_s=config.heartbeat_timeout_s)
+        self.winrates = WinRates(half_life_s=config.winrate_half_life_s)
+        self.scheduler = Scheduler(self.winrates, random.Random(config.seed))
+        self.reranker = reranker or rerank.load_reranker(config.reranker)
+        self._ca_file = ca_file
+        self._store: Store | None = None
+        self._runs: dict[str, _Run] = {}
+        self._by_task: dict[str, _Run] = {}
+        self._waiting: set[_Run] = set()
+        self._outbox: deque[tuple[str, bytes, bool, bytes | None]] = deque()
+        self._conn: Connection | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop_requested = asyncio.Event()
+        self._status_changed = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.answered = 0
+        self.failed = 0
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run(self) -> None:
+        self._store = Store(self.config.db_path)
+        self.registry.load(await asyncio.to_thread(self._store.load_nodes))
+        self.winrates = WinRates(
+            half_life_s=self.config.winrate_half_life_s, rows=await asyncio.to_thread(self._store.load_win_rates)
+        )
+        self.scheduler.winrates = self.winrates
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                background = [
+                    tg.create_task(reconnecting(self._connect, self._session, name="hub")),
+                    tg.create_task(self._liveness_loop()),
+                    tg.create_task(self._flush_loop()),
+                ]
+                await self._stop_requested.wait()
+                await self._drain()
+                await self._go_offline()
+                for task in background:
+                    task.cancel()
+        finally:
+            await self._persist()
+            self._store.close()
+            log.info("hub stopped", answered=self.answered, failed=self.failed)
+
+    def _connect(self) -> Connection:
+        offline = HubStatus(hub_id=self.config.hub_id, state="offline")
+        return Connection(
+            self.url,
+            client_id=f"{self.config.hub_id}-{self.config.swarm}",
+            will=Will(self.topics.hub_status(), offline.encode()),
+            protocol=self.config.protocol,
+            ca_file=self._ca_file,  # type: ignore[arg-type]
+        )
+
+    async def _session(self, conn: Connection) -> None:
+        t = self.topics
+        await conn.subscribe(
+            t.prompt(),
+            t.all_nodes(NodeTopic.ANNOUNCE),
+            t.all_nodes(NodeTopic.STATUS),
+            t.all_nodes(NodeTopic.HEARTBEAT),
+            t.all_nodes(NodeTopic.RESULT),
+            qos=1,
+        )
+        self._conn = conn
+        try:
+            await self._flush_outbox()
+            await self._publish_status()
+            self.ready.set()
+            log.info("hub online", broker=self.url.redacted(), mqtt5=conn.mqtt5, swarm=self.config.swarm)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._status_loop())
+                async for message in conn.messages():
+                    await self._on_message(message)
+        finally:
+            self._conn = None
+
+    async def _drain(self) -> None:
+        """Stop taking prompts, give in-flight requests a moment, then fail the rest clearly."""
+        if self._conn is not None:
+            try:
+                await self._conn.unsubscribe(self.topics.prompt())
+            except ConnectionLost:
+                pass
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.drain_s
+        while self._runs and loop.time() < give_up:
+            await asyncio.sleep(0.05)
+        for run in list(self._runs.values()):
+            run.inbox.put_nowait(_Abort())
+        while self._runs:
+            await asyncio.sleep(0.01)
+
+    async def _go_offline(self) -> None:
+        status = HubStatus(hub_id=self.config.hub_id, state="offline", ts=time.time(), version=__version__)
+        await self._send(self.topics.hub_status(), status.encode(), retain=True)
+
+    # ------------------------------------------------------------------ messages in
+
+    async def _on_message(self, message: Message) -> None:
+        if message.topic == self.topics.prompt():
+            if message.retain:
+                # A retained prompt would be re-run on every hub restart; only live ones count.
+                log.warning("ignored retained prompt")
+                return
+            self._spawn(self._on_prompt(message))
+            return
+        parsed = self.topics.parse_node_topic(message.topic)
+        if parsed is None:
+            return
+        node_id, kind = parsed
+        now = time.time()
+        try:
+            if kind is NodeTopic.HEARTBEAT:
+                heartbeat = decode(Heartbeat, message.payload)
+                if heartbeat.node_id == node_id:
+                    revived = self.registry.nodes.get(node_id)
+                    was_available = revived is not None and revived.available(now, self.config.heartbeat_timeout_s)
+                    self.registry.on_heartbeat(heartbeat, now=now)
+                    if not was_available:
+                        self._node_available()
+            elif kind is NodeTopic.RESULT:
+                self._on_result(node_id, decode(TaskResult, message.payload))
+            elif kind is NodeTopic.ANNOUNCE:
+                announce = decode(Announce, message.payload)
+                if announce.node_id == node_id:
+                    if self.registry.on_announce(announce, live=not message.retain, now=now):
+                        self._node_lost(node_id, "re-announced")
+                    self._node_available()
+            elif kind is NodeTopic.STATUS:
+                if not message.payload:
+                    return  # a cleared retained status
+                status = decode(Status, message.payload)
+                if status.node_id == node_id:
+                    if self.registry.on_status(status, live=not message.retain, now=now):
+                        self._node_lost(node_id, f"went {status.state.value}")
+                    if status.state is NodeState.ONLINE:
+                        self._node_available()
+                    self._status_changed.set()
+        except ProtocolError as exc:
+            log.warning("dropped malformed node message", node_id=node_id, topic=message.topic, error=str(exc))
+
+    def _on_result(self, node_id: str, result: TaskResult) -> None:
+        run = self._by_task.get(result.task_id)
+        if run is None or result.node_id != node_id:
+            # Late (its attempt was written off) or not ours: ignore it, cleanly.
+            log.debug("ignored result", node_id=node_id, task_id=result.task_id)
+            return
+        run.inbox.put_nowait(result)
+
+    async def _on_prompt(self, message: Message) -> None:
+        outcome = parse_prompt(message, self.topics, self.config.limits)
+        if isinstance(outcome, Rejected):
+            log.info("rejected prompt", code=outcome.error.code.value, request_id=outcome.request_id)
+            self.failed += 1
+            await self._reply(
+                outcome.reply_topic, ErrorReply(id=outcome.request_id, error=outcome.error), outcome.correlation
+            )
+            return
+        await self._serve(outcome)
+
+    # ------------------------------------------------------------------ one request
+
+    async def _serve(self, accepted: Accepted) -> None:
+        req, rid = accepted.request, accepted.request_id
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            refusal = self._refuse(accepted)
+            if refusal is not None:
+                self.failed += 1
+                log.info("refused request", code=refusal.code.value)
+                await self._reply(accepted.reply_topic, ErrorReply(id=rid, error=refusal), accepted.correlation)
+                return
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            machine = RequestMachine(
+                request_id=rid,
+                strategy=req.strategy,
+                fanout=req.fanout,
+                deadline=now + (req.timeout_s or self.config.default_timeout_s),
+                retries=self.config.retries,
+            )
+            run = _Run(accepted, machine, started=now)
+            self._runs[rid] = run
+            log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
+            try:
+                await self._drive(run)
+            except Exception:
+                # One request's bug must not take the hub down; its client still gets a reply.
+                log.exception("request failed inside the hub")
+                if not machine.finished:
+                    await self._finish_failed(
+                        run, ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error"), ()
+                    )
+            finally:
+                for task_id in list(run.tracked):
+                    self._release(run, task_id)
+                self._waiting.discard(run)
+                self._runs.pop(rid, None)
+
+    def _refuse(self, accepted: Accepted) -> ErrorInfo | None:
+        req = accepted.request
+        if accepted.request_id in self._runs:
+            return ErrorInfo(
+                code=ErrorCode.INVALID_REQUEST, message=f"request id {accepted.request_id!r} is already in flight"
+            )
+        if req.model is not None and req.model not in self.registry.known_models():
+            known = ", ".join(sorted(self.registry.known_models())) or "none yet"
+            return ErrorInfo(
+                code=ErrorCode.UNKNOWN_MODEL, message=f"no node has announced model {req.model!r} (known: {known})"
+            )
+        return None
+
+    async def _drive(self, run: _Run) -> None:
+        loop = asyncio.get_running_loop()
+        machine = run.machine
+        actions: list[Action] = machine.begin(loop.time())
+        while True:
+            while actions:
+                actions = await self._carry_out(run, actions)
+            if machine.finished:
+                return
+            try:
+                event = await asyncio.wait_for(run.inbox.get(), max(0.0, machine.next_wakeup() - loop.time()))
+            except TimeoutError:
+                actions = machine.on_tick(loop.time())
+                continue
+            now = loop.time()
+            if isinstance(event, TaskResult):
+                self._release(run, event.task_id)
+                actions = machine.on_result(event, now)
+            elif isinstance(event, _NodeLost):
+                actions = machine.on_node_lost(event.node_id, event.reason, now)
+            elif isinstance(event, _Wake):
+                pending, run.pending = run.pending, None
+                self._waiting.discard(run)
+                actions = [pending] if pending is not None and not machine.finished else []
+            else:
+                actions = []
+                await self._finish_failed(
+                    run,
+                    ErrorInfo(
+                        code=ErrorCode.HUB_STOPPING,
+                        message="the hub is shutting down; send it again",
+                        retry_after_s=5.0,
+                    ),
+                    (),
+                )
+                for attempt in machine.active():
+                    await self._cancel(run, Cancel(attempt.task_id, attempt.node_id, "hub stopping"))
+                return
+            self._release_settled(run)
+
+    async def _carry_out(self, run: _Run, actions: list[Action]) -> list[Action]:
+        """Perform actions; return any follow-up actions the machine produced meanwhile."""
+        follow_up: list[Action] = []
+        for action in actions:
+            if isinstance(action, Dispatch):
+                follow_up += await self._dispatch(run, action)
+            elif isinstance(action, Cancel):
+                await self._cancel(run, action)
+            elif isinstance(action, Succeed):
+                await self._finish_answered(run, action)
+            elif isinstance(action, Fail):
+                await self._finish_failed(run, action.error, action.losers)
+        self._release_settled(run)
+        return follow_up
+
+    async def _dispatch(self, run: _Run, action: Dispatch) -> list[Action]:
+        req = run.accepted.request
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        eligible = self.registry.eligible(model=req.model, exclude=action.exclude, now=now)
+        if not eligible:
+            return run.machine.shortfall(action.count, self._why_no_nodes(req.model, action.exclude, now), loop.time())
+        picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now)
+        if not picked:
+            # Every eligible node is full: wait for capacity (or the deadline).
+            run.pending = action
+            self._waiting.add(run)
+            return []
+        messages = req.chat()
+        for node in picked:
+            task_id = uuid.uuid4().hex
+            timeout = self._attempt_timeout(node, req.params.max_tokens, run.machine.deadline - loop.time())
+            run.machine.assigned(task_id=task_id, node_id=node.node_id, deadline=loop.time() + timeout)
+            node.inflight += 1
+            run.tracked.add(task_id)
+            self._by_task[task_id] = run
+            task = Task(
+                task_id=task_id,
+                request_id=run.machine.request_id,
+                messages=messages,
+                params=req.params,
+                timeout_s=round(timeout, 3),
+                model=req.model,
+            )
+            log.info("dispatched", node_id=node.node_id, task_id=task_id, timeout_s=round(timeout, 1))
+            await self._send(self.topics.node_task(node.node_id), task.encode())
+        if len(picked) < action.count:
+            error = ErrorInfo(
+                code=ErrorCode.NO_ELIGIBLE_NODES,
+                message=f"only {len(picked)} of {action.count} wanted nodes were free",
+                retry_after_s=5.0,
+            )
+            return run.machine.shortfall(action.count - len(picked), error, loop.time())
+        return []
+
+    def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
+        announce = node.announce
+        tokens = min(max_tokens or 256, announce.max_tokens if announce else 512)
+        speed = max(announce.tokens_per_s if announce else 1.0, 1.0)
+        expected = tokens / speed
+        return max(0.05, min(remaining, max(self.config.attempt_min_s, self.config.attempt_slack * expected)))
+
+    def _why_no_nodes(self, model: str | None, exclude: frozenset[str], now: float) -> ErrorInfo:
+        online = self.registry.eligible(model=None, exclude=frozenset(), now=now)
+        if not online:
+            message = "no node is online"
+        elif model is not None and not any(n.announce and n.announce.model.name == model for n in online):
+            message = f"no online node serves model {model!r}"
+        elif exclude:
+            message = "every eligible node has already been tried for this request"
+        else:
+            message = "no eligible node"
+        return ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message=message, retry_after_s=5.0)
+
+    async def _cancel(self, run: _Run, action: Cancel) -> None:
+        self._release(run, action.task_id)
+        cancel = CancelMessage(task_id=action.task_id, reason=action.reason)
+        await self._send(self.topics.node_cancel(action.node_id), cancel.encode())
+
+    async def _finish_answered(self, run: _Run, action: Succeed) -> None:
+        req = run.accepted.request
+        answers = list(action.answers)
+        candidates: list[Candidate] = []
+        if req.strategy == "best_of_n":
+            prompt = "\n".join(m.content for m in req.chat())
+            scores = self.reranker.score(prompt, [rerank.Candidate(a.text, a.finish_reason) for a in answers])
+            ranked = sorted(zip(scores, range(len(answers)), answers, strict=True), key=lambda s: (-s[0], s[1]))
+            answers = [a for _, _, a in ranked]
+            candidates = [
+                Candidate(
+                    node_id=a.node_id,
+                    text=a.text,
+                    score=s,
+                    finish_reason=a.finish_reason,
+                    usage=a.usage,
+                    timings=a.timings,
+                )
+                for s, _, a in ranked
+            ]
+        winner = answers[0]
+        tags = req.all_tags()
+        now = time.time()
+        self.winrates.record(winner.node_id, tags, won=True, now=now)
+        for loser in {*action.losers, *(a.node_id for a in answers[1:])} - {winner.node_id}:
+            self.winrates.record(loser, tags, won=False, now=now)
+        loop = asyncio.get_running_loop()
+        answer = Answer(
+            id=run.machine.request_id,
+            text=winner.text,
+            node_id=winner.node_id,
+            model=winner.model or "",
+            finish_reason=winner.finish_reason,
+            usage=winner.usage,
+            timings=winner.timings,
+            latency_ms=round((loop.time() - run.started) * 1000, 2),
+            strategy=req.strategy,
+            attempts=len(run.machine.attempts),
+            candidates=candidates,
+        )
+        self.answered += 1
+        log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
+        await self._reply(run.accepted.reply_topic, answer, run.accepted.correlation)
+
+    async def _finish_failed(self, run: _Run, error: ErrorInfo, losers: tuple[str, ...]) -> None:
+        now = time.time()
+        for loser in losers:
+            self.winrates.record(loser, run.accepted.request.all_tags(), won=False, now=now)
+        self.failed += 1
+        log.info("request failed", code=error.code.value, reason=error.message)
+        await self._reply(
+            run.accepted.reply_topic, ErrorReply(id=run.machine.request_id, error=error), run.accepted.correlation
+        )
+
+    def _release(self, run: _Run, task_id: str) -> None:
+        """The hub no longer counts this attempt against its node's capacity."""
+        if task_id not in run.tracked:
+            return
+        run.tracked.discard(task_id)
+        self._by_task.pop(task_id, None)
+        attempt = run.machine.attempts.get(task_id)
+        if attempt is not None:
+            node = self.registry.nodes.get(attempt.node_id)
+            if node is not None and node.inflight > 0:
+                node.inflight -= 1
+        self._wake_waiters()
+
+    def _release_settled(self, run: _Run) -> None:
+        for task_id in list(run.tracked):
+            attempt = run.machine.attempts.get(task_id)
+            if attempt is not None and attempt.state is not AttemptState.ASSIGNED:
+                self._release(run, task_id)
+
+    # ------------------------------------------------------------------ node presence
+
+    def _node_lost(self, node_id: str, reason: str) -> None:
+        log.warning("node lost", node_id=node_id, reason=reason)
+        self._status_changed.set()
+        for run in list(self._runs.values()):
+            if any(a.node_id == node_id for a in run.machine.active()):
+                run.inbox.put_nowait(_NodeLost(node_id, reason))
+
+    def _node_available(self) -> None:
+        self._status_changed.set()
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        for run in self._waiting:
+            run.inbox.put_nowait(_Wake())
+
+    async def _liveness_loop(self) -> None:
+        interval = max(0.1, min(1.0, self.config.heartbeat_timeout_s / 10))
+        while True:
+            await asyncio.sleep(interval)
+            for node_id in self.registry.expire(time.time()):
+                self._node_lost(node_id, f"silent for over {self.config.heartbeat_timeout_s:.0f} s")
+
+    # ------------------------------------------------------------------ messages out
+
+    def _spawn(self, coro: object) -> None:
+        assert self._tg is not None
+        self._tg.create_task(coro)  # type: ignore[arg-type]
+
+    async def _reply(self, topic: str, reply: Answer | ErrorReply, correlation: bytes | None) -> None:
+        await self._send(topic, reply.encode(), correlation=correlation)
+
+    async def _send(
+        self, topic: str, payload: bytes, *, retain: bool = False, correlation: bytes | None = None
+    ) -> None:
+        self._outbox.append((topic, payload, retain, correlation))
+        try:
+            await self._flush_outbox()
+        except ConnectionLost:
+            log.warning("message held until the broker is back", topic=topic)
+
+    async def _flush_outbox(self) -> None:
+        while self._outbox and self._conn is not None:
+            topic, payload, retain, correlation = self._outbox[0]
+            await self._conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
+            self._outbox.popleft()
+
+    def status(self) -> HubStatus:
+        counts = self.registry.counts(time.time())
+        return HubStatus(
+            hub_id=self.config.hub_id,
+            state="online",
+            ts=time.time(),
+            version=__version__,
+            nodes_online=counts["online"],
+            nodes_paused=counts["paused"],
+            nodes_offline=counts["offline"],
+            inflight=len(self._runs),
+            answered=self.answered,
+            failed=self.failed,
+            started_at=self.started_at,
+        )
+
+    async def _publish_status(self) -> None:
+        await self._send(self.topics.hub_status(), self.status().encode(), retain=True)
+        await self._send(self.topics.hub_nodes(), self.registry.table(time.time()).encode(), retain=True)
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._status_changed.wait(), self.config.status_interval_s)
+            except TimeoutError:
+                pass
+            self._status_changed.clear()
+            await self._publish_status()
+            await asyncio.sleep(0.5)  # at most two status publishes a second, however busy
+
+    async def _persist(self) -> None:
+        """Write what changed since the last flush; rows are built here, on the loop."""
+        assert self._store is not None
+        nodes = [Store.node_row(r) for r in self.registry.take_dirty()]
+        rates = self.winrates.take_dirty()
+        if nodes or rates:
+            await asyncio.to_thread(self._store.save, nodes, rates)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval_s)
+            await self._persist()

@@ -1,0 +1,120 @@
+"""Turning a message on the prompt topic into a request, or into a clear refusal.
+
+Accepted payloads: plain UTF-8 text (the whole payload is the prompt), or a JSON object with
+``id``, ``prompt`` or ``messages``, ``params``, ``strategy``, ``fanout``, ``tags``, ``reply_to``,
+``model`` and ``timeout_s``. Every refusal carries a stable ``ErrorCode`` and goes to a reply
+topic: the request's own if we could read it, else the default one.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from nova_swarm.broker.connection import Message
+from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.messages import ErrorInfo, PromptRequest, describe
+from nova_swarm.broker.topics import Topics
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_payload_bytes: int = 256 * 1024
+    max_prompt_chars: int = 32_000
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    request: PromptRequest
+    request_id: str
+    reply_topic: str
+    correlation: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    request_id: str | None
+    reply_topic: str
+    correlation: bytes | None
+    error: ErrorInfo
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted | Rejected:
+    default_reply = topics.reply()
+    correlation = message.correlation_data
+
+    def reject(code: ErrorCode, text: str, *, request_id: str | None = None, reply: str = default_reply) -> Rejected:
+        return Rejected(request_id, reply, correlation, ErrorInfo(code=code, message=text))
+
+    reply_topic = default_reply
+    if message.response_topic is not None:
+        if not topics.is_reply_topic(message.response_topic):
+            return reject(ErrorCode.BAD_REPLY_TO, f"response topic must be under {topics.reply_filter()[:-2]}/")
+        reply_topic = message.response_topic
+
+    if len(message.payload) > limits.max_payload_bytes:
+        return reject(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"payload is {len(message.payload)} bytes; the limit is {limits.max_payload_bytes}",
+            reply=reply_topic,
+        )
+    try:
+        text = message.payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject(
+            ErrorCode.BAD_ENCODING, f"payload is not UTF-8 ({exc.reason} at byte {exc.start})", reply=reply_topic
+        )
+    if not text.strip():
+        return reject(ErrorCode.EMPTY_PROMPT, "the prompt is empty", reply=reply_topic)
+
+    if text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            return reject(
+                ErrorCode.BAD_JSON, f"payload starts with '{{' but is not valid JSON: {exc}", reply=reply_topic
+            )
+        # Route even a refusal to the sender's own reply topic when we can read one.
+        raw_id = raw.get("id") if isinstance(raw.get("id"), str) and len(raw["id"]) <= 128 else None
+        raw_reply = raw.get("reply_to")
+        if isinstance(raw_reply, str):
+            if not topics.is_reply_topic(raw_reply):
+                return reject(
+                    ErrorCode.BAD_REPLY_TO,
+                    f"reply_to {raw_reply[:80]!r} must be a topic under {topics.reply_filter()[:-2]}/",
+                    request_id=raw_id,
+                    reply=reply_topic,
+                )
+            reply_topic = raw_reply
+        try:
+            request = PromptRequest.model_validate(raw)
+        except ValidationError as exc:
+            unknown = [".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if unknown:
+                return reject(
+                    ErrorCode.UNKNOWN_FIELD,
+                    f"unknown field(s): {', '.join(unknown)}",
+                    request_id=raw_id,
+                    reply=reply_topic,
+                )
+            return reject(ErrorCode.INVALID_REQUEST, describe(exc), request_id=raw_id, reply=reply_topic)
+    else:
+        request = PromptRequest(prompt=text)
+
+    request_id = request.id or new_request_id()
+    chars = request.prompt_chars()
+    if chars > limits.max_prompt_chars:
+        return reject(
+            ErrorCode.PROMPT_TOO_LARGE,
+            f"prompt is {chars} characters; the limit is {limits.max_prompt_chars}",
+            request_id=request_id,
+            reply=reply_topic,
+        )
+    return Accepted(request, request_id, reply_topic, correlation)

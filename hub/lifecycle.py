@@ -1,0 +1,263 @@
+"""A request's life, as a state machine with no I/O (no MQTT, no asyncio).
+
+The hub feeds it events (a node was assigned, a result came back, a node was lost, time passed)
+and carries out the actions it returns (dispatch, cancel, succeed, fail). Tests drive it
+directly, with no sockets and no clock but the ``now`` they pass in.
+
+Request states and their transitions::
+
+    PENDING ──> RUNNING ──> DONE
+       │           ├──────> FAILED
+       └───────────┴──────> (FAILED, on no eligible node or a spent deadline)
+
+Attempt states: ASSIGNED, then exactly one of DONE, FAILED, LOST, TIMED_OUT, CANCELLED.
+
+``want`` is how many good answers finish the request: 1 for ``race`` (first wins, the rest are
+cancelled) and ``fanout`` for ``best_of_n`` (all are ranked). A failed, lost or timed-out
+attempt is replaced on a node not yet tried, while the attempt budget and the deadline allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.messages import ErrorInfo, Strategy, TaskResult
+
+
+class RequestState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class AttemptState(StrEnum):
+    ASSIGNED = "assigned"
+    DONE = "done"
+    FAILED = "failed"
+    LOST = "lost"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    RequestState.PENDING: frozenset({RequestState.RUNNING, RequestState.FAILED}),
+    RequestState.RUNNING: frozenset({RequestState.DONE, RequestState.FAILED}),
+    RequestState.DONE: frozenset(),
+    RequestState.FAILED: frozenset(),
+}
+
+ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
+    AttemptState.ASSIGNED: frozenset(
+        {AttemptState.DONE, AttemptState.FAILED, AttemptState.LOST, AttemptState.TIMED_OUT, AttemptState.CANCELLED}
+    ),
+    **{s: frozenset() for s in AttemptState if s is not AttemptState.ASSIGNED},
+}
+
+
+class TransitionError(RuntimeError):
+    """A bug: the hub asked for a transition the tables above do not allow."""
+
+
+# ---------------------------------------------------------------- actions for the hub
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send the request to ``count`` more nodes, none of them in ``exclude``."""
+
+    count: int
+    exclude: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    task_id: str
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Succeed:
+    """The good answers, in arrival order, and the nodes whose attempts lost."""
+
+    answers: tuple[TaskResult, ...]
+    losers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    error: ErrorInfo
+    losers: tuple[str, ...]
+
+
+Action = Dispatch | Cancel | Succeed | Fail
+
+
+@dataclass(slots=True)
+class Attempt:
+    task_id: str
+    node_id: str
+    deadline: float
+    state: AttemptState = AttemptState.ASSIGNED
+    error: ErrorInfo | None = None
+
+    def move(self, to: AttemptState) -> None:
+        if to not in ATTEMPT_TRANSITIONS[self.state]:
+            raise TransitionError(f"attempt {self.task_id}: {self.state} -> {to}")
+        self.state = to
+
+
+@dataclass(slots=True)
+class RequestMachine:
+    request_id: str
+    strategy: Strategy
+    fanout: int
+    deadline: float
+    #: attempts allowed beyond the first ``fanout`` (re-dispatches after failures)
+    retries: int = 2
+    state: RequestState = RequestState.PENDING
+    attempts: dict[str, Attempt] = field(default_factory=dict)
+    answers: list[TaskResult] = field(default_factory=list)
+    want: int = 0
+    last_error: ErrorInfo | None = None
+
+    def __post_init__(self) -> None:
+        self.want = 1 if self.strategy == "race" else self.fanout
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (RequestState.DONE, RequestState.FAILED)
+
+    def active(self) -> list[Attempt]:
+        return [a for a in self.attempts.values() if a.state is AttemptState.ASSIGNED]
+
+    def tried_nodes(self) -> frozenset[str]:
+        return frozenset(a.node_id for a in self.attempts.values())
+
+    def next_wakeup(self) -> float:
+        """When ``on_tick`` next has something to do."""
+        return min([self.deadline, *(a.deadline for a in self.active())])
+
+    # ------------------------------------------------------------ events
+
+    def begin(self, now: float) -> list[Action]:
+        if now >= self.deadline:
+            return self._fail(ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="the request's deadline had passed"))
+        return [Dispatch(self.fanout, frozenset())]
+
+    def assigned(self, *, task_id: str, node_id: str, deadline: float) -> None:
+        if self.finished:
+            raise TransitionError(f"request {self.request_id} is {self.state}; cannot assign")
+        if self.state is RequestState.PENDING:
+            self._move(RequestState.RUNNING)
+        self.attempts[task_id] = Attempt(task_id, node_id, min(deadline, self.deadline))
+
+    def shortfall(self, missing: int, error: ErrorInfo, now: float) -> list[Action]:
+        """The hub found nodes for only part of a Dispatch (``missing`` short)."""
+        if self.finished:
+            return []
+        if not self.active() and not self.answers:
+            # A real failure on an earlier attempt says more than "no one else to ask".
+            return self._fail(self.last_error or error)
+        self.last_error = self.last_error or error
+        # Go on with the nodes we have: fewer racers, or fewer candidates to rank.
+        self.want = max(1, min(self.want, len(self.answers) + len(self.active())))
+        return self._settle(now, dispatch=False)
+
+    def on_result(self, result: TaskResult, now: float) -> list[Action]:
+        attempt = self.attempts.get(result.task_id)
+        if self.finished or attempt is None or attempt.state is not AttemptState.ASSIGNED:
+            return []  # a late answer from an attempt we already wrote off: ignore it
+        if result.ok:
+            attempt.move(AttemptState.DONE)
+            self.answers.append(result)
+        else:
+            attempt.move(AttemptState.FAILED)
+            attempt.error = result.error
+            self.last_error = result.error
+        return self._settle(now)
+
+    def on_node_lost(self, node_id: str, reason: str, now: float) -> list[Action]:
+        if self.finished:
+            return []
+        lost = False
+        for attempt in self.active():
+            if attempt.node_id == node_id:
+                attempt.move(AttemptState.LOST)
+                attempt.error = ErrorInfo(code=ErrorCode.NODE_LOST, message=f"node {node_id} {reason}")
+                self.last_error = attempt.error
+                lost = True
+        return self._settle(now) if lost else []
+
+    def on_tick(self, now: float) -> list[Action]:
+        if self.finished:
+            return []
+        if now >= self.deadline:
+            cancels = self._cancel_active("request deadline passed")
+            if self.answers:
+                return cancels + self._succeed()
+            return cancels + self._fail(ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message=self._deadline_message()))
+        actions: list[Action] = []
+        for attempt in self.active():
+            if now >= attempt.deadline:
+                attempt.move(AttemptState.TIMED_OUT)
+                attempt.error = ErrorInfo(
+                    code=ErrorCode.DEADLINE_EXCEEDED, message=f"node {attempt.node_id} missed its deadline"
+                )
+                self.last_error = attempt.error
+                actions.append(Cancel(attempt.task_id, attempt.node_id, "attempt deadline passed"))
+        return actions + self._settle(now) if actions else []
+
+    # ------------------------------------------------------------ internals
+
+    def _settle(self, now: float, *, dispatch: bool = True) -> list[Action]:
+        if len(self.answers) >= self.want:
+            return self._cancel_active("another node answered first") + self._succeed()
+        active = len(self.active())
+        needed = self.want - len(self.answers) - active
+        budget = self.fanout + self.retries - len(self.attempts)
+        if dispatch and needed > 0 and budget > 0 and now < self.deadline:
+            return [Dispatch(min(needed, budget), self.tried_nodes())]
+        if active == 0:
+            if self.answers:
+                return self._succeed()
+            return self._fail(
+                self.last_error or ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message="no node answered")
+            )
+        return []
+
+    def _cancel_active(self, reason: str) -> list[Action]:
+        cancels: list[Action] = []
+        for attempt in self.active():
+            attempt.move(AttemptState.CANCELLED)
+            cancels.append(Cancel(attempt.task_id, attempt.node_id, reason))
+        return cancels
+
+    def _losers(self, winners: set[str]) -> tuple[str, ...]:
+        return tuple(sorted({a.node_id for a in self.attempts.values()} - winners))
+
+    def _succeed(self) -> list[Action]:
+        self._move(RequestState.DONE)
+        answers = tuple(self.answers)
+        return [Succeed(answers, self._losers({r.node_id for r in answers}))]
+
+    def _fail(self, error: ErrorInfo) -> list[Action]:
+        self._move(RequestState.FAILED)
+        return [Fail(error, self._losers(set()))]
+
+    def _deadline_message(self) -> str:
+        if not self.attempts:
+            return "no node could take the request before its deadline"
+        if self.last_error is not None:
+            return f"no answer before the deadline; last problem: {self.last_error.message}"
+        return "no answer before the deadline"
+
+    def _move(self, to: RequestState) -> None:
+        if to not in REQUEST_TRANSITIONS[self.state]:
+            raise TransitionError(f"request {self.request_id}: {self.state} -> {to}")
+        self.state = to

@@ -1,0 +1,162 @@
+"""The hub's view of its nodes, built from announce, status and heartbeat messages.
+
+Liveness never trusts the broker: amqtt does not enforce keepalive, so a frozen node's Last
+Will may never fire (BROKERS.md, defect 3). A node is available only while it is ``online`` and
+has been heard from live (not through a retained message) within ``heartbeat_timeout_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nova_swarm.broker.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, Status
+
+TIMEOUT_REASON = "heartbeat timeout"
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    node_id: str
+    announce: Announce | None = None
+    state: NodeState = NodeState.OFFLINE
+    reason: str | None = None
+    last_seen: float | None = None
+    heartbeat: Heartbeat | None = None
+    #: tasks the hub has assigned and not yet seen settled
+    inflight: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return (self.announce.slots + self.announce.queue_max) if self.announce else 0
+
+    @property
+    def slots(self) -> int:
+        return self.announce.slots if self.announce else 1
+
+    def available(self, now: float, timeout_s: float) -> bool:
+        return (
+            self.state is NodeState.ONLINE
+            and self.announce is not None
+            and self.last_seen is not None
+            and now - self.last_seen <= timeout_s
+        )
+
+
+@dataclass
+class Registry:
+    heartbeat_timeout_s: float = 35.0
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    _dirty: set[str] = field(default_factory=set)
+
+    def record(self, node_id: str) -> NodeRecord:
+        rec = self.nodes.get(node_id)
+        if rec is None:
+            rec = self.nodes[node_id] = NodeRecord(node_id)
+        self._dirty.add(node_id)
+        return rec
+
+    def load(self, records: Iterable[NodeRecord]) -> None:
+        """Restore from the store. Nothing restored counts as live until the node speaks again."""
+        for rec in records:
+            rec.inflight = 0
+            self.nodes[rec.node_id] = rec
+
+    # Each on_* returns True when the node just stopped being available (its tasks must move).
+
+    def on_announce(self, announce: Announce, *, live: bool, now: float) -> bool:
+        was = self._available(announce.node_id, now)
+        rec = self.record(announce.node_id)
+        rec.announce = announce
+        if live:
+            rec.last_seen = now
+        return was and not rec.available(now, self.heartbeat_timeout_s)
+
+    def on_status(self, status: Status, *, live: bool, now: float) -> bool:
+        was = self._available(status.node_id, now)
+        rec = self.record(status.node_id)
+        rec.state = status.state
+        rec.reason = status.reason
+        if live:
+            rec.last_seen = now
+        return was and not rec.available(now, self.heartbeat_timeout_s)
+
+    def on_heartbeat(self, heartbeat: Heartbeat, *, now: float) -> None:
+        rec = self.record(heartbeat.node_id)
+        rec.heartbeat = heartbeat
+        rec.last_seen = now
+        if rec.state is NodeState.OFFLINE and rec.reason == TIMEOUT_REASON:
+            # It was only silent (SIGSTOP, a Wi-Fi gap), not gone: take it back.
+            rec.state = NodeState.ONLINE
+            rec.reason = None
+
+    def expire(self, now: float) -> list[str]:
+        """Mark online nodes that went silent as offline; return their ids."""
+        gone = []
+        for rec in self.nodes.values():
+            if (
+                rec.state is NodeState.ONLINE
+                and rec.last_seen is not None
+                and now - rec.last_seen > self.heartbeat_timeout_s
+            ):
+                rec.state = NodeState.OFFLINE
+                rec.reason = TIMEOUT_REASON
+                self._dirty.add(rec.node_id)
+                gone.append(rec.node_id)
+        return gone
+
+    def eligible(self, *, model: str | None, exclude: frozenset[str], now: float) -> list[NodeRecord]:
+        return [
+            rec
+            for rec in self.nodes.values()
+            if rec.node_id not in exclude
+            and rec.available(now, self.heartbeat_timeout_s)
+            and (model is None or (rec.announce is not None and rec.announce.model.name == model))
+        ]
+
+    def known_models(self) -> set[str]:
+        return {rec.announce.model.name for rec in self.nodes.values() if rec.announce is not None}
+
+    def counts(self, now: float) -> dict[str, int]:
+        counts = {"online": 0, "paused": 0, "offline": 0}
+        for rec in self.nodes.values():
+            if rec.available(now, self.heartbeat_timeout_s):
+                counts["online"] += 1
+            elif rec.state is NodeState.PAUSED:
+                counts["paused"] += 1
+            else:
+                counts["offline"] += 1
+        return counts
+
+    def table(self, now: float) -> NodeTable:
+        rows = []
+        for rec in sorted(self.nodes.values(), key=lambda r: r.node_id):
+            hb, an = rec.heartbeat, rec.announce
+            state = rec.state
+            if state is NodeState.ONLINE and not rec.available(now, self.heartbeat_timeout_s):
+                state = NodeState.OFFLINE
+            rows.append(
+                NodeRow(
+                    node_id=rec.node_id,
+                    state=state,
+                    model=an.model.name if an else None,
+                    tokens_per_s=(hb.tokens_per_s if hb and hb.tokens_per_s else (an.tokens_per_s if an else None)),
+                    battery_pct=hb.battery_pct if hb else None,
+                    charging=hb.charging if hb else None,
+                    temp_c=hb.temp_c if hb else None,
+                    busy=rec.inflight,
+                    last_seen=rec.last_seen,
+                    agent_version=an.agent_version if an else None,
+                    tags=list(an.tags) if an else [],
+                )
+            )
+        return NodeTable(ts=now, nodes=rows)
+
+    def take_dirty(self) -> list[NodeRecord]:
+        out = [self.nodes[n] for n in sorted(self._dirty) if n in self.nodes]
+        self._dirty.clear()
+        return out
+
+    def _available(self, node_id: str, now: float) -> bool:
+        rec = self.nodes.get(node_id)
+        return rec is not None and rec.available(now, self.heartbeat_timeout_s)

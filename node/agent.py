@@ -1,0 +1,370 @@
+"""The node agent: announce, heartbeat, take tasks from its own topic, answer them.
+
+    node = Node(config, engine, url)
+    await node.run()          # until node.stop(); drains or hands back in-flight work
+
+A task is never silently dropped: it is answered, or refused with an error (``node_busy``,
+``node_stopping``, ``deadline_exceeded``, ``engine_error``) that the hub can act on. Results
+that cannot be sent while the broker is away wait in an outbox and go out on reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, reconnecting
+from nova_swarm.broker.errors import EngineError, ErrorCode, ProtocolError
+from nova_swarm.broker.messages import (
+    Announce,
+    Cancel,
+    ErrorInfo,
+    Heartbeat,
+    ModelInfo,
+    NodeState,
+    Status,
+    Task,
+    TaskResult,
+    Timings,
+    Usage,
+    decode,
+)
+from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.version import __version__
+
+from . import sensors
+from .config import NodeConfig
+from .engine import Engine, Generation, Sampling
+
+log = structlog.get_logger("nova_swarm.node")
+
+PROFILE_PROMPT = [{"role": "user", "content": "Count from one to twenty."}]
+
+
+@dataclass(eq=False)
+class _Job:
+    task: Task
+    sampling: Sampling
+    received: float
+    deadline: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: ErrorCode = ErrorCode.CANCELLED
+
+
+class Node:
+    def __init__(self, config: NodeConfig, engine: Engine, url: BrokerURL, *, ca_file: Path | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.url = url
+        self.topics = Topics(config.swarm)
+        self._ca_file = ca_file
+        self._queued: deque[_Job] = deque()
+        self._running: dict[str, _Job] = {}
+        self._work = asyncio.Condition()
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._conn: Connection | None = None
+        self._stop_requested = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.profile_tokens_per_s = 0.0
+        self._recent_tokens_per_s: float | None = None
+        self.tokens_served = 0
+        self.tasks_done = 0
+        self.tasks_failed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask the node to stop: no new tasks, drain or hand back the rest, go offline."""
+        self._stop_requested.set()
+
+    async def run(self) -> None:
+        await self._profile()
+        async with asyncio.TaskGroup() as tg:
+            link = tg.create_task(reconnecting(self._connect, self._session, name=f"node {self.config.node_id}"))
+            workers = [tg.create_task(self._worker()) for _ in range(self.config.slots)]
+            await self._stop_requested.wait()
+            await self._drain(workers)
+            await self._go_offline()
+            link.cancel()
+        log.info("node stopped", node_id=self.config.node_id, tasks_done=self.tasks_done)
+
+    async def _profile(self) -> None:
+        """A short generation at start-up, so the hub can tell fast nodes from slow ones."""
+        if self.config.profile_tokens <= 0:
+            return
+        sampling = Sampling(max_tokens=self.config.profile_tokens, temperature=0.0, seed=0)
+        gen = await asyncio.to_thread(self.engine.generate, PROFILE_PROMPT, sampling, lambda: False)
+        if gen.completion_tokens and gen.generate_s > 0:
+            self.profile_tokens_per_s = gen.completion_tokens / gen.generate_s
+        log.info("profiled engine", node_id=self.config.node_id, tokens_per_s=round(self.profile_tokens_per_s, 1))
+
+    def _connect(self) -> Connection:
+        offline = Status(node_id=self.config.node_id, state=NodeState.OFFLINE, reason="connection lost")
+        return Connection(
+            self.url,
+            client_id=self.config.node_id,
+            will=Will(self.topics.node_status(self.config.node_id), offline.encode()),
+            ca_file=self._ca_file,
+        )
+
+    async def _session(self, conn: Connection) -> None:
+        node_id = self.config.node_id
+        await conn.subscribe(self.topics.node_task(node_id), self.topics.node_cancel(node_id), qos=1)
+        await conn.publish(self.topics.node_announce(node_id), self._announce().encode(), retain=True)
+        await conn.publish(self.topics.node_status(node_id), self._status(NodeState.ONLINE).encode(), retain=True)
+        self._conn = conn
+        try:
+            await self._flush_outbox()
+            self.connected.set()
+            log.info("node online", node_id=node_id, broker=self.url.redacted())
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._heartbeats(conn))
+                async for message in conn.messages():
+                    await self._on_message(message)
+        finally:
+            self._conn = None
+            self.connected.clear()
+
+    async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.unsubscribe(self.topics.node_task(self.config.node_id))
+            except ConnectionLost:
+                pass
+        async with self._work:
+            handed_back = list(self._queued)
+            self._queued.clear()
+            self._work.notify_all()
+        for job in handed_back:
+            await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
+        _, still_running = await asyncio.wait(workers, timeout=self.config.drain_s)
+        if still_running:
+            for job in list(self._running.values()):
+                job.cancel_reason = ErrorCode.NODE_STOPPING
+                job.cancel.set()
+            await asyncio.wait(still_running)
+
+    async def _go_offline(self) -> None:
+        status = self._status(NodeState.OFFLINE, reason="stopped")
+        self._outbox.append((self.topics.node_status(self.config.node_id), status.encode()))
+        if self._conn is not None:
+            try:
+                await self._flush_outbox(retain_last=True)
+            except ConnectionLost:
+                log.warning("could not say goodbye; the broker will publish our Last Will")
+
+    # ------------------------------------------------------------------ messages in
+
+    async def _on_message(self, message: Message) -> None:
+        if message.retain:
+            # Task and cancel topics are never retained; a retained one is stale or leaked.
+            log.warning("ignored retained message", topic=message.topic)
+            return
+        parsed = self.topics.parse_node_topic(message.topic)
+        if parsed is None:
+            return
+        _, kind = parsed
+        try:
+            if kind is NodeTopic.TASK:
+                await self._on_task(decode(Task, message.payload))
+            elif kind is NodeTopic.CANCEL:
+                await self._on_cancel(decode(Cancel, message.payload))
+        except ProtocolError as exc:
+            # Without a valid task id there is nobody to answer; the hub's attempt timeout
+            # re-dispatches whatever this was meant to be.
+            log.warning("dropped malformed message", topic=message.topic, error=str(exc))
+
+    async def _on_task(self, task: Task) -> None:
+        with structlog.contextvars.bound_contextvars(request_id=task.request_id, task_id=task.task_id):
+            now = time.monotonic()
+            job = _Job(task, self._clamp(task), received=now, deadline=now + task.timeout_s)
+            if self._stop_requested.is_set():
+                await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
+                return
+            async with self._work:
+                if len(self._queued) + len(self._running) >= self.config.slots + self.config.queue_max:
+                    busy = True
+                else:
+                    busy = False
+                    self._queued.append(job)
+                    self._work.notify()
+            if busy:
+                log.info("refused task: queue full")
+                await self._send_result(
+                    self._failure(job, ErrorCode.NODE_BUSY, f"node queue is full ({self.config.queue_max} waiting)")
+                )
+
+    async def _on_cancel(self, cancel: Cancel) -> None:
+        running = self._running.get(cancel.task_id)
+        if running is not None:
+            running.cancel.set()
+            return
+        async with self._work:
+            for job in self._queued:
+                if job.task.task_id == cancel.task_id:
+                    self._queued.remove(job)
+                    break
+            else:
+                return
+        await self._send_result(self._failure(job, ErrorCode.CANCELLED, f"cancelled by hub: {cancel.reason}"))
+
+    def _clamp(self, task: Task) -> Sampling:
+        p = task.params
+        cfg = self.config
+        return Sampling(
+            max_tokens=min(p.max_tokens or cfg.default_max_tokens, cfg.max_tokens),
+            temperature=min(cfg.default_temperature if p.temperature is None else p.temperature, cfg.max_temperature),
+            top_p=p.top_p,
+            seed=p.seed,
+            stop=tuple(p.stop or ()),
+        )
+
+    # ------------------------------------------------------------------ work
+
+    async def _worker(self) -> None:
+        while True:
+            async with self._work:
+                await self._work.wait_for(lambda: bool(self._queued) or self._stop_requested.is_set())
+                if not self._queued:
+                    return
+                job = self._queued.popleft()
+                self._running[job.task.task_id] = job
+            try:
+                result = await self._execute(job)
+            finally:
+                self._running.pop(job.task.task_id, None)
+            await self._send_result(result)
+
+    async def _execute(self, job: _Job) -> TaskResult:
+        task = job.task
+        with structlog.contextvars.bound_contextvars(request_id=task.request_id, task_id=task.task_id):
+            started = time.monotonic()
+            if started > job.deadline:
+                return self._failure(job, ErrorCode.DEADLINE_EXCEEDED, "task expired while queued on the node")
+
+            def should_stop() -> bool:
+                return job.cancel.is_set() or time.monotonic() > job.deadline
+
+            messages = [m.model_dump() for m in task.messages]
+            try:
+                gen = await asyncio.to_thread(self.engine.generate, messages, job.sampling, should_stop)
+            except EngineError as exc:
+                self.tasks_failed += 1
+                log.error("engine failed", error=exc.message)
+                return self._failure(job, ErrorCode.ENGINE_ERROR, exc.message)
+            except Exception as exc:  # the engine boundary: a crash must become a reply, not a dead node
+                self.tasks_failed += 1
+                log.exception("engine crashed")
+                return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
+            if gen.stopped:
+                if job.cancel.is_set():
+                    return self._failure(job, job.cancel_reason, "generation stopped before it finished")
+                return self._failure(job, ErrorCode.DEADLINE_EXCEEDED, "generation ran past the task's deadline")
+            self.tokens_served += gen.completion_tokens
+            self.tasks_done += 1
+            if gen.completion_tokens and gen.generate_s > 0:
+                self._recent_tokens_per_s = gen.completion_tokens / gen.generate_s
+            log.info("answered", tokens=gen.completion_tokens, ms=round(gen.generate_s * 1000, 1))
+            return self._success(job, gen, queue_s=started - job.received)
+
+    def _success(self, job: _Job, gen: Generation, *, queue_s: float) -> TaskResult:
+        return TaskResult(
+            task_id=job.task.task_id,
+            request_id=job.task.request_id,
+            node_id=self.config.node_id,
+            ok=True,
+            text=gen.text,
+            model=self.engine.info.name,
+            finish_reason=gen.finish_reason,
+            usage=Usage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens,
+                total_tokens=gen.prompt_tokens + gen.completion_tokens,
+            ),
+            timings=Timings(
+                queue_ms=queue_s * 1000,
+                ttft_ms=gen.ttft_s * 1000 if gen.ttft_s is not None else None,
+                generate_ms=gen.generate_s * 1000,
+                tokens_per_s=gen.completion_tokens / gen.generate_s if gen.generate_s > 0 else None,
+            ),
+        )
+
+    def _failure(self, job: _Job, code: ErrorCode, message: str) -> TaskResult:
+        return TaskResult(
+            task_id=job.task.task_id,
+            request_id=job.task.request_id,
+            node_id=self.config.node_id,
+            ok=False,
+            model=self.engine.info.name,
+            error=ErrorInfo(code=code, message=message),
+        )
+
+    # ------------------------------------------------------------------ messages out
+
+    async def _send_result(self, result: TaskResult) -> None:
+        self._outbox.append((self.topics.node_result(self.config.node_id), result.encode()))
+        try:
+            await self._flush_outbox()
+        except ConnectionLost:
+            log.warning("result held until the broker is back", task_id=result.task_id)
+
+    async def _flush_outbox(self, *, retain_last: bool = False) -> None:
+        while self._outbox and self._conn is not None:
+            topic, payload = self._outbox[0]
+            retain = retain_last and len(self._outbox) == 1
+            await self._conn.publish(topic, payload, qos=1, retain=retain)
+            self._outbox.popleft()
+
+    async def _heartbeats(self, conn: Connection) -> None:
+        topic = self.topics.node_heartbeat(self.config.node_id)
+        while True:
+            await conn.publish(topic, self._heartbeat().encode(), qos=0)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    def _announce(self) -> Announce:
+        info = self.engine.info
+        reading = sensors.read()
+        return Announce(
+            node_id=self.config.node_id,
+            model=ModelInfo(name=info.name, sha256=info.sha256, size_bytes=info.size_bytes, ctx=info.ctx),
+            threads=info.threads,
+            tokens_per_s=round(self.profile_tokens_per_s, 2),
+            ram_total_mb=reading.ram_total_mb,
+            device=self.config.device,  # type: ignore[arg-type]
+            tags=list(self.config.tags),
+            agent_version=__version__,
+            slots=self.config.slots,
+            queue_max=self.config.queue_max,
+            max_tokens=self.config.max_tokens,
+            max_temperature=self.config.max_temperature,
+            ts=time.time(),
+        )
+
+    def _status(self, state: NodeState, reason: str | None = None) -> Status:
+        return Status(node_id=self.config.node_id, state=state, reason=reason, ts=time.time())
+
+    def _heartbeat(self) -> Heartbeat:
+        reading = sensors.read()
+        return Heartbeat(
+            node_id=self.config.node_id,
+            ts=time.time(),
+            battery_pct=reading.battery_pct,
+            charging=reading.charging,
+            temp_c=reading.temp_c,
+            ram_free_mb=reading.ram_free_mb,
+            load=reading.load,
+            tokens_per_s=self._recent_tokens_per_s,
+            busy=len(self._running),
+            slots=self.config.slots,
+            queued=len(self._queued),
+            tokens_served=self.tokens_served,
+            tasks_done=self.tasks_done,
+            tasks_failed=self.tasks_failed,
+        )

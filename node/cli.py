@@ -1,0 +1,104 @@
+"""``swarm-node``: run a node on this machine (a phone under Termux, or a laptop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from nova_swarm.broker import logs
+from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.url import BrokerURL
+
+from . import sensors
+from .config import NodeConfig, default_node_id
+from .engine import load_engine
+from .models import bundled_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-node", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="join a swarm and answer its tasks")
+    run.add_argument("--broker", help="mqtt://user:pass@host:port (default: this machine's swarm, from the config dir)")
+    run.add_argument("--port", type=int, help="port of this machine's swarm, when --broker is not given")
+    run.add_argument("--ca-file", type=Path, help="CA certificate to trust for mqtts:// brokers")
+    run.add_argument("--model", type=Path, help="GGUF file to serve (default: the bundled SmolLM2-135M)")
+    run.add_argument("--engine", default="llama", help="inference engine (default: llama)")
+    run.add_argument("--node-id", default=None, help="default: this host's name")
+    run.add_argument("--swarm", default=None, help="swarm id (default: the local swarm's, else 'main')")
+    run.add_argument("--tags", default="", help="comma-separated tags this node is good at")
+    run.add_argument(
+        "--device", choices=["phone", "laptop", "desktop", "server"], help="default: phone under Termux, else laptop"
+    )
+    run.add_argument("--threads", type=int, default=None, help="inference threads (default: up to 4)")
+    run.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
+    run.add_argument("--slots", type=int, default=1)
+    run.add_argument("--queue-max", type=int, default=4)
+    run.add_argument("--max-tokens", type=int, default=512, help="hard cap on tokens per answer")
+    run.add_argument("--max-temperature", type=float, default=2.0)
+    run.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    run.add_argument("--drain", type=float, default=30.0, help="seconds running tasks may finish on shutdown")
+    run.add_argument("--config-dir", type=Path)
+    logs.add_arguments(run)
+    return parser
+
+
+def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, BrokerURL]:
+    if args.broker:
+        url = BrokerURL.parse(args.broker)
+        swarm = args.swarm or "main"
+    else:
+        url = home.url(Role.NODE, port=args.port)
+        swarm = args.swarm or home.local().swarm
+    config = NodeConfig(
+        node_id=args.node_id or default_node_id(),
+        swarm=swarm,
+        device=args.device or ("phone" if sensors.is_termux() else "laptop"),
+        tags=tuple(t.strip() for t in args.tags.split(",") if t.strip()),
+        slots=args.slots,
+        queue_max=args.queue_max,
+        max_tokens=args.max_tokens,
+        max_temperature=args.max_temperature,
+        default_max_tokens=min(256, args.max_tokens),
+        heartbeat_s=args.heartbeat,
+        drain_s=args.drain,
+    )
+    return config, url
+
+
+async def run_node(args: argparse.Namespace) -> None:
+    from .agent import Node
+
+    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    config, url = config_from(args, home)
+    options: dict[str, object] = {}
+    if args.engine == "llama":
+        options = {"model_path": args.model or bundled_model(), "ctx": args.ctx, "threads": args.threads}
+    engine = await asyncio.to_thread(load_engine, args.engine, **options)
+    node = Node(config, engine, url, ca_file=args.ca_file)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stop)
+    try:
+        await node.run()
+    finally:
+        engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(level=args.log_level, json=args.log_json)
+    try:
+        asyncio.run(run_node(args))
+    except ConfigError as exc:
+        print(f"swarm-node: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
