@@ -1,0 +1,182 @@
+"""Shared fixtures: real brokers on free loopback ports, and in-process hubs and nodes.
+
+Every broker here is a real one in its own process: the embedded amqtt broker (as
+``swarm-broker`` runs it) or Debian's Mosquitto in Mosquitto mode. Each test gets its own broker
+and config directory, so retained messages never leak between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nova_swarm.broker.connection import wait_for_broker
+from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.net import free_port
+from nova_swarm.broker.url import BrokerURL
+from nova_swarm.hub import Hub, HubConfig
+from nova_swarm.node import Engine, Node, NodeConfig
+
+PYTHON = sys.executable
+
+
+@dataclass
+class RunningBroker:
+    engine: str
+    port: int
+    home: SwarmHome
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, role: Role) -> BrokerURL:
+        return self.home.url(role, port=self.port)
+
+    def mosquitto_flags(self, role: Role = Role.CLIENT) -> list[str]:
+        url = self.url(role)
+        return ["-h", url.host, "-p", str(url.port), "-u", url.username or "", "-P", url.password or ""]
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, grace: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def require_mosquitto() -> None:
+    missing = [b for b in ("mosquitto", "mosquitto_pub", "mosquitto_sub") if shutil.which(b) is None]
+    if missing:
+        pytest.fail(f"these tests run the real Mosquitto; missing {missing}: run `make system-deps`")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> SwarmHome:
+    h = SwarmHome(tmp_path / "config")
+    h.ensure()
+    return h
+
+
+def env_for(home: SwarmHome) -> dict[str, str]:
+    return {**os.environ, "NOVA_SWARM_HOME": str(home.path), "PYTHONUNBUFFERED": "1"}
+
+
+async def start_broker(engine: str, home: SwarmHome, tmp_path: Path) -> RunningBroker:
+    if engine == "mosquitto":
+        require_mosquitto()
+    port = free_port()
+    log = tmp_path / f"broker-{engine}-{port}.log"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "nova_swarm.broker", "--engine", engine, "--port", str(port), "--config-dir", str(home.path)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env_for(home),
+    )
+    broker = RunningBroker(engine, port, home, proc, log)
+    try:
+        await wait_for_broker(broker.url(Role.HUB), exited=proc.poll)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+async def broker(request: pytest.FixtureRequest, home: SwarmHome, tmp_path: Path) -> AsyncIterator[RunningBroker]:
+    """The same test on the embedded broker and on Mosquitto mode."""
+    running = await start_broker(request.param, home, tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def amqtt(home: SwarmHome, tmp_path: Path) -> AsyncIterator[RunningBroker]:
+    running = await start_broker("amqtt", home, tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def mosquitto(home: SwarmHome, tmp_path: Path) -> AsyncIterator[RunningBroker]:
+    running = await start_broker("mosquitto", home, tmp_path)
+    yield running
+    running.stop()
+
+
+async def until(condition: Callable[[], bool], *, timeout: float = 15.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not condition():
+        if loop.time() > give_up:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def within(awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+def hub_config(tmp_path: Path, **overrides: Any) -> HubConfig:
+    settings: dict[str, Any] = {
+        "db_path": tmp_path / "hub.sqlite",
+        "heartbeat_timeout_s": 3.0,
+        "status_interval_s": 1.0,
+        "flush_interval_s": 0.2,
+        "drain_s": 2.0,
+        "attempt_min_s": 5.0,
+        "seed": 7,
+    }
+    settings.update(overrides)
+    return HubConfig(**settings)
+
+
+@asynccontextmanager
+async def running_hub(broker: RunningBroker, config: HubConfig) -> AsyncIterator[Hub]:
+    hub = Hub(config, broker.url(Role.HUB))
+    task = asyncio.create_task(hub.run())
+    try:
+        await within(asyncio.shield(hub.ready.wait()), 15)
+        yield hub
+    finally:
+        hub.stop()
+        await within(task, 30)
+
+
+@asynccontextmanager
+async def running_node(broker: RunningBroker, engine: Engine, node_id: str, **overrides: Any) -> AsyncIterator[Node]:
+    settings: dict[str, Any] = {"node_id": node_id, "heartbeat_s": 0.5, "profile_tokens": 0, "drain_s": 2.0}
+    settings.update(overrides)
+    node = Node(NodeConfig(**settings), engine, broker.url(Role.NODE))
+    task = asyncio.create_task(node.run())
+    try:
+        await within(asyncio.shield(node.connected.wait()), 15)
+        yield node
+    finally:
+        node.stop()
+        await within(task, 30)
+
+
+async def nodes_available(hub: Hub, count: int) -> None:
+    import time
+
+    await until(
+        lambda: len(hub.registry.eligible(model=None, exclude=frozenset(), now=time.time())) >= count,
+        what=f"{count} nodes available to the hub",
+    )

@@ -1,0 +1,77 @@
+"""Every kind of bad input gets its own stable error code (pure parsing; the live hub is
+exercised the same way in test_hub.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nova_swarm.broker.connection import Message
+from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.topics import Topics
+from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt
+
+T = Topics("main")
+LIMITS = Limits(max_payload_bytes=4096, max_prompt_chars=100)
+
+
+def parse(payload: bytes, **props: object) -> Accepted | Rejected:
+    return parse_prompt(Message(T.prompt(), payload, 1, False, **props), T, LIMITS)  # type: ignore[arg-type]
+
+
+def test_plain_text_is_a_prompt_answered_on_the_default_topic() -> None:
+    out = parse("What is 2+2? 🙂".encode())
+    assert isinstance(out, Accepted)
+    assert out.request.prompt == "What is 2+2? 🙂"
+    assert out.reply_topic == "swarm/main/reply/default"
+    assert len(out.request_id) == 32
+
+
+def test_json_request_keeps_its_id_and_reply_topic() -> None:
+    out = parse(b'{"id": "a-1", "prompt": "hi", "reply_to": "swarm/main/reply/me", "strategy": "best_of_n", "fanout": 2}')
+    assert isinstance(out, Accepted)
+    assert (out.request_id, out.reply_topic, out.request.fanout) == ("a-1", "swarm/main/reply/me", 2)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b'{"prompt": "hi"', ErrorCode.BAD_JSON),
+        (b"{" * 5000, ErrorCode.PAYLOAD_TOO_LARGE),
+        (b"\xff\xfe bad", ErrorCode.BAD_ENCODING),
+        (b"   \n ", ErrorCode.EMPTY_PROMPT),
+        (b'{"prompt": "   "}', ErrorCode.INVALID_REQUEST),
+        (b'{"prompt": "hi", "temperature": 0.5}', ErrorCode.UNKNOWN_FIELD),
+        (b'{"prompt": "hi", "fanout": 99}', ErrorCode.INVALID_REQUEST),
+        (b'{"prompt": "hi", "strategy": "vote"}', ErrorCode.INVALID_REQUEST),
+        (b'{"prompt": 42}', ErrorCode.INVALID_REQUEST),
+        (b'{"prompt": "' + b"x" * 101 + b'"}', ErrorCode.PROMPT_TOO_LARGE),
+        (b"y" * 101, ErrorCode.PROMPT_TOO_LARGE),
+        (b'{"prompt": "hi", "reply_to": "swarm/main/node/a/task"}', ErrorCode.BAD_REPLY_TO),
+    ],
+)
+def test_bad_input_gets_a_stable_code(payload: bytes, code: ErrorCode) -> None:
+    out = parse(payload)
+    assert isinstance(out, Rejected), out
+    assert out.error.code is code, out.error
+    assert out.error.message
+
+
+def test_deep_json_is_refused_not_crashed() -> None:
+    deep = b'{"prompt": "hi", "params": ' + b'{"a":' * 1500 + b"1" + b"}" * 1500 + b"}"
+    out = parse_prompt(Message(T.prompt(), deep, 1, False), T, Limits())
+    assert isinstance(out, Rejected)
+    assert out.error.code in (ErrorCode.BAD_JSON, ErrorCode.UNKNOWN_FIELD)
+
+
+def test_a_refusal_goes_to_the_senders_reply_topic_when_readable() -> None:
+    out = parse(b'{"id": "x1", "prompt": "hi", "bogus": 1, "reply_to": "swarm/main/reply/me"}')
+    assert isinstance(out, Rejected)
+    assert (out.request_id, out.reply_topic, out.error.code) == ("x1", "swarm/main/reply/me", ErrorCode.UNKNOWN_FIELD)
+
+
+def test_mqtt5_response_topic_and_correlation_are_honoured_and_checked() -> None:
+    out = parse(b"hi", response_topic="swarm/main/reply/r5", correlation_data=b"c1")
+    assert isinstance(out, Accepted) and (out.reply_topic, out.correlation) == ("swarm/main/reply/r5", b"c1")
+    bad = parse(b"hi", response_topic="swarm/main/hub/status", correlation_data=b"c2")
+    assert isinstance(bad, Rejected) and bad.error.code is ErrorCode.BAD_REPLY_TO
+    assert (bad.reply_topic, bad.correlation) == ("swarm/main/reply/default", b"c2")

@@ -1,0 +1,95 @@
+"""topics.md and broker/topics.py describe the same contract."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.topics import CATALOGUE, NodeTopic, Topics, is_concrete, matches
+
+TOPICS_MD = Path(__file__).resolve().parent.parent / "topics.md"
+ROW = re.compile(r"^\| `(swarm/[^`]+)` \| ([^|]+) \| ([^|]+) \| (\d) \| (yes|no) \|$")
+
+
+def documented_rows() -> list[tuple[str, str, str, int, bool]]:
+    rows = []
+    for line in TOPICS_MD.read_text().splitlines():
+        if m := ROW.match(line.strip()):
+            rows.append((m[1], m[2].strip(), m[3].strip(), int(m[4]), m[5] == "yes"))
+    return rows
+
+
+def test_every_documented_topic_is_in_the_catalogue_and_back() -> None:
+    documented = documented_rows()
+    catalogue = [(s.pattern, s.publisher, s.subscriber, s.qos, s.retained) for s in CATALOGUE]
+    assert documented == catalogue
+
+
+def test_every_topic_has_its_own_section_with_examples() -> None:
+    text = TOPICS_MD.read_text()
+    for spec in CATALOGUE:
+        heading = f"`{spec.pattern}`"
+        sections = [s for s in text.split("\n## ") if s.startswith(heading) or heading in s.split("\n", 1)[0]]
+        assert sections, f"topics.md has no section for {spec.pattern}"
+        assert "mosquitto_sub" in sections[0], f"the section for {spec.pattern} has no mosquitto_sub example"
+
+
+def builder_patterns() -> set[str]:
+    """Render every public topic builder with placeholder ids and map back to patterns."""
+    t = Topics("sidx")
+    out = set()
+    for name, member in inspect.getmembers(Topics, predicate=inspect.isfunction):
+        if name.startswith("_") or name in {"node", "all_nodes", "parse_node_topic", "is_reply_topic", "everything"}:
+            continue
+        params = [p for p in inspect.signature(member).parameters if p != "self"]
+        args = {"node_id": "nidx", "name": "namex"}
+        topic = getattr(t, name)(*[args[p] for p in params])
+        if name == "reply_filter":
+            continue
+        out.add(topic.replace("sidx", "{sid}").replace("nidx", "{node_id}").replace("namex", "{name}"))
+    out.add(t.reply().replace("sidx", "{sid}").replace("default", "{name}"))
+    return out
+
+
+def test_builders_produce_exactly_the_catalogue() -> None:
+    assert builder_patterns() == {s.pattern for s in CATALOGUE}
+
+
+def test_node_topic_round_trip() -> None:
+    t = Topics("main")
+    for kind in NodeTopic:
+        assert t.parse_node_topic(t.node("pixel-7", kind)) == ("pixel-7", kind)
+    assert t.parse_node_topic("swarm/other/node/x/status") is None
+    assert t.parse_node_topic("swarm/main/node/x/unknown") is None
+    assert t.parse_node_topic("swarm/main/node/X Y/status") is None
+
+
+@pytest.mark.parametrize("bad", ["", "UPPER", "with space", "a/b", "+", "#", "x" * 65])
+def test_ids_are_checked(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        Topics("main").node_task(bad)
+
+
+def test_reply_topics_must_stay_under_reply() -> None:
+    t = Topics("main")
+    assert t.is_reply_topic("swarm/main/reply/alice")
+    assert t.is_reply_topic("swarm/main/reply/alice/deep")
+    assert not t.is_reply_topic("swarm/main/reply/")
+    assert not t.is_reply_topic("swarm/main/node/x/task")
+    assert not t.is_reply_topic("swarm/main/reply/+")
+    assert not t.is_reply_topic("swarm/other/reply/x")
+
+
+def test_matching_and_concreteness() -> None:
+    assert matches("swarm/main/node/+/status", "swarm/main/node/a/status")
+    assert not matches("swarm/main/node/+/status", "swarm/main/node/a/b/status")
+    assert matches("swarm/main/#", "swarm/main")
+    assert matches("swarm/main/#", "swarm/main/a/b")
+    assert not matches("#", "$SYS/broker")
+    assert is_concrete("swarm/main/prompt")
+    assert not is_concrete("swarm/+/prompt")
+    assert not is_concrete("$SYS/x")
