@@ -162,9 +162,9 @@ class Hub:
             t.all_nodes(NodeTopic.RESULT),
             qos=1,
         )
+        await self._flush_outbox(conn)
         self._conn = conn
         try:
-            await self._flush_outbox()
             await self._publish_status()
             self.ready.set()
             log.info("hub online", broker=self.url.redacted(), mqtt5=conn.mqtt5, swarm=self.config.swarm)
@@ -538,16 +538,21 @@ class Hub:
     async def _send(
         self, topic: str, payload: bytes, *, retain: bool = False, correlation: bytes | None = None
     ) -> None:
+        """Publish now, or keep the message for the next connection: nothing is dropped."""
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
+                return
+            except ConnectionLost:
+                log.warning("message held until the broker is back", topic=topic)
         self._outbox.append((topic, payload, retain, correlation))
-        try:
-            await self._flush_outbox()
-        except ConnectionLost:
-            log.warning("message held until the broker is back", topic=topic)
 
-    async def _flush_outbox(self) -> None:
-        while self._outbox and self._conn is not None:
+    async def _flush_outbox(self, conn: Connection) -> None:
+        """Send what waited for a connection; runs once at the start of each session."""
+        while self._outbox:
             topic, payload, retain, correlation = self._outbox[0]
-            await self._conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
+            await conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
             self._outbox.popleft()
 
     def status(self) -> HubStatus:

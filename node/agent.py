@@ -68,7 +68,7 @@ class Node:
         self._queued: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}
         self._work = asyncio.Condition()
-        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._outbox: deque[tuple[str, bytes, bool]] = deque()
         self._conn: Connection | None = None
         self._stop_requested = asyncio.Event()
         self.connected = asyncio.Event()
@@ -119,9 +119,9 @@ class Node:
         await conn.subscribe(self.topics.node_task(node_id), self.topics.node_cancel(node_id), qos=1)
         await conn.publish(self.topics.node_announce(node_id), self._announce().encode(), retain=True)
         await conn.publish(self.topics.node_status(node_id), self._status(NodeState.ONLINE).encode(), retain=True)
+        await self._flush_outbox(conn)
         self._conn = conn
         try:
-            await self._flush_outbox()
             self.connected.set()
             log.info("node online", node_id=node_id, broker=self.url.redacted())
             async with asyncio.TaskGroup() as tg:
@@ -153,12 +153,9 @@ class Node:
 
     async def _go_offline(self) -> None:
         status = self._status(NodeState.OFFLINE, reason="stopped")
-        self._outbox.append((self.topics.node_status(self.config.node_id), status.encode()))
-        if self._conn is not None:
-            try:
-                await self._flush_outbox(retain_last=True)
-            except ConnectionLost:
-                log.warning("could not say goodbye; the broker will publish our Last Will")
+        await self._send(self.topics.node_status(self.config.node_id), status.encode(), retain=True)
+        if self._outbox:
+            log.warning("stopped while disconnected; the broker publishes our Last Will instead")
 
     # ------------------------------------------------------------------ messages in
 
@@ -309,17 +306,24 @@ class Node:
     # ------------------------------------------------------------------ messages out
 
     async def _send_result(self, result: TaskResult) -> None:
-        self._outbox.append((self.topics.node_result(self.config.node_id), result.encode()))
-        try:
-            await self._flush_outbox()
-        except ConnectionLost:
-            log.warning("result held until the broker is back", task_id=result.task_id)
+        await self._send(self.topics.node_result(self.config.node_id), result.encode())
 
-    async def _flush_outbox(self, *, retain_last: bool = False) -> None:
-        while self._outbox and self._conn is not None:
-            topic, payload = self._outbox[0]
-            retain = retain_last and len(self._outbox) == 1
-            await self._conn.publish(topic, payload, qos=1, retain=retain)
+    async def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish now, or keep it for the next connection: a result is never dropped."""
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.publish(topic, payload, qos=1, retain=retain)
+                return
+            except ConnectionLost:
+                log.warning("message held until the broker is back", topic=topic)
+        self._outbox.append((topic, payload, retain))
+
+    async def _flush_outbox(self, conn: Connection) -> None:
+        """Send what waited for a connection; runs once at the start of each session."""
+        while self._outbox:
+            topic, payload, retain = self._outbox[0]
+            await conn.publish(topic, payload, qos=1, retain=retain)
             self._outbox.popleft()
 
     async def _heartbeats(self, conn: Connection) -> None:

@@ -27,7 +27,9 @@ def test_plain_text_is_a_prompt_answered_on_the_default_topic() -> None:
 
 
 def test_json_request_keeps_its_id_and_reply_topic() -> None:
-    out = parse(b'{"id": "a-1", "prompt": "hi", "reply_to": "swarm/main/reply/me", "strategy": "best_of_n", "fanout": 2}')
+    out = parse(
+        b'{"id": "a-1", "prompt": "hi", "reply_to": "swarm/main/reply/me", "strategy": "best_of_n", "fanout": 2}'
+    )
     assert isinstance(out, Accepted)
     assert (out.request_id, out.reply_topic, out.request.fanout) == ("a-1", "swarm/main/reply/me", 2)
 

@@ -19,7 +19,9 @@ def test_prompt_needs_exactly_one_of_prompt_or_messages() -> None:
         decode(PromptRequest, b'{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}')
     with pytest.raises(ProtocolError, match="exactly one"):
         decode(PromptRequest, b"{}")
-    req = decode(PromptRequest, b'{"messages": [{"role": "user", "content": "b"}], "tags": ["x"], "params": {"tags": ["y"]}}')
+    req = decode(
+        PromptRequest, b'{"messages": [{"role": "user", "content": "b"}], "tags": ["x"], "params": {"tags": ["y"]}}'
+    )
     assert req.chat()[0].content == "b"
     assert req.all_tags() == ("x", "y")
 
@@ -40,7 +42,15 @@ def test_replies_decode_to_the_right_type() -> None:
     err = ErrorReply(id="r", error=ErrorInfo(code=ErrorCode.BAD_JSON, message="x"))
     assert decode_reply(err.encode()) == err
     ans = Answer(
-        id="r", text="4", node_id="n", model="m", finish_reason="stop", usage=None, timings=None,
-        latency_ms=1.0, strategy="race", attempts=1,
+        id="r",
+        text="4",
+        node_id="n",
+        model="m",
+        finish_reason="stop",
+        usage=None,
+        timings=None,
+        latency_ms=1.0,
+        strategy="race",
+        attempts=1,
     )
     assert decode_reply(ans.encode()) == ans

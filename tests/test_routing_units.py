@@ -14,9 +14,18 @@ from nova_swarm.hub.winrate import WinRates
 
 def announce(node_id: str, slots: int = 1, queue_max: int = 1) -> Announce:
     return Announce(
-        node_id=node_id, model=ModelInfo(name="m", sha256="0" * 64, size_bytes=1, ctx=512), threads=1,
-        tokens_per_s=10.0, ram_total_mb=None, device="laptop", agent_version="t", slots=slots,
-        queue_max=queue_max, max_tokens=64, max_temperature=1.0, ts=0.0,
+        node_id=node_id,
+        model=ModelInfo(name="m", sha256="0" * 64, size_bytes=1, ctx=512),
+        threads=1,
+        tokens_per_s=10.0,
+        ram_total_mb=None,
+        device="laptop",
+        agent_version="t",
+        slots=slots,
+        queue_max=queue_max,
+        max_tokens=64,
+        max_temperature=1.0,
+        ts=0.0,
     )
 
 
@@ -53,14 +62,18 @@ def test_scheduler_prefers_the_tag_winner_but_still_explores() -> None:
     sched = Scheduler(rates, random.Random(1))
     picks = Counter(sched.pick([node("fast"), node("slow")], 1, tags=["math"], now=0.0)[0].node_id for _ in range(500))
     assert picks["fast"] > 450
-    untagged = Counter(sched.pick([node("fast"), node("slow")], 1, tags=["poetry"], now=0.0)[0].node_id for _ in range(500))
+    untagged = Counter(
+        sched.pick([node("fast"), node("slow")], 1, tags=["poetry"], now=0.0)[0].node_id for _ in range(500)
+    )
     assert 150 < untagged["slow"] < 350  # no evidence for 'poetry': both get traffic
 
 
 def test_scheduler_skips_full_nodes_and_marks_down_busy_ones() -> None:
     sched = Scheduler(WinRates(), random.Random(2))
     assert sched.pick([node("full", inflight=2)], 1, tags=[], now=0.0) == []
-    picks = Counter(sched.pick([node("idle"), node("busy", inflight=1)], 1, tags=[], now=0.0)[0].node_id for _ in range(300))
+    picks = Counter(
+        sched.pick([node("idle"), node("busy", inflight=1)], 1, tags=[], now=0.0)[0].node_id for _ in range(300)
+    )
     assert picks["idle"] > picks["busy"]
 
 

@@ -1,0 +1,148 @@
+"""The brokers enforce auth and the ACL, and our mitigations for amqtt's defects hold.
+
+Runs against the embedded amqtt broker and Mosquitto mode alike (the ``broker`` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+
+import aiomqtt
+import pytest
+
+from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.embedded import EmbeddedBrokerConfig, amqtt_config
+from nova_swarm.broker.errors import ConnectionLost, ProtocolError
+from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.net import free_port
+from nova_swarm.broker.topics import Topics
+
+from .conftest import RunningBroker
+
+T = Topics("main")
+
+
+async def collect(conn: Connection, seconds: float) -> list[str]:
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(seconds):
+            async for message in conn.messages():
+                seen.append(message.topic)
+    except TimeoutError:
+        pass
+    return seen
+
+
+def test_credentials_are_generated_private_and_never_default(home: SwarmHome) -> None:
+    logins = home.logins()
+    assert {r.value for r in logins} == {"hub", "node", "client"}
+    assert len({login.password for login in logins.values()}) == 3
+    assert all(len(login.password) >= 32 for login in logins.values())
+    for path in (home.credentials_file, home.password_file):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(home.path).st_mode) == 0o700
+    assert SwarmHome(home.path).ensure() == logins  # a second start keeps them
+
+
+async def test_wrong_password_and_anonymous_are_refused(broker: RunningBroker) -> None:
+    good = broker.url(Role.CLIENT)
+    for url in (good.with_login("client", "wrong"), good.with_login("nobody", "x"), good.with_login("", "")):
+        with pytest.raises(ConnectionLost, match="refused|cannot connect|Not authorized|not authori"):
+            async with Connection(url, timeout=5):
+                pass
+    async with Connection(good):
+        pass
+
+
+async def test_a_node_cannot_speak_for_another_node_or_the_hub(broker: RunningBroker) -> None:
+    async with Connection(broker.url(Role.HUB), client_id="observer") as hub:
+        await hub.subscribe(T.everything())
+        async with Connection(broker.url(Role.NODE), client_id="n1") as node:
+            for topic in (T.node_status("n2"), T.node_result("n2"), T.hub_status(), T.prompt(), T.reply(), T.model()):
+                await node.publish(topic, b"forged")
+            # Subscribing to another node's tasks gets it nothing either.
+            try:
+                await node.subscribe(T.node_task("n2"))
+            except ConnectionLost:
+                pass  # a refused SUBSCRIBE may surface as an error: the point is it gets nothing
+            await node.publish(T.node_heartbeat("n1"), b"marker")
+            seen = await collect(hub, 1.5)
+        assert seen == [T.node_heartbeat("n1")]
+
+
+async def test_a_node_hears_only_its_own_tasks(broker: RunningBroker) -> None:
+    async with Connection(broker.url(Role.NODE), client_id="n1") as node:
+        for topic in (T.node_task("n1"), T.node_task("n2")):
+            try:
+                await node.subscribe(topic)
+            except ConnectionLost:
+                pass
+        async with Connection(broker.url(Role.HUB), client_id="hub-test") as hub:
+            await hub.publish(T.node_task("n2"), b"not yours")
+            await hub.publish(T.node_task("n1"), b"yours")
+        assert await collect(node, 1.5) == [T.node_task("n1")]
+
+
+async def test_a_client_cannot_post_results_or_read_tasks(broker: RunningBroker) -> None:
+    async with Connection(broker.url(Role.HUB), client_id="observer") as hub:
+        await hub.subscribe(T.everything())
+        async with Connection(broker.url(Role.CLIENT), client_id="c1") as client:
+            await client.publish(T.node_result("n1"), b"forged")
+            await client.publish(T.node_task("n1"), b"forged")
+            await client.publish(T.hub_status(), b"forged")
+            await client.publish(T.prompt(), b"allowed")
+        assert await collect(hub, 1.5) == [T.prompt()]
+
+
+async def test_wildcard_publish_is_refused_locally_and_the_connection_lives(broker: RunningBroker) -> None:
+    # amqtt silently stops serving a connection that publishes to a wildcard or $ topic.
+    async with Connection(broker.url(Role.HUB), client_id="hub-test") as hub:
+        await hub.subscribe(T.prompt())
+        for bad in ("swarm/main/+/x", "swarm/main/#", "$SYS/x"):
+            with pytest.raises(ProtocolError):
+                await hub.publish(bad, b"x")
+        await hub.publish(T.prompt(), b"still here")
+        assert await collect(hub, 1.0) == [T.prompt()]
+
+
+@pytest.mark.parametrize("hardened", [False, True], ids=["stock-amqtt", "hardened"])
+async def test_retained_leak_is_closed(home: SwarmHome, hardened: bool) -> None:
+    """BROKERS.md defect 1: on CONNECT, amqtt replays retained messages for every filter any
+    client ever subscribed to. The stock broker shows the leak (so this test can fail); ours
+    does not, and our client drops unsolicited topics either way."""
+    from amqtt.broker import Broker
+
+    from nova_swarm.broker.plugins import HardenedBroker
+
+    port = free_port()
+    config = amqtt_config(EmbeddedBrokerConfig("127.0.0.1", port, "main", home.password_file))
+    broker = (HardenedBroker if hardened else Broker)(config)
+    await broker.start()
+    try:
+        hub_url = home.url(Role.HUB, port=port)
+        async with Connection(hub_url, client_id="hub-test") as hub:
+            await hub.publish(T.node_status("secret"), b'{"state":"online"}', retain=True)
+            await hub.subscribe(T.all_nodes("status"))  # type: ignore[arg-type]
+            client_url = home.url(Role.CLIENT, port=port)
+            raw = aiomqtt.Client(client_url.host, port, username=client_url.username, password=client_url.password)
+            async with raw:
+                await raw.subscribe(T.reply_filter())
+                leaked = []
+                try:
+                    async with asyncio.timeout(1.0):
+                        async for message in raw.messages:
+                            leaked.append(message.topic.value)
+                except TimeoutError:
+                    pass
+            async with Connection(client_url, client_id="c2") as ours:
+                await ours.subscribe(T.reply_filter())
+                filtered = await collect(ours, 1.0)
+    finally:
+        await broker.shutdown()
+    if hardened:
+        assert leaked == []
+    else:
+        assert leaked == [T.node_status("secret")]
+    assert filtered == []
