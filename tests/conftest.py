@@ -180,3 +180,82 @@ async def nodes_available(hub: Hub, count: int) -> None:
         lambda: len(hub.registry.eligible(model=None, exclude=frozenset(), now=time.time())) >= count,
         what=f"{count} nodes available to the hub",
     )
+
+
+# ---------------------------------------------------------------- real processes
+
+BIN = Path(sys.executable).parent
+
+
+def bundled_model_path() -> Path:
+    from nova_swarm.node.models import bundled_model
+
+    return bundled_model()
+
+
+class Processes:
+    """Starts the real commands (swarm-hub, swarm-node, mosquitto_*), logs each to a file, and
+    stops every one of them when the test ends."""
+
+    def __init__(self, broker: RunningBroker, tmp_path: Path) -> None:
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.tmp_path / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(self.broker.home))
+        self.procs.append(proc)
+        return proc
+
+    def common(self) -> list[str]:
+        return ["--config-dir", str(self.broker.home.path), "--port", str(self.broker.port)]
+
+    def hub(self, *extra: str) -> subprocess.Popen[bytes]:
+        return self.spawn("hub", [str(BIN / "swarm-hub"), "serve", *self.common(), "--heartbeat-timeout", "3", *extra])
+
+    def node(self, node_id: str, *extra: str) -> subprocess.Popen[bytes]:
+        argv = [str(BIN / "swarm-node"), "run", *self.common(), "--node-id", node_id, "--heartbeat", "1"]
+        argv += ["--threads", "1", "--model", str(bundled_model_path()), *extra]
+        return self.spawn(f"node-{node_id}", argv)
+
+    def run(self, argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env_for(self.broker.home))
+
+    def swarm_hub(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        command, *rest = args
+        return self.run([str(BIN / "swarm-hub"), command, *self.common(), *rest], timeout=timeout)
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+            stop_process(proc, grace=20)
+
+
+@pytest.fixture
+def procs(broker: RunningBroker, tmp_path: Path) -> Any:
+    p = Processes(broker, tmp_path)
+    yield p
+    p.close()
+
+
+async def wait_online(procs: Processes, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
+    """Poll `swarm-hub nodes --json` until ``count`` nodes are online."""
+    import json
+
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while True:
+        out = await asyncio.to_thread(procs.swarm_hub, "nodes", "--json", "--wait", "2")
+        if out.returncode == 0:
+            nodes = json.loads(out.stdout)["nodes"]
+            online = [n for n in nodes if n["state"] == "online"]
+            if len(online) >= count:
+                return online
+        if loop.time() > give_up:
+            raise AssertionError(f"{count} nodes never came online: {out.stdout} {out.stderr}")
+        await asyncio.sleep(0.5)
