@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -55,12 +56,25 @@ async def run_broker(home: SwarmHome, local: LocalSwarm, *, on_ready: object = N
         await serve_amqtt(EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file), on_ready=ready)
 
 
+async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm) -> None:
+    """SIGTERM and SIGINT stop the broker cleanly; in Mosquitto mode that also stops mosquitto,
+    which would otherwise outlive us."""
+    task = asyncio.create_task(run_broker(home, local))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(level=args.log_level, json=args.log_json)
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine)
     try:
-        asyncio.run(run_broker(home_from(args), local))
+        asyncio.run(_serve_until_signalled(home_from(args), local))
     except ConfigError as exc:
         print(f"swarm-broker: {exc}", file=sys.stderr)
         return 2

@@ -67,7 +67,8 @@ def write_config(config: MosquittoConfig) -> Path:
 
 async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None = None) -> None:
     """Run Mosquitto until cancelled; raise ConfigError if it exits on its own."""
-    binary = shutil.which(config.binary)
+    # Debian installs the broker in /usr/sbin, which is not on an ordinary user's PATH.
+    binary = shutil.which(config.binary) or shutil.which(config.binary, path="/usr/sbin:/usr/local/sbin")
     if binary is None:
         raise ConfigError("Mosquitto mode needs the `mosquitto` binary: apt-get install mosquitto")
     conf = write_config(config)

@@ -146,3 +146,12 @@ async def test_retained_leak_is_closed(home: SwarmHome, hardened: bool) -> None:
     else:
         assert leaked == [T.node_status("secret")]
     assert filtered == []
+
+
+async def test_stopping_swarm_broker_stops_the_broker_it_runs(broker: RunningBroker) -> None:
+    import socket
+
+    broker.stop()
+    assert broker.proc.returncode == 0
+    with socket.socket() as sock:  # in Mosquitto mode, mosquitto must not outlive swarm-broker
+        assert sock.connect_ex(("127.0.0.1", broker.port)) != 0
