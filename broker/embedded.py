@@ -15,6 +15,8 @@ from typing import Any
 
 import structlog
 
+from .errors import ConfigError
+
 log = structlog.get_logger("nova_swarm.broker")
 
 
@@ -43,8 +45,14 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
 
     # amqtt logs every connection at INFO through stdlib logging; keep its chatter at WARNING.
     logging.getLogger("amqtt").setLevel(logging.WARNING)
+    from amqtt.errors import BrokerError
+
     broker = HardenedBroker(amqtt_config(config))
-    await broker.start()
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        hint = " (is another broker, such as Debian's mosquitto service, on that port? pick another with --port)"
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.__cause__ or exc}{hint}") from exc
     log.info("broker listening", engine="amqtt", host=config.host, port=config.port, swarm=config.swarm)
     if on_ready is not None:
         on_ready()

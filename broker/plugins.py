@@ -1,7 +1,7 @@
 """amqtt plugins and the hardened broker class: the embedded broker's security boundary.
 
 Loaded by dotted path from ``embedded.py``'s explicit plugin set; nothing else is loaded (no
-anonymous auth, no ``$SYS``, no packet logger). See ../shared/BROKERS.md for the defects these
+anonymous auth, no ``$SYS``, no packet logger). See the team notes (BROKERS.md) for the defects these
 work around.
 """
 

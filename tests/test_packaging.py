@@ -1,0 +1,56 @@
+"""One distribution, three parts, clean boundaries between them."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports_of(package: str) -> set[str]:
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_node_and_hub_never_import_each_other_and_the_contract_imports_neither() -> None:
+    assert not {m for m in imports_of("node") if m.startswith("nova_swarm.hub")}
+    assert not {m for m in imports_of("hub") if m.startswith("nova_swarm.node")}
+    assert not {m for m in imports_of("broker") if m.startswith(("nova_swarm.hub", "nova_swarm.node"))}
+
+
+def test_a_node_does_not_load_the_brokers_dependencies() -> None:
+    code = "import sys, nova_swarm.node.agent, nova_swarm.node.cli; assert 'amqtt' not in sys.modules, 'amqtt'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_wheel_and_sdist_build_with_all_three_parts(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    wheel = next(tmp_path.glob("nova_swarm-*.whl"))
+    assert next(tmp_path.glob("nova_swarm-*.tar.gz"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for part in ("broker/topics.py", "broker/py.typed", "hub/hub.py", "node/agent.py", "node/llama.py"):
+        assert f"nova_swarm/{part}" in names
+    meta = next(n for n in names if n.endswith("entry_points.txt"))
+    entry_points = zipfile.ZipFile(wheel).read(meta).decode()
+    for script in ("swarm-broker", "swarm-hub", "swarm-node"):
+        assert script in entry_points
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    for extra in ("node", "hub", "broker"):
+        assert f"Provides-Extra: {extra}" in metadata
+    assert 'llama-cpp-python>=0.3.2; extra == "node"' in metadata
