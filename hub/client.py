@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from types import TracebackType
 
 from nova_swarm.broker.connection import Connection
@@ -21,11 +22,11 @@ from nova_swarm.broker.url import BrokerURL
 
 
 class SwarmClient:
-    def __init__(self, url: BrokerURL, *, swarm: str = "main", ca_file: object = None) -> None:
+    def __init__(self, url: BrokerURL, *, swarm: str = "main", ca_file: Path | None = None) -> None:
         self.topics = Topics(swarm)
         self.name = f"c-{uuid.uuid4().hex[:12]}"
         self.reply_topic = self.topics.reply(self.name)
-        self._conn = Connection(url, client_id=self.name, ca_file=ca_file)  # type: ignore[arg-type]
+        self._conn = Connection(url, client_id=self.name, ca_file=ca_file)
         self._waiting: dict[str, asyncio.Future[Answer | ErrorReply]] = {}
         self._reader: asyncio.Task[None] | None = None
 
@@ -68,7 +69,12 @@ class SwarmClient:
         future: asyncio.Future[Answer | ErrorReply] = asyncio.get_running_loop().create_future()
         assert request.id is not None
         self._waiting[request.id] = future
-        future.add_done_callback(lambda _f, rid=request.id: self._waiting.pop(rid, None))
+        request_id = request.id
+
+        def forget(_: asyncio.Future[Answer | ErrorReply]) -> None:
+            self._waiting.pop(request_id, None)
+
+        future.add_done_callback(forget)
         await self._conn.publish(self.topics.prompt(), request.encode(), qos=1)
         return future
 

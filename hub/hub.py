@@ -17,6 +17,8 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeAlias
 
 import structlog
 
@@ -67,7 +69,7 @@ class _Abort:
     """The hub is stopping."""
 
 
-_Event = TaskResult | _NodeLost | _Wake | _Abort
+_Event: TypeAlias = TaskResult | _NodeLost | _Wake | _Abort
 
 
 @dataclass(eq=False)
@@ -88,7 +90,7 @@ class Hub:
         url: BrokerURL,
         *,
         reranker: rerank.Reranker | None = None,
-        ca_file: object = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.config = config
         self.url = url
@@ -149,7 +151,7 @@ class Hub:
             client_id=f"{self.config.hub_id}-{self.config.swarm}",
             will=Will(self.topics.hub_status(), offline.encode()),
             protocol=self.config.protocol,
-            ca_file=self._ca_file,  # type: ignore[arg-type]
+            ca_file=self._ca_file,
         )
 
     async def _session(self, conn: Connection) -> None:
@@ -242,7 +244,8 @@ class Hub:
 
     def _on_result(self, node_id: str, result: TaskResult) -> None:
         run = self._by_task.get(result.task_id)
-        if run is None or result.node_id != node_id:
+        attempt = run.machine.attempts.get(result.task_id) if run is not None else None
+        if run is None or attempt is None or not (result.node_id == node_id == attempt.node_id):
             # Late (its attempt was written off) or not ours: ignore it, cleanly.
             log.debug("ignored result", node_id=node_id, task_id=result.task_id)
             return

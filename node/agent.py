@@ -182,6 +182,9 @@ class Node:
         with structlog.contextvars.bound_contextvars(request_id=task.request_id, task_id=task.task_id):
             now = time.monotonic()
             job = _Job(task, self._clamp(task), received=now, deadline=now + task.timeout_s)
+            if task.task_id in self._running or any(j.task.task_id == task.task_id for j in self._queued):
+                log.info("ignored duplicate delivery")  # QoS 1 may deliver twice
+                return
             if self._stop_requested.is_set():
                 await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
                 return

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nova_swarm.broker.errors import ConfigError, EngineError
 
@@ -82,14 +82,14 @@ class LlamaEngine:
                     logits_processor=self._processors([count_tokens]),
                     stream=True,
                 )
-                for chunk in stream:
-                    choice = chunk["choices"][0]  # type: ignore[index]
-                    pieces.append(choice["delta"].get("content") or "")  # type: ignore[union-attr]
-                    if choice.get("finish_reason"):  # type: ignore[union-attr]
-                        finish_reason = str(choice["finish_reason"])  # type: ignore[index]
+                for chunk in cast(Iterator[dict[str, Any]], stream):
+                    choice = chunk["choices"][0]
+                    pieces.append(choice["delta"].get("content") or "")
+                    if choice.get("finish_reason"):
+                        finish_reason = str(choice["finish_reason"])
                     if should_stop():
                         stopped = True
-                        stream.close()  # type: ignore[union-attr]
+                        cast(Generator[Any, None, None], stream).close()
                         break
             except (RuntimeError, ValueError) as exc:
                 raise EngineError(f"llama-cpp failed: {exc}") from exc

@@ -173,9 +173,13 @@ def procs_by_node(procs: Processes, node_id: str) -> subprocess.Popen[bytes]:
 
 
 async def find_busy_node_after(procs: Processes, ask_args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """Start `swarm-hub ask` in the background; return it and the node that took the task."""
-    async with Connection(procs.broker.url(Role.CLIENT)) as watcher:
-        await watcher.subscribe(T.all_nodes(NodeTopic.HEARTBEAT), qos=0)
+    """Start `swarm-hub ask` in the background; return it and the node the hub gave the task to.
+
+    We watch the task topics (as the hub may), so we know the node the moment it is assigned,
+    well before a generation of any length can finish.
+    """
+    async with Connection(procs.broker.url(Role.HUB), client_id="test-watcher") as watcher:
+        await watcher.subscribe(T.all_nodes(NodeTopic.TASK))
         command, *rest = ask_args
         asker = subprocess.Popen(
             [str(BIN / "swarm-hub"), command, *procs.common(), *rest],
@@ -186,7 +190,7 @@ async def find_busy_node_after(procs: Processes, ask_args: list[str]) -> tuple[s
         )
         async with asyncio.timeout(30):
             async for message in watcher.messages():
-                beat = json.loads(message.payload)
-                if beat["busy"] > 0:
-                    return asker, beat["node_id"]
-    raise AssertionError("no node became busy")
+                parsed = T.parse_node_topic(message.topic)
+                if parsed is not None:
+                    return asker, parsed[0]
+    raise AssertionError("no task was assigned")
