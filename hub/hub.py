@@ -215,12 +215,8 @@ class Hub:
         try:
             if kind is NodeTopic.HEARTBEAT:
                 heartbeat = decode(Heartbeat, message.payload)
-                if heartbeat.node_id == node_id:
-                    revived = self.registry.nodes.get(node_id)
-                    was_available = revived is not None and revived.available(now, self.config.heartbeat_timeout_s)
-                    self.registry.on_heartbeat(heartbeat, now=now)
-                    if not was_available:
-                        self._node_available()
+                if heartbeat.node_id == node_id and self.registry.on_heartbeat(heartbeat, now=now):
+                    self._node_available()
             elif kind is NodeTopic.RESULT:
                 self._on_result(node_id, decode(TaskResult, message.payload))
             elif kind is NodeTopic.ANNOUNCE:
@@ -320,6 +316,9 @@ class Hub:
         while True:
             while actions:
                 actions = await self._carry_out(run, actions)
+            # The one place attempts stop counting against their node: whatever the machine
+            # settled (answered, failed, lost, timed out, cancelled) frees that capacity.
+            self._release_settled(run)
             if machine.finished:
                 return
             try:
@@ -329,7 +328,6 @@ class Hub:
                 continue
             now = loop.time()
             if isinstance(event, TaskResult):
-                self._release(run, event.task_id)
                 actions = machine.on_result(event, now)
             elif isinstance(event, _NodeLost):
                 actions = machine.on_node_lost(event.node_id, event.reason, now)
@@ -349,9 +347,8 @@ class Hub:
                     (),
                 )
                 for attempt in machine.active():
-                    await self._cancel(run, Cancel(attempt.task_id, attempt.node_id, "hub stopping"))
+                    await self._cancel(Cancel(attempt.task_id, attempt.node_id, "hub stopping"))
                 return
-            self._release_settled(run)
 
     async def _carry_out(self, run: _Run, actions: list[Action]) -> list[Action]:
         """Perform actions; return any follow-up actions the machine produced meanwhile."""
@@ -360,12 +357,11 @@ class Hub:
             if isinstance(action, Dispatch):
                 follow_up += await self._dispatch(run, action)
             elif isinstance(action, Cancel):
-                await self._cancel(run, action)
+                await self._cancel(action)
             elif isinstance(action, Succeed):
                 await self._finish_answered(run, action)
             elif isinstance(action, Fail):
                 await self._finish_failed(run, action.error, action.losers)
-        self._release_settled(run)
         return follow_up
 
     async def _dispatch(self, run: _Run, action: Dispatch) -> list[Action]:
@@ -427,8 +423,7 @@ class Hub:
             message = "no eligible node"
         return ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message=message, retry_after_s=5.0)
 
-    async def _cancel(self, run: _Run, action: Cancel) -> None:
-        self._release(run, action.task_id)
+    async def _cancel(self, action: Cancel) -> None:
         cancel = CancelMessage(task_id=action.task_id, reason=action.reason)
         await self._send(self.topics.node_cancel(action.node_id), cancel.encode())
 

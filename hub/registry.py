@@ -81,7 +81,9 @@ class Registry:
             rec.last_seen = now
         return was and not rec.available(now, self.heartbeat_timeout_s)
 
-    def on_heartbeat(self, heartbeat: Heartbeat, *, now: float) -> None:
+    def on_heartbeat(self, heartbeat: Heartbeat, *, now: float) -> bool:
+        """Returns True when the node just became available (new, or back from silence)."""
+        was = self._available(heartbeat.node_id, now)
         rec = self.record(heartbeat.node_id)
         rec.heartbeat = heartbeat
         rec.last_seen = now
@@ -89,6 +91,7 @@ class Registry:
             # It was only silent (SIGSTOP, a Wi-Fi gap), not gone: take it back.
             rec.state = NodeState.ONLINE
             rec.reason = None
+        return not was and rec.available(now, self.heartbeat_timeout_s)
 
     def expire(self, now: float) -> list[str]:
         """Mark online nodes that went silent as offline; return their ids."""

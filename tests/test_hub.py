@@ -78,6 +78,8 @@ async def test_race_takes_the_first_answer_and_cancels_the_rest(amqtt: RunningBr
                 elapsed = time.monotonic() - started
             # The loser was told to stop: its engine quits between tokens, nothing is counted as done.
             await until(lambda: not slow_node._running, timeout=3, what="the slow node to drop the cancelled task")
+            # Both attempts stopped counting against their nodes' capacity.
+            assert {n.node_id: n.inflight for n in hub.registry.nodes.values()} == {"fast": 0, "slow": 0}
     assert (answer.text, answer.node_id, answer.attempts) == ("fast", "fast", 2)
     assert elapsed < 2.0
     assert slow.calls == 1 and slow_node.tasks_done == 0
