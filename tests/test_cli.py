@@ -49,7 +49,7 @@ def test_up_then_ask_nodes_status_and_creds_with_no_flags(tmp_path: Path, engine
     try:
         give_up = time.monotonic() + 90
         while True:
-            asked = run(home, "swarm-hub", "ask", "What is 2+2?", "--max-tokens", "24", "--timeout", "30")
+            asked = run(home, "swarm-hub", "ask", "What is 2+2?", "--max-tokens", "24", "--timeout", "90")
             if asked.returncode == 0:
                 break
             assert up.poll() is None, (tmp_path / "up.log").read_text()
