@@ -47,7 +47,7 @@ def test_up_then_ask_nodes_status_and_creds_with_no_flags(tmp_path: Path, engine
         env=env,
     )
     try:
-        give_up = time.monotonic() + 90
+        give_up = time.monotonic() + 240  # generous: CI machines are shared and noisy
         while True:
             asked = run(home, "swarm-hub", "ask", "What is 2+2?", "--max-tokens", "24", "--timeout", "90")
             if asked.returncode == 0:
