@@ -20,6 +20,7 @@ RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 NodeId = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Strategy = Literal["race", "best_of_n"]
+#: the hub's default cap on fanout
 MAX_FANOUT = 16
 
 
@@ -78,7 +79,7 @@ class PromptRequest(Wire):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
     params: GenParams = Field(default_factory=GenParams)
     strategy: Strategy = "race"
-    fanout: int = Field(default=1, ge=1, le=MAX_FANOUT)
+    fanout: int = Field(default=1, ge=1)  # capped by the hub's limits (fanout_too_large)
     tags: list[Tag] = Field(default_factory=list, max_length=16)
     reply_to: str | None = Field(default=None, max_length=256)
     model: str | None = Field(default=None, max_length=128)

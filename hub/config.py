@@ -33,6 +33,12 @@ class HubConfig:
     flush_interval_s: float = 2.0
     #: on shutdown, how long in-flight requests may finish before they get ``hub_stopping``
     drain_s: float = 10.0
+    #: after (re)connecting, how long a prompt waits for nodes to reappear before ``no_eligible_nodes``
+    settle_s: float = 3.0
+    #: how long a reply stays in the journal for clients that retry the same request id
+    journal_keep_s: float = 600.0
+    #: how many recent request ids are checked for retries without touching the disk
+    journal_remember: int = 100_000
     protocol: Protocol = "auto"
     seed: int | None = None
 

@@ -7,6 +7,9 @@ Each accepted prompt gets a coroutine that drives its ``RequestMachine`` (``life
 the machine decides, this module does the I/O. Every prompt ends in exactly one reply on its
 reply topic, an answer or an error; replies that cannot be sent while the broker is away wait
 in an outbox and go out on reconnect.
+
+Accepted prompts and their replies are journalled (``journal.py``): a hub that crashes resumes
+what it had accepted, and a client that sends the same request id again gets the same reply.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from nova_swarm.broker.messages import (
     Heartbeat,
     HubStatus,
     NodeState,
+    PromptRequest,
     Status,
     Task,
     TaskResult,
@@ -45,8 +49,10 @@ from nova_swarm.broker.version import __version__
 
 from . import rerank
 from .config import HubConfig
-from .intake import Accepted, Rejected, parse_prompt
+from .intake import Accepted, Rejected, client_key, parse_prompt
+from .journal import Entry, Journal, JournalWriter, Unsent, digest
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
+from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
 from .scheduler import Scheduler
 from .store import Store
@@ -75,6 +81,7 @@ _Event: TypeAlias = TaskResult | _NodeLost | _Wake | _Abort
 @dataclass(eq=False)
 class _Run:
     accepted: Accepted
+    digest: str
     machine: RequestMachine
     started: float
     inbox: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
@@ -103,7 +110,12 @@ class Hub:
         self._store: Store | None = None
         self._runs: dict[str, _Run] = {}
         self._by_task: dict[str, _Run] = {}
-        self._waiting: set[_Run] = set()
+        #: runs waiting for a free node, oldest first (a dict keeps insertion order)
+        self._waiting: dict[_Run, None] = {}
+        self.limiter = RateLimiter(per_minute=config.limits.requests_per_minute)
+        self._journal: JournalWriter | None = None
+        self._resume: tuple[list[Entry], list[Unsent]] | None = None
+        self._settle_until = 0.0
         self._outbox: deque[tuple[str, bytes, bool, bytes | None]] = deque()
         self._conn: Connection | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -126,9 +138,20 @@ class Hub:
             half_life_s=self.config.winrate_half_life_s, rows=await asyncio.to_thread(self._store.load_win_rates)
         )
         self.scheduler.winrates = self.winrates
+        journal = Journal(self.config.db_path)
+        self._journal = JournalWriter(journal, keep_s=self.config.journal_keep_s, remember=self.config.journal_remember)
+        self._journal.load_recent(
+            await asyncio.to_thread(
+                journal.recent, time.time() - self.config.journal_keep_s, self.config.journal_remember
+            )
+        )
+        self._resume = (await asyncio.to_thread(journal.unfinished), await asyncio.to_thread(journal.unsent))
+        if any(self._resume):
+            log.info("resuming journal", unfinished=len(self._resume[0]), unsent=len(self._resume[1]))
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                writer = tg.create_task(self._journal.run())
                 background = [
                     tg.create_task(reconnecting(self._connect, self._session, name="hub")),
                     tg.create_task(self._liveness_loop()),
@@ -137,11 +160,13 @@ class Hub:
                 await self._stop_requested.wait()
                 await self._drain()
                 await self._go_offline()
-                for task in background:
+                await self._journal.flushed()
+                for task in [*background, writer]:
                     task.cancel()
         finally:
             await self._persist()
             self._store.close()
+            journal.close()
             log.info("hub stopped", answered=self.answered, failed=self.failed)
 
     def _connect(self) -> Connection:
@@ -166,8 +191,16 @@ class Hub:
         )
         await self._flush_outbox(conn)
         self._conn = conn
+        # Nodes reappear within moments of a restart (they answer our online status with a
+        # heartbeat); until then a prompt waits for them rather than failing at once.
+        loop = asyncio.get_running_loop()
+        self._settle_until = loop.time() + self.config.settle_s
+        loop.call_at(self._settle_until, self._wake_waiters)
         try:
             await self._publish_status()
+            if self._resume is not None:
+                resume, self._resume = self._resume, None
+                self._spawn(self._resume_journal(*resume))
             self.ready.set()
             log.info("hub online", broker=self.url.redacted(), mqtt5=conn.mqtt5, swarm=self.config.swarm)
             async with asyncio.TaskGroup() as tg:
@@ -249,6 +282,17 @@ class Hub:
 
     async def _on_prompt(self, message: Message) -> None:
         outcome = parse_prompt(message, self.topics, self.config.limits)
+        if isinstance(outcome, Accepted):
+            client = client_key(outcome.reply_topic, self.topics)
+            wait = self.limiter.take(client, asyncio.get_running_loop().time())
+            if wait is not None:
+                limit = self.config.limits.requests_per_minute
+                error = ErrorInfo(
+                    code=ErrorCode.RATE_LIMITED,
+                    message=f"client {client!r} is over its limit of {limit} requests a minute",
+                    retry_after_s=round(wait, 2),
+                )
+                outcome = Rejected(outcome.request_id, outcome.reply_topic, outcome.correlation, error)
         if isinstance(outcome, Rejected):
             log.info("rejected prompt", code=outcome.error.code.value, request_id=outcome.request_id)
             self.failed += 1
@@ -258,49 +302,125 @@ class Hub:
             return
         await self._serve(outcome)
 
+    async def _resume_journal(self, entries: list[Entry], unsent: list[Unsent]) -> None:
+        """Finish what a previous run of the hub left: re-send settled replies, re-run the rest."""
+        assert self._journal is not None
+        for reply in unsent:
+            await self._send(reply.reply_topic, reply.reply, correlation=reply.correlation)
+            self._journal.sent(reply.request_id)
+        for entry in entries:
+            try:
+                request = PromptRequest.model_validate_json(entry.request)
+            except ValueError as exc:  # written by us, so only a bug or a damaged file gets here
+                log.error("unreadable journal entry", request_id=entry.request_id, error=str(exc))
+                request = PromptRequest(id=entry.request_id, prompt="(unreadable)")
+                error = ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub could not resume this request")
+                run = self._new_run(Accepted(request, entry.request_id, entry.reply_topic, entry.correlation), entry)
+                await self._finish_failed(run, error, ())
+                continue
+            accepted = Accepted(request, entry.request_id, entry.reply_topic, entry.correlation)
+            self._spawn(self._serve(accepted, resumed=entry))
+
     # ------------------------------------------------------------------ one request
 
-    async def _serve(self, accepted: Accepted) -> None:
+    def _new_run(self, accepted: Accepted, entry: Entry) -> _Run:
+        loop = asyncio.get_running_loop()
+        req = accepted.request
+        machine = RequestMachine(
+            request_id=accepted.request_id,
+            strategy=req.strategy,
+            fanout=req.fanout,
+            # Wall clock here: the deadline may have been set by a previous run of the hub.
+            deadline=loop.time() + (entry.deadline_at - time.time()),
+            retries=self.config.retries,
+        )
+        return _Run(accepted, entry.digest, machine, started=loop.time())
+
+    async def _serve(self, accepted: Accepted, *, resumed: Entry | None = None) -> None:
+        assert self._journal is not None
         req, rid = accepted.request, accepted.request_id
         with structlog.contextvars.bound_contextvars(request_id=rid):
-            refusal = self._refuse(accepted)
-            if refusal is not None:
-                self.failed += 1
-                log.info("refused request", code=refusal.code.value)
-                await self._reply(accepted.reply_topic, ErrorReply(id=rid, error=refusal), accepted.correlation)
-                return
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            machine = RequestMachine(
-                request_id=rid,
-                strategy=req.strategy,
-                fanout=req.fanout,
-                deadline=now + (req.timeout_s or self.config.default_timeout_s),
-                retries=self.config.retries,
-            )
-            run = _Run(accepted, machine, started=now)
+            if resumed is None:
+                request_digest = digest(req)
+                if await self._answer_retry(accepted, request_digest):
+                    return
+                refusal = self._refuse(accepted)
+                if refusal is not None:
+                    self.failed += 1
+                    log.info("refused request", code=refusal.code.value)
+                    await self._reply(accepted.reply_topic, ErrorReply(id=rid, error=refusal), accepted.correlation)
+                    return
+                now = time.time()
+                entry = Entry(
+                    request_id=rid,
+                    digest=request_digest,
+                    request=req.model_dump_json(exclude_none=True),
+                    reply_topic=accepted.reply_topic,
+                    correlation=accepted.correlation,
+                    accepted_at=now,
+                    deadline_at=now + (req.timeout_s or self.config.default_timeout_s),
+                )
+            else:
+                entry = resumed
+            run = self._new_run(accepted, entry)
             self._runs[rid] = run
-            log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
             try:
+                if resumed is None:
+                    await self._journal.accept(entry)  # before any node hears of it
+                    log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
+                else:
+                    log.info("resumed request", strategy=req.strategy, fanout=req.fanout)
                 await self._drive(run)
             except Exception:
                 # One request's bug must not take the hub down; its client still gets a reply.
                 log.exception("request failed inside the hub")
-                if not machine.finished:
+                if not run.machine.finished:
                     await self._finish_failed(
                         run, ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error"), ()
                     )
             finally:
                 for task_id in list(run.tracked):
                     self._release(run, task_id)
-                self._waiting.discard(run)
+                self._waiting.pop(run, None)
                 self._runs.pop(rid, None)
+
+    async def _answer_retry(self, accepted: Accepted, request_digest: str) -> bool:
+        """A request id seen before: the same reply again, or nothing while it is in flight."""
+        assert self._journal is not None
+        rid = accepted.request_id
+        run = self._runs.get(rid)
+        known = run.digest if run is not None else self._journal.settled_ids.get(rid)
+        if known is None:
+            return False
+        if known != request_digest:
+            self.failed += 1
+            error = ErrorInfo(
+                code=ErrorCode.INVALID_REQUEST,
+                message=f"request id {rid!r} was already used for a different request; use a fresh id",
+            )
+            await self._reply(accepted.reply_topic, ErrorReply(id=rid, error=error), accepted.correlation)
+            return True
+        if run is not None:
+            log.info("retry of a request in flight; its reply is on the way")
+            return True
+        stored = await self._journal.stored_reply(rid)
+        if stored is None:
+            return False  # pruned meanwhile: serve it afresh
+        log.info("retry of a settled request; sending its reply again")
+        await self._send(accepted.reply_topic, stored, correlation=accepted.correlation)
+        return True
 
     def _refuse(self, accepted: Accepted) -> ErrorInfo | None:
         req = accepted.request
-        if accepted.request_id in self._runs:
+        limits = self.config.limits
+        if len(self._runs) >= limits.max_inflight or len(self._waiting) >= limits.max_queued:
             return ErrorInfo(
-                code=ErrorCode.INVALID_REQUEST, message=f"request id {accepted.request_id!r} is already in flight"
+                code=ErrorCode.HUB_BUSY,
+                message=(
+                    f"the hub is full ({len(self._runs)} requests in flight, {len(self._waiting)} waiting for a node);"
+                    " send it again later with the same id"
+                ),
+                retry_after_s=2.0,
             )
         if req.model is not None and req.model not in self.registry.known_models():
             known = ", ".join(sorted(self.registry.known_models())) or "none yet"
@@ -332,8 +452,8 @@ class Hub:
             elif isinstance(event, _NodeLost):
                 actions = machine.on_node_lost(event.node_id, event.reason, now)
             elif isinstance(event, _Wake):
+                # Stay in line (self._waiting) until the dispatch gets a node, so order holds.
                 pending, run.pending = run.pending, None
-                self._waiting.discard(run)
                 actions = [pending] if pending is not None and not machine.finished else []
             else:
                 actions = []
@@ -369,14 +489,17 @@ class Hub:
         loop = asyncio.get_running_loop()
         now = time.time()
         eligible = self.registry.eligible(model=req.model, exclude=action.exclude, now=now)
-        if not eligible:
+        if not eligible and loop.time() >= self._settle_until:
+            self._waiting.pop(run, None)
             return run.machine.shortfall(action.count, self._why_no_nodes(req.model, action.exclude, now), loop.time())
-        picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now)
+        picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
         if not picked:
-            # Every eligible node is full: wait for capacity (or the deadline).
+            # Every eligible node is full (or nodes are still coming back): wait for capacity
+            # or the deadline, in line behind those already waiting.
             run.pending = action
-            self._waiting.add(run)
+            self._waiting.setdefault(run, None)
             return []
+        self._waiting.pop(run, None)
         messages = req.chat()
         for node in picked:
             task_id = uuid.uuid4().hex
@@ -469,7 +592,7 @@ class Hub:
         )
         self.answered += 1
         log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
-        await self._reply(run.accepted.reply_topic, answer, run.accepted.correlation)
+        await self._settle(run, answer)
 
     async def _finish_failed(self, run: _Run, error: ErrorInfo, losers: tuple[str, ...]) -> None:
         now = time.time()
@@ -477,9 +600,19 @@ class Hub:
             self.winrates.record(loser, run.accepted.request.all_tags(), won=False, now=now)
         self.failed += 1
         log.info("request failed", code=error.code.value, reason=error.message)
-        await self._reply(
-            run.accepted.reply_topic, ErrorReply(id=run.machine.request_id, error=error), run.accepted.correlation
-        )
+        await self._settle(run, ErrorReply(id=run.machine.request_id, error=error))
+
+    async def _settle(self, run: _Run, reply: Answer | ErrorReply) -> None:
+        """The request's one reply: journalled first, so a crash re-sends it rather than redoing it."""
+        assert self._journal is not None
+        payload = reply.encode()
+        rid = run.machine.request_id
+        try:
+            await self._journal.settle(rid, run.digest, payload, time.time())
+        except Exception as exc:
+            log.error("could not journal the reply; sending it anyway", error=str(exc))
+        await self._send(run.accepted.reply_topic, payload, correlation=run.accepted.correlation)
+        self._journal.sent(rid)
 
     def _release(self, run: _Run, task_id: str) -> None:
         """The hub no longer counts this attempt against its node's capacity."""
@@ -514,8 +647,10 @@ class Hub:
         self._wake_waiters()
 
     def _wake_waiters(self) -> None:
+        # Oldest first: asyncio resumes them in this order, so the longest-waiting gets a slot.
         for run in self._waiting:
-            run.inbox.put_nowait(_Wake())
+            if run.pending is not None:
+                run.inbox.put_nowait(_Wake())
 
     async def _liveness_loop(self) -> None:
         interval = max(0.1, min(1.0, self.config.heartbeat_timeout_s / 10))
@@ -592,6 +727,9 @@ class Hub:
             await asyncio.to_thread(self._store.save, nodes, rates)
 
     async def _flush_loop(self) -> None:
+        assert self._journal is not None
         while True:
             await asyncio.sleep(self.config.flush_interval_s)
             await self._persist()
+            await self._journal.prune(time.time())
+            self.limiter.forget_idle(asyncio.get_running_loop().time())

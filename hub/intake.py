@@ -15,15 +15,31 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from nova_swarm.broker.connection import Message
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.messages import ErrorInfo, PromptRequest, describe
+from nova_swarm.broker.errors import ConfigError, ErrorCode
+from nova_swarm.broker.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
 from nova_swarm.broker.topics import Topics
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What one prompt may ask for, and how much the hub takes on. Each cap has its own error code."""
+
     max_payload_bytes: int = 256 * 1024
     max_prompt_chars: int = 32_000
+    #: a request asking for more tokens is refused (nodes clamp further to what they can do)
+    max_tokens: int = 4096
+    max_fanout: int = MAX_FANOUT
+    #: per client (the first level under ``reply/``); a client may burst this many at once
+    requests_per_minute: int = 600
+    #: requests the hub works on at once; past it, new prompts get ``hub_busy``
+    max_inflight: int = 1024
+    #: of those, how many may wait for a free node; past it, new prompts get ``hub_busy``
+    max_queued: int = 256
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limit {name} must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,4 +133,28 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             request_id=request_id,
             reply=reply_topic,
         )
+    if request.params.max_tokens is not None and request.params.max_tokens > limits.max_tokens:
+        return reject(
+            ErrorCode.MAX_TOKENS_TOO_LARGE,
+            f"max_tokens is {request.params.max_tokens}; the limit is {limits.max_tokens}",
+            request_id=request_id,
+            reply=reply_topic,
+        )
+    if request.fanout > limits.max_fanout:
+        return reject(
+            ErrorCode.FANOUT_TOO_LARGE,
+            f"fanout is {request.fanout}; the limit is {limits.max_fanout}",
+            request_id=request_id,
+            reply=reply_topic,
+        )
     return Accepted(request, request_id, reply_topic, correlation)
+
+
+def client_key(reply_topic: str, topics: Topics) -> str:
+    """Who a request counts against for rate limits: the first level under ``reply/``.
+
+    MQTT 3.1.1 does not tell a subscriber who published, so the reply topic stands in for the
+    sender. A client that lies about it only sends its answers to someone else.
+    """
+    rest = reply_topic.removeprefix(topics.reply_filter()[:-1])
+    return rest.split("/", 1)[0]

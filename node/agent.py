@@ -26,6 +26,7 @@ from nova_swarm.broker.messages import (
     Cancel,
     ErrorInfo,
     Heartbeat,
+    HubStatus,
     ModelInfo,
     NodeState,
     Status,
@@ -77,6 +78,8 @@ class Node:
         self.tokens_served = 0
         self.tasks_done = 0
         self.tasks_failed = 0
+        #: which run of the hub we work for (its ``started_at``); a new one means a restarted hub
+        self._hub_started_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,7 +119,9 @@ class Node:
 
     async def _session(self, conn: Connection) -> None:
         node_id = self.config.node_id
-        await conn.subscribe(self.topics.node_task(node_id), self.topics.node_cancel(node_id), qos=1)
+        await conn.subscribe(
+            self.topics.node_task(node_id), self.topics.node_cancel(node_id), self.topics.hub_status(), qos=1
+        )
         await conn.publish(self.topics.node_announce(node_id), self._announce().encode(), retain=True)
         await conn.publish(self.topics.node_status(node_id), self._status(NodeState.ONLINE).encode(), retain=True)
         await self._flush_outbox(conn)
@@ -160,6 +165,9 @@ class Node:
     # ------------------------------------------------------------------ messages in
 
     async def _on_message(self, message: Message) -> None:
+        if message.topic == self.topics.hub_status():
+            await self._on_hub_status(message)
+            return
         if message.retain:
             # Task and cancel topics are never retained; a retained one is stale or leaked.
             log.warning("ignored retained message", topic=message.topic)
@@ -200,6 +208,30 @@ class Node:
                 await self._send_result(
                     self._failure(job, ErrorCode.NODE_BUSY, f"node queue is full ({self.config.queue_max} waiting)")
                 )
+
+    async def _on_hub_status(self, message: Message) -> None:
+        """A restarted hub knows us only from retained messages: speak up at once.
+
+        Work from the hub's previous run is dropped: the new run re-dispatches it from its journal
+        under new task ids and would ignore our results for the old ones.
+        """
+        try:
+            status = decode(HubStatus, message.payload) if message.payload else None
+        except ProtocolError as exc:
+            log.warning("dropped malformed hub status", error=str(exc))
+            return
+        if status is None or status.state != "online" or status.started_at == self._hub_started_at:
+            return
+        previous, self._hub_started_at = self._hub_started_at, status.started_at
+        if previous is not None:
+            async with self._work:
+                dropped = len(self._queued) + len(self._running)
+                self._queued.clear()
+                for job in self._running.values():
+                    job.cancel_reason = ErrorCode.CANCELLED
+                    job.cancel.set()
+            log.info("hub restarted; dropped its old work", dropped=dropped)
+        await self._send(self.topics.node_heartbeat(self.config.node_id), self._heartbeat().encode())
 
     async def _on_cancel(self, cancel: Cancel) -> None:
         running = self._running.get(cancel.task_id)

@@ -142,6 +142,7 @@ def hub_config(tmp_path: Path, **overrides: Any) -> HubConfig:
         "drain_s": 2.0,
         "attempt_min_s": 5.0,
         "seed": 7,
+        "settle_s": 0.5,
     }
     settings.update(overrides)
     return HubConfig(**settings)
