@@ -7,7 +7,7 @@ ARGS   ?=
 # apt-get needs root; use sudo when we are not.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-node package build-deps test-deps clean
+.PHONY: run test chaos fuzz install install-node package build-deps test-deps clean
 
 # Debian packages the install needs: a C++ toolchain (llama-cpp-python compiles from source)
 # and venv support. Only what is missing is installed.
@@ -52,6 +52,14 @@ run: install
 
 test: install test-deps
 	$(BIN)/pytest $(ARGS)
+
+# The full chaos run: 500 prompts while nodes, the hub and the broker are killed (about 3 minutes).
+chaos: install
+	$(BIN)/python -m tests.chaos --prompts 500 --duration 150 $(ARGS)
+
+# Property-based fuzzing of every parser and of the live prompt topic, with many more examples.
+fuzz: install
+	NOVA_SWARM_FUZZ=long $(BIN)/pytest tests/test_fuzz.py $(ARGS)
 
 package: install
 	rm -rf dist

@@ -31,6 +31,7 @@ from nova_swarm.broker.url import BrokerURL
 from .client import SwarmClient
 from .config import HubConfig
 from .hub import Hub
+from .intake import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,12 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=2, help="re-dispatches per request after failures")
     p.add_argument("--reranker", default="rules", help="best_of_n scorer (entry point nova_swarm.rerankers)")
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help="the local node's heartbeat (up only)")
+    d = Limits()
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="requests worked on at once")
+    p.add_argument("--max-queued", type=int, default=d.max_queued, help="requests waiting for a free node")
+    p.add_argument("--rate-limit", type=int, default=d.requests_per_minute, help="requests per client per minute")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
+    p.add_argument("--max-payload", type=int, default=d.max_payload_bytes, help="largest prompt message, bytes")
 
 
 def _home(args: argparse.Namespace) -> SwarmHome:
@@ -136,6 +143,13 @@ def _hub_config(
         default_timeout_s=args.request_timeout,
         retries=args.retries,
         reranker=args.reranker,
+        limits=Limits(
+            max_inflight=args.max_inflight,
+            max_queued=args.max_queued,
+            requests_per_minute=args.rate_limit,
+            max_tokens=args.max_tokens,
+            max_payload_bytes=args.max_payload,
+        ),
     )
 
 

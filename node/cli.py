@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-file", type=Path, help="CA certificate to trust for mqtts:// brokers")
     run.add_argument("--model", type=Path, help="GGUF file to serve (default: the bundled SmolLM2-135M)")
     run.add_argument("--engine", default="llama", help="inference engine (default: llama)")
+    run.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra engine setting, VALUE read as JSON when it parses (e.g. delay_s=0.2 for the fake engine)",
+    )
     run.add_argument("--node-id", default=None, help="default: this host's name")
     run.add_argument("--swarm", default=None, help="swarm id (default: the local swarm's, else 'main')")
     run.add_argument("--tags", default="", help="comma-separated tags this node is good at")
@@ -70,6 +78,19 @@ def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, 
     return config, url
 
 
+def engine_options(pairs: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--engine-option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
 async def run_node(args: argparse.Namespace) -> None:
     from .agent import Node
 
@@ -78,6 +99,7 @@ async def run_node(args: argparse.Namespace) -> None:
     options: dict[str, object] = {}
     if args.engine == "llama":
         options = {"model_path": args.model or bundled_model(), "ctx": args.ctx, "threads": args.threads}
+    options.update(engine_options(args.engine_option))
     engine = await asyncio.to_thread(load_engine, args.engine, **options)
     node = Node(config, engine, url, ca_file=args.ca_file)
     loop = asyncio.get_running_loop()

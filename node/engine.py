@@ -67,5 +67,8 @@ def load_engine(name: str, **options: Any) -> Engine:
     if name not in found:
         raise ConfigError(f"unknown engine {name!r}; installed: {', '.join(sorted(found)) or 'none'}")
     factory = found[name].load()
-    engine: Engine = factory(**options)
+    try:
+        engine: Engine = factory(**options)
+    except TypeError as exc:  # an option the engine does not take
+        raise ConfigError(f"engine {name!r} cannot be built with {sorted(options)}: {exc}") from exc
     return engine
