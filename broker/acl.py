@@ -1,8 +1,9 @@
 """Who may publish and subscribe where: one rule table for both brokers.
 
 The embedded broker checks it in ``plugins.py``; Mosquitto mode renders it to an ACL file with
-:func:`mosquitto_acl`. Patterns use ``{sid}`` for the swarm id and ``{self}`` for the client id,
-which for a node is its node id, so a node can only speak for itself.
+:func:`mosquitto_acl`. Patterns use ``{sid}`` for the swarm id, ``{user}`` for the login (a node's
+username is its node id, so a node can only speak for itself) and ``{client}`` for the MQTT
+client id (a client's private reply topic is named after it).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .errors import ConfigError
 from .home import Role
-from .topics import is_concrete, matches
+from .topics import DEFAULT_REPLY, check_node_id, is_concrete, matches
 
 
 class Access(StrEnum):
@@ -26,7 +28,7 @@ class Rule:
     pattern: str
 
 
-_NODE_OWN = "swarm/{sid}/node/{self}"
+_NODE_OWN = "swarm/{sid}/node/{user}"
 
 RULES: tuple[Rule, ...] = (
     # The hub runs the swarm: it reads and writes everything under the swarm's root.
@@ -38,19 +40,28 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.NODE, Access.READ, "swarm/{sid}/hub/status"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/model"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/bundle"),
-    # A client asks, reads answers, and may watch the fleet (for `swarm-hub nodes` and dashboards).
+    # A client asks, reads its own answers (and the shared default reply topic), and may watch
+    # the fleet (for `swarm-hub nodes` and dashboards).
     Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/prompt"),
-    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/#"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}/#"),
+    Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/hub/#"),
     *(Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/node/+/{leaf}") for leaf in ("announce", "status", "heartbeat")),
 )
 
 
 def role_of(username: str | None) -> Role | None:
-    try:
-        return Role(username) if username else None
-    except ValueError:
+    """``hub`` and ``client`` are those roles; any other valid id is an enrolled node's login."""
+    if not username:
         return None
+    if username in (Role.HUB, Role.CLIENT):
+        return Role(username)
+    try:
+        check_node_id(username)
+    except ConfigError:
+        return None
+    return Role.NODE
 
 
 def covers(rule: str, topic_filter: str) -> bool:
@@ -72,8 +83,8 @@ def covers(rule: str, topic_filter: str) -> bool:
     return len(r_levels) == len(f_levels)
 
 
-def allowed(*, role: Role | None, client_id: str, access: Access, topic: str, swarm: str) -> bool:
-    """May a client of ``role`` with ``client_id`` read (subscribe/receive) or write ``topic``?
+def allowed(*, role: Role | None, username: str, client_id: str, access: Access, topic: str, swarm: str) -> bool:
+    """May ``username`` (of ``role``) connected as ``client_id`` read (subscribe/receive) or write ``topic``?
 
     ``topic`` is a filter when reading (wildcards allowed) and must be concrete when writing.
     """
@@ -84,7 +95,7 @@ def allowed(*, role: Role | None, client_id: str, access: Access, topic: str, sw
     for rule in RULES:
         if rule.role is not role or rule.access is not access:
             continue
-        pattern = _render(rule.pattern, swarm=swarm, client_id=client_id)
+        pattern = _render(rule.pattern, swarm=swarm, username=username, client_id=client_id)
         if pattern is None:
             continue
         if access is Access.WRITE and matches(pattern, topic):
@@ -94,30 +105,42 @@ def allowed(*, role: Role | None, client_id: str, access: Access, topic: str, sw
     return False
 
 
-def _render(pattern: str, *, swarm: str, client_id: str) -> str | None:
-    if "{self}" in pattern and (not client_id or "/" in client_id or "+" in client_id or "#" in client_id):
-        return None  # a client id that is not a single plain level can never own topics
-    return pattern.replace("{sid}", swarm).replace("{self}", client_id)
+def _plain_level(value: str) -> bool:
+    return bool(value) and not any(c in value for c in "/+#\0")
+
+
+def _render(pattern: str, *, swarm: str, username: str, client_id: str) -> str | None:
+    # A name that is not a single plain topic level can never own topics.
+    if "{user}" in pattern and not _plain_level(username):
+        return None
+    if "{client}" in pattern and not _plain_level(client_id):
+        return None
+    return pattern.replace("{sid}", swarm).replace("{user}", username).replace("{client}", client_id)
 
 
 def mosquitto_acl(swarm: str) -> str:
     """The same rules as a Mosquitto ``acl_file``.
 
-    Mosquitto's ``pattern`` lines apply to every user, so a client could claim node topics under
-    its own client id. The explicit ``deny`` lines for the client user close the parts that
-    matter (it can never read tasks or post results); per-node credentials close the rest.
+    Every enrolled node is a user of its own, covered by the ``%u`` patterns. Mosquitto applies
+    ``pattern`` lines to every user, so the ``client`` user gets explicit denies for node topics
+    it must never touch (a user's own lines win over patterns); the hub and the client are never
+    node ids (``RESERVED_NODE_IDS``), so the patterns give them nothing else of use.
     """
     lines = ["# Generated by nova-swarm from broker/acl.py: edit that, not this file.", ""]
-    for role in Role:
+    for role in (Role.HUB, Role.CLIENT):
         lines.append(f"user {role.value}")
         if role is Role.CLIENT:
             for leaf in ("task", "cancel", "result"):
                 lines.append(f"topic deny swarm/{swarm}/node/+/{leaf}")
         for rule in RULES:
-            if rule.role is role and "{self}" not in rule.pattern:
+            if rule.role is role and "{client}" not in rule.pattern:
                 lines.append(f"topic {rule.access.value} {rule.pattern.replace('{sid}', swarm)}")
         lines.append("")
+    # Every node rule is a pattern (nodes have no user block of their own), and so is each
+    # client rule naming the client id. Patterns reach every user: harmless for the hub, which
+    # may do all of it anyway, and for clients, thanks to the denies above.
     for rule in RULES:
-        if "{self}" in rule.pattern:
-            lines.append(f"pattern {rule.access.value} {rule.pattern.replace('{sid}', swarm).replace('{self}', '%c')}")
+        if rule.role is Role.NODE or "{client}" in rule.pattern:
+            pattern = rule.pattern.replace("{sid}", swarm).replace("{user}", "%u").replace("{client}", "%c")
+            lines.append(f"pattern {rule.access.value} {pattern}")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import logs
+from . import logs, tls
 from .errors import ConfigError
 from .home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome
 from .topics import DEFAULT_SWARM, check_id
@@ -29,6 +29,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = 
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--swarm", default=DEFAULT_SWARM, help="swarm id, the first topic level after swarm/")
     parser.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
+    parser.add_argument(
+        "--tls", action="store_true", help="mqtts:// only, with the swarm's own CA (made in the config dir's tls/)"
+    )
 
 
 def home_from(args: argparse.Namespace) -> SwarmHome:
@@ -41,19 +44,23 @@ async def run_broker(home: SwarmHome, local: LocalSwarm, *, on_ready: object = N
     home.ensure()
     home.save_local(local)
     ready = on_ready if callable(on_ready) else None
+    tls_files = tls.ensure(home.tls_dir, tls.broker_names(local.host)) if local.tls else None
     if local.engine == "mosquitto":
         from .mosquitto import MosquittoConfig
         from .mosquitto import serve as serve_mosquitto
 
         await serve_mosquitto(
-            MosquittoConfig(local.host, local.port, local.swarm, home.password_file, home.mosquitto_dir),
+            MosquittoConfig(local.host, local.port, local.swarm, home.password_file, home.mosquitto_dir, tls=tls_files),
             on_ready=ready,
         )
     else:
         from .embedded import EmbeddedBrokerConfig
         from .embedded import serve as serve_amqtt
 
-        await serve_amqtt(EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file), on_ready=ready)
+        await serve_amqtt(
+            EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file, tls=tls_files),
+            on_ready=ready,
+        )
 
 
 async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm) -> None:
@@ -72,7 +79,7 @@ async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(level=args.log_level, json=args.log_json)
-    local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine)
+    local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine, tls=args.tls)
     try:
         asyncio.run(_serve_until_signalled(home_from(args), local))
     except ConfigError as exc:

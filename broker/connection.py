@@ -34,7 +34,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import ConnectionLost, ProtocolError
+from .errors import ConfigError, ConnectionLost, ProtocolError
 from .topics import is_concrete, matches
 from .url import BrokerURL
 
@@ -82,7 +82,7 @@ class Connection:
         self._will = will
         self._keepalive = keepalive
         self._protocol = protocol
-        self._ca_file = ca_file
+        self._ca_file = ca_file or url.ca_file
         self._timeout = timeout
         self._client: aiomqtt.Client | None = None
         self._filters: list[str] = []
@@ -91,7 +91,10 @@ class Connection:
     def _tls_context(self) -> ssl.SSLContext | None:
         if not self.url.tls:
             return None
-        return ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+        try:
+            return ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot use CA certificate {self._ca_file}: {exc}") from exc
 
     def _make_client(self, version: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
         will = None

@@ -3,27 +3,37 @@
 Layout (all files 0600, the directory 0700)::
 
     ~/.config/nova-swarm/          ($NOVA_SWARM_HOME, else $XDG_CONFIG_HOME/nova-swarm)
-        credentials.json           {"hub": {"username": ..., "password": ...}, "node": ..., "client": ...}
-        passwd                     the same logins as $7$ hashes, for either broker
+        credentials.json           {"hub": {"username": ..., "password": ...}, "client": ...}
+        nodes.json                 one login per enrolled node: {"pixel7": {"password": ..., "owner": ...}}
+        passwd                     every login above as $7$ hashes, for either broker
         local.json                 where `swarm-hub up` / `swarm-broker` listen, so `ask` needs no flags
-        hub.sqlite                 the hub's registry and win rates
+        hub.sqlite                 the hub's registry, win rates and request journal
+        tls/                       the swarm's CA and the broker's certificate (`up --tls`)
         mosquitto/                 generated Mosquitto config and ACL (Mosquitto mode)
+        joined.json                on a node's machine: how `swarm-node join` says to reach the swarm
 
-Credentials are made on first use with a CSPRNG; there is no default password anywhere.
+Credentials are made on first use with a CSPRNG; there is no default password anywhere. A node's
+username is its node id: the ACL ties its topics to it, so one node cannot speak for another.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import fcntl
 import json
 import os
 import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from .errors import ConfigError
 from .passwords import write_password_file, write_private
-from .topics import DEFAULT_SWARM, check_id
+from .topics import DEFAULT_SWARM, check_id, check_node_id
 from .url import BrokerURL
 
 DEFAULT_HOST = "127.0.0.1"
@@ -50,6 +60,50 @@ class LocalSwarm:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     engine: str = "amqtt"
+    #: TLS only: the broker listens for mqtts:// and nothing else
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    node_id: str
+    password: str
+    owner: str | None = None
+    enrolled_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What a node's machine keeps after ``swarm-node join``: where the swarm is, and its login."""
+
+    url: str
+    swarm: str
+    node_id: str
+    ca_pem: str | None = None
+
+
+JOIN_PREFIX = "nova1."
+
+
+def join_token(joined: Joined) -> str:
+    """One copy-pasteable string with everything a node needs (it holds a secret: treat it as one)."""
+    raw = json.dumps(asdict(joined), separators=(",", ":")).encode()
+    return JOIN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_join_token(token: str) -> Joined:
+    token = token.strip()
+    if not token.startswith(JOIN_PREFIX):
+        raise ConfigError(f"a join token starts with {JOIN_PREFIX!r}; get one with `swarm-hub enroll NODE`")
+    body = token[len(JOIN_PREFIX) :]
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        joined = Joined(url=raw["url"], swarm=raw["swarm"], node_id=raw["node_id"], ca_pem=raw.get("ca_pem"))
+    except (ValueError, binascii.Error, KeyError, TypeError) as exc:
+        raise ConfigError(f"the join token is damaged (copy all of it): {exc}") from exc
+    BrokerURL.parse(joined.url)
+    check_node_id(joined.node_id)
+    return joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,25 +134,150 @@ class SwarmHome:
         return self.path / "hub.sqlite"
 
     @property
+    def nodes_file(self) -> Path:
+        return self.path / "nodes.json"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.path / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def joined_file(self) -> Path:
+        return self.path / "joined.json"
+
+    @property
+    def joined_ca_file(self) -> Path:
+        return self.path / "swarm-ca.pem"
+
+    @property
     def mosquitto_dir(self) -> Path:
         return self.path / "mosquitto"
 
-    def ensure(self) -> dict[Role, Login]:
-        """Load the logins, generating them (and the password file) on first run."""
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise read-modify-write of the login files across processes (nodes starting
+        together on the hub's machine each enrol themselves)."""
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.credentials_file.exists():
-            logins = {role: Login(role.value, secrets.token_urlsafe(24)) for role in Role}
-            raw = {r.value: {"username": login.username, "password": login.password} for r, login in logins.items()}
-            write_private(self.credentials_file, json.dumps(raw, indent=2))
-        logins = self.logins()
-        if not self.password_file.exists():
-            write_password_file(self.password_file, {login.username: login.password for login in logins.values()})
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def ensure(self) -> dict[Role, Login]:
+        """Load the hub's and clients' logins, generating them (and the password file) on first run.
+
+        Nodes get no shared login: each is enrolled on its own (:meth:`enroll`).
+        """
+        with self._locked():
+            if not self.credentials_file.exists():
+                self._save_logins({role: Login(role.value, _new_password()) for role in (Role.HUB, Role.CLIENT)})
+            logins = self.logins()
+            if not self.password_file.exists():
+                self.write_password_file()
         return logins
+
+    def _save_logins(self, logins: dict[Role, Login]) -> None:
+        raw = {r.value: {"username": login.username, "password": login.password} for r, login in logins.items()}
+        write_private(self.credentials_file, json.dumps(raw, indent=2))
+
+    def rotate(self, role: Role) -> Login:
+        """A new password for the hub or client login; the brokers pick it up within a second and
+        drop connections that still use the old one."""
+        if role is Role.NODE:
+            raise ConfigError("nodes have their own logins: rotate one with `swarm-hub enroll NODE --rotate`")
+        with self._locked():
+            logins = self.logins()
+            logins[role] = Login(role.value, _new_password())
+            self._save_logins(logins)
+            self.write_password_file()
+        return logins[role]
+
+    def write_password_file(self) -> None:
+        """Every current login, hashed, for whichever broker runs (both watch this file)."""
+        logins = {login.username: login.password for login in self.logins().values()}
+        logins.update({e.node_id: e.password for e in self.enrolments().values()})
+        write_password_file(self.password_file, logins)
+
+    # ---------------------------------------------------------------- nodes
+
+    def enrolments(self) -> dict[str, Enrolment]:
+        try:
+            raw = json.loads(self.nodes_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise ConfigError(f"{self.nodes_file} is not valid JSON: {exc}") from exc
+        try:
+            return {node_id: Enrolment(node_id, **fields) for node_id, fields in raw.items()}
+        except TypeError as exc:
+            raise ConfigError(f"{self.nodes_file} is not a valid enrolment file: {exc}") from exc
+
+    def _save_enrolments(self, enrolments: dict[str, Enrolment]) -> None:
+        raw = {e.node_id: {k: v for k, v in asdict(e).items() if k != "node_id"} for e in enrolments.values()}
+        write_private(self.nodes_file, json.dumps(raw, indent=2, sort_keys=True))
+        self.write_password_file()
+
+    def enroll(self, node_id: str, *, owner: str | None = None, rotate: bool = False) -> Enrolment:
+        """The node's own login, made on first enrolment (or anew with ``rotate``)."""
+        check_node_id(node_id)
+        self.ensure()
+        with self._locked():
+            enrolments = self.enrolments()
+            current = enrolments.get(node_id)
+            if current is not None and not rotate and (owner is None or owner == current.owner):
+                return current
+            enrolment = Enrolment(
+                node_id=node_id,
+                password=_new_password() if current is None or rotate else current.password,
+                owner=owner if owner is not None else (current.owner if current else None),
+                enrolled_at=time.time() if current is None else current.enrolled_at,
+            )
+            enrolments[node_id] = enrolment
+            self._save_enrolments(enrolments)
+        return enrolment
+
+    def revoke(self, node_id: str) -> bool:
+        """Remove the node's login; the broker drops its connection and refuses it from then on."""
+        with self._locked():
+            enrolments = self.enrolments()
+            if enrolments.pop(node_id, None) is None:
+                return False
+            self._save_enrolments(enrolments)
+        return True
+
+    def node_url(self, node_id: str, *, port: int | None = None, host: str | None = None) -> BrokerURL:
+        """How a node on this machine reaches this machine's swarm (enrolling it on first use)."""
+        enrolment = self.enroll(node_id)
+        return self.url(Role.HUB, port=port, host=host).with_login(node_id, enrolment.password)
+
+    def save_joined(self, joined: Joined) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if joined.ca_pem:
+            write_private(self.joined_ca_file, joined.ca_pem)
+        write_private(self.joined_file, json.dumps(asdict(joined), indent=2))
+
+    def joined(self) -> tuple[Joined, BrokerURL] | None:
+        try:
+            raw = json.loads(self.joined_file.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ConfigError(f"{self.joined_file} is not valid JSON: {exc}") from exc
+        joined = Joined(**raw)
+        ca = self.joined_ca_file if joined.ca_pem else None
+        return joined, BrokerURL.parse(joined.url, ca_file=ca)
 
     def logins(self) -> dict[Role, Login]:
         try:
             raw = json.loads(self.credentials_file.read_text())
-            return {Role(k): Login(v["username"], v["password"]) for k, v in raw.items()}
+            # A "node" entry from before per-node logins is ignored (and dropped on the next write).
+            return {Role(k): Login(v["username"], v["password"]) for k, v in raw.items() if k != Role.NODE}
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"no credentials in {self.path}: start the swarm once with `swarm-hub up` "
@@ -118,10 +297,12 @@ class SwarmHome:
             return LocalSwarm()
         except ValueError as exc:
             raise ConfigError(f"{self.local_file} is not valid JSON: {exc}") from exc
-        return LocalSwarm(**{k: raw[k] for k in ("swarm", "host", "port", "engine") if k in raw})
+        return LocalSwarm(**{k: raw[k] for k in ("swarm", "host", "port", "engine", "tls") if k in raw})
 
     def url(self, role: Role, *, port: int | None = None, host: str | None = None) -> BrokerURL:
         """The URL a local ``role`` connects with; ``port``/``host`` override local.json."""
+        if role is Role.NODE:
+            raise ConfigError("each node has its own login: use SwarmHome.node_url(node_id)")
         local = self.local()
         login = self.logins()[role]
         return BrokerURL(
@@ -129,7 +310,13 @@ class SwarmHome:
             port=port or local.port,
             username=login.username,
             password=login.password,
+            tls=local.tls,
+            ca_file=self.ca_file if local.tls else None,
         )
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)
 
 
 def _connect_host(listen_host: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import structlog
 from .acl import mosquitto_acl
 from .errors import ConfigError
 from .net import wait_listening
-from .passwords import write_private
+from .passwords import changes, write_private
+from .tls import TLSFiles
 
 log = structlog.get_logger("nova_swarm.broker")
 
@@ -31,6 +33,8 @@ class MosquittoConfig:
     password_file: Path
     workdir: Path
     binary: str = "mosquitto"
+    #: TLS only when set: no plaintext listener at all
+    tls: TLSFiles | None = None
 
 
 def write_config(config: MosquittoConfig) -> Path:
@@ -58,11 +62,26 @@ def write_config(config: MosquittoConfig) -> Path:
                 "log_type error",
                 "log_type warning",
                 f"listener {config.port} {config.host}",
+                *(
+                    [f"cafile {config.tls.ca}", f"certfile {config.tls.cert}", f"keyfile {config.tls.key}"]
+                    if config.tls is not None
+                    else []
+                ),
                 "",
             ]
         ),
     )
     return conf
+
+
+async def _apply_login_changes(config: MosquittoConfig, proc: asyncio.subprocess.Process) -> None:
+    """Copy a changed password file to Mosquitto and make it reload: on SIGHUP it re-checks every
+    connected client and drops those whose login is gone or changed (a revoked node)."""
+    async for _ in changes(config.password_file):
+        write_private(config.workdir / "passwd", config.password_file.read_text())
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGHUP)
+            log.info("password file changed; mosquitto reloaded")
 
 
 async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None = None) -> None:
@@ -78,7 +97,10 @@ async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None 
         log.info("broker listening", engine="mosquitto", host=config.host, port=config.port, swarm=config.swarm)
         if on_ready is not None:
             on_ready()
-        rc = await proc.wait()
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(_apply_login_changes(config, proc))
+            rc = await proc.wait()
+            watcher.cancel()
         raise ConfigError(f"mosquitto exited with status {rc}; see its messages above")
     finally:
         if proc.returncode is None:

@@ -7,10 +7,12 @@ PBKDF2 rounds costs microseconds and never stalls a broker's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 ITERATIONS = 101
@@ -64,3 +66,59 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+async def changes(path: Path, *, interval: float = 0.5) -> AsyncIterator[None]:
+    """Yield each time ``path`` is replaced or modified (polling: inotify is not on every phone)."""
+
+    def stamp() -> tuple[int, int, float] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime)
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(interval)
+        now = stamp()
+        if now != last:
+            last = now
+            yield
+
+
+class LoginCheck:
+    """Checks logins against a password file, re-reading it when it changes.
+
+    A verified password is remembered by its digest, so re-checking every connected client after
+    a change (to drop revoked ones) costs almost nothing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, float] | None = None
+        self._hashes: dict[str, str] = {}
+        self._verified: dict[str, bytes] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        st = os.stat(self.path)
+        stamp = (st.st_ino, st.st_mtime)
+        if stamp != self._stamp:
+            self._hashes = read_password_file(self.path)
+            self._verified.clear()
+            self._stamp = stamp
+
+    def __call__(self, username: str | None, password: str | None) -> bool:
+        if not username or password is None:
+            return False
+        encoded = self._hashes.get(username)
+        if encoded is None:
+            return False
+        digest = hashlib.sha256(password.encode()).digest()
+        if self._verified.get(username) == digest:
+            return True
+        if verify_password(password, encoded):
+            self._verified[username] = digest
+            return True
+        return False

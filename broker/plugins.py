@@ -7,8 +7,6 @@ work around.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +17,20 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from .acl import Access, allowed, role_of
-from .passwords import read_password_file, verify_password
+from .home import Role
+from .passwords import LoginCheck
 
 
 class PasswordAuth(BaseAuthPlugin):
     """Checks logins against the ``$7$`` password file shared with Mosquitto mode.
 
     amqtt's own file auth runs argon2 on the event loop (~124 ms per CONNECT). Our hashes are
-    101 PBKDF2 rounds over 192-bit random passwords, ~50 us each, and a verified login is cached
-    by a digest of the password, so the broker's loop never stalls on a burst of connects.
-    The file is re-read when it changes, so a rotated password takes effect without a restart.
+    101 PBKDF2 rounds over 192-bit random passwords, ~50 us each, and a verified login is cached,
+    so the broker's loop never stalls on a burst of connects. The file is re-read when it changes,
+    so an enrolled, rotated or revoked login takes effect without a restart.
+
+    A node must connect with its node id as client id: otherwise it could take over another
+    node's connection (MQTT drops the older of two sessions with one client id).
     """
 
     @dataclass
@@ -37,34 +39,14 @@ class PasswordAuth(BaseAuthPlugin):
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._path = Path(self.config.password_file)
-        self._mtime: float | None = None
-        self._hashes: dict[str, str] = {}
-        self._verified: dict[str, bytes] = {}
-        self._reload()
-
-    def _reload(self) -> None:
-        mtime = os.stat(self._path).st_mtime
-        if mtime != self._mtime:
-            self._hashes = read_password_file(self._path)
-            self._verified.clear()
-            self._mtime = mtime
+        self.check = LoginCheck(Path(self.config.password_file))
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        self._reload()
-        username, password = session.username, session.password
-        if not username or password is None:
+        self.check.reload()
+        role = role_of(session.username)
+        if role is None or not self.check(session.username, session.password):
             return False
-        encoded = self._hashes.get(username)
-        if encoded is None:
-            return False
-        digest = hashlib.sha256(password.encode()).digest()
-        if self._verified.get(username) == digest:
-            return True
-        if verify_password(password, encoded):
-            self._verified[username] = digest
-            return True
-        return False
+        return role is not Role.NODE or session.client_id == session.username
 
 
 class TopicACL(BaseTopicPlugin):
@@ -82,6 +64,7 @@ class TopicACL(BaseTopicPlugin):
         access = Access.WRITE if action == Action.PUBLISH else Access.READ
         return allowed(
             role=role_of(session.username),
+            username=session.username or "",
             client_id=session.client_id or "",
             access=access,
             topic=topic,
@@ -105,3 +88,18 @@ class HardenedBroker(Broker):
         if not any(s.client_id == session.client_id for s, _ in holders):
             return
         await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def drop_stale_logins(self, check: LoginCheck) -> list[str]:
+        """Disconnect every client whose login no longer passes ``check`` (revoked or rotated).
+
+        Mosquitto does the same on SIGHUP. The disconnect counts as abnormal, so the client's
+        Last Will goes out and the hub learns at once that a revoked node is gone.
+        """
+        dropped = []
+        for client_id, (session, handler) in list(self._sessions.items()):
+            if session.transitions.state != "connected" or handler is None:
+                continue
+            if not check(session.username, session.password):
+                await handler.handle_disconnect(None)
+                dropped.append(client_id)
+        return dropped

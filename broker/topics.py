@@ -25,6 +25,17 @@ def check_id(value: str, *, what: str) -> str:
     return value
 
 
+#: Node ids that would collide with the hub's and clients' logins (a node's username is its id).
+RESERVED_NODE_IDS = frozenset({"hub", "client", "node", DEFAULT_REPLY})
+
+
+def check_node_id(value: str) -> str:
+    check_id(value, what="node id")
+    if value in RESERVED_NODE_IDS:
+        raise ConfigError(f"node id {value!r} is reserved; pick another")
+    return value
+
+
 def is_concrete(topic: str) -> bool:
     """A topic a client may publish to: no wildcards, no ``$``, no empty or NUL levels.
 
@@ -148,8 +159,8 @@ class Topics:
         parts = topic.split("/")
         if len(parts) != 5 or parts[0] != ROOT or parts[1] != self.swarm or parts[2] != "node":
             return None
-        if not _ID.match(parts[3]):
-            return None
+        if not _ID.match(parts[3]) or parts[3] in RESERVED_NODE_IDS:
+            return None  # not a node: a reserved id is some other login writing under node/
         try:
             return parts[3], NodeTopic(parts[4])
         except ValueError:

@@ -6,7 +6,8 @@ Mosquitto or EMQX.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ConfigError
@@ -21,9 +22,12 @@ class BrokerURL:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    #: the CA certificate to trust for ``mqtts://`` (None: the system's trust store). It travels
+    #: with the URL because "where the broker is" and "how to know it is really the broker" go together.
+    ca_file: Path | None = field(default=None, compare=False)
 
     @classmethod
-    def parse(cls, text: str) -> BrokerURL:
+    def parse(cls, text: str, *, ca_file: Path | None = None) -> BrokerURL:
         parts = urlsplit(text)
         if parts.scheme not in DEFAULT_PORTS:
             raise ConfigError(f"broker URL {cls._redact(text)!r} must start with mqtt:// or mqtts://")
@@ -41,6 +45,7 @@ class BrokerURL:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             tls=parts.scheme == "mqtts",
+            ca_file=ca_file,
         )
 
     def with_login(self, username: str, password: str) -> BrokerURL:

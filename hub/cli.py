@@ -14,16 +14,17 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from nova_swarm.broker import logs
+from nova_swarm.broker import logs, tls
 from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
 from nova_swarm.broker.errors import ConnectionLost, RequestFailed, SwarmError
-from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, Role, SwarmHome
+from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
 from nova_swarm.broker.messages import MAX_FANOUT, GenParams, HubStatus, NodeTable, PromptRequest, decode
 from nova_swarm.broker.topics import DEFAULT_SWARM
 from nova_swarm.broker.url import BrokerURL
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-id", help="the local node's id (default: this host's name)")
     up.add_argument("--threads", type=int, help="the local node's inference threads")
     up.add_argument("--no-node", action="store_true", help="start no local node")
+    up.add_argument("--tls", action="store_true", help="mqtts:// only, with a local CA made on first use")
     up.add_argument("--config-dir", type=Path)
     _hub_arguments(up)
     logs.add_arguments(up)
@@ -97,10 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
 
     creds = sub.add_parser("creds", help="print -h -p -u -P for mosquitto_pub/mosquitto_sub")
-    creds.add_argument("--role", choices=[r.value for r in Role], default="client")
+    creds.add_argument("--role", choices=[Role.CLIENT.value, Role.HUB.value], default="client")
     creds.add_argument("--url", action="store_true", help="print a broker URL instead")
+    creds.add_argument("--rotate", action="store_true", help="give the role a new password first")
     creds.add_argument("--port", type=int)
     creds.add_argument("--config-dir", type=Path)
+
+    enroll = sub.add_parser("enroll", help="give a node its own login; prints the command to run on it")
+    enroll.add_argument("node_id", metavar="NODE")
+    enroll.add_argument("--owner", help="who lends this node (for the ledger)")
+    enroll.add_argument("--rotate", action="store_true", help="a new password for a node already enrolled")
+    enroll.add_argument("--host", help="address nodes reach the broker at (default: this machine's)")
+    enroll.add_argument("--port", type=int, help="broker port nodes connect to (default: where `up` listens)")
+    enroll.add_argument("--config-dir", type=Path)
+
+    revoke = sub.add_parser("revoke", help="cut one node off: its login is removed and its connection dropped")
+    revoke.add_argument("node_id", metavar="NODE")
+    revoke.add_argument("--config-dir", type=Path)
+
+    enrolled = sub.add_parser("enrolled", help="list enrolled nodes")
+    enrolled.add_argument("--config-dir", type=Path)
     return parser
 
 
@@ -124,7 +142,7 @@ def _home(args: argparse.Namespace) -> SwarmHome:
 
 def _url(args: argparse.Namespace, home: SwarmHome, role: Role) -> BrokerURL:
     if getattr(args, "broker", None):
-        return BrokerURL.parse(args.broker)
+        return BrokerURL.parse(args.broker, ca_file=getattr(args, "ca_file", None))
     return home.url(role, port=getattr(args, "port", None))
 
 
@@ -174,8 +192,11 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 async def cmd_up(args: argparse.Namespace) -> int:
     home = _home(args)
     home.ensure()
-    local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.broker_engine)
+    local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.broker_engine, tls=args.tls)
     home.save_local(local)
+    if local.tls:
+        # Made here, before the broker starts, so we can reach it the moment it listens.
+        tls.ensure(home.tls_dir, tls.broker_names(local.host))
     env = {**os.environ, "NOVA_SWARM_HOME": str(home.path)}
     log_flags = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
     children: list[subprocess.Popen[bytes]] = []
@@ -194,6 +215,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             str(local.port),
             "--swarm",
             local.swarm,
+            *(["--tls"] if local.tls else []),
             *log_flags,
         ],
         env=env,
@@ -214,8 +236,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
                 if value is not None:
                     node_cmd += [flag, str(value)]
             children.append(subprocess.Popen(node_cmd, env=env, start_new_session=True))
+        scheme = "mqtts" if local.tls else "mqtt"
         print(
-            f"swarm up: broker {local.engine} on {local.host}:{local.port}, swarm {local.swarm!r}. "
+            f"swarm up: broker {local.engine} on {scheme}://{local.host}:{local.port}, swarm {local.swarm!r}. "
             f"Try: swarm-hub ask 'What is 2+2?'   (Ctrl-C stops everything)",
             file=sys.stderr,
         )
@@ -358,12 +381,68 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_creds(args: argparse.Namespace) -> int:
     home = _home(args)
+    if args.rotate:
+        home.rotate(Role(args.role))
+        print(f"new {args.role} password saved; brokers drop connections using the old one", file=sys.stderr)
     url = home.url(Role(args.role), port=args.port)
     if args.url:
         print(url)
     else:
-        print(f"-h {url.host} -p {url.port} -u {url.username} -P {url.password}")
+        tls = f" --cafile {url.ca_file}" if url.ca_file else ""
+        print(f"-h {url.host} -p {url.port} -u {url.username} -P {url.password}{tls}")
     return 0
+
+
+def _lan_host() -> str:
+    """This machine's address as other devices would use it (no packet is sent to find it)."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return name
+    return name if address.startswith("127.") else address
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    home = _home(args)
+    local = home.local()
+    enrolment = home.enroll(args.node_id, owner=args.owner, rotate=args.rotate)
+    listen_only_here = local.host in ("127.0.0.1", "localhost", "::1")
+    host = args.host or (local.host if local.host not in ("0.0.0.0", "", "::") and not listen_only_here else None)
+    host = host or _lan_host()
+    url = BrokerURL(host, args.port or local.port, enrolment.node_id, enrolment.password, tls=local.tls)
+    ca_pem = home.ca_file.read_text() if local.tls and home.ca_file.exists() else None
+    token = join_token(Joined(url=str(url), swarm=local.swarm, node_id=enrolment.node_id, ca_pem=ca_pem))
+    print(f"node {enrolment.node_id!r} enrolled. On that device run:\n", file=sys.stderr)
+    print(f"pip install 'nova-swarm[node]' && swarm-node join {token} && swarm-node run")
+    notes = ["\nThe token holds the node's password: pass it on as you would a password."]
+    if listen_only_here and not args.host:
+        notes.append(
+            f"The broker listens on {local.host} only: restart with `swarm-hub up --host 0.0.0.0` (and --tls)"
+            " so other devices can reach it."
+        )
+    notes.append(f"`swarm-hub revoke {enrolment.node_id}` cuts this node off without touching the rest.")
+    print("\n".join(notes), file=sys.stderr)
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not home.revoke(args.node_id):
+        print(f"swarm-hub: no node {args.node_id!r} is enrolled (see `swarm-hub enrolled`)", file=sys.stderr)
+        return 1
+    print(f"node {args.node_id!r} revoked: the broker drops its connection within a second and refuses it")
+    return 0
+
+
+def cmd_enrolled(args: argparse.Namespace) -> int:
+    for e in sorted(_home(args).enrolments().values(), key=lambda e: e.node_id):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.enrolled_at))
+        print(f"{e.node_id:<24} {e.owner or '-':<16} enrolled {when}")
+    return 0
+
+
+SYNC_COMMANDS = {"creds": cmd_creds, "enroll": cmd_enroll, "revoke": cmd_revoke, "enrolled": cmd_enrolled}
 
 
 COMMANDS = {"up": cmd_up, "serve": cmd_serve, "ask": cmd_ask, "nodes": cmd_nodes, "status": cmd_status}
@@ -376,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logs.configure(level="warning")
     try:
-        if args.command == "creds":
-            return cmd_creds(args)
+        if args.command in SYNC_COMMANDS:
+            return SYNC_COMMANDS[args.command](args)
         return asyncio.run(COMMANDS[args.command](args))
     except ConnectionLost as exc:
         print(f"swarm-hub: {exc}", file=sys.stderr)

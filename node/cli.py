@@ -11,7 +11,8 @@ from pathlib import Path
 
 from nova_swarm.broker import logs
 from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.home import SwarmHome, parse_join_token
+from nova_swarm.broker.topics import check_node_id
 from nova_swarm.broker.url import BrokerURL
 
 from . import sensors
@@ -52,18 +53,47 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drain", type=float, default=30.0, help="seconds running tasks may finish on shutdown")
     run.add_argument("--config-dir", type=Path)
     logs.add_arguments(run)
+
+    join = sub.add_parser("join", help="save how to reach a swarm, from `swarm-hub enroll`'s token")
+    join.add_argument("token", help="the nova1.... token printed by `swarm-hub enroll NODE`")
+    join.add_argument("--config-dir", type=Path)
+    logs.add_arguments(join)
     return parser
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    joined = parse_join_token(args.token)
+    home.save_joined(joined)
+    url = BrokerURL.parse(joined.url)
+    pinned = ", CA pinned" if joined.ca_pem else ""
+    print(f"joined swarm {joined.swarm!r} at {url.redacted()} as node {joined.node_id!r}{pinned}; now: swarm-node run")
+    return 0
+
+
 def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, BrokerURL]:
+    """Where to connect: ``--broker``, else what ``swarm-node join`` saved, else this machine's
+    own swarm (a node next to the hub enrols itself: it can read the hub's config dir anyway)."""
+    joined = home.joined()
     if args.broker:
-        url = BrokerURL.parse(args.broker)
+        url = BrokerURL.parse(args.broker, ca_file=args.ca_file)
         swarm = args.swarm or "main"
+        node_id = args.node_id or url.username or default_node_id()
+    elif joined is not None:
+        saved, url = joined
+        swarm = args.swarm or saved.swarm
+        node_id = args.node_id or saved.node_id
     else:
-        url = home.url(Role.NODE, port=args.port)
+        node_id = args.node_id or default_node_id()
+        url = home.node_url(check_node_id(node_id), port=args.port)
         swarm = args.swarm or home.local().swarm
+    if url.username is not None and url.username != node_id:
+        raise ConfigError(
+            f"node id {node_id!r} differs from its login {url.username!r}: a node's username is its id"
+            f" (enroll it with `swarm-hub enroll {node_id}`)"
+        )
     config = NodeConfig(
-        node_id=args.node_id or default_node_id(),
+        node_id=node_id,
         swarm=swarm,
         device=args.device or ("phone" if sensors.is_termux() else "laptop"),
         tags=tuple(t.strip() for t in args.tags.split(",") if t.strip()),
@@ -115,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(level=args.log_level, json=args.log_json)
     try:
+        if args.command == "join":
+            return cmd_join(args)
         asyncio.run(run_node(args))
     except ConfigError as exc:
         print(f"swarm-node: {exc}", file=sys.stderr)

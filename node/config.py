@@ -6,14 +6,16 @@ import socket
 from dataclasses import dataclass, field
 
 from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker.topics import DEFAULT_SWARM, RESERVED_NODE_IDS, check_id, check_node_id
 
 
 def default_node_id() -> str:
     """The host name, reduced to what a topic level may hold."""
     raw = socket.gethostname().lower()
     cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in raw).strip("-")[:64]
-    return cleaned or "node"
+    if not cleaned or cleaned in RESERVED_NODE_IDS:
+        return f"node-{cleaned or 'local'}"
+    return cleaned
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +41,7 @@ class NodeConfig:
     profile_tokens: int = 16
 
     def __post_init__(self) -> None:
-        check_id(self.node_id, what="node id")
+        check_node_id(self.node_id)
         check_id(self.swarm, what="swarm id")
         if self.device not in ("phone", "laptop", "desktop", "server"):
             raise ConfigError(f"device must be phone, laptop, desktop or server, not {self.device!r}")

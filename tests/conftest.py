@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.connection import wait_for_broker
+from nova_swarm.broker.connection import Connection, wait_for_broker
+from nova_swarm.broker.errors import ConnectionLost
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.net import free_port
 from nova_swarm.broker.url import BrokerURL
@@ -41,6 +42,25 @@ class RunningBroker:
 
     def url(self, role: Role) -> BrokerURL:
         return self.home.url(role, port=self.port)
+
+    def node_url(self, node_id: str) -> BrokerURL:
+        """The node's own login (enrolled on first use, as `swarm-node run` does locally)."""
+        return self.home.node_url(node_id, port=self.port)
+
+    async def enrolled(self, node_id: str, timeout: float = 10.0) -> BrokerURL:
+        """Enrol ``node_id`` and wait until the broker accepts its login (Mosquitto picks up a
+        changed password file within a second)."""
+        url = self.node_url(node_id)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while True:
+            try:
+                async with Connection(url, client_id=node_id, timeout=3):
+                    return url
+            except ConnectionLost:
+                if loop.time() > give_up:
+                    raise
+                await asyncio.sleep(0.1)
 
     def mosquitto_flags(self, role: Role = Role.CLIENT) -> list[str]:
         url = self.url(role)
@@ -78,20 +98,23 @@ def env_for(home: SwarmHome) -> dict[str, str]:
     return {**os.environ, "NOVA_SWARM_HOME": str(home.path), "PYTHONUNBUFFERED": "1"}
 
 
-async def start_broker(engine: str, home: SwarmHome, tmp_path: Path) -> RunningBroker:
+async def start_broker(engine: str, home: SwarmHome, tmp_path: Path, *, tls: bool = False) -> RunningBroker:
     if engine == "mosquitto":
         require_mosquitto()
     port = free_port()
     log = tmp_path / f"broker-{engine}-{port}.log"
+    argv = [PYTHON, "-m", "nova_swarm.broker", "--engine", engine, "--port", str(port), "--config-dir", str(home.path)]
     proc = subprocess.Popen(
-        [PYTHON, "-m", "nova_swarm.broker", "--engine", engine, "--port", str(port), "--config-dir", str(home.path)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env_for(home),
+        argv + (["--tls"] if tls else []), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env_for(home)
     )
     broker = RunningBroker(engine, port, home, proc, log)
+    # Built here, not from local.json, which the broker process may not have written yet.
+    hub_login = home.logins()[Role.HUB]
+    ready_url = BrokerURL("127.0.0.1", port, hub_login.username, hub_login.password, tls=tls, ca_file=home.ca_file)
     try:
-        await wait_for_broker(broker.url(Role.HUB), exited=proc.poll)
+        while tls and not home.ca_file.exists() and proc.poll() is None:
+            await asyncio.sleep(0.05)  # the broker makes the CA on its first TLS start
+        await wait_for_broker(ready_url, exited=proc.poll)
     except BaseException:
         broker.stop()
         raise
@@ -164,7 +187,7 @@ async def running_hub(broker: RunningBroker, config: HubConfig) -> AsyncIterator
 async def running_node(broker: RunningBroker, engine: Engine, node_id: str, **overrides: Any) -> AsyncIterator[Node]:
     settings: dict[str, Any] = {"node_id": node_id, "heartbeat_s": 0.5, "profile_tokens": 0, "drain_s": 2.0}
     settings.update(overrides)
-    node = Node(NodeConfig(**settings), engine, broker.url(Role.NODE))
+    node = Node(NodeConfig(**settings), engine, await broker.enrolled(node_id))
     task = asyncio.create_task(node.run())
     try:
         await within(asyncio.shield(node.connected.wait()), 15)

@@ -1,44 +1,63 @@
-"""The ACL rule table, checked directly; the brokers apply it in test_broker.py."""
+"""The ACL rule table, checked directly; the brokers apply it in test_broker.py and test_security.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from nova_swarm.broker.acl import Access, allowed, covers, mosquitto_acl
+from nova_swarm.broker.acl import Access, allowed, covers, mosquitto_acl, role_of
 from nova_swarm.broker.home import Role
 
 R, W = Access.READ, Access.WRITE
 
 
 @pytest.mark.parametrize(
-    ("role", "client_id", "access", "topic", "ok"),
+    ("user", "client_id", "access", "topic", "ok"),
     [
-        (Role.CLIENT, "c1", W, "swarm/main/prompt", True),
-        (Role.CLIENT, "c1", R, "swarm/main/reply/#", True),
-        (Role.CLIENT, "c1", R, "swarm/main/reply/c1", True),
-        (Role.CLIENT, "c1", R, "swarm/main/node/+/status", True),
-        (Role.CLIENT, "c1", R, "swarm/main/node/+/task", False),
-        (Role.CLIENT, "c1", R, "swarm/main/#", False),
-        (Role.CLIENT, "c1", W, "swarm/main/node/c1/announce", False),
-        (Role.CLIENT, "c1", W, "swarm/main/reply/x", False),
-        (Role.NODE, "n1", W, "swarm/main/node/n1/result", True),
-        (Role.NODE, "n1", W, "swarm/main/node/n1/status", True),
-        (Role.NODE, "n1", W, "swarm/main/node/n2/status", False),
-        (Role.NODE, "n1", W, "swarm/main/hub/status", False),
-        (Role.NODE, "n1", W, "swarm/main/prompt", False),
-        (Role.NODE, "n1", R, "swarm/main/node/n1/task", True),
-        (Role.NODE, "n1", R, "swarm/main/node/n2/task", False),
-        (Role.NODE, "n1", R, "swarm/main/node/+/task", False),
-        (Role.NODE, "a/b", W, "swarm/main/node/a/b/status", False),
-        (Role.HUB, "hub", W, "swarm/main/node/n1/task", True),
-        (Role.HUB, "hub", R, "swarm/main/#", True),
-        (Role.HUB, "hub", W, "swarm/other/prompt", False),
-        (Role.HUB, "hub", W, "swarm/main/+/x", False),
-        (None, "x", R, "swarm/main/reply/#", False),
+        ("client", "c1", W, "swarm/main/prompt", True),
+        ("client", "c1", R, "swarm/main/reply/c1", True),
+        ("client", "c1", R, "swarm/main/reply/c1/#", True),
+        ("client", "c1", R, "swarm/main/reply/default", True),
+        # Replies are private: not another client's, and no wildcard over all of them.
+        ("client", "c1", R, "swarm/main/reply/c2", False),
+        ("client", "c1", R, "swarm/main/reply/#", False),
+        ("client", "c1", R, "swarm/main/reply/+", False),
+        ("client", "c1", R, "swarm/main/node/+/status", True),
+        ("client", "c1", R, "swarm/main/node/+/task", False),
+        ("client", "c1", R, "swarm/main/#", False),
+        ("client", "c1", W, "swarm/main/node/c1/announce", False),
+        ("client", "client", W, "swarm/main/node/client/announce", False),
+        ("client", "c1", W, "swarm/main/reply/x", False),
+        # A node's identity is its login, whatever client id it claims.
+        ("n1", "n1", W, "swarm/main/node/n1/result", True),
+        ("n1", "n1", W, "swarm/main/node/n1/status", True),
+        ("n1", "n2", W, "swarm/main/node/n1/status", True),
+        ("n1", "n2", W, "swarm/main/node/n2/status", False),
+        ("n1", "n1", W, "swarm/main/node/n2/status", False),
+        ("n1", "n1", W, "swarm/main/hub/status", False),
+        ("n1", "n1", W, "swarm/main/prompt", False),
+        ("n1", "n1", R, "swarm/main/node/n1/task", True),
+        ("n1", "n1", R, "swarm/main/node/n2/task", False),
+        ("n1", "n2", R, "swarm/main/node/n2/task", False),
+        ("n1", "n1", R, "swarm/main/node/+/task", False),
+        ("n1", "n1", R, "swarm/main/hub/status", True),
+        ("a/b", "a/b", W, "swarm/main/node/a/b/status", False),
+        ("hub", "hub", W, "swarm/main/node/n1/task", True),
+        ("hub", "hub", R, "swarm/main/#", True),
+        ("hub", "hub", W, "swarm/other/prompt", False),
+        ("hub", "hub", W, "swarm/main/+/x", False),
+        ("", "x", R, "swarm/main/reply/default", False),
     ],
 )
-def test_rules(role: Role | None, client_id: str, access: Access, topic: str, ok: bool) -> None:
-    assert allowed(role=role, client_id=client_id, access=access, topic=topic, swarm="main") is ok
+def test_rules(user: str, client_id: str, access: Access, topic: str, ok: bool) -> None:
+    got = allowed(role=role_of(user), username=user, client_id=client_id, access=access, topic=topic, swarm="main")
+    assert got is ok
+
+
+def test_roles_come_from_the_login() -> None:
+    assert role_of("hub") is Role.HUB and role_of("client") is Role.CLIENT
+    assert role_of("pixel7") is Role.NODE
+    assert role_of("node") is None  # reserved: the old shared node login means nothing now
+    assert role_of("Bad Name") is None and role_of(None) is None
 
 
 def test_covers() -> None:
@@ -52,6 +71,9 @@ def test_mosquitto_acl_renders_every_rule() -> None:
     text = mosquitto_acl("main")
     assert "user client\ntopic deny swarm/main/node/+/task" in text
     assert "topic write swarm/main/prompt" in text
-    assert "pattern write swarm/main/node/%c/result" in text
-    assert "pattern read swarm/main/node/%c/task" in text
+    assert "topic read swarm/main/reply/default" in text
+    assert "pattern write swarm/main/node/%u/result" in text
+    assert "pattern read swarm/main/node/%u/task" in text
+    assert "pattern read swarm/main/reply/%c\n" in text
     assert "user hub\ntopic read swarm/main/#\ntopic write swarm/main/#" in text
+    assert "%c/task" not in text  # node topics follow the login, never the client id

@@ -14,7 +14,7 @@ import pytest
 
 from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.embedded import EmbeddedBrokerConfig, amqtt_config
-from nova_swarm.broker.errors import ConnectionLost, ProtocolError
+from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.net import free_port
 from nova_swarm.broker.topics import Topics
@@ -37,13 +37,20 @@ async def collect(conn: Connection, seconds: float) -> list[str]:
 
 def test_credentials_are_generated_private_and_never_default(home: SwarmHome) -> None:
     logins = home.logins()
-    assert {r.value for r in logins} == {"hub", "node", "client"}
-    assert len({login.password for login in logins.values()}) == 3
+    assert {r.value for r in logins} == {"hub", "client"}  # nodes are enrolled one by one
+    assert len({login.password for login in logins.values()}) == 2
     assert all(len(login.password) >= 32 for login in logins.values())
     for path in (home.credentials_file, home.password_file):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(home.path).st_mode) == 0o700
     assert SwarmHome(home.path).ensure() == logins  # a second start keeps them
+    n1, n2 = home.enroll("n1"), home.enroll("n2", owner="ana")
+    assert n1.password != n2.password and len(n1.password) >= 32
+    assert home.enroll("n1") == n1  # enrolling again changes nothing
+    assert home.enroll("n1", rotate=True).password != n1.password
+    assert stat.S_IMODE(os.stat(home.nodes_file).st_mode) == 0o600
+    with pytest.raises(ConfigError, match="reserved"):
+        home.enroll("hub")
 
 
 async def test_wrong_password_and_anonymous_are_refused(broker: RunningBroker) -> None:
@@ -59,7 +66,7 @@ async def test_wrong_password_and_anonymous_are_refused(broker: RunningBroker) -
 async def test_a_node_cannot_speak_for_another_node_or_the_hub(broker: RunningBroker) -> None:
     async with Connection(broker.url(Role.HUB), client_id="observer") as hub:
         await hub.subscribe(T.everything())
-        async with Connection(broker.url(Role.NODE), client_id="n1") as node:
+        async with Connection(await broker.enrolled("n1"), client_id="n1") as node:
             for topic in (T.node_status("n2"), T.node_result("n2"), T.hub_status(), T.prompt(), T.reply(), T.model()):
                 await node.publish(topic, b"forged")
             # Subscribing to another node's tasks gets it nothing either.
@@ -73,7 +80,7 @@ async def test_a_node_cannot_speak_for_another_node_or_the_hub(broker: RunningBr
 
 
 async def test_a_node_hears_only_its_own_tasks(broker: RunningBroker) -> None:
-    async with Connection(broker.url(Role.NODE), client_id="n1") as node:
+    async with Connection(await broker.enrolled("n1"), client_id="n1") as node:
         for topic in (T.node_task("n1"), T.node_task("n2")):
             try:
                 await node.subscribe(topic)
@@ -128,7 +135,7 @@ async def test_retained_leak_is_closed(home: SwarmHome, hardened: bool) -> None:
             client_url = home.url(Role.CLIENT, port=port)
             raw = aiomqtt.Client(client_url.host, port, username=client_url.username, password=client_url.password)
             async with raw:
-                await raw.subscribe(T.reply_filter())
+                await raw.subscribe(T.reply())
                 leaked = []
                 try:
                     async with asyncio.timeout(1.0):
@@ -137,7 +144,7 @@ async def test_retained_leak_is_closed(home: SwarmHome, hardened: bool) -> None:
                 except TimeoutError:
                     pass
             async with Connection(client_url, client_id="c2") as ours:
-                await ours.subscribe(T.reply_filter())
+                await ours.subscribe(T.reply())
                 filtered = await collect(ours, 1.0)
     finally:
         await broker.shutdown()

@@ -32,8 +32,8 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.parametrize("engine", ["amqtt", "mosquitto"])
-def test_up_then_ask_nodes_status_and_creds_with_no_flags(tmp_path: Path, engine: str) -> None:
+@pytest.mark.parametrize(("engine", "tls"), [("amqtt", False), ("mosquitto", False), ("amqtt", True)])
+def test_up_then_ask_nodes_status_and_creds_with_no_flags(tmp_path: Path, engine: str, tls: bool) -> None:
     if engine == "mosquitto":
         require_mosquitto()
     home = tmp_path / "config"
@@ -41,7 +41,8 @@ def test_up_then_ask_nodes_status_and_creds_with_no_flags(tmp_path: Path, engine
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "NOVA_SWARM_HOME": str(home), "HOME": str(tmp_path)}
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
-        [str(BIN / "swarm-hub"), "up", "--port", str(port), "--broker-engine", engine, "--heartbeat-interval", "1"],
+        [str(BIN / "swarm-hub"), "up", "--port", str(port), "--broker-engine", engine, "--heartbeat-interval", "1"]
+        + (["--tls"] if tls else []),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -69,7 +70,11 @@ def test_up_then_ask_nodes_status_and_creds_with_no_flags(tmp_path: Path, engine
         require_mosquitto()
         creds = run(home, "swarm-hub", "creds").stdout.strip()
         password = SwarmHome(home).logins()[Role.CLIENT].password
-        assert creds == f"-h 127.0.0.1 -p {port} -u client -P {password}"
+        cafile = f" --cafile {home / 'tls' / 'ca.pem'}" if tls else ""
+        assert creds == f"-h 127.0.0.1 -p {port} -u client -P {password}{cafile}"
+        if tls:  # TLS only: the same command without the CA is refused
+            plain = subprocess.run(["mosquitto_pub", *shlex.split(creds)[:8], "-t", "swarm/main/prompt", "-m", "x"])
+            assert plain.returncode != 0
         reader = subprocess.Popen(
             ["mosquitto_sub", *shlex.split(creds), "-t", "swarm/main/reply/default", "-C", "1", "-W", "60"],
             stdout=subprocess.PIPE,

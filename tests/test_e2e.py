@@ -131,7 +131,8 @@ async def test_mqtt5_response_topic_and_correlation_data(mosquitto: RunningBroke
     procs = Processes(mosquitto, tmp_path)
     try:
         await start_swarm(procs, "alpha")
-        reader = sub(procs, "swarm/main/reply/v5", "-V", "5", "-F", "%D %p")
+        # A private reply topic is named after the reader's client id (-i).
+        reader = sub(procs, "swarm/main/reply/v5", "-i", "v5", "-V", "5", "-F", "%D %p")
         await subscribed(reader)
         pub = procs.run(
             [

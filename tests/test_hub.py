@@ -28,7 +28,7 @@ async def test_every_bad_input_gets_its_error_and_the_hub_keeps_running(amqtt: R
     config = hub_config(tmp_path, limits=Limits(max_payload_bytes=2048, max_prompt_chars=200))
     async with running_hub(amqtt, config) as hub:
         async with Connection(amqtt.url(Role.CLIENT), client_id="prober") as client:
-            await client.subscribe(hub.topics.reply_filter())
+            await client.subscribe(hub.topics.reply())
             replies = client.messages()
 
             async def send(payload: bytes) -> ErrorReply:
