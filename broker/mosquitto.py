@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,16 @@ def write_config(config: MosquittoConfig) -> Path:
     return conf
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM mosquitto if we die, even by SIGKILL, so a
+    killed swarm-broker never leaves an orphan broker holding the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 async def _apply_login_changes(config: MosquittoConfig, proc: asyncio.subprocess.Process) -> None:
     """Copy a changed password file to Mosquitto and make it reload: on SIGHUP it re-checks every
     connected client and drops those whose login is gone or changed (a revoked node)."""
@@ -91,7 +102,9 @@ async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None 
     if binary is None:
         raise ConfigError("Mosquitto mode needs the `mosquitto` binary: apt-get install mosquitto")
     conf = write_config(config)
-    proc = await asyncio.create_subprocess_exec(binary, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(
+        binary, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
     try:
         await wait_listening(config.host, config.port, exited=lambda: proc.returncode)
         log.info("broker listening", engine="mosquitto", host=config.host, port=config.port, swarm=config.swarm)

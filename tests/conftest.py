@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -98,11 +99,14 @@ def env_for(home: SwarmHome) -> dict[str, str]:
     return {**os.environ, "NOVA_SWARM_HOME": str(home.path), "PYTHONUNBUFFERED": "1"}
 
 
-async def start_broker(engine: str, home: SwarmHome, tmp_path: Path, *, tls: bool = False) -> RunningBroker:
+async def start_broker(
+    engine: str, home: SwarmHome, tmp_path: Path, *, tls: bool = False, port: int | None = None
+) -> RunningBroker:
+    """A broker in its own process; ``port`` to restart one where its clients expect it."""
     if engine == "mosquitto":
         require_mosquitto()
-    port = free_port()
-    log = tmp_path / f"broker-{engine}-{port}.log"
+    port = port or free_port()
+    log = tmp_path / f"broker-{engine}-{port}-{time.monotonic_ns()}.log"
     argv = [PYTHON, "-m", "nova_swarm.broker", "--engine", engine, "--port", str(port), "--config-dir", str(home.path)]
     proc = subprocess.Popen(
         argv + (["--tls"] if tls else []), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env_for(home)

@@ -171,3 +171,20 @@ async def test_connections_set_tcp_nodelay(amqtt: RunningBroker) -> None:
     async with Connection(amqtt.url(Role.CLIENT)) as conn:
         sock = conn.client._client.socket()  # the paho socket under aiomqtt
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_a_killed_swarm_broker_leaves_no_orphan_broker(mosquitto: RunningBroker) -> None:
+    # Mosquitto runs as our child; if swarm-broker is SIGKILLed it must not live on, holding the port.
+    import signal
+    import socket
+
+    mosquitto.proc.send_signal(signal.SIGKILL)
+    mosquitto.proc.wait()
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 10
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", mosquitto.port)) != 0:
+                break
+        assert loop.time() < give_up, "mosquitto outlived the swarm-broker that ran it"
+        await asyncio.sleep(0.1)
