@@ -282,6 +282,8 @@ class HubStatus(Wire):
     nodes_paused: int = 0
     nodes_offline: int = 0
     inflight: int = 0
+    #: of those in flight, how many wait for a free node
+    queued: int = 0
     answered: int = 0
     failed: int = 0
     started_at: float | None = None

@@ -699,6 +699,7 @@ class Hub:
             nodes_paused=counts["paused"],
             nodes_offline=counts["offline"],
             inflight=len(self._runs),
+            queued=len(self._waiting),
             answered=self.answered,
             failed=self.failed,
             started_at=self.started_at,
