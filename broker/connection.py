@@ -180,7 +180,10 @@ class Connection:
         correlation_data: bytes | None = None,
     ) -> None:
         if not is_concrete(topic):
-            raise ProtocolError(f"refusing to publish to {topic!r}: wildcards and '$' are not allowed")
+            raise ProtocolError(
+                f"refusing to publish to {topic[:80]!r}: not a topic every broker accepts"
+                " (wildcards, '$', control characters or over 64 KiB)"
+            )
         properties = None
         if correlation_data is not None and self.mqtt5:
             properties = Properties(PacketTypes.PUBLISH)

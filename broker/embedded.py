@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from .errors import ConfigError
-from .passwords import LoginCheck, changes
+from .passwords import FileWatch, LoginCheck
 from .tls import TLSFiles
 
 log = structlog.get_logger("nova_swarm.broker")
@@ -53,6 +53,7 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     from amqtt.errors import BrokerError
 
+    logins = FileWatch(config.password_file)  # before the broker first reads the file
     broker = HardenedBroker(amqtt_config(config))
     try:
         await broker.start()
@@ -73,7 +74,7 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
     try:
         # Enrolments, rotations and revocations land in the password file: apply them to the
         # clients already connected, as Mosquitto does on SIGHUP.
-        async for _ in changes(config.password_file):
+        async for _ in logins:
             check.reload()
             dropped = await broker.drop_stale_logins(check)
             log.info("password file changed", dropped=dropped)

@@ -20,7 +20,7 @@ import structlog
 from .acl import mosquitto_acl
 from .errors import ConfigError
 from .net import wait_listening
-from .passwords import changes, write_private
+from .passwords import FileWatch, write_private
 from .tls import TLSFiles
 
 log = structlog.get_logger("nova_swarm.broker")
@@ -85,10 +85,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _apply_login_changes(config: MosquittoConfig, proc: asyncio.subprocess.Process) -> None:
+async def _apply_login_changes(config: MosquittoConfig, watch: FileWatch, proc: asyncio.subprocess.Process) -> None:
     """Copy a changed password file to Mosquitto and make it reload: on SIGHUP it re-checks every
     connected client and drops those whose login is gone or changed (a revoked node)."""
-    async for _ in changes(config.password_file):
+    async for _ in watch:
         write_private(config.workdir / "passwd", config.password_file.read_text())
         if proc.returncode is None:
             proc.send_signal(signal.SIGHUP)
@@ -101,6 +101,7 @@ async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None 
     binary = shutil.which(config.binary) or shutil.which(config.binary, path="/usr/sbin:/usr/local/sbin")
     if binary is None:
         raise ConfigError("Mosquitto mode needs the `mosquitto` binary: apt-get install mosquitto")
+    logins = FileWatch(config.password_file)  # before write_config copies the file
     conf = write_config(config)
     proc = await asyncio.create_subprocess_exec(
         binary, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
@@ -111,7 +112,7 @@ async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None 
         if on_ready is not None:
             on_ready()
         async with asyncio.TaskGroup() as tg:
-            watcher = tg.create_task(_apply_login_changes(config, proc))
+            watcher = tg.create_task(_apply_login_changes(config, logins, proc))
             rc = await proc.wait()
             watcher.cancel()
         raise ConfigError(f"mosquitto exited with status {rc}; see its messages above")

@@ -68,23 +68,32 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-async def changes(path: Path, *, interval: float = 0.5) -> AsyncIterator[None]:
-    """Yield each time ``path`` is replaced or modified (polling: inotify is not on every phone)."""
+class FileWatch:
+    """Yields each time a file is replaced or modified (polling: inotify is not on every phone).
 
-    def stamp() -> tuple[int, int, float] | None:
+    The file's state is taken when the watch is created, so a change made between creating it
+    and first iterating it is still seen: create the watch before reading the file.
+    """
+
+    def __init__(self, path: Path, *, interval: float = 0.5) -> None:
+        self.path = path
+        self.interval = interval
+        self._last = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, float] | None:
         try:
-            st = os.stat(path)
+            st = os.stat(self.path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime)
 
-    last = stamp()
-    while True:
-        await asyncio.sleep(interval)
-        now = stamp()
-        if now != last:
-            last = now
-            yield
+    async def __aiter__(self) -> AsyncIterator[None]:
+        while True:
+            await asyncio.sleep(self.interval)
+            now = self._stamp()
+            if now != self._last:
+                self._last = now
+                yield
 
 
 class LoginCheck:

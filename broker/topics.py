@@ -36,13 +36,29 @@ def check_node_id(value: str) -> str:
     return value
 
 
+#: MQTT's topic length limit, in UTF-8 bytes (3.1.1 section 1.5.3)
+MAX_TOPIC_BYTES = 65_535
+#: C0 and C1 controls: MQTT says a topic should not hold them, and Mosquitto drops a client
+#: that publishes to one; lone surrogates cannot be encoded as UTF-8 at all.
+_UNSENDABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def is_concrete(topic: str) -> bool:
-    """A topic a client may publish to: no wildcards, no ``$``, no empty or NUL levels.
+    """A topic a client may publish to on any broker: no wildcards, no ``$``, no control
+    characters or unencodable text, and within MQTT's length limit.
 
     amqtt stops serving a connection that publishes to a wildcard or ``$`` topic without closing
-    it (BROKERS.md, defect 4), so we refuse such publishes before they reach the socket.
+    it, and Mosquitto drops one that publishes to a topic with control characters (BROKERS.md,
+    defect 4), so we refuse such publishes before they reach the socket.
     """
-    return bool(topic) and not topic.startswith("$") and "+" not in topic and "#" not in topic and "\x00" not in topic
+    return (
+        bool(topic)
+        and not topic.startswith("$")
+        and "+" not in topic
+        and "#" not in topic
+        and _UNSENDABLE.search(topic) is None
+        and len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES
+    )
 
 
 def matches(topic_filter: str, topic: str) -> bool:

@@ -238,7 +238,7 @@ class Hub:
                 # A retained prompt would be re-run on every hub restart; only live ones count.
                 log.warning("ignored retained prompt")
                 return
-            self._spawn(self._on_prompt(message))
+            self._spawn(self._guarded_prompt(message))
             return
         parsed = self.topics.parse_node_topic(message.topic)
         if parsed is None:
@@ -279,6 +279,18 @@ class Hub:
             log.debug("ignored result", node_id=node_id, task_id=result.task_id)
             return
         run.inbox.put_nowait(result)
+
+    async def _guarded_prompt(self, message: Message) -> None:
+        """A prompt runs in the hub's task group: a bug in handling one must not stop the hub."""
+        try:
+            await self._on_prompt(message)
+        except Exception:
+            log.exception("prompt handling failed inside the hub")
+            error = ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error")
+            try:
+                await self._reply(self.topics.reply(), ErrorReply(id=None, error=error), None)
+            except Exception:
+                log.exception("could not even report the internal error")
 
     async def _on_prompt(self, message: Message) -> None:
         outcome = parse_prompt(message, self.topics, self.config.limits)
@@ -679,6 +691,10 @@ class Hub:
                 return
             except ConnectionLost:
                 log.warning("message held until the broker is back", topic=topic)
+            except ProtocolError as exc:
+                # Intake only lets valid topics through; this is a bug, and no broker would take it.
+                log.error("dropped a message no broker would accept", error=str(exc))
+                return
         self._outbox.append((topic, payload, retain, correlation))
 
     async def _flush_outbox(self, conn: Connection) -> None:

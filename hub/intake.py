@@ -97,6 +97,12 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             return reject(
                 ErrorCode.BAD_JSON, f"payload starts with '{{' but is not valid JSON: {exc}", reply=reply_topic
             )
+        if not _encodable(raw):
+            # JSON may escape half of a surrogate pair ("\ud800"): valid JSON, but no text we
+            # could ever send on, log or store.
+            return reject(ErrorCode.BAD_ENCODING, "payload escapes an unpaired UTF-16 surrogate", reply=reply_topic)
+        if not isinstance(raw, dict):
+            return reject(ErrorCode.INVALID_REQUEST, "a JSON prompt must be an object", reply=reply_topic)
         # Route even a refusal to the sender's own reply topic when we can read one.
         raw_id = raw.get("id") if isinstance(raw.get("id"), str) and len(raw["id"]) <= 128 else None
         raw_reply = raw.get("reply_to")
@@ -148,6 +154,14 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             reply=reply_topic,
         )
     return Accepted(request, request_id, reply_topic, correlation)
+
+
+def _encodable(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError, ValueError):
+        return False
+    return True
 
 
 def client_key(reply_topic: str, topics: Topics) -> str:
