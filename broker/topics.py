@@ -38,9 +38,10 @@ def check_node_id(value: str) -> str:
 
 #: MQTT's topic length limit, in UTF-8 bytes (3.1.1 section 1.5.3)
 MAX_TOPIC_BYTES = 65_535
-#: C0 and C1 controls: MQTT says a topic should not hold them, and Mosquitto drops a client
-#: that publishes to one; lone surrogates cannot be encoded as UTF-8 at all.
-_UNSENDABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: C0 and C1 controls and Unicode non-characters: MQTT says a topic should not hold them, and
+#: Mosquitto drops a client that publishes to one; lone surrogates cannot be encoded at all.
+_NONCHARACTERS = "\ufdd0-\ufdef" + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+_UNSENDABLE = re.compile(f"[\x00-\x1f\x7f-\x9f\ud800-\udfff{_NONCHARACTERS}]")
 
 
 def is_concrete(topic: str) -> bool:
