@@ -161,9 +161,12 @@ class Connection:
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"subscribe failed: {exc}") from exc
 
-    async def unsubscribe(self, *filters: str) -> None:
-        # Stop delivering at once, even before the broker acknowledges.
-        self._filters = [f for f in self._filters if f not in filters]
+    async def unsubscribe(self, *filters: str, drop_pending: bool = True) -> None:
+        """Stop the broker sending these. With ``drop_pending`` (the default) messages already on
+        their way are dropped too; without, they are still delivered, for a caller that must
+        answer each one (a pausing node refuses its late tasks rather than lose them)."""
+        if drop_pending:
+            self._filters = [f for f in self._filters if f not in filters]
         try:
             for topic_filter in filters:
                 await self.client.unsubscribe(topic_filter)

@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     NODE_BUSY = "node_busy"
     NODE_STOPPING = "node_stopping"
+    NODE_PAUSED = "node_paused"
     NODE_LOST = "node_lost"
     CANCELLED = "cancelled"
     ENGINE_ERROR = "engine_error"
@@ -48,6 +49,7 @@ RETRYABLE = frozenset(
     {
         ErrorCode.NODE_BUSY,
         ErrorCode.NODE_STOPPING,
+        ErrorCode.NODE_PAUSED,
         ErrorCode.NODE_LOST,
         ErrorCode.ENGINE_ERROR,
         ErrorCode.DEADLINE_EXCEEDED,

@@ -268,6 +268,9 @@ class Heartbeat(Wire):
     tokens_served: int = Field(ge=0)
     tasks_done: int = Field(ge=0)
     tasks_failed: int = Field(ge=0)
+    #: the battery and thermal guard: paused now, and how often it has paused since start
+    paused: bool = False
+    pauses: int = Field(default=0, ge=0)
 
 
 # ---------------------------------------------------------------- hub presence

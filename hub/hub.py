@@ -263,8 +263,11 @@ class Hub:
                     return  # a cleared retained status
                 status = decode(Status, message.payload)
                 if status.node_id == node_id:
-                    if self.registry.on_status(status, live=not message.retain, now=now):
-                        self._node_lost(node_id, f"went {status.state.value}")
+                    unavailable = self.registry.on_status(status, live=not message.retain, now=now)
+                    # A paused node takes no new work but finishes what it runs: only a node
+                    # that went offline loses its attempts.
+                    if unavailable and status.state is NodeState.OFFLINE:
+                        self._node_lost(node_id, f"went offline ({status.reason or 'no reason given'})")
                     if status.state is NodeState.ONLINE:
                         self._node_available()
                     self._status_changed.set()

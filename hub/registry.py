@@ -88,9 +88,9 @@ class Registry:
         rec.heartbeat = heartbeat
         rec.last_seen = now
         if rec.state is NodeState.OFFLINE and rec.reason == TIMEOUT_REASON:
-            # It was only silent (SIGSTOP, a Wi-Fi gap), not gone: take it back.
-            rec.state = NodeState.ONLINE
-            rec.reason = None
+            # It was only silent (SIGSTOP, a Wi-Fi gap), not gone: take it back, as it says it is.
+            rec.state = NodeState.PAUSED if heartbeat.paused else NodeState.ONLINE
+            rec.reason = "paused by its guard" if heartbeat.paused else None
         return not was and rec.available(now, self.heartbeat_timeout_s)
 
     def expire(self, now: float) -> list[str]:
@@ -98,7 +98,7 @@ class Registry:
         gone = []
         for rec in self.nodes.values():
             if (
-                rec.state is NodeState.ONLINE
+                rec.state is not NodeState.OFFLINE  # a paused node still heartbeats
                 and rec.last_seen is not None
                 and now - rec.last_seen > self.heartbeat_timeout_s
             ):

@@ -3,7 +3,9 @@
 Each eligible node draws a score from its win-rate posterior for the request's tags (Thompson
 sampling): nodes that win a tag are drawn high and get most of its traffic, while every node
 keeps a chance in proportion to how uncertain we are about it, which is the exploration that
-lets new nodes prove themselves. Busy nodes are marked down, so load spreads when rates tie.
+lets new nodes prove themselves. Busy nodes are marked down, so load spreads when rates tie,
+and so are warm phones and phones running on battery: with a choice, cool and charging ones
+work (a node too hot or too flat has already paused itself and is not a candidate at all).
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ from .winrate import WinRates
 
 #: how much a fully busy node's score drops; one full slot of load costs this much
 LOAD_WEIGHT = 0.5
+#: how much heat costs, rising from nothing at COOL_C to all of it at the guard's default limit
+HEAT_WEIGHT = 0.3
+COOL_C, HOT_C = 30.0, 42.0
+#: how much running on battery costs, more the emptier it is
+BATTERY_WEIGHT = 0.2
+
+
+def comfort_penalty(node: NodeRecord) -> float:
+    """0 for a cool, charging (or mains-powered) node; up to HEAT_WEIGHT + BATTERY_WEIGHT."""
+    hb = node.heartbeat
+    if hb is None:
+        return 0.0
+    penalty = 0.0
+    if hb.temp_c is not None:
+        penalty += HEAT_WEIGHT * min(1.0, max(0.0, (hb.temp_c - COOL_C) / (HOT_C - COOL_C)))
+    if hb.charging is False:
+        empty = 0.5 if hb.battery_pct is None else 1.0 - min(100.0, max(0.0, hb.battery_pct)) / 100.0
+        penalty += BATTERY_WEIGHT * (0.5 + 0.5 * empty)
+    return penalty
 
 
 @dataclass
@@ -33,6 +54,7 @@ class Scheduler:
         for node in free:
             alpha, beta = self.winrates.posterior(node.node_id, tags, now)
             load = min(1.0, node.inflight / node.slots)
-            scored.append((self.rng.betavariate(alpha, beta) - LOAD_WEIGHT * load, node.node_id, node))
+            score = self.rng.betavariate(alpha, beta) - LOAD_WEIGHT * load - comfort_penalty(node)
+            scored.append((score, node.node_id, node))
         scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
         return [node for _, _, node in scored[:count]]

@@ -4,8 +4,12 @@
     await node.run()          # until node.stop(); drains or hands back in-flight work
 
 A task is never silently dropped: it is answered, or refused with an error (``node_busy``,
-``node_stopping``, ``deadline_exceeded``, ``engine_error``) that the hub can act on. Results
-that cannot be sent while the broker is away wait in an outbox and go out on reconnect.
+``node_stopping``, ``node_paused``, ``deadline_exceeded``, ``engine_error``) that the hub can act
+on. Results that cannot be sent while the broker is away wait in an outbox and go out on reconnect.
+
+The guard (``guard.py``) watches the device's sensors: when the phone gets too hot or too flat,
+the node finishes what it is running, hands back what is queued, unsubscribes from its task
+topic and reports ``paused`` with the reason, until the readings are back past a margin.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from nova_swarm.broker.version import __version__
 from . import sensors
 from .config import NodeConfig
 from .engine import Engine, Generation, Sampling
+from .guard import Guard, Pause, Resume
 
 log = structlog.get_logger("nova_swarm.node")
 
@@ -60,9 +65,20 @@ class _Job:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, engine: Engine, url: BrokerURL, *, ca_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        engine: Engine,
+        url: BrokerURL,
+        *,
+        ca_file: Path | None = None,
+        sensor: sensors.Source | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
+        self.sensor = sensor or sensors.PsutilSource()
+        self.guard = Guard(config.guard)
+        self.reading = sensors.UNKNOWN
         self.url = url
         self.topics = Topics(config.swarm)
         self._ca_file = ca_file
@@ -89,10 +105,13 @@ class Node:
 
     async def run(self) -> None:
         await self._profile()
+        await self._sense()  # before connecting: a node that starts hot starts paused
         async with asyncio.TaskGroup() as tg:
             link = tg.create_task(reconnecting(self._connect, self._session, name=f"node {self.config.node_id}"))
+            senses = tg.create_task(self._sense_loop())
             workers = [tg.create_task(self._worker()) for _ in range(self.config.slots)]
             await self._stop_requested.wait()
+            senses.cancel()
             await self._drain(workers)
             await self._go_offline()
             link.cancel()
@@ -119,11 +138,11 @@ class Node:
 
     async def _session(self, conn: Connection) -> None:
         node_id = self.config.node_id
-        await conn.subscribe(
-            self.topics.node_task(node_id), self.topics.node_cancel(node_id), self.topics.hub_status(), qos=1
-        )
+        await conn.subscribe(self.topics.node_cancel(node_id), self.topics.hub_status(), qos=1)
+        if not self.guard.paused:
+            await conn.subscribe(self.topics.node_task(node_id), qos=1)
         await conn.publish(self.topics.node_announce(node_id), self._announce().encode(), retain=True)
-        await conn.publish(self.topics.node_status(node_id), self._status(NodeState.ONLINE).encode(), retain=True)
+        await conn.publish(self.topics.node_status(node_id), self._current_status().encode(), retain=True)
         await self._flush_outbox(conn)
         self._conn = conn
         try:
@@ -196,6 +215,9 @@ class Node:
             if self._stop_requested.is_set():
                 await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
                 return
+            if self.guard.paused:  # sent before the hub saw us pause
+                await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {self.guard.reason}"))
+                return
             async with self._work:
                 if len(self._queued) + len(self._running) >= self.config.slots + self.config.queue_max:
                     busy = True
@@ -231,6 +253,58 @@ class Node:
                     job.cancel_reason = ErrorCode.CANCELLED
                     job.cancel.set()
             log.info("hub restarted; dropped its old work", dropped=dropped)
+        await self._send(self.topics.node_heartbeat(self.config.node_id), self._heartbeat().encode())
+
+    # ------------------------------------------------------------------ the guard
+
+    async def _sense(self) -> None:
+        # termux-battery-status can take seconds (or hang until its timeout): never on the loop.
+        self.reading = await asyncio.to_thread(sensors.read, self.sensor)
+        change = self.guard.update(self.reading)
+        if isinstance(change, Pause):
+            await self._pause(change.reason)
+        elif isinstance(change, Resume):
+            await self._resume(change.reason)
+
+    async def _sense_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sense_s)
+            await self._sense()
+
+    async def _pause(self, reason: str) -> None:
+        log.warning("pausing", reason=reason, pauses=self.guard.pauses)
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.unsubscribe(self.topics.node_task(self.config.node_id), drop_pending=False)
+            except ConnectionLost:
+                pass  # the next session starts paused anyway
+        # Running tasks finish (a minute more on a warm phone is fine); queued ones go back.
+        async with self._work:
+            handed_back = list(self._queued)
+            self._queued.clear()
+        for job in handed_back:
+            await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {reason}"))
+        await self._send_status()
+
+    async def _resume(self, reason: str) -> None:
+        log.info("resuming", reason=reason, resumes=self.guard.resumes)
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.subscribe(self.topics.node_task(self.config.node_id), qos=1)
+            except ConnectionLost:
+                pass  # the next session subscribes
+        await self._send_status()
+
+    def _current_status(self) -> Status:
+        if self.guard.paused:
+            return self._status(NodeState.PAUSED, reason=self.guard.reason)
+        return self._status(NodeState.ONLINE)
+
+    async def _send_status(self) -> None:
+        status = self._current_status()
+        await self._send(self.topics.node_status(self.config.node_id), status.encode(), retain=True)
         await self._send(self.topics.node_heartbeat(self.config.node_id), self._heartbeat().encode())
 
     async def _on_cancel(self, cancel: Cancel) -> None:
@@ -369,7 +443,7 @@ class Node:
 
     def _announce(self) -> Announce:
         info = self.engine.info
-        reading = sensors.read()
+        reading = self.reading
         return Announce(
             node_id=self.config.node_id,
             model=ModelInfo(name=info.name, sha256=info.sha256, size_bytes=info.size_bytes, ctx=info.ctx),
@@ -390,7 +464,7 @@ class Node:
         return Status(node_id=self.config.node_id, state=state, reason=reason, ts=time.time())
 
     def _heartbeat(self) -> Heartbeat:
-        reading = sensors.read()
+        reading = self.reading
         return Heartbeat(
             node_id=self.config.node_id,
             ts=time.time(),
@@ -406,4 +480,6 @@ class Node:
             tokens_served=self.tokens_served,
             tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed,
+            paused=self.guard.paused,
+            pauses=self.guard.pauses,
         )

@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+import structlog
+
 from nova_swarm.broker import logs
 from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.home import SwarmHome, parse_join_token
@@ -18,7 +20,10 @@ from nova_swarm.broker.url import BrokerURL
 from . import sensors
 from .config import NodeConfig, default_node_id
 from .engine import load_engine
+from .guard import GuardConfig
 from .models import bundled_model
+
+log = structlog.get_logger("nova_swarm.node")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     run.add_argument("--drain", type=float, default=30.0, help="seconds running tasks may finish on shutdown")
     run.add_argument("--config-dir", type=Path)
+    guard = run.add_argument_group("battery and thermal guard")
+    d = GuardConfig()
+    guard.add_argument(
+        "--sensors", default="auto", help="auto, termux, sysfs, psutil, or sim:FILE (a JSON file, for tests and demos)"
+    )
+    guard.add_argument("--max-temp", type=float, default=d.max_temp_c, help="pause at this temperature, °C")
+    guard.add_argument("--min-battery", type=float, default=d.min_battery_pct, help="pause at this %% unless charging")
+    guard.add_argument("--charging-only", action="store_true", help="only work while the device is charging")
+    guard.add_argument("--no-guard", action="store_true", help="never pause (a desktop whose sensors mean nothing)")
+    guard.add_argument("--sense-interval", type=float, default=5.0, help="seconds between sensor readings")
     logs.add_arguments(run)
 
     join = sub.add_parser("join", help="save how to reach a swarm, from `swarm-hub enroll`'s token")
@@ -104,6 +119,13 @@ def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, 
         default_max_tokens=min(256, args.max_tokens),
         heartbeat_s=args.heartbeat,
         drain_s=args.drain,
+        sense_s=args.sense_interval,
+        guard=GuardConfig(
+            max_temp_c=args.max_temp,
+            min_battery_pct=args.min_battery,
+            charging_only=args.charging_only,
+            enabled=not args.no_guard,
+        ),
     )
     return config, url
 
@@ -131,7 +153,9 @@ async def run_node(args: argparse.Namespace) -> None:
         options = {"model_path": args.model or bundled_model(), "ctx": args.ctx, "threads": args.threads}
     options.update(engine_options(args.engine_option))
     engine = await asyncio.to_thread(load_engine, args.engine, **options)
-    node = Node(config, engine, url, ca_file=args.ca_file)
+    source = sensors.load_source(args.sensors)
+    log.info("sensors", source=source.name)
+    node = Node(config, engine, url, ca_file=args.ca_file, sensor=source)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)

@@ -188,10 +188,12 @@ async def running_hub(broker: RunningBroker, config: HubConfig) -> AsyncIterator
 
 
 @asynccontextmanager
-async def running_node(broker: RunningBroker, engine: Engine, node_id: str, **overrides: Any) -> AsyncIterator[Node]:
+async def running_node(
+    broker: RunningBroker, engine: Engine, node_id: str, *, sensor: Any = None, **overrides: Any
+) -> AsyncIterator[Node]:
     settings: dict[str, Any] = {"node_id": node_id, "heartbeat_s": 0.5, "profile_tokens": 0, "drain_s": 2.0}
     settings.update(overrides)
-    node = Node(NodeConfig(**settings), engine, await broker.enrolled(node_id))
+    node = Node(NodeConfig(**settings), engine, await broker.enrolled(node_id), sensor=sensor)
     task = asyncio.create_task(node.run())
     try:
         await within(asyncio.shield(node.connected.wait()), 15)

@@ -101,3 +101,36 @@ def test_reranker_prefers_relevant_agreeing_answers() -> None:
     scores = RuleReranker().score(prompt, cands)
     assert scores[0] > scores[2] and scores[1] > scores[2] > scores[3]
     assert repetition("a b c a b c a b c a b c") > 0.5
+
+
+def test_scheduler_prefers_cool_charging_nodes_when_it_has_a_choice() -> None:
+    from nova_swarm.broker.messages import Heartbeat
+
+    def with_heartbeat(node_id: str, temp_c: float | None, charging: bool | None, battery: float | None) -> NodeRecord:
+        rec = node(node_id)
+        rec.heartbeat = Heartbeat(
+            node_id=node_id,
+            ts=0.0,
+            battery_pct=battery,
+            charging=charging,
+            temp_c=temp_c,
+            ram_free_mb=None,
+            load=None,
+            tokens_per_s=None,
+            busy=0,
+            slots=1,
+            queued=0,
+            tokens_served=0,
+            tasks_done=0,
+            tasks_failed=0,
+        )
+        return rec
+
+    sched = Scheduler(WinRates(), random.Random(3))
+    cool = with_heartbeat("cool", 31.0, True, 80.0)
+    warm = with_heartbeat("warm", 40.0, False, 35.0)
+    picks = Counter(sched.pick([cool, warm], 1, tags=[], now=0.0)[0].node_id for _ in range(500))
+    assert picks["cool"] > 400 and picks["warm"] > 0  # preferred, not exclusive
+    unknown = with_heartbeat("desktop", None, None, None)  # no sensors: no penalty
+    picks = Counter(sched.pick([cool, unknown], 1, tags=[], now=0.0)[0].node_id for _ in range(500))
+    assert 150 < picks["desktop"] < 350
