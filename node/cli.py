@@ -21,7 +21,7 @@ from . import sensors
 from .config import NodeConfig, default_node_id
 from .engine import load_engine
 from .guard import GuardConfig
-from .models import bundled_model
+from .models import CATALOGUE, ModelCache, bundled_model, progress_bar, pull
 
 log = structlog.get_logger("nova_swarm.node")
 
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", help="mqtt://user:pass@host:port (default: this machine's swarm, from the config dir)")
     run.add_argument("--port", type=int, help="port of this machine's swarm, when --broker is not given")
     run.add_argument("--ca-file", type=Path, help="CA certificate to trust for mqtts:// brokers")
-    run.add_argument("--model", type=Path, help="GGUF file to serve (default: the bundled SmolLM2-135M)")
+    run.add_argument("--model", help="a GGUF file, or the name of a pulled model (default: the bundled SmolLM2-135M)")
+    run.add_argument("--cache-dir", type=Path, help="where pulled models live (default: ~/.cache/nova-swarm/models)")
     run.add_argument("--engine", default="llama", help="inference engine (default: llama)")
     run.add_argument(
         "--engine-option",
@@ -69,11 +70,64 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--sense-interval", type=float, default=5.0, help="seconds between sensor readings")
     logs.add_arguments(run)
 
+    models = sub.add_parser("models", help="pull GGUF models into the offline cache, and list them")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    pull_p = msub.add_parser("pull", help="download (resumably) and verify a model")
+    pull_p.add_argument(
+        "source", metavar="NAME|URL", help=f"a catalogue name ({', '.join(sorted(CATALOGUE))}) or a URL"
+    )
+    pull_p.add_argument("--sha256", help="the file's sha256 (required for a URL)")
+    pull_p.add_argument("--name", help="name in the cache (default: from the catalogue or the URL's file name)")
+    pull_p.add_argument("--cache-dir", type=Path)
+    list_p = msub.add_parser("list", help="models in the cache, and the catalogue")
+    list_p.add_argument("--cache-dir", type=Path)
+    list_p.add_argument("--json", action="store_true")
+    for p in (pull_p, list_p):
+        logs.add_arguments(p)
+
     join = sub.add_parser("join", help="save how to reach a swarm, from `swarm-hub enroll`'s token")
     join.add_argument("token", help="the nova1.... token printed by `swarm-hub enroll NODE`")
     join.add_argument("--config-dir", type=Path)
     logs.add_arguments(join)
     return parser
+
+
+def resolve_model(spec: str | None, cache: ModelCache) -> Path:
+    """A path as given, else a pulled model by name, else the bundled one."""
+    if spec is None:
+        return bundled_model()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or path.exists() or "/" in spec:
+        return path
+    cached = cache.find(spec)
+    if cached is None:
+        hint = f"swarm-node models pull {spec}" if spec in CATALOGUE else "swarm-node models list"
+        raise ConfigError(f"no model {spec!r} in {cache.root} (see `{hint}`)")
+    return cached.path
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    cache = ModelCache(args.cache_dir)
+    if args.models_command == "pull":
+        model = pull(args.source, cache=cache, sha256=args.sha256, name=args.name, progress=progress_bar(sys.stderr))
+        print(file=sys.stderr)
+        print(f"{model.name}: verified sha256 {model.sha256}, {model.size_bytes / 2**20:.1f} MB at {model.path}")
+        return 0
+    cached = cache.list()
+    if args.json:
+        rows = [{"name": m.name, "path": str(m.path), "sha256": m.sha256, "size_bytes": m.size_bytes} for m in cached]
+        print(json.dumps({"cache": str(cache.root), "models": rows}, indent=2))
+        return 0
+    print(f"cached in {cache.root}:" if cached else f"nothing cached in {cache.root} yet")
+    for m in cached:
+        print(f"  {m.name:<40} {m.size_bytes / 2**20:8.1f} MB  sha256 {m.sha256[:16]}...")
+    have = {m.sha256 for m in cached}
+    missing = [e for e in CATALOGUE.values() if e.sha256 not in have]
+    if missing:
+        print("in the catalogue (swarm-node models pull NAME):")
+        for e in missing:
+            print(f"  {e.name:<40} {e.size_bytes / 2**20:8.1f} MB  {e.about}")
+    return 0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -150,7 +204,11 @@ async def run_node(args: argparse.Namespace) -> None:
     config, url = config_from(args, home)
     options: dict[str, object] = {}
     if args.engine == "llama":
-        options = {"model_path": args.model or bundled_model(), "ctx": args.ctx, "threads": args.threads}
+        options = {
+            "model_path": resolve_model(args.model, ModelCache(args.cache_dir)),
+            "ctx": args.ctx,
+            "threads": args.threads,
+        }
     options.update(engine_options(args.engine_option))
     engine = await asyncio.to_thread(load_engine, args.engine, **options)
     source = sensors.load_source(args.sensors)
@@ -171,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "join":
             return cmd_join(args)
+        if args.command == "models":
+            return cmd_models(args)
         asyncio.run(run_node(args))
     except ConfigError as exc:
         print(f"swarm-node: {exc}", file=sys.stderr)
