@@ -283,6 +283,12 @@ async def reconnecting(
             if rest is not None or lost is None:
                 raise
             error = "; ".join(sorted({str(e) for e in _leaves(lost)}))
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # We were cancelled while the connection was failing: a TaskGroup then reports the
+            # connection's error, not the cancellation. Reconnecting would swallow the cancel
+            # and the owner would wait for us forever.
+            raise asyncio.CancelledError
         delay = backoff.delay(attempt)
         attempt += 1
         log.warning("connection lost, reconnecting", who=name, error=error, retry_in_s=round(delay, 2))

@@ -27,7 +27,7 @@ MAX_FANOUT = 16
 class Wire(BaseModel):
     # NaN and infinities would be written back as null and break the next read (the hub
     # stores announces and heartbeats): refuse them at the door.
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()

@@ -146,8 +146,7 @@ class Hub:
             )
         )
         self._resume = (await asyncio.to_thread(journal.unfinished), await asyncio.to_thread(journal.unsent))
-        if any(self._resume):
-            log.info("resuming journal", unfinished=len(self._resume[0]), unsent=len(self._resume[1]))
+        log.info("journal loaded", unfinished=len(self._resume[0]), unsent=len(self._resume[1]))
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

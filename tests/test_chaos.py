@@ -23,5 +23,5 @@ async def test_no_prompt_is_lost_and_none_is_answered_twice(tmp_path: Path, caps
     assert tally.answered + tally.errored == tally.sent
     # The faults cost time, not answers: with five nodes, explicit errors stay rare.
     assert tally.answered >= 0.95 * tally.sent, tally.report()
-    hub_log = (tmp_path / "hub.log").read_text()
-    assert "resuming journal" in hub_log  # the killed hub's successor read the journal
+    # Both runs of the hub read the journal (what the killed one left depends on timing).
+    assert (tmp_path / "hub.log").read_text().count("journal loaded") == 2

@@ -149,3 +149,12 @@ def test_swarm_node_models_pull_and_list(server: Server, tmp_path: Path) -> None
         env=env,
     )
     assert bad.returncode == 2 and "checksum mismatch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_catalogue_pins_the_bundled_model_exactly() -> None:
+    from nova_swarm.node.models import CATALOGUE, bundled_model, sha256_file
+
+    entry = CATALOGUE["smollm2-135m-instruct-q4_1"]
+    path = bundled_model()
+    assert (path.stat().st_size, sha256_file(path)) == (entry.size_bytes, entry.sha256)
+    assert all(e.url.startswith("https://huggingface.co/") and len(e.sha256) == 64 for e in CATALOGUE.values())
