@@ -63,19 +63,24 @@ async def test_200_clients_reconnect_after_a_broker_restart_without_stalling_it(
 
         # While the herd comes back, a request/reply round trip must still go through promptly.
         probe_rtts: list[float] = []
+        back_after: float | None = None
         async with (
             Connection(home.url(Role.HUB, port=port), client_id="prober") as hub,
             Connection(url, client_id="probe") as probe,
         ):
             await probe.subscribe(T.reply("probe"))
             replies = probe.messages()
-            while len(connected) < HERD and time.monotonic() - restarted < 60:
+            # Mosquitto takes the whole herd back in a fraction of a second: probe a few times anyway.
+            while (len(connected) < HERD or len(probe_rtts) < 3) and time.monotonic() - restarted < 60:
                 sent = time.monotonic()
                 await hub.publish(T.reply("probe"), b"ping")
                 await asyncio.wait_for(anext(replies), 10)
                 probe_rtts.append(time.monotonic() - sent)
                 await asyncio.sleep(0.05)
-        back_after = time.monotonic() - restarted
+                if len(connected) == HERD and back_after is None:
+                    back_after = time.monotonic() - restarted
+        back_after = back_after if back_after is not None else time.monotonic() - restarted
+        came_back = len(connected)
         for task in herd:
             task.cancel()
     running.stop()
@@ -85,7 +90,6 @@ async def test_200_clients_reconnect_after_a_broker_restart_without_stalling_it(
         f"\n{engine}: {HERD} clients back after {back_after:.1f} s; {len(probe_rtts)} probes during the herd,"
         f" worst round trip {worst * 1000:.0f} ms"
     )
-    assert len(connected) == HERD or back_after < 60, f"only {len(connected)} of {HERD} came back"
+    assert came_back == HERD, f"only {came_back} of {HERD} came back within 60 s"
     assert sessions >= 2 * HERD  # every member connected twice: before and after the restart
-    assert probe_rtts, "the herd came back before we could probe; nothing was shown"
     assert worst < 5.0, f"the broker stalled for {worst:.1f} s under the reconnecting herd"
