@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .passwords import write_password_file, write_private
@@ -207,15 +208,12 @@ class SwarmHome:
     # ---------------------------------------------------------------- nodes
 
     def enrolments(self) -> dict[str, Enrolment]:
-        try:
-            raw = json.loads(self.nodes_file.read_text())
-        except FileNotFoundError:
+        raw = _read_json(self.nodes_file)
+        if raw is None:
             return {}
-        except ValueError as exc:
-            raise ConfigError(f"{self.nodes_file} is not valid JSON: {exc}") from exc
         try:
             return {node_id: Enrolment(node_id, **fields) for node_id, fields in raw.items()}
-        except TypeError as exc:
+        except (TypeError, AttributeError) as exc:
             raise ConfigError(f"{self.nodes_file} is not a valid enrolment file: {exc}") from exc
 
     def _save_enrolments(self, enrolments: dict[str, Enrolment]) -> None:
@@ -263,13 +261,13 @@ class SwarmHome:
         write_private(self.joined_file, json.dumps(asdict(joined), indent=2))
 
     def joined(self) -> tuple[Joined, BrokerURL] | None:
-        try:
-            raw = json.loads(self.joined_file.read_text())
-        except FileNotFoundError:
+        raw = _read_json(self.joined_file)
+        if raw is None:
             return None
-        except ValueError as exc:
-            raise ConfigError(f"{self.joined_file} is not valid JSON: {exc}") from exc
-        joined = Joined(**raw)
+        try:
+            joined = Joined(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"{self.joined_file} is damaged; run `swarm-node join` again: {exc}") from exc
         ca = self.joined_ca_file if joined.ca_pem else None
         return joined, BrokerURL.parse(joined.url, ca_file=ca)
 
@@ -291,12 +289,9 @@ class SwarmHome:
         write_private(self.local_file, json.dumps(asdict(local), indent=2))
 
     def local(self) -> LocalSwarm:
-        try:
-            raw = json.loads(self.local_file.read_text())
-        except FileNotFoundError:
+        raw = _read_json(self.local_file)
+        if raw is None:
             return LocalSwarm()
-        except ValueError as exc:
-            raise ConfigError(f"{self.local_file} is not valid JSON: {exc}") from exc
         return LocalSwarm(**{k: raw[k] for k in ("swarm", "host", "port", "engine", "tls") if k in raw})
 
     def url(self, role: Role, *, port: int | None = None, host: str | None = None) -> BrokerURL:
@@ -313,6 +308,16 @@ class SwarmHome:
             tls=local.tls,
             ca_file=self.ca_file if local.tls else None,
         )
+
+
+def _read_json(path: Path) -> Any:
+    """A config file's JSON, or None when the file does not exist (yet)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def _new_password() -> str:

@@ -50,7 +50,7 @@ from nova_swarm.broker.version import __version__
 from . import rerank
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
-from .journal import Entry, Journal, JournalWriter, Unsent, digest
+from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
@@ -355,7 +355,8 @@ class Hub:
         req, rid = accepted.request, accepted.request_id
         with structlog.contextvars.bound_contextvars(request_id=rid):
             if resumed is None:
-                request_digest = digest(req)
+                body = canonical(req)  # serialised once: hashed for retries, and journalled
+                request_digest = digest(body)
                 if await self._answer_retry(accepted, request_digest):
                     return
                 refusal = self._refuse(accepted)
@@ -368,7 +369,7 @@ class Hub:
                 entry = Entry(
                     request_id=rid,
                     digest=request_digest,
-                    request=req.model_dump_json(exclude_none=True),
+                    request=body,
                     reply_topic=accepted.reply_topic,
                     correlation=accepted.correlation,
                     accepted_at=now,

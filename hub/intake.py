@@ -9,6 +9,7 @@ topic: the request's own if we could read it, else the default one.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             return reject(
                 ErrorCode.BAD_JSON, f"payload starts with '{{' but is not valid JSON: {exc}", reply=reply_topic
             )
-        if not _encodable(raw):
+        if _SURROGATE_ESCAPE.search(text) and not _encodable(raw):
             # JSON may escape half of a surrogate pair ("\ud800"): valid JSON, but no text we
             # could ever send on, log or store.
             return reject(ErrorCode.BAD_ENCODING, "payload escapes an unpaired UTF-16 surrogate", reply=reply_topic)
@@ -154,6 +155,11 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             reply=reply_topic,
         )
     return Accepted(request, request_id, reply_topic, correlation)
+
+
+#: Only a \uD800-\uDFFF escape can smuggle an unpaired surrogate into parsed JSON: the full
+#: check (re-encoding everything) runs only for payloads that have one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _encodable(value: object) -> bool:

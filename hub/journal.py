@@ -47,9 +47,14 @@ CREATE INDEX IF NOT EXISTS journal_settled ON journal (settled_at);
 """
 
 
-def digest(request: PromptRequest) -> str:
-    """What makes two prompts "the same request": everything but where the reply goes."""
-    body = request.model_dump_json(exclude={"reply_to"}, exclude_none=True)
+def canonical(request: PromptRequest) -> str:
+    """What makes two prompts "the same request": everything but where the reply goes (which
+    the journal keeps in its own column). Journalled as is, and hashed for :func:`digest`."""
+    return request.model_dump_json(exclude={"reply_to"}, exclude_none=True)
+
+
+def digest(request: PromptRequest | str) -> str:
+    body = request if isinstance(request, str) else canonical(request)
     return hashlib.sha256(body.encode()).hexdigest()
 
 

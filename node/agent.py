@@ -162,12 +162,7 @@ class Node:
                 await self._conn.unsubscribe(self.topics.node_task(self.config.node_id))
             except ConnectionLost:
                 pass
-        async with self._work:
-            handed_back = list(self._queued)
-            self._queued.clear()
-            self._work.notify_all()
-        for job in handed_back:
-            await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
+        await self._hand_back_queue(ErrorCode.NODE_STOPPING, "node is shutting down")
         _, still_running = await asyncio.wait(workers, timeout=self.config.drain_s)
         if still_running:
             for job in list(self._running.values()):
@@ -280,12 +275,17 @@ class Node:
             except ConnectionLost:
                 pass  # the next session starts paused anyway
         # Running tasks finish (a minute more on a warm phone is fine); queued ones go back.
+        await self._hand_back_queue(ErrorCode.NODE_PAUSED, f"node paused: {reason}")
+        await self._send_status()
+
+    async def _hand_back_queue(self, code: ErrorCode, message: str) -> None:
+        """Refuse every queued task with ``code`` (the hub re-dispatches them); running ones stay."""
         async with self._work:
             handed_back = list(self._queued)
             self._queued.clear()
+            self._work.notify_all()  # idle workers re-check: when stopping, they exit
         for job in handed_back:
-            await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {reason}"))
-        await self._send_status()
+            await self._send_result(self._failure(job, code, message))
 
     async def _resume(self, reason: str) -> None:
         log.info("resuming", reason=reason, resumes=self.guard.resumes)

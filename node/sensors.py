@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -230,10 +230,6 @@ def read(source: Source) -> Reading:
 
 
 UNKNOWN = Reading(None, None, None, None, None, None)
-
-
-def with_power(reading: Reading, power: Power) -> Reading:
-    return replace(reading, battery_pct=power.battery_pct, charging=power.charging, temp_c=power.temp_c)
 
 
 def is_termux() -> bool:
