@@ -40,6 +40,7 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.NODE, Access.READ, "swarm/{sid}/hub/status"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/model"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/bundle"),
+    Rule(Role.NODE, Access.READ, "swarm/{sid}/bundle/chunk/+"),
     # A client asks, reads its own answers (and the shared default reply topic), and may watch
     # the fleet (for `swarm-hub nodes` and dashboards).
     Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/prompt"),
@@ -47,6 +48,8 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}/#"),
     Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/hub/#"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/model"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/bundle"),
     *(Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/node/+/{leaf}") for leaf in ("announce", "status", "heartbeat")),
 )
 

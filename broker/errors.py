@@ -4,11 +4,13 @@
     ├── ConfigError          bad flags, a missing config directory, a malformed broker URL
     ├── ConnectionLost       the broker refused us or went away (translated from aiomqtt/paho)
     ├── ProtocolError        a message on the wire that breaks the contract
-    └── RequestFailed        a request ended in an error reply; carries its ErrorCode
-        └── EngineError      the inference engine failed (translated from llama-cpp)
+    ├── RequestFailed        a request ended in an error reply; carries its ErrorCode
+    │   └── EngineError      the inference engine failed (translated from llama-cpp)
+    └── UpdateRefused        a model pin or node bundle a node will not apply, and why
+        └── SignatureError   unsigned, or not signed by the hub key the node trusts
 
 Foreign exceptions are translated at one boundary each: ``connection.py`` for MQTT,
-``messages.py`` for pydantic, ``node/llama.py`` for llama-cpp.
+``messages.py`` for pydantic, ``node/llama.py`` for llama-cpp, ``signing.py`` for cryptography.
 """
 
 from __future__ import annotations
@@ -88,3 +90,11 @@ class EngineError(RequestFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.ENGINE_ERROR, message)
+
+
+class UpdateRefused(SwarmError):
+    """A node will not apply a model pin or bundle; the message is what its status reports."""
+
+
+class SignatureError(UpdateRefused):
+    """A manifest is unsigned, malformed, or does not verify with the hub's key."""

@@ -10,6 +10,7 @@ Layout (all files 0600, the directory 0700)::
         hub.sqlite                 the hub's registry, win rates and request journal
         tls/                       the swarm's CA and the broker's certificate (`up --tls`)
         mosquitto/                 generated Mosquitto config and ACL (Mosquitto mode)
+        signing/hub.key            the hub's Ed25519 key that signs model pins and node bundles
         joined.json                on a node's machine: how `swarm-node join` says to reach the swarm
 
 Credentials are made on first use with a CSPRNG; there is no default password anywhere. A node's
@@ -34,6 +35,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .passwords import write_password_file, write_private
+from .signing import PublicKey, SigningKey
 from .topics import DEFAULT_SWARM, check_id, check_node_id
 from .url import BrokerURL
 
@@ -81,6 +83,8 @@ class Joined:
     swarm: str
     node_id: str
     ca_pem: str | None = None
+    #: the hub's public signing key: the node applies only pins and bundles signed with it
+    hub_key: str | None = None
 
 
 JOIN_PREFIX = "nova1."
@@ -99,10 +103,18 @@ def parse_join_token(token: str) -> Joined:
     body = token[len(JOIN_PREFIX) :]
     try:
         raw = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        joined = Joined(url=raw["url"], swarm=raw["swarm"], node_id=raw["node_id"], ca_pem=raw.get("ca_pem"))
+        joined = Joined(
+            url=raw["url"],
+            swarm=raw["swarm"],
+            node_id=raw["node_id"],
+            ca_pem=raw.get("ca_pem"),
+            hub_key=raw.get("hub_key"),
+        )
     except (ValueError, binascii.Error, KeyError, TypeError) as exc:
         raise ConfigError(f"the join token is damaged (copy all of it): {exc}") from exc
     BrokerURL.parse(joined.url)
+    if joined.hub_key is not None:
+        PublicKey.parse(joined.hub_key)
     check_node_id(joined.node_id)
     return joined
 
@@ -155,6 +167,10 @@ class SwarmHome:
         return self.path / "swarm-ca.pem"
 
     @property
+    def signing_key_file(self) -> Path:
+        return self.path / "signing" / "hub.key"
+
+    @property
     def mosquitto_dir(self) -> Path:
         return self.path / "mosquitto"
 
@@ -181,7 +197,29 @@ class SwarmHome:
             logins = self.logins()
             if not self.password_file.exists():
                 self.write_password_file()
+            if not self.signing_key_file.exists():
+                SigningKey.generate().save(self.signing_key_file)
         return logins
+
+    # ---------------------------------------------------------------- signing
+
+    def signing_key(self) -> SigningKey:
+        """The hub's key for model pins and bundles (made by :meth:`ensure`, at setup)."""
+        if not self.signing_key_file.exists():
+            raise ConfigError(
+                f"no signing key in {self.path}: run `swarm-hub up` once on the hub's machine, "
+                "or pass that machine's --config-dir"
+            )
+        return SigningKey.load(self.signing_key_file)
+
+    def hub_public_key(self) -> PublicKey | None:
+        """The key a node on this machine trusts: from `swarm-node join`, else this machine's hub."""
+        joined = self.joined()
+        if joined is not None and joined[0].hub_key:
+            return PublicKey.parse(joined[0].hub_key)
+        if self.signing_key_file.exists():
+            return self.signing_key().public
+        return None
 
     def _save_logins(self, logins: dict[Role, Login]) -> None:
         raw = {r.value: {"username": login.username, "password": login.password} for r, login in logins.items()}

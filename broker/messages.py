@@ -20,6 +20,9 @@ RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 NodeId = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Strategy = Literal["race", "best_of_n"]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+#: PEP 440 versions, compared with ``packaging`` where they are used
+Version = Annotated[str, Field(pattern=r"^[0-9][0-9A-Za-z.+!-]{0,63}$")]
 #: the hub's default cap on fanout
 MAX_FANOUT = 16
 
@@ -241,6 +244,16 @@ class Announce(Wire):
     ts: float
 
 
+class PinReport(Wire):
+    """How a node stands with the swarm's model pin or bundle: what it was asked for, what came of it."""
+
+    #: the bundle version, or the pinned model's name
+    wanted: str = Field(max_length=128)
+    outcome: Literal["fetching", "switching", "applied", "refused", "rolled_back", "unpinned"]
+    reason: str | None = Field(default=None, max_length=1024)
+    ts: float
+
+
 class Status(Wire):
     """Retained, and the node's Last Will (``offline``)."""
 
@@ -248,6 +261,9 @@ class Status(Wire):
     state: NodeState
     reason: str | None = None
     ts: float | None = None
+    #: the node's answer to the retained bundle manifest and model pin (None: none seen yet)
+    bundle: PinReport | None = None
+    model_pin: PinReport | None = None
 
 
 class Heartbeat(Wire):
@@ -306,6 +322,8 @@ class NodeRow(Wire):
     last_seen: float | None
     agent_version: str | None
     tags: list[str]
+    #: why the node does not run the pinned bundle or model (None: it does, or nothing is pinned)
+    lag: str | None = None
 
 
 class NodeTable(Wire):
@@ -313,3 +331,42 @@ class NodeTable(Wire):
 
     ts: float
     nodes: list[NodeRow]
+
+
+# ---------------------------------------------------------------- signed pins (retained)
+
+
+class BundleManifest(Wire):
+    """The node code every node should run; travels signed (see ``signing.py``) on ``bundle``.
+
+    The archive itself is ``chunks`` retained messages on ``bundle/chunk/{i}``, each
+    ``chunk_bytes`` long but the last, each with its own sha256 so a node can tell a stale chunk
+    from the current one.
+    """
+
+    kind: Literal["bundle"] = "bundle"
+    swarm: str
+    version: Version
+    sha256: Sha256
+    size_bytes: int = Field(ge=1)
+    min_python: str = Field(pattern=r"^3\.[0-9]{1,2}$")
+    chunk_bytes: int = Field(ge=1024)
+    chunks: list[Sha256] = Field(min_length=1, max_length=4096)
+    created: float
+
+
+class ModelPin(Wire):
+    """The GGUF model the swarm's nodes should serve; travels signed on ``model``."""
+
+    kind: Literal["model"] = "model"
+    swarm: str
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    sha256: Sha256
+    size_bytes: int | None = Field(default=None, ge=1)
+    #: where a node that lacks the file downloads it (None: nodes must have it already)
+    url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    #: only nodes carrying at least one of these tags follow the pin (empty: every node)
+    tags: list[Tag] = Field(default_factory=list)
+    #: grows with every pin: a node refuses an older pin replayed at it
+    serial: int = Field(ge=1)
+    created: float

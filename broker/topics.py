@@ -112,8 +112,9 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("swarm/{sid}/node/{node_id}/result", "node", "hub", 1, False),
     TopicSpec("swarm/{sid}/hub/status", "hub", "client, node", 1, True),
     TopicSpec("swarm/{sid}/hub/nodes", "hub", "client", 1, True),
-    TopicSpec("swarm/{sid}/model", "hub", "node", 1, True),
-    TopicSpec("swarm/{sid}/bundle", "hub", "node", 1, True),
+    TopicSpec("swarm/{sid}/model", "hub", "node, client", 1, True),
+    TopicSpec("swarm/{sid}/bundle", "hub", "node, client", 1, True),
+    TopicSpec("swarm/{sid}/bundle/chunk/{index}", "hub", "node", 1, True),
 )
 
 
@@ -190,12 +191,27 @@ class Topics:
     def hub_nodes(self) -> str:
         return f"{self.base}/hub/nodes"
 
-    # retained pins (their payloads belong to the update machinery)
+    # retained, signed pins: the model and the node bundle every node should run
     def model(self) -> str:
         return f"{self.base}/model"
 
     def bundle(self) -> str:
         return f"{self.base}/bundle"
+
+    def bundle_chunk(self, index: int) -> str:
+        if index < 0:
+            raise ConfigError(f"chunk index must be 0 or more, not {index}")
+        return f"{self.base}/bundle/chunk/{index}"
+
+    def bundle_chunks(self) -> str:
+        return f"{self.base}/bundle/chunk/+"
+
+    def parse_bundle_chunk(self, topic: str) -> int | None:
+        prefix = f"{self.base}/bundle/chunk/"
+        index = topic.removeprefix(prefix)
+        if index == topic or not index.isdigit() or len(index) > 6:
+            return None
+        return int(index)
 
     def everything(self) -> str:
         return f"{self.base}/#"

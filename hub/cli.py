@@ -5,6 +5,9 @@ swarm-hub serve --broker URL     the hub alone, against any broker
 swarm-hub ask "What is 2+2?"     ask the swarm; prints the answer, its node and timings
 swarm-hub nodes | status         what the hub sees
 swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto_sub
+swarm-hub enroll NODE            a node's own login, as a one-line join command
+swarm-hub bundle publish         sign this hub's node code and roll it out to every node
+swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained)
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from pathlib import Path
 from nova_swarm.broker import logs, tls
 from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
-from nova_swarm.broker.errors import ConnectionLost, RequestFailed, SwarmError
+from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
 from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
 from nova_swarm.broker.messages import MAX_FANOUT, GenParams, HubStatus, NodeTable, PromptRequest, decode
-from nova_swarm.broker.topics import DEFAULT_SWARM
+from nova_swarm.broker.topics import DEFAULT_SWARM, Topics
 from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.version import __version__
 
+from . import pins
 from .client import SwarmClient
 from .config import HubConfig
 from .hub import Hub
@@ -119,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     enrolled = sub.add_parser("enrolled", help="list enrolled nodes")
     enrolled.add_argument("--config-dir", type=Path)
+
+    bundle = sub.add_parser("bundle", help="signed over-the-air updates of the nodes' code")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
+    publish = bsub.add_parser("publish", help="pack, sign and retain the node code; nodes restart into it")
+    publish.add_argument("--version", help="the bundle's version (default: this hub's own version)")
+    publish.add_argument(
+        "--from", dest="source", type=Path, help="a source checkout to pack (default: the code this hub runs)"
+    )
+    bshow = bsub.add_parser("show", help="the bundle published now")
+    model = sub.add_parser("model", help="pin the GGUF model every node serves")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    pin = msub.add_parser("pin", help="publish a signed, retained model pin")
+    pin.add_argument("name", help="the model's name (its file name in node caches, without .gguf)")
+    pin.add_argument("--sha256", required=True, help="the GGUF file's sha256: nodes refuse anything else")
+    pin.add_argument("--url", help="where nodes without the file download it (http or https)")
+    pin.add_argument("--size", type=int, help="the file's size in bytes (lets nodes refuse what they cannot hold)")
+    pin.add_argument("--tags", default="", help="only nodes with one of these comma-separated tags follow the pin")
+    unpin = msub.add_parser("unpin", help="clear the pin: nodes go back to their own model")
+    mshow = msub.add_parser("show", help="the model pinned now")
+    for p in (publish, bshow, pin, unpin, mshow):
+        common(p, broker_role="hub")
+    key = sub.add_parser("key", help="print the hub's public signing key (for `swarm-node run --hub-key`)")
+    key.add_argument("--config-dir", type=Path)
     return parser
 
 
@@ -307,8 +335,6 @@ async def cmd_ask(args: argparse.Namespace) -> int:
 
 
 async def _retained(args: argparse.Namespace, topic_of: str) -> bytes | None:
-    from nova_swarm.broker.topics import Topics
-
     home = _home(args)
     topics = Topics(_swarm(args, home))
     topic = topics.hub_nodes() if topic_of == "nodes" else topics.hub_status()
@@ -344,12 +370,13 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         print(table.model_dump_json(indent=2))
         return 0
-    header = ("NODE", "STATE", "MODEL", "TOK/S", "BATTERY", "TEMP", "BUSY", "LAST SEEN")
+    header = ("NODE", "STATE", "MODEL", "VERSION", "TOK/S", "BATTERY", "TEMP", "BUSY", "LAST SEEN")
     rows = [
         (
             n.node_id,
             n.state.value,
             n.model or "-",
+            n.agent_version or "-",
             _fmt(n.tokens_per_s, ".1f"),
             "-" if n.battery_pct is None else f"{n.battery_pct:.0f}%" + ("+" if n.charging else ""),
             _fmt(n.temp_c, ".1f", "C"),
@@ -361,6 +388,11 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    lagging = [n for n in table.nodes if n.lag]
+    if lagging:
+        print("\nnot on the pinned bundle or model:")
+        for n in lagging:
+            print(f"  {n.node_id}: {n.lag}")
     return 0
 
 
@@ -412,7 +444,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     host = host or _lan_host()
     url = BrokerURL(host, args.port or local.port, enrolment.node_id, enrolment.password, tls=local.tls)
     ca_pem = home.ca_file.read_text() if local.tls and home.ca_file.exists() else None
-    token = join_token(Joined(url=str(url), swarm=local.swarm, node_id=enrolment.node_id, ca_pem=ca_pem))
+    hub_key = home.signing_key().public.text
+    token = join_token(
+        Joined(url=str(url), swarm=local.swarm, node_id=enrolment.node_id, ca_pem=ca_pem, hub_key=hub_key)
+    )
     print(f"node {enrolment.node_id!r} enrolled. On that device run:\n", file=sys.stderr)
     print(f"pip install 'nova-swarm[node]' && swarm-node join {token} && swarm-node run")
     notes = ["\nThe token holds the node's password: pass it on as you would a password."]
@@ -442,10 +477,83 @@ def cmd_enrolled(args: argparse.Namespace) -> int:
     return 0
 
 
-SYNC_COMMANDS = {"creds": cmd_creds, "enroll": cmd_enroll, "revoke": cmd_revoke, "enrolled": cmd_enrolled}
+def cmd_key(args: argparse.Namespace) -> int:
+    print(_home(args).signing_key().public.text)
+    return 0
 
 
-COMMANDS = {"up": cmd_up, "serve": cmd_serve, "ask": cmd_ask, "nodes": cmd_nodes, "status": cmd_status}
+async def cmd_bundle(args: argparse.Namespace) -> int:
+    home = _home(args)
+    topics = Topics(_swarm(args, home))
+    async with Connection(_url(args, home, Role.HUB), ca_file=args.ca_file) as conn:
+        current = await pins.current_manifest(conn, topics.bundle())
+        if args.bundle_command == "show":
+            if current is None:
+                print("no bundle is published; nodes run the code they were installed with")
+                return 1
+            print(json.dumps(current, indent=2))
+            return 0
+        key = home.signing_key()
+        version = args.version or __version__
+        pins.check_newer(version, current)
+        packages = pins.tree_from(args.source) if args.source else pins.source_root()
+        archive = pins.pack_bundle(packages, version)
+        previous = current.get("chunks") if current else None
+        manifest = await pins.publish_bundle(
+            conn, topics, key, archive, version, previous_chunks=len(previous) if isinstance(previous, list) else 0
+        )
+    print(
+        f"bundle {manifest.version} published: {manifest.size_bytes / 1024:.0f} KiB in {len(manifest.chunks)} chunk(s),"
+        f" sha256 {manifest.sha256[:16]}..., signed by key {key.public.key_id}."
+        " Nodes restart into it; `swarm-hub nodes` shows who lags and why."
+    )
+    return 0
+
+
+async def cmd_model(args: argparse.Namespace) -> int:
+    home = _home(args)
+    topics = Topics(_swarm(args, home))
+    async with Connection(_url(args, home, Role.HUB), ca_file=args.ca_file) as conn:
+        if args.model_command == "show":
+            current = await pins.current_manifest(conn, topics.model())
+            if current is None:
+                print("no model is pinned; each node serves its own")
+                return 1
+            print(json.dumps(current, indent=2))
+            return 0
+        if args.model_command == "unpin":
+            await pins.unpin_model(conn, topics)
+            print("model unpinned: nodes go back to their own model")
+            return 0
+        tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+        try:
+            pin = pins.model_pin(topics.swarm, args.name, args.sha256, url=args.url, size_bytes=args.size, tags=tags)
+        except ProtocolError as exc:
+            raise ConfigError(f"cannot pin that: {exc}") from exc
+        await pins.publish_model_pin(conn, topics, home.signing_key(), pin)
+    who = f"nodes tagged {', '.join(tags)}" if tags else "every node"
+    print(f"pinned {pin.name} (sha256 {pin.sha256[:16]}...) for {who}; `swarm-hub nodes` shows who follows")
+    return 0
+
+
+SYNC_COMMANDS = {
+    "creds": cmd_creds,
+    "enroll": cmd_enroll,
+    "revoke": cmd_revoke,
+    "enrolled": cmd_enrolled,
+    "key": cmd_key,
+}
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "serve": cmd_serve,
+    "ask": cmd_ask,
+    "nodes": cmd_nodes,
+    "status": cmd_status,
+    "bundle": cmd_bundle,
+    "model": cmd_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

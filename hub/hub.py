@@ -15,13 +15,14 @@ what it had accepted, and a client that sends the same request id again gets the
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import structlog
 
@@ -186,6 +187,8 @@ class Hub:
             t.all_nodes(NodeTopic.STATUS),
             t.all_nodes(NodeTopic.HEARTBEAT),
             t.all_nodes(NodeTopic.RESULT),
+            t.model(),
+            t.bundle(),
             qos=1,
         )
         await self._flush_outbox(conn)
@@ -239,6 +242,9 @@ class Hub:
                 return
             self._spawn(self._guarded_prompt(message))
             return
+        if message.topic in (self.topics.model(), self.topics.bundle()):
+            self._on_pin(message)
+            return
         parsed = self.topics.parse_node_topic(message.topic)
         if parsed is None:
             return
@@ -272,6 +278,36 @@ class Hub:
                     self._status_changed.set()
         except ProtocolError as exc:
             log.warning("dropped malformed node message", node_id=node_id, topic=message.topic, error=str(exc))
+
+    def _on_pin(self, message: Message) -> None:
+        """Remember what is pinned, so the node table can say who lags and why.
+
+        Not verified: nodes check signatures; the hub only reports what it sees retained."""
+        signed: dict[str, Any] = {}
+        if message.payload:
+            try:
+                envelope = json.loads(message.payload)
+                signed = (
+                    envelope["signed"]
+                    if isinstance(envelope, dict) and isinstance(envelope.get("signed"), dict)
+                    else {}
+                )
+            except ValueError:
+                log.warning("ignored malformed pin", topic=message.topic)
+        pins = self.registry.pins
+        if message.topic == self.topics.bundle():
+            version = signed.get("version")
+            pins = replace(pins, bundle=version if isinstance(version, str) else None)
+        else:
+            name, sha, tags = signed.get("name"), signed.get("sha256"), signed.get("tags")
+            pins = replace(
+                pins,
+                model_name=name if isinstance(name, str) else None,
+                model_sha256=sha if isinstance(sha, str) else None,
+                model_tags=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
+            )
+        self.registry.pins = pins
+        self._status_changed.set()
 
     def _on_result(self, node_id: str, result: TaskResult) -> None:
         run = self._by_task.get(result.task_id)

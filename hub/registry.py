@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nova_swarm.broker.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, Status
+from packaging.version import InvalidVersion, Version
+
+from nova_swarm.broker.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, PinReport, Status
 
 TIMEOUT_REASON = "heartbeat timeout"
 
@@ -25,6 +27,9 @@ class NodeRecord:
     heartbeat: Heartbeat | None = None
     #: tasks the hub has assigned and not yet seen settled
     inflight: int = 0
+    #: what the node last said about the pinned bundle and model
+    bundle_report: PinReport | None = None
+    model_report: PinReport | None = None
 
     @property
     def capacity(self) -> int:
@@ -43,10 +48,57 @@ class NodeRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Pins:
+    """What the swarm's retained manifests ask every node to run."""
+
+    bundle: str | None = None
+    model_name: str | None = None
+    model_sha256: str | None = None
+    model_tags: tuple[str, ...] = ()
+
+
+def _older(running: str, pinned: str) -> bool:
+    try:
+        return Version(running) < Version(pinned)
+    except InvalidVersion:
+        return running != pinned
+
+
+def _why(report: PinReport | None, wanted: str, rec: NodeRecord) -> str:
+    if report is not None and report.wanted == wanted and report.outcome != "applied":
+        return f"{report.outcome}" + (f": {report.reason}" if report.reason else "")
+    if rec.state is NodeState.OFFLINE:
+        return "offline"
+    return "has not answered the pin yet"
+
+
+def lag(rec: NodeRecord, pins: Pins) -> str | None:
+    """Why ``rec`` does not run what is pinned, in words, or None when it does."""
+    an = rec.announce
+    if an is None:
+        return None
+    reasons = []
+    if pins.bundle is not None and _older(an.agent_version, pins.bundle):
+        reasons.append(
+            f"runs {an.agent_version}, bundle {pins.bundle} is pinned ({_why(rec.bundle_report, pins.bundle, rec)})"
+        )
+    if (
+        pins.model_sha256 is not None
+        and pins.model_name is not None
+        and an.model.sha256 != pins.model_sha256
+        and (not pins.model_tags or set(an.tags) & set(pins.model_tags))
+    ):
+        why = _why(rec.model_report, pins.model_name, rec)
+        reasons.append(f"serves {an.model.name}, {pins.model_name} is pinned ({why})")
+    return "; ".join(reasons) or None
+
+
 @dataclass
 class Registry:
     heartbeat_timeout_s: float = 35.0
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    pins: Pins = field(default_factory=Pins)
     _dirty: set[str] = field(default_factory=set)
 
     def record(self, node_id: str) -> NodeRecord:
@@ -77,6 +129,8 @@ class Registry:
         rec = self.record(status.node_id)
         rec.state = status.state
         rec.reason = status.reason
+        if status.state is not NodeState.OFFLINE:  # the Last Will knows nothing of pins
+            rec.bundle_report, rec.model_report = status.bundle, status.model_pin
         if live:
             rec.last_seen = now
         return was and not rec.available(now, self.heartbeat_timeout_s)
@@ -151,6 +205,7 @@ class Registry:
                     last_seen=rec.last_seen,
                     agent_version=an.agent_version if an else None,
                     tags=list(an.tags) if an else [],
+                    lag=lag(rec, self.pins),
                 )
             )
         return NodeTable(ts=now, nodes=rows)

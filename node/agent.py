@@ -9,7 +9,8 @@ on. Results that cannot be sent while the broker is away wait in an outbox and g
 
 The guard (``guard.py``) watches the device's sensors: when the phone gets too hot or too flat,
 the node finishes what it is running, hands back what is queued, unsubscribes from its task
-topic and reports ``paused`` with the reason, until the readings are back past a margin.
+topic and reports ``paused`` with the reason, until the readings are back past a margin. A model
+switch (``updater.py``) holds the node the same way while it swaps engines.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, reconnecting
-from nova_swarm.broker.errors import EngineError, ErrorCode, ProtocolError
+from nova_swarm.broker.errors import ConfigError, EngineError, ErrorCode, ProtocolError
 from nova_swarm.broker.messages import (
     Announce,
     Cancel,
@@ -48,6 +49,7 @@ from . import sensors
 from .config import NodeConfig
 from .engine import Engine, Generation, Sampling
 from .guard import Guard, Pause, Resume
+from .updater import Updater, UpdateSetup
 
 log = structlog.get_logger("nova_swarm.node")
 
@@ -73,6 +75,7 @@ class Node:
         *,
         ca_file: Path | None = None,
         sensor: sensors.Source | None = None,
+        updates: UpdateSetup | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -96,6 +99,16 @@ class Node:
         self.tasks_failed = 0
         #: which run of the hub we work for (its ``started_at``); a new one means a restarted hub
         self._hub_started_at: float | None = None
+        #: why the node takes no work apart from its guard (a model switch), or None
+        self._hold: str | None = None
+        self.updates = updates or UpdateSetup()
+        #: the GGUF file the engine serves, when the node knows it (it can switch models then)
+        self.model_path: Path | None = self.updates.model_path
+        self.updater = Updater(self, self.updates)
+        self._tg: asyncio.TaskGroup | None = None
+        #: set when a new bundle is installed: the CLI exits so the supervisor restarts into it
+        self.restart_requested = False
+        self._online_reported = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -107,11 +120,13 @@ class Node:
         await self._profile()
         await self._sense()  # before connecting: a node that starts hot starts paused
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             link = tg.create_task(reconnecting(self._connect, self._session, name=f"node {self.config.node_id}"))
             senses = tg.create_task(self._sense_loop())
             workers = [tg.create_task(self._worker()) for _ in range(self.config.slots)]
             await self._stop_requested.wait()
             senses.cancel()
+            self.updater.cancel()
             await self._drain(workers)
             await self._go_offline()
             link.cancel()
@@ -138,8 +153,10 @@ class Node:
 
     async def _session(self, conn: Connection) -> None:
         node_id = self.config.node_id
-        await conn.subscribe(self.topics.node_cancel(node_id), self.topics.hub_status(), qos=1)
-        if not self.guard.paused:
+        await conn.subscribe(
+            self.topics.node_cancel(node_id), self.topics.hub_status(), self.topics.model(), self.topics.bundle(), qos=1
+        )
+        if self._accepting():
             await conn.subscribe(self.topics.node_task(node_id), qos=1)
         await conn.publish(self.topics.node_announce(node_id), self._announce().encode(), retain=True)
         await conn.publish(self.topics.node_status(node_id), self._current_status().encode(), retain=True)
@@ -147,11 +164,14 @@ class Node:
         self._conn = conn
         try:
             self.connected.set()
-            log.info("node online", node_id=node_id, broker=self.url.redacted())
+            log.info("node online", node_id=node_id, broker=self.url.redacted(), version=__version__)
+            if self.updates.on_online is not None and not self._online_reported:
+                self._online_reported = True
+                self.updates.on_online()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeats(conn))
                 async for message in conn.messages():
-                    await self._on_message(message)
+                    await self._on_message(message, conn, tg)
         finally:
             self._conn = None
             self.connected.clear()
@@ -178,9 +198,22 @@ class Node:
 
     # ------------------------------------------------------------------ messages in
 
-    async def _on_message(self, message: Message) -> None:
-        if message.topic == self.topics.hub_status():
+    async def _on_message(self, message: Message, conn: Connection, session: asyncio.TaskGroup) -> None:
+        topic = message.topic
+        if topic == self.topics.hub_status():
             await self._on_hub_status(message)
+            return
+        # The pins are retained on purpose; a model switch outlives a reconnect, a bundle fetch
+        # (which needs this connection's subscription) does not.
+        if topic == self.topics.model():
+            assert self._tg is not None
+            await self.updater.on_model_pin(message.payload, self._tg)
+            return
+        if topic == self.topics.bundle():
+            await self.updater.on_bundle(message.payload, conn, session)
+            return
+        if (index := self.topics.parse_bundle_chunk(topic)) is not None:
+            self.updater.on_chunk(index, message.payload)
             return
         if message.retain:
             # Task and cancel topics are never retained; a retained one is stale or leaked.
@@ -210,8 +243,8 @@ class Node:
             if self._stop_requested.is_set():
                 await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
                 return
-            if self.guard.paused:  # sent before the hub saw us pause
-                await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {self.guard.reason}"))
+            if not self._accepting():  # sent before the hub saw us pause
+                await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {self._why_paused()}"))
                 return
             async with self._work:
                 if len(self._queued) + len(self._running) >= self.config.slots + self.config.queue_max:
@@ -289,18 +322,77 @@ class Node:
 
     async def _resume(self, reason: str) -> None:
         log.info("resuming", reason=reason, resumes=self.guard.resumes)
+        await self._take_work()
+        await self._send_status()
+
+    async def _take_work(self) -> None:
         conn = self._conn
-        if conn is not None:
+        if conn is not None and self._accepting():
             try:
                 await conn.subscribe(self.topics.node_task(self.config.node_id), qos=1)
             except ConnectionLost:
                 pass  # the next session subscribes
-        await self._send_status()
+
+    def _accepting(self) -> bool:
+        return not self.guard.paused and self._hold is None
+
+    def _why_paused(self) -> str | None:
+        return self.guard.reason if self.guard.paused else self._hold
 
     def _current_status(self) -> Status:
-        if self.guard.paused:
-            return self._status(NodeState.PAUSED, reason=self.guard.reason)
+        if not self._accepting():
+            return self._status(NodeState.PAUSED, reason=self._why_paused())
         return self._status(NodeState.ONLINE)
+
+    # ------------------------------------------------------------------ model switch and restart
+
+    async def switch_engine(self, model_path: Path, reason: str) -> None:
+        """Serve ``model_path`` from now on, between tasks: take no new work, hand back what is
+        queued, let what runs finish, then swap. If the new model does not load, the old one is
+        loaded again and ``ConfigError`` says why."""
+        load = self.updates.load_model
+        if load is None:
+            raise ConfigError("this node's engine cannot switch models")
+        old_path = self.model_path
+        was_accepting = self._accepting()
+        self._hold = reason
+        try:
+            if was_accepting and self._conn is not None:
+                try:
+                    await self._conn.unsubscribe(self.topics.node_task(self.config.node_id), drop_pending=False)
+                except ConnectionLost:
+                    pass
+            await self._hand_back_queue(ErrorCode.NODE_PAUSED, f"node paused: {reason}")
+            await self._send_status()
+            while True:
+                async with self._work:
+                    if not self._running and not self._queued:
+                        break
+                await asyncio.sleep(0.05)
+            old = self.engine
+            await asyncio.to_thread(old.close)  # a phone may not hold two models at once
+            try:
+                self.engine = await asyncio.to_thread(load, model_path)
+            except ConfigError:
+                if old_path is None:
+                    raise
+                self.engine = await asyncio.to_thread(load, old_path)
+                raise
+            self.model_path = model_path
+            await self._profile()
+            await self._send(self.topics.node_announce(self.config.node_id), self._announce().encode(), retain=True)
+        finally:
+            self._hold = None
+            await self._take_work()
+            await self._send_status()
+
+    def restart_for_update(self) -> None:
+        """A new bundle is installed: drain like a stop, then let the supervisor restart us into it."""
+        self.restart_requested = True
+        self.stop()
+
+    async def send_status(self) -> None:
+        await self._send_status()
 
     async def _send_status(self) -> None:
         status = self._current_status()
@@ -461,7 +553,14 @@ class Node:
         )
 
     def _status(self, state: NodeState, reason: str | None = None) -> Status:
-        return Status(node_id=self.config.node_id, state=state, reason=reason, ts=time.time())
+        return Status(
+            node_id=self.config.node_id,
+            state=state,
+            reason=reason,
+            ts=time.time(),
+            bundle=self.updater.bundle_report,
+            model_pin=self.updater.model_report,
+        )
 
     def _heartbeat(self) -> Heartbeat:
         reading = self.reading
@@ -480,6 +579,6 @@ class Node:
             tokens_served=self.tokens_served,
             tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed,
-            paused=self.guard.paused,
+            paused=not self._accepting(),
             pauses=self.guard.pauses,
         )

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -14,14 +17,18 @@ import structlog
 from nova_swarm.broker import logs
 from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.home import SwarmHome, parse_join_token
+from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import check_node_id
 from nova_swarm.broker.url import BrokerURL
 
 from . import sensors
+from .bundles import RESTART_EXIT, BundleStore
 from .config import NodeConfig, default_node_id
-from .engine import load_engine
+from .engine import Engine, load_engine
 from .guard import GuardConfig
 from .models import CATALOGUE, ModelCache, bundled_model, progress_bar, pull
+from .supervisor import CHILD_ENV, HEALTH_ENV, Supervisor, SupervisorConfig
+from .updater import UpdateSetup
 
 log = structlog.get_logger("nova_swarm.node")
 
@@ -58,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     run.add_argument("--drain", type=float, default=30.0, help="seconds running tasks may finish on shutdown")
     run.add_argument("--config-dir", type=Path)
+    updates = run.add_argument_group("signed updates (model pins and node bundles from the hub)")
+    updates.add_argument(
+        "--hub-key", help="the hub's public key (default: from `swarm-node join`, or this machine's hub)"
+    )
+    updates.add_argument(
+        "--state-dir", type=Path, help="where bundles are kept (default: ~/.local/state/nova-swarm/NODE_ID)"
+    )
+    updates.add_argument(
+        "--update-timeout", type=float, default=120.0, help="seconds a new bundle has to come online before rollback"
+    )
+    updates.add_argument(
+        "--no-updates",
+        action="store_true",
+        help="run in this process and never install bundles (model pins still apply)",
+    )
     guard = run.add_argument_group("battery and thermal guard")
     d = GuardConfig()
     guard.add_argument(
@@ -197,33 +219,80 @@ def engine_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
-async def run_node(args: argparse.Namespace) -> None:
+def default_state_dir(node_id: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nova-swarm" / node_id
+
+
+def hub_key(args: argparse.Namespace, home: SwarmHome) -> PublicKey | None:
+    if args.hub_key:
+        path = Path(args.hub_key).expanduser()
+        return PublicKey.parse(path.read_text() if path.is_file() else args.hub_key)
+    return home.hub_public_key()
+
+
+def _mark_healthy(path: Path) -> Callable[[], None]:
+    def mark() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{os.getpid()} {time.time()}\n")
+
+    return mark
+
+
+async def run_node(args: argparse.Namespace) -> bool:
+    """Run until stopped; True when the node installed a bundle and wants a restart into it."""
     from .agent import Node
 
     home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
     config, url = config_from(args, home)
+    cache = ModelCache(args.cache_dir)
     options: dict[str, object] = {}
+    model_path: Path | None = None
     if args.engine == "llama":
-        options = {
-            "model_path": resolve_model(args.model, ModelCache(args.cache_dir)),
-            "ctx": args.ctx,
-            "threads": args.threads,
-        }
-    options.update(engine_options(args.engine_option))
+        model_path = resolve_model(args.model, cache)
+        options = {"model_path": model_path, "ctx": args.ctx, "threads": args.threads}
+    extra = engine_options(args.engine_option)
+    options.update(extra)
     engine = await asyncio.to_thread(load_engine, args.engine, **options)
     source = sensors.load_source(args.sensors)
     log.info("sensors", source=source.name)
-    node = Node(config, engine, url, ca_file=args.ca_file, sensor=source)
+    supervised = os.environ.get(CHILD_ENV) == "1"
+    health = os.environ.get(HEALTH_ENV)
+
+    def load_model(path: Path) -> Engine:
+        return load_engine(args.engine, **{**options, "model_path": path})
+
+    updates = UpdateSetup(
+        hub_key=hub_key(args, home),
+        bundles=BundleStore((args.state_dir or default_state_dir(config.node_id)) / "bundles") if supervised else None,
+        models=cache,
+        load_model=load_model if model_path is not None else None,
+        model_path=model_path,
+        on_online=_mark_healthy(Path(health)) if supervised and health else None,
+    )
+    node = Node(config, engine, url, ca_file=args.ca_file, sensor=source, updates=updates)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)
     try:
         await node.run()
     finally:
-        engine.close()
+        node.engine.close()
+        if node.engine is not engine:
+            engine.close()
+    return node.restart_requested
+
+
+def supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    """``swarm-node run`` without --no-updates: run the node under the bundle supervisor."""
+    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    config, _ = config_from(args, home)  # fail here, once, on bad flags
+    store = BundleStore((args.state_dir or default_state_dir(config.node_id)) / "bundles")
+    return Supervisor(store, argv, SupervisorConfig(health_timeout_s=args.update_timeout)).run()
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logs.configure(level=args.log_level, json=args.log_json)
     try:
@@ -231,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_join(args)
         if args.command == "models":
             return cmd_models(args)
-        asyncio.run(run_node(args))
+        if not args.no_updates and os.environ.get(CHILD_ENV) != "1":
+            return supervise(args, argv)
+        if asyncio.run(run_node(args)):
+            return RESTART_EXIT
     except ConfigError as exc:
         print(f"swarm-node: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class LlamaEngine:
         )
         # One Llama context is not safe to use from two threads at once.
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def info(self) -> EngineInfo:
@@ -105,4 +106,7 @@ class LlamaEngine:
         )
 
     def close(self) -> None:
-        self._llm.close()
+        with self._lock:  # never under a running generation
+            if not self._closed:
+                self._closed = True
+                self._llm.close()

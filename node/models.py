@@ -144,9 +144,11 @@ def pull(
     name: str | None = None,
     progress: Progress | None = None,
     timeout_s: float = 30.0,
+    stop: Callable[[], bool] | None = None,
 ) -> CachedModel:
     """Download a catalogue model or a URL into the cache, resuming a partial download, and
-    verify it before it can be used. Raises ConfigError with the reason on any failure."""
+    verify it before it can be used. Raises ConfigError with the reason on any failure; ``stop``
+    ends a download early (it resumes on the next pull)."""
     entry = CATALOGUE.get(source)
     if entry is not None:
         url, expected, name = entry.url, (sha256 or entry.sha256).lower(), name or entry.name
@@ -170,7 +172,7 @@ def pull(
         return cached
     cache.root.mkdir(parents=True, exist_ok=True)
     part = cache.root / f"{name}.gguf.part"
-    _download(url, part, progress=progress, timeout_s=timeout_s)
+    _download(url, part, progress=progress, timeout_s=timeout_s, stop=stop)
     actual = sha256_file(part)
     if actual != expected:
         part.unlink(missing_ok=True)  # a bad file must not be resumed, or loaded
@@ -178,7 +180,9 @@ def pull(
     return cache.add(part, name, expected)
 
 
-def _download(url: str, part: Path, *, progress: Progress | None, timeout_s: float) -> None:
+def _download(
+    url: str, part: Path, *, progress: Progress | None, timeout_s: float, stop: Callable[[], bool] | None = None
+) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(
         url, headers={"User-Agent": "nova-swarm", **({"Range": f"bytes={have}-"} if have else {})}
@@ -203,6 +207,8 @@ def _download(url: str, part: Path, *, progress: Progress | None, timeout_s: flo
                     done += len(block)
                     if progress is not None:
                         progress(done, total)
+                    if stop is not None and stop():
+                        raise ConfigError(f"download stopped after {done} bytes; the next pull resumes it")
         except (OSError, http.client.HTTPException) as exc:
             raise ConfigError(
                 f"download interrupted after {done} bytes ({exc}); run the same pull again to resume"

@@ -43,14 +43,16 @@ def builder_patterns() -> set[str]:
     t = Topics("sidx")
     out = set()
     for name, member in inspect.getmembers(Topics, predicate=inspect.isfunction):
-        if name.startswith("_") or name in {"node", "all_nodes", "parse_node_topic", "is_reply_topic", "everything"}:
+        skip = {"node", "all_nodes", "parse_node_topic", "is_reply_topic", "everything", "bundle_chunks"}
+        if name.startswith("_") or name in skip or name.startswith("parse_"):
             continue
         params = [p for p in inspect.signature(member).parameters if p != "self"]
-        args = {"node_id": "nidx", "name": "namex"}
+        args: dict[str, object] = {"node_id": "nidx", "name": "namex", "index": 7}
         topic = getattr(t, name)(*[args[p] for p in params])
         if name == "reply_filter":
             continue
-        out.add(topic.replace("sidx", "{sid}").replace("nidx", "{node_id}").replace("namex", "{name}"))
+        topic = topic.replace("sidx", "{sid}").replace("nidx", "{node_id}").replace("namex", "{name}")
+        out.add(topic.replace("/chunk/7", "/chunk/{index}"))
     out.add(t.reply().replace("sidx", "{sid}").replace("default", "{name}"))
     return out
 
@@ -66,6 +68,13 @@ def test_node_topic_round_trip() -> None:
     assert t.parse_node_topic("swarm/other/node/x/status") is None
     assert t.parse_node_topic("swarm/main/node/x/unknown") is None
     assert t.parse_node_topic("swarm/main/node/X Y/status") is None
+
+
+def test_bundle_chunk_round_trip() -> None:
+    t = Topics("main")
+    assert t.parse_bundle_chunk(t.bundle_chunk(12)) == 12
+    for bad in ("swarm/main/bundle/chunk/", "swarm/main/bundle/chunk/x", "swarm/main/bundle/chunk/-1", t.bundle()):
+        assert t.parse_bundle_chunk(bad) is None
 
 
 @pytest.mark.parametrize("bad", ["", "UPPER", "with space", "a/b", "+", "#", "x" * 65])

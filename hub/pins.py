@@ -1,0 +1,174 @@
+"""The hub's side of pins: pack and sign node bundles, sign model pins, retain both on the broker.
+
+    archive = pack_bundle(source_root(), "0.2.0")
+    await publish_bundle(conn, topics, key, archive, "0.2.0")
+    await publish_model_pin(conn, topics, key, model_pin("main", "gemma-3-270m", sha256, url=...))
+
+A bundle is chunked into retained messages on ``bundle/chunk/{i}`` and published before its
+manifest, so a node that sees the manifest finds every chunk already there. Chunks left from a
+longer earlier bundle are cleared. The manifest goes out last and retained on ``bundle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+from packaging.version import Version
+
+import nova_swarm.broker
+import nova_swarm.node
+from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.messages import BundleManifest, ModelPin, decode
+from nova_swarm.broker.signing import SigningKey
+from nova_swarm.broker.topics import Topics
+from nova_swarm.node.bundles import BUNDLE_PACKAGES, parse_version
+
+#: well under every broker's packet limit (EMQX defaults to 1 MB)
+CHUNK_BYTES = 256 * 1024
+#: a fixed timestamp for every archive entry: the same code and version give the same sha256
+_EPOCH = (2020, 1, 1, 0, 0, 0)
+_VERSION_FILE = "nova_swarm/broker/version.py"
+
+
+def source_root() -> dict[str, Path]:
+    """The node code this hub runs, by package: what `bundle publish` ships by default."""
+    return {
+        "broker": Path(next(iter(nova_swarm.broker.__path__))),
+        "node": Path(next(iter(nova_swarm.node.__path__))),
+    }
+
+
+def tree_from(directory: Path) -> dict[str, Path]:
+    """``--from DIR``: a source checkout (with ``broker/`` and ``node/``) or an unpacked bundle."""
+    for base in (directory, directory / "nova_swarm"):
+        found = {p: base / p for p in BUNDLE_PACKAGES}
+        if all((path / "__init__.py").is_file() for path in found.values()):
+            return found
+    raise ConfigError(f"{directory} has no broker/ and node/ packages to bundle")
+
+
+def pack_bundle(packages: dict[str, Path], version: str) -> bytes:
+    """A deterministic zip of the node's code, with ``__version__`` stamped to ``version`` so the
+    running node announces exactly the bundle it came from."""
+    parse_version(version)
+    entries: dict[str, bytes] = {}
+    for name, root in sorted(packages.items()):
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if path.is_dir() or "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo"):
+                continue
+            entries[f"nova_swarm/{name}/{rel.as_posix()}"] = path.read_bytes()
+    entries[_VERSION_FILE] = (
+        f'"""The version of this node bundle, stamped by `swarm-hub bundle publish`."""\n\n__version__ = {version!r}\n'
+    ).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for name, data in sorted(entries.items()):
+            info = zipfile.ZipInfo(name, date_time=_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return out.getvalue()
+
+
+def bundle_manifest(swarm: str, archive: bytes, version: str, *, chunk_bytes: int = CHUNK_BYTES) -> BundleManifest:
+    chunks = [archive[i : i + chunk_bytes] for i in range(0, len(archive), chunk_bytes)]
+    return BundleManifest(
+        swarm=swarm,
+        version=version,
+        sha256=hashlib.sha256(archive).hexdigest(),
+        size_bytes=len(archive),
+        min_python=f"{sys.version_info.major}.{sys.version_info.minor}",
+        chunk_bytes=chunk_bytes,
+        chunks=[hashlib.sha256(c).hexdigest() for c in chunks],
+        created=time.time(),
+    )
+
+
+def model_pin(
+    swarm: str,
+    name: str,
+    sha256: str,
+    *,
+    url: str | None = None,
+    size_bytes: int | None = None,
+    tags: list[str] | None = None,
+) -> ModelPin:
+    payload = {
+        "swarm": swarm,
+        "name": name,
+        "sha256": sha256.lower(),
+        "url": url,
+        "size_bytes": size_bytes,
+        "tags": tags or [],
+        # Microseconds since the epoch: grows with every pin, so nodes can refuse a replayed one.
+        "serial": time.time_ns() // 1000,
+        "created": time.time(),
+    }
+    return decode(ModelPin, json.dumps(payload))
+
+
+async def current_manifest(conn: Connection, topic: str, wait_s: float = 2.0) -> dict[str, object] | None:
+    """The ``signed`` body retained on ``topic`` now, if any (unverified: for display and checks)."""
+    await conn.subscribe(topic, qos=1)
+    try:
+        async with asyncio.timeout(wait_s):
+            async for message in conn.messages():
+                if message.topic == topic:
+                    if not message.payload:
+                        return None
+                    envelope = json.loads(message.payload)
+                    signed = envelope.get("signed") if isinstance(envelope, dict) else None
+                    return signed if isinstance(signed, dict) else None
+    except (TimeoutError, ValueError):
+        return None
+    finally:
+        await conn.unsubscribe(topic)
+    return None
+
+
+async def publish_bundle(
+    conn: Connection,
+    topics: Topics,
+    key: SigningKey,
+    archive: bytes,
+    version: str,
+    *,
+    previous_chunks: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> BundleManifest:
+    manifest = bundle_manifest(topics.swarm, archive, version, chunk_bytes=chunk_bytes)
+    for i in range(len(manifest.chunks)):
+        chunk = archive[i * chunk_bytes : (i + 1) * chunk_bytes]
+        await conn.publish(topics.bundle_chunk(i), chunk, qos=1, retain=True)
+    for i in range(len(manifest.chunks), previous_chunks):
+        await conn.publish(topics.bundle_chunk(i), b"", qos=1, retain=True)  # clears a leftover
+    envelope = key.sign(manifest.model_dump(mode="json"))
+    await conn.publish(topics.bundle(), json.dumps(envelope).encode(), qos=1, retain=True)
+    return manifest
+
+
+async def publish_model_pin(conn: Connection, topics: Topics, key: SigningKey, pin: ModelPin) -> None:
+    envelope = key.sign(pin.model_dump(mode="json"))
+    await conn.publish(topics.model(), json.dumps(envelope).encode(), qos=1, retain=True)
+
+
+async def unpin_model(conn: Connection, topics: Topics) -> None:
+    await conn.publish(topics.model(), b"", qos=1, retain=True)
+
+
+def check_newer(version: str, pinned: dict[str, object] | None) -> None:
+    """The hub's own rollback guard: nodes refuse an older bundle anyway; say so before publishing."""
+    if pinned is None or not isinstance(pinned.get("version"), str):
+        return
+    current = str(pinned["version"])
+    if Version(version) <= Version(current):
+        raise ConfigError(f"bundle {current} is already published: pass a higher --version than that")

@@ -1,0 +1,312 @@
+"""How a node follows the swarm's retained, signed pins: the model it serves and the code it runs.
+
+Model pin (``swarm/{sid}/model``): the node checks the signature, finds the GGUF in its cache (or
+pulls it from the pin's URL, verified by sha256), then switches between tasks: it stops taking
+work (reported as ``paused``, so the hub sends it nothing), hands back what is queued, lets what is
+running finish, swaps the engine and announces the new model. A pin that fails any check leaves
+the old model serving. An empty retained message unpins: the node goes back to its own model.
+
+Bundle (``swarm/{sid}/bundle``): the node checks the signature and version, collects the chunks,
+checks the archive's sha256, installs it next to the running version, flips ``current`` and exits
+with ``RESTART_EXIT``; its supervisor starts the new code and rolls back if it does not come up.
+
+Every outcome is reported in the node's retained status (``bundle`` and ``model_pin``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+from packaging.version import Version
+
+from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.errors import ConfigError, ConnectionLost, UpdateRefused
+from nova_swarm.broker.messages import BundleManifest, ModelPin, PinReport
+from nova_swarm.broker.signing import PublicKey
+from nova_swarm.broker.version import __version__
+
+from .bundles import BundleStore, assemble, check_bundle, verify_manifest
+from .engine import Engine
+from .models import CATALOGUE, ModelCache, pull, sha256_file
+
+if TYPE_CHECKING:
+    from .agent import Node
+
+log = structlog.get_logger("nova_swarm.node.updates")
+
+Outcome = Literal["fetching", "switching", "applied", "refused", "rolled_back", "unpinned"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSetup:
+    """What a node needs to follow pins. The defaults follow none, and say so in the status."""
+
+    #: the hub's public key; without it every pin is refused
+    hub_key: PublicKey | None = None
+    #: where bundles are installed; None: code updates are off (no supervisor to restart into them)
+    bundles: BundleStore | None = None
+    #: where pinned models are looked up and pulled to
+    models: ModelCache | None = None
+    #: builds an engine for a GGUF file; None: this engine cannot switch models
+    load_model: Callable[[Path], Engine] | None = None
+    #: the node's own model, served when nothing (or nothing for this node) is pinned
+    model_path: Path | None = None
+    #: called once, when the node first comes online (the supervisor's health signal)
+    on_online: Callable[[], None] | None = None
+    #: how long collecting a bundle's chunks may take
+    chunk_timeout_s: float = 60.0
+    #: how long to wait for the right chunk after a wrong one arrived (stale or tampered)
+    chunk_grace_s: float = 3.0
+    #: a model larger than this share of the device's RAM is refused
+    max_ram_share: float = 0.6
+
+
+class Updater:
+    def __init__(self, node: Node, setup: UpdateSetup) -> None:
+        self.node = node
+        self.setup = setup
+        self.bundle_report: PinReport | None = None
+        self.model_report: PinReport | None = None
+        self._fetching: BundleManifest | None = None
+        self._chunks: dict[int, bytes] = {}
+        self._bad_chunks: dict[int, str] = {}
+        self._chunk_arrived = asyncio.Event()
+        self._switch: asyncio.Task[None] | None = None
+        self._switch_to: str | None = None
+        self._swapping = False
+        self._download_stop = threading.Event()
+        self._pin_serial = 0
+        # A node starts on its own model, so the engine already knows that file's hash.
+        self._own_sha256: str | None = node.engine.info.sha256 if setup.model_path else None
+
+    def cancel(self) -> None:
+        """The node is stopping: a model still downloading is abandoned (the download resumes next
+        time); an engine swap under way finishes, so the node never stops with no engine."""
+        self._download_stop.set()
+        if self._switch is not None and not self._swapping:
+            self._switch.cancel()
+
+    # ------------------------------------------------------------------ reporting
+
+    async def _report(
+        self, kind: Literal["bundle", "model"], wanted: str, outcome: Outcome, reason: str | None
+    ) -> None:
+        report = PinReport(
+            wanted=wanted[:128], outcome=outcome, reason=reason[:1024] if reason else None, ts=time.time()
+        )
+        if kind == "bundle":
+            self.bundle_report = report
+        else:
+            self.model_report = report
+        level = log.warning if outcome in ("refused", "rolled_back") else log.info
+        level(f"{kind} {outcome}", wanted=wanted, reason=reason)
+        await self.node.send_status()
+
+    # ------------------------------------------------------------------ bundles
+
+    async def on_bundle(self, payload: bytes, conn: Connection, tg: asyncio.TaskGroup) -> None:
+        if not payload:
+            self.bundle_report = None  # unpublished: nothing to follow
+            return
+        store = self.setup.bundles
+        failed = store.failed() if store is not None else {}
+        wanted = "?"
+        try:
+            manifest: BundleManifest = verify_manifest(payload, self.setup.hub_key, BundleManifest)
+            wanted = manifest.version
+            check_bundle(manifest, swarm=self.node.config.swarm, running=__version__, failed=failed)
+        except UpdateRefused as exc:
+            await self._report("bundle", wanted, "rolled_back" if wanted in failed else "refused", str(exc))
+            return
+        if Version(manifest.version) == Version(__version__):
+            await self._report("bundle", wanted, "applied", None)
+            return
+        if store is None:
+            await self._report("bundle", wanted, "refused", "code updates are off on this node (--no-updates)")
+            return
+        if self._fetching is not None and self._fetching.sha256 == manifest.sha256:
+            return  # the same manifest again (a reconnect); the fetch under way goes on
+        tg.create_task(self._fetch_bundle(manifest, payload, conn, store))
+
+    def on_chunk(self, index: int, payload: bytes) -> None:
+        manifest = self._fetching
+        if manifest is None or index >= len(manifest.chunks):
+            return
+        actual = hashlib.sha256(payload).hexdigest()
+        if actual == manifest.chunks[index]:
+            self._chunks[index] = payload
+            self._bad_chunks.pop(index, None)
+        else:
+            self._bad_chunks[index] = actual
+        self._chunk_arrived.set()
+
+    async def _fetch_bundle(
+        self, manifest: BundleManifest, envelope: bytes, conn: Connection, store: BundleStore
+    ) -> None:
+        version = manifest.version
+        self._fetching, self._chunks, self._bad_chunks = manifest, {}, {}
+        await self._report("bundle", version, "fetching", f"{len(manifest.chunks)} chunks, {manifest.size_bytes} bytes")
+        try:
+            await conn.subscribe(self.node.topics.bundle_chunks(), qos=1)
+            try:
+                chunks = await self._collect(manifest)
+            finally:
+                try:
+                    await conn.unsubscribe(self.node.topics.bundle_chunks())
+                except ConnectionLost:
+                    pass
+            archive = assemble(manifest, chunks)
+            await asyncio.to_thread(store.install, manifest, envelope, archive)
+        except UpdateRefused as exc:
+            await self._report("bundle", version, "refused", str(exc))
+            return
+        except ConnectionLost:
+            return  # the retained manifest arrives again on the next connection
+        finally:
+            self._fetching = None
+        store.start_trial(version)
+        await self._report("bundle", version, "switching", f"restarting into bundle {version}")
+        self.node.restart_for_update()
+
+    async def _collect(self, manifest: BundleManifest) -> dict[int, bytes]:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.setup.chunk_timeout_s
+        first_bad: float | None = None
+        while len(self._chunks) < len(manifest.chunks):
+            if self._bad_chunks and first_bad is None:
+                first_bad = loop.time()
+            deadline = give_up if first_bad is None else min(give_up, first_bad + self.setup.chunk_grace_s)
+            if loop.time() >= deadline:
+                if self._bad_chunks:
+                    index, actual = next(iter(sorted(self._bad_chunks.items())))
+                    raise UpdateRefused(
+                        f"bundle {manifest.version} chunk {index} has sha256 {actual}, the signed manifest says "
+                        f"{manifest.chunks[index]} (tampered, or left over from another bundle)"
+                    )
+                raise UpdateRefused(
+                    f"bundle {manifest.version}: only {len(self._chunks)} of {len(manifest.chunks)} chunks"
+                    f" arrived within {self.setup.chunk_timeout_s:g} s"
+                )
+            self._chunk_arrived.clear()
+            try:
+                await asyncio.wait_for(self._chunk_arrived.wait(), timeout=min(0.5, deadline - loop.time()))
+            except TimeoutError:
+                pass
+        return dict(self._chunks)
+
+    # ------------------------------------------------------------------ model pins
+
+    async def on_model_pin(self, payload: bytes, tg: asyncio.TaskGroup) -> None:
+        own = self.setup.model_path
+        if not payload:
+            if self.model_report is None:
+                return  # nothing was ever pinned
+            await self._follow(None, own, tg, "unpinned", "nothing is pinned: serving this node's own model")
+            return
+        wanted = "?"
+        try:
+            pin: ModelPin = verify_manifest(payload, self.setup.hub_key, ModelPin)
+            wanted = pin.name
+            if pin.swarm != self.node.config.swarm:
+                raise UpdateRefused(f"pin is for swarm {pin.swarm!r}, this node is in {self.node.config.swarm!r}")
+            if pin.serial < self._pin_serial:
+                raise UpdateRefused(f"pin {pin.serial} is older than pin {self._pin_serial} already followed")
+            if self.setup.load_model is None:
+                raise UpdateRefused("this node's engine cannot switch models")
+        except UpdateRefused as exc:
+            await self._report("model", wanted, "refused", str(exc))
+            return
+        self._pin_serial = pin.serial
+        mine = set(self.node.config.tags)
+        if pin.tags and not mine & set(pin.tags):
+            reason = f"pinned for nodes tagged {', '.join(pin.tags)}: serving this node's own model"
+            await self._follow(None, own, tg, "unpinned", reason)
+            return
+        await self._follow(pin, None, tg, "applied", None)
+
+    async def _follow(
+        self, pin: ModelPin | None, own: Path | None, tg: asyncio.TaskGroup, outcome: Outcome, reason: str | None
+    ) -> None:
+        wanted = pin.name if pin is not None else (own.name.removesuffix(".gguf") if own else "own model")
+        target = pin.sha256 if pin is not None else (str(own) if own else None)
+        if target == self._switch_to and self._switch is not None and not self._switch.done():
+            return  # already on its way there
+        if self._switch is not None and not self._switch.done():
+            # A newer pin supersedes the one under way: stop its download, or let its swap end.
+            self._download_stop.set()
+            if not self._swapping:
+                self._switch.cancel()
+            await asyncio.gather(self._switch, return_exceptions=True)
+            self._download_stop = threading.Event()
+        serving = self.node.engine.info.sha256
+        if (pin is not None and pin.sha256 == serving) or (pin is None and (own is None or self._own(own) == serving)):
+            await self._report("model", wanted, outcome, reason)
+            return
+        self._switch_to = target
+        self._switch = tg.create_task(self._switch_model(pin, own, wanted, outcome, reason))
+
+    async def _switch_model(
+        self, pin: ModelPin | None, own: Path | None, wanted: str, outcome: Outcome, reason: str | None
+    ) -> None:
+        try:
+            if pin is not None:
+                await self._report("model", wanted, "fetching", None)
+                path = await asyncio.to_thread(self._locate, pin)
+            else:
+                assert own is not None
+                path = own
+            self._check_fits(path.stat().st_size, wanted)
+            await self._report("model", wanted, "switching", f"loading {path.name} once running tasks finish")
+            self._swapping = True
+            try:
+                await self.node.switch_engine(path, f"switching model to {wanted}")
+            finally:
+                self._swapping = False
+        except (UpdateRefused, ConfigError) as exc:
+            await self._report("model", wanted, "refused", f"{exc}; still serving {self.node.engine.info.name}")
+            return
+        await self._report("model", wanted, outcome, reason)
+
+    def _own(self, path: Path) -> str:
+        if self._own_sha256 is None:
+            self._own_sha256 = sha256_file(path)
+        return self._own_sha256
+
+    def _locate(self, pin: ModelPin) -> Path:
+        """A verified copy of the pinned file: the cache, this node's own model, or a download."""
+        cache = self.setup.models or ModelCache()
+        cached = cache.find_sha256(pin.sha256)
+        if cached is not None:
+            return cached.path
+        own = self.setup.model_path
+        if own is not None and own.is_file() and self._own(own) == pin.sha256:
+            return own
+        entry = next((e for e in CATALOGUE.values() if e.sha256 == pin.sha256), None)
+        url = pin.url or (entry.url if entry else None)
+        if url is None:
+            raise UpdateRefused(f"no copy of {pin.name} (sha256 {pin.sha256[:16]}...) here, and the pin has no URL")
+        size = pin.size_bytes or (entry.size_bytes if entry else None)
+        if size is not None:
+            self._check_fits(size, pin.name)
+            cache.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(cache.root).free
+            if free < size:
+                raise UpdateRefused(f"{pin.name} needs {size / 2**20:.0f} MB of disk, {free / 2**20:.0f} MB free")
+        log.info("pulling pinned model", model=pin.name, url=url)
+        return pull(url, cache=cache, sha256=pin.sha256, name=pin.name, stop=self._download_stop.is_set).path
+
+    def _check_fits(self, size: int, name: str) -> None:
+        total_mb = self.node.reading.ram_total_mb
+        if total_mb is not None and size / 2**20 > total_mb * self.setup.max_ram_share:
+            raise UpdateRefused(
+                f"{name} is {size / 2**20:.0f} MB, more than this device can hold ({total_mb:.0f} MB of RAM)"
+            )
