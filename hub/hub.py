@@ -540,7 +540,13 @@ class Hub:
         loop = asyncio.get_running_loop()
         now = time.time()
         eligible = self.registry.eligible(model=req.model, exclude=action.exclude, now=now)
-        if not eligible and loop.time() >= self._settle_until:
+        # With every node paused for now (too hot, switching models) the request waits for one
+        # to come back, up to its deadline, rather than failing at once.
+        if (
+            not eligible
+            and loop.time() >= self._settle_until
+            and not self.registry.resting(model=req.model, exclude=action.exclude, now=now)
+        ):
             self._waiting.pop(run, None)
             return run.machine.shortfall(action.count, self._why_no_nodes(req.model, action.exclude, now), loop.time())
         picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []

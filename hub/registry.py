@@ -171,6 +171,18 @@ class Registry:
             and (model is None or (rec.announce is not None and rec.announce.model.name == model))
         ]
 
+    def resting(self, *, model: str | None, exclude: frozenset[str], now: float) -> list[NodeRecord]:
+        """Nodes that are paused but alive (their guard, or a model switch): work can wait for them."""
+        return [
+            rec
+            for rec in self.nodes.values()
+            if rec.node_id not in exclude
+            and rec.state is NodeState.PAUSED
+            and rec.last_seen is not None
+            and now - rec.last_seen <= self.heartbeat_timeout_s
+            and (model is None or (rec.announce is not None and rec.announce.model.name == model))
+        ]
+
     def known_models(self) -> set[str]:
         return {rec.announce.model.name for rec in self.nodes.values() if rec.announce is not None}
 

@@ -101,6 +101,8 @@ class Node:
         self._hub_started_at: float | None = None
         #: why the node takes no work apart from its guard (a model switch), or None
         self._hold: str | None = None
+        #: the engine is being swapped: workers wait
+        self._swapping = False
         self.updates = updates or UpdateSetup()
         #: the GGUF file the engine serves, when the node knows it (it can switch models then)
         self.model_path: Path | None = self.updates.model_path
@@ -243,9 +245,11 @@ class Node:
             if self._stop_requested.is_set():
                 await self._send_result(self._failure(job, ErrorCode.NODE_STOPPING, "node is shutting down"))
                 return
-            if not self._accepting():  # sent before the hub saw us pause
-                await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {self._why_paused()}"))
+            if self.guard.paused:  # sent before the hub saw us pause
+                await self._send_result(self._failure(job, ErrorCode.NODE_PAUSED, f"node paused: {self.guard.reason}"))
                 return
+            # A model switch (self._hold) still takes what the hub sent before it saw the pause:
+            # queued work runs on the old model first, or on the new one right after the swap.
             async with self._work:
                 if len(self._queued) + len(self._running) >= self.config.slots + self.config.queue_max:
                     busy = True
@@ -362,11 +366,13 @@ class Node:
                     await self._conn.unsubscribe(self.topics.node_task(self.config.node_id), drop_pending=False)
                 except ConnectionLost:
                     pass
-            await self._hand_back_queue(ErrorCode.NODE_PAUSED, f"node paused: {reason}")
             await self._send_status()
+            # What is queued was accepted: it runs on the old model. Then the workers stand still
+            # while the engine is swapped.
             while True:
                 async with self._work:
                     if not self._running and not self._queued:
+                        self._swapping = True
                         break
                 await asyncio.sleep(0.05)
             old = self.engine
@@ -382,6 +388,9 @@ class Node:
             await self._profile()
             await self._send(self.topics.node_announce(self.config.node_id), self._announce().encode(), retain=True)
         finally:
+            async with self._work:
+                self._swapping = False
+                self._work.notify_all()
             self._hold = None
             await self._take_work()
             await self._send_status()
@@ -429,9 +438,12 @@ class Node:
     async def _worker(self) -> None:
         while True:
             async with self._work:
-                await self._work.wait_for(lambda: bool(self._queued) or self._stop_requested.is_set())
+                await self._work.wait_for(
+                    lambda: (bool(self._queued) and not self._swapping)
+                    or (self._stop_requested.is_set() and not self._queued)
+                )
                 if not self._queued:
-                    return
+                    return  # stopping, and nothing left to run
                 job = self._queued.popleft()
                 self._running[job.task.task_id] = job
             try:

@@ -68,6 +68,16 @@ def verify_manifest(payload: bytes, key: PublicKey | None, model: type[BundleMan
         raise UpdateRefused(str(exc)) from exc
 
 
+def claimed(payload: bytes, field: str) -> str:
+    """What an unverified manifest says it is (``version``, ``name``), for reporting a refusal."""
+    try:
+        signed = json.loads(payload).get("signed", {})
+        value = signed.get(field) if isinstance(signed, dict) else None
+    except (ValueError, AttributeError):
+        return "?"
+    return value[:64] if isinstance(value, str) and value.isprintable() else "?"
+
+
 def check_bundle(manifest: BundleManifest, *, swarm: str, running: str, failed: dict[str, str]) -> None:
     """Whether this node may move to ``manifest``'s version; raises ``UpdateRefused`` if not."""
     if manifest.swarm != swarm:

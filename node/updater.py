@@ -34,7 +34,7 @@ from nova_swarm.broker.messages import BundleManifest, ModelPin, PinReport
 from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.version import __version__
 
-from .bundles import BundleStore, assemble, check_bundle, verify_manifest
+from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manifest
 from .engine import Engine
 from .models import CATALOGUE, ModelCache, pull, sha256_file
 
@@ -119,7 +119,7 @@ class Updater:
             return
         store = self.setup.bundles
         failed = store.failed() if store is not None else {}
-        wanted = "?"
+        wanted = claimed(payload, "version")
         try:
             manifest: BundleManifest = verify_manifest(payload, self.setup.hub_key, BundleManifest)
             wanted = manifest.version
@@ -212,7 +212,7 @@ class Updater:
                 return  # nothing was ever pinned
             await self._follow(None, own, tg, "unpinned", "nothing is pinned: serving this node's own model")
             return
-        wanted = "?"
+        wanted = claimed(payload, "name")
         try:
             pin: ModelPin = verify_manifest(payload, self.setup.hub_key, ModelPin)
             wanted = pin.name

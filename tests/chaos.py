@@ -158,14 +158,23 @@ class Swarm:
         self.port = free_port()
         self.fake_delay = fake_delay
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {**os.environ, "NOVA_SWARM_HOME": str(self.home.path), "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "NOVA_SWARM_HOME": str(self.home.path),
+            "XDG_STATE_HOME": str(workdir / "state"),
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def url(self, role: Role) -> object:
         return self.home.url(role, port=self.port)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        # Each in its own process group: a node is a supervisor and its child, and a signal here
+        # stands for the whole device freezing or dying.
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
 
     def _common(self) -> list[str]:
         return ["--config-dir", str(self.home.path), "--port", str(self.port)]
@@ -222,15 +231,15 @@ class Swarm:
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs[name]
         if proc.poll() is None:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)
             if sig == signal.SIGKILL:
                 proc.wait()
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 

@@ -96,7 +96,9 @@ def home(tmp_path: Path) -> SwarmHome:
 
 
 def env_for(home: SwarmHome) -> dict[str, str]:
-    return {**os.environ, "NOVA_SWARM_HOME": str(home.path), "PYTHONUNBUFFERED": "1"}
+    """Commands run against this test's config dir, and keep node state (bundles) beside it."""
+    state = str(home.path.parent / "state")
+    return {**os.environ, "NOVA_SWARM_HOME": str(home.path), "XDG_STATE_HOME": state, "PYTHONUNBUFFERED": "1"}
 
 
 async def start_broker(
@@ -234,7 +236,11 @@ class Processes:
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.tmp_path / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(self.broker.home))
+        # Its own process group: `swarm-node run` is a supervisor and its child, and a signal
+        # from a test (SIGSTOP: the phone froze) stands for the whole device.
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(self.broker.home), start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
@@ -253,8 +259,10 @@ class Processes:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env_for(self.broker.home))
 
     def swarm_hub(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        command, *rest = args
-        return self.run([str(BIN / "swarm-hub"), command, *self.common(), *rest], timeout=timeout)
+        # `bundle publish`, `model pin`: the flags go after the subcommand's own verb
+        split = 2 if args[0] in ("bundle", "model") else 1
+        command, rest = list(args[:split]), list(args[split:])
+        return self.run([str(BIN / "swarm-hub"), *command, *self.common(), *rest], timeout=timeout)
 
     def log(self, name: str) -> str:
         return (self.tmp_path / f"{name}.log").read_text(errors="replace")
@@ -262,7 +270,7 @@ class Processes:
     def close(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGCONT)
             stop_process(proc, grace=20)
 
 

@@ -100,7 +100,7 @@ async def test_a_killed_node_does_not_lose_its_prompt(procs: Processes) -> None:
         procs, ["ask", "Write a long story about a dragon who learns to bake bread.", "--max-tokens", "400", "--json"]
     )
     asker, victim = busy
-    os.kill(procs_by_node(procs, victim).pid, signal.SIGKILL)
+    os.killpg(procs_by_node(procs, victim).pid, signal.SIGKILL)  # the device dies
     out, err = await asyncio.to_thread(asker.communicate, timeout=120)
     answer = json.loads(out)
     assert answer.get("ok") is True, (out, err)
@@ -115,12 +115,12 @@ async def test_a_frozen_node_is_written_off_by_heartbeat_timeout(procs: Processe
         procs, ["ask", "Write a long story about a dragon who learns to bake bread.", "--max-tokens", "400", "--json"]
     )
     frozen = procs_by_node(procs, victim)
-    os.kill(frozen.pid, signal.SIGSTOP)
+    os.killpg(frozen.pid, signal.SIGSTOP)  # the whole device freezes
     started = time.monotonic()
     try:
         out, err = await asyncio.to_thread(asker.communicate, timeout=120)
     finally:
-        os.kill(frozen.pid, signal.SIGCONT)
+        os.killpg(frozen.pid, signal.SIGCONT)
     answer = json.loads(out)
     assert answer.get("ok") is True, (out, err)
     assert answer["node_id"] != victim
