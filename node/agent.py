@@ -439,8 +439,10 @@ class Node:
         while True:
             async with self._work:
                 await self._work.wait_for(
-                    lambda: (bool(self._queued) and not self._swapping)
-                    or (self._stop_requested.is_set() and not self._queued)
+                    lambda: (
+                        (bool(self._queued) and not self._swapping)
+                        or (self._stop_requested.is_set() and not self._queued)
+                    )
                 )
                 if not self._queued:
                     return  # stopping, and nothing left to run

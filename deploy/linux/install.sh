@@ -77,6 +77,8 @@ Environment=NOVA_SWARM_MODELS=$DATA/models
 ExecStart=$exec_start
 # The hub drains on SIGINT and a node on SIGTERM: running prompts finish or go elsewhere.
 KillSignal=$stop
+# Only the main process gets the signal (swarm-node run passes it on to the node it supervises).
+KillMode=mixed
 TimeoutStopSec=60
 Restart=always
 RestartSec=5

@@ -10,7 +10,8 @@
 # What it adds, all listed in ~/.nova-swarm/installed.txt for uninstall.sh:
 #   ~/.nova-swarm/            venv, config (the node's login, mode 0600), models, logs, run-node.sh
 #   ~/.termux/boot/nova-swarm-node   takes a wake lock and starts run-node.sh at boot
-# and the Termux packages it needed (python clang cmake ninja termux-api). It never edits a shell
+# and the Termux packages it needed (python clang cmake ninja termux-api python-cryptography);
+# the node keeps its code bundles in ~/.local/state/nova-swarm/. It never edits a shell
 # profile. Termux:Boot and Termux:API must come from the same store as Termux (F-Droid) and be
 # opened once; turn battery optimisation off for Termux and Termux:Boot.
 set -eu
@@ -51,9 +52,16 @@ fi
 
 if [ ! -x "$DIR/venv/bin/python" ]; then
   say "creating $DIR/venv"
-  python -m venv "$DIR/venv"
+  # System site packages: Termux's own python-cryptography, which pip cannot build on a phone.
+  python -m venv --system-site-packages "$DIR/venv"
 fi
 PIP="$DIR/venv/bin/pip"
+# The node checks the hub's signature on every model pin and code bundle (Ed25519).
+if ! "$DIR/venv/bin/python" -c 'import cryptography' >/dev/null 2>&1; then
+  say "installing Termux package: python-cryptography"
+  pkg install -y python-cryptography
+  remember "package python-cryptography"
+fi
 # llama-cpp-python has no wheel for Android: build it against Termux's cmake (PyPI's cmake wheel
 # does not build there), without -march=native, which clang on Android rejects for some CPUs.
 if ! "$DIR/venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
