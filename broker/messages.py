@@ -11,9 +11,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
+from packaging.version import InvalidVersion
+from packaging.version import Version as PackagingVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ConfigError, ErrorCode, ProtocolError
 
 #: Request ids become log keys and correlation values; keep them printable and short.
 RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
@@ -334,6 +336,18 @@ class NodeTable(Wire):
 
 
 # ---------------------------------------------------------------- signed pins (retained)
+
+
+#: The packages a node bundle carries: everything a node imports from nova-swarm, and nothing else.
+BUNDLE_PACKAGES = ("broker", "node")
+
+
+def parse_version(text: str) -> PackagingVersion:
+    """A PEP 440 version, or ConfigError saying it is not one."""
+    try:
+        return PackagingVersion(text)
+    except InvalidVersion as exc:
+        raise ConfigError(f"{text!r} is not a version (PEP 440, like 0.2.0)") from exc
 
 
 class BundleManifest(Wire):

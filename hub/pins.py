@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import io
 import json
 import sys
@@ -22,14 +23,11 @@ from pathlib import Path
 
 from packaging.version import Version
 
-import nova_swarm.broker
-import nova_swarm.node
 from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.messages import BundleManifest, ModelPin, decode
+from nova_swarm.broker.messages import BUNDLE_PACKAGES, BundleManifest, ModelPin, decode, parse_version
 from nova_swarm.broker.signing import SigningKey
 from nova_swarm.broker.topics import Topics
-from nova_swarm.node.bundles import BUNDLE_PACKAGES, parse_version
 
 #: well under every broker's packet limit (EMQX defaults to 1 MB)
 CHUNK_BYTES = 256 * 1024
@@ -39,11 +37,16 @@ _VERSION_FILE = "nova_swarm/broker/version.py"
 
 
 def source_root() -> dict[str, Path]:
-    """The node code this hub runs, by package: what `bundle publish` ships by default."""
-    return {
-        "broker": Path(next(iter(nova_swarm.broker.__path__))),
-        "node": Path(next(iter(nova_swarm.node.__path__))),
-    }
+    """The node code installed next to this hub, by package: what `bundle publish` ships by default.
+
+    Found, not imported: the hub never imports the node."""
+    found = {}
+    for package in BUNDLE_PACKAGES:
+        spec = importlib.util.find_spec(f"nova_swarm.{package}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"nova_swarm.{package} is not installed here: pass --from a source checkout")
+        found[package] = Path(next(iter(spec.submodule_search_locations)))
+    return found
 
 
 def tree_from(directory: Path) -> dict[str, Path]:

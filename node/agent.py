@@ -193,7 +193,10 @@ class Node:
             await asyncio.wait(still_running)
 
     async def _go_offline(self) -> None:
-        status = self._status(NodeState.OFFLINE, reason="stopped")
+        if self.restart_requested:  # back in a moment, on new code
+            status = self._status(NodeState.PAUSED, reason=self._hold)
+        else:
+            status = self._status(NodeState.OFFLINE, reason="stopped")
         await self._send(self.topics.node_status(self.config.node_id), status.encode(), retain=True)
         if self._outbox:
             log.warning("stopped while disconnected; the broker publishes our Last Will instead")
@@ -358,23 +361,11 @@ class Node:
         if load is None:
             raise ConfigError("this node's engine cannot switch models")
         old_path = self.model_path
-        was_accepting = self._accepting()
-        self._hold = reason
+        await self._hold_work(reason)
         try:
-            if was_accepting and self._conn is not None:
-                try:
-                    await self._conn.unsubscribe(self.topics.node_task(self.config.node_id), drop_pending=False)
-                except ConnectionLost:
-                    pass
-            await self._send_status()
             # What is queued was accepted: it runs on the old model. Then the workers stand still
             # while the engine is swapped.
-            while True:
-                async with self._work:
-                    if not self._running and not self._queued:
-                        self._swapping = True
-                        break
-                await asyncio.sleep(0.05)
+            await self._until_idle(then_swap=True)
             old = self.engine
             await asyncio.to_thread(old.close)  # a phone may not hold two models at once
             try:
@@ -395,10 +386,36 @@ class Node:
             await self._take_work()
             await self._send_status()
 
-    def restart_for_update(self) -> None:
-        """A new bundle is installed: drain like a stop, then let the supervisor restart us into it."""
+    async def restart_for_update(self, version: str) -> None:
+        """A new bundle is installed: finish the accepted work, then stop so the supervisor restarts
+        us into it. Meanwhile, and until the new code is online, we show as paused (not offline):
+        the hub keeps prompts waiting for us instead of failing them."""
         self.restart_requested = True
+        await self._hold_work(f"restarting into bundle {version}")
+        try:
+            await asyncio.wait_for(self._until_idle(), self.config.drain_s)
+        except TimeoutError:
+            log.warning("restarting with work still queued; it goes back to the hub")
         self.stop()
+
+    async def _hold_work(self, reason: str) -> None:
+        """Take no new work (the hub sees us paused with ``reason``); what is accepted still runs."""
+        was_accepting = self._accepting()
+        self._hold = reason
+        if was_accepting and self._conn is not None:
+            try:
+                await self._conn.unsubscribe(self.topics.node_task(self.config.node_id), drop_pending=False)
+            except ConnectionLost:
+                pass
+        await self._send_status()
+
+    async def _until_idle(self, *, then_swap: bool = False) -> None:
+        while True:
+            async with self._work:
+                if not self._running and not self._queued:
+                    self._swapping = then_swap
+                    return
+            await asyncio.sleep(0.05)
 
     async def send_status(self) -> None:
         await self._send_status()

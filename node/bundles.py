@@ -33,24 +33,15 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from nova_swarm.broker.errors import ConfigError, ProtocolError, UpdateRefused
-from nova_swarm.broker.messages import BundleManifest, ModelPin, decode
+from nova_swarm.broker.errors import ProtocolError, UpdateRefused
+from nova_swarm.broker.messages import BUNDLE_PACKAGES, BundleManifest, ModelPin, decode, parse_version
 from nova_swarm.broker.passwords import write_private
 from nova_swarm.broker.signing import PublicKey
 
-#: The packages a bundle carries: everything a node imports from nova-swarm, and nothing else.
-BUNDLE_PACKAGES = ("broker", "node")
 #: A zip bomb guard: the node's code is well under a megabyte.
 MAX_UNPACKED_BYTES = 64 * 2**20
 #: the exit status with which a node asks its supervisor to restart it into the current bundle
 RESTART_EXIT = 75
-
-
-def parse_version(text: str) -> Version:
-    try:
-        return Version(text)
-    except InvalidVersion as exc:
-        raise ConfigError(f"{text!r} is not a version (PEP 440, like 0.2.0)") from exc
 
 
 def verify_manifest(payload: bytes, key: PublicKey | None, model: type[BundleManifest] | type[ModelPin]) -> Any:

@@ -157,7 +157,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     joined = parse_join_token(args.token)
     home.save_joined(joined)
     url = BrokerURL.parse(joined.url)
-    pinned = ", CA pinned" if joined.ca_pem else ""
+    pinned = (", CA pinned" if joined.ca_pem else "") + (", hub signing key pinned" if joined.hub_key else "")
     print(f"joined swarm {joined.swarm!r} at {url.redacted()} as node {joined.node_id!r}{pinned}; now: swarm-node run")
     return 0
 

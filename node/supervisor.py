@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from nova_swarm.broker.messages import parse_version
 from nova_swarm.broker.version import __version__
 
-from .bundles import RESTART_EXIT, BundleStore, parse_version
+from .bundles import RESTART_EXIT, BundleStore
 
 log = structlog.get_logger("nova_swarm.node.supervisor")
 

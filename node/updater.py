@@ -175,7 +175,7 @@ class Updater:
             self._fetching = None
         store.start_trial(version)
         await self._report("bundle", version, "switching", f"restarting into bundle {version}")
-        self.node.restart_for_update()
+        await self.node.restart_for_update(version)
 
     async def _collect(self, manifest: BundleManifest) -> dict[int, bytes]:
         loop = asyncio.get_running_loop()

@@ -574,6 +574,7 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "agent_version": "0.1.0",
         "tags": ["x"],
     }
+    report = {"wanted": "0.2.0", "outcome": "refused", "reason": "older than the running 0.3.0", "ts": 1.0}
     seeds: dict[str, dict[str, Any]] = {
         "ChatMessage": chat,
         "GenParams": params,
@@ -597,7 +598,8 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "Announce": {"node_id": "pixel7", "model": model, "threads": 4, "tokens_per_s": 41.8, "ram_total_mb": 7680.0,
                      "device": "phone", "tags": ["poetry"], "agent_version": "0.1.0", "slots": 1, "queue_max": 4,
                      "max_tokens": 512, "max_temperature": 2.0, "ts": 1795450000.0},
-        "Status": {"node_id": "pixel7", "state": "online", "reason": None, "ts": 1795450000.0},
+        "Status": {"node_id": "pixel7", "state": "online", "reason": None, "ts": 1795450000.0, "bundle": report,
+                   "model_pin": None},
         "Heartbeat": {"node_id": "pixel7", "ts": 1.0, "battery_pct": 81.0, "charging": True, "temp_c": 33.5,
                       "ram_free_mb": 2100.0, "load": 0.8, "tokens_per_s": 39.2, "busy": 1, "slots": 1, "queued": 0,
                       "tokens_served": 5120, "tasks_done": 42, "tasks_failed": 0},
@@ -606,6 +608,13 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
                       "started_at": 1.0},
         "NodeRow": row,
         "NodeTable": {"ts": 1.0, "nodes": [row]},
+        "PinReport": report,
+        "BundleManifest": {"kind": "bundle", "swarm": "main", "version": "0.2.0", "sha256": "9c" * 32,
+                           "size_bytes": 91342, "min_python": "3.11", "chunk_bytes": 262144, "chunks": ["9c" * 32],
+                           "created": 1.5},
+        "ModelPin": {"kind": "model", "swarm": "main", "name": "gemma-3-270m-q4_k_m", "sha256": "a5" * 32,
+                     "size_bytes": 253113024, "url": "http://127.0.0.1:8000/g.gguf", "tags": ["big"],
+                     "serial": 1795450000123456, "created": 1.5},
     }  # fmt: skip
     return {m: seeds[m.__name__] for m in WIRE_MODELS if m.__name__ in seeds}
 

@@ -1,5 +1,6 @@
 """Signed over-the-air updates, end to end: real `swarm-hub` and `swarm-node` processes (each node
-under its supervisor, as `swarm-node run` starts by default) on the embedded broker.
+under its supervisor, as `swarm-node run` starts by default) on the embedded broker (and the
+rollout on Mosquitto too).
 
 - a bundle reaches three nodes and each restarts into it;
 - tampered, foreign-key, unsigned and older bundles are refused, with the reason on the status;
@@ -102,6 +103,44 @@ def ask_ok(procs: Processes, prompt: str = "Name a colour.") -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
+class PromptLoad:
+    """Prompts two at a time, for as long as it runs; every one must be answered."""
+
+    def __init__(self, broker: RunningBroker) -> None:
+        self.broker = broker
+        self.answers: list[Answer] = []
+        self.failures: list[str] = []
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> list[Answer]:
+        self._done.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 120)
+        assert not self.failures, self.failures
+        assert self.answers
+        return self.answers
+
+    async def _run(self) -> None:
+        async with SwarmClient(self.broker.url(Role.CLIENT)) as client:
+
+            async def one(i: int) -> None:
+                request = PromptRequest(prompt=f"Say the number {i}.", params=GenParams(max_tokens=6, temperature=0.0))
+                reply = await (await client.send(request))
+                if isinstance(reply, ErrorReply):
+                    self.failures.append(f"{i}: {reply.error.code} {reply.error.message}")
+                else:
+                    self.answers.append(reply)
+
+            i = 0
+            while not self._done.is_set():
+                await asyncio.gather(one(i), one(i + 1))
+                i += 2
+
+
 def broken_source(tmp_path: Path, main: str) -> Path:
     """A copy of the node code whose entry point is ``main``: a bundle that cannot come up."""
     src = tmp_path / f"src-{hashlib.sha256(main.encode()).hexdigest()[:8]}"
@@ -114,15 +153,25 @@ def broken_source(tmp_path: Path, main: str) -> Path:
 # ---------------------------------------------------------------- bundles
 
 
-async def test_a_published_bundle_reaches_three_nodes_and_each_runs_it(
-    procs: Processes, amqtt: RunningBroker, tmp_path: Path
-) -> None:
+@pytest.fixture
+def any_procs(broker: RunningBroker, tmp_path: Path) -> Iterator[Processes]:
+    """On the embedded broker and on Mosquitto: the chunks travel through either unchanged."""
+    p = Processes(broker, tmp_path)
+    yield p
+    p.close()
+
+
+async def test_a_published_bundle_reaches_three_nodes_and_each_runs_it(any_procs: Processes, tmp_path: Path) -> None:
+    procs = any_procs
     procs.hub()
     for node_id in ("n1", "n2", "n3"):
         procs.node(node_id)
     await wait_online(procs, 3)
     assert {r["agent_version"] for r in await wait_online(procs, 3)} == {__version__}
 
+    load = PromptLoad(procs.broker)  # all through the rollout: nothing may be lost
+    load.start()
+    await asyncio.sleep(1)
     out = procs.swarm_hub("bundle", "publish", "--version", "0.9.0")
     assert out.returncode == 0, out.stderr
     assert "bundle 0.9.0 published" in out.stdout
@@ -132,6 +181,8 @@ async def test_a_published_bundle_reaches_three_nodes_and_each_runs_it(
         lambda rows: len(rows) == 3 and all(r["agent_version"] == "0.9.0" and r["state"] == "online" for r in rows),
         "all three nodes online on 0.9.0",
     )
+    await asyncio.sleep(2)
+    assert len(await load.stop()) > 4
     assert all(r["lag"] is None for r in rows)
     for node_id in ("n1", "n2", "n3"):
         store = tmp_path / "state" / "nova-swarm" / node_id / "bundles"
@@ -218,7 +269,9 @@ async def test_a_bundle_that_fails_at_startup_is_rolled_back_and_the_node_keeps_
     assert status.bundle is not None and status.bundle.wanted == "0.7.0"
     assert "exited with status 1 before coming online" in (status.bundle.reason or "")
     assert "this bundle cannot start" in procs.log("node-n1")
-    rows = await nodes_until(procs, lambda rows: bool(rows) and rows[0]["lag"] is not None, "n1 shown as lagging")
+    rows = await nodes_until(
+        procs, lambda rows: bool(rows) and "rolled_back" in (rows[0]["lag"] or ""), "n1 shown as lagging"
+    )
     assert rows[0]["agent_version"] == __version__
     assert "rolled_back" in rows[0]["lag"] and "0.7.0" in rows[0]["lag"]
     assert ask_ok(procs)["ok"]
@@ -273,28 +326,8 @@ async def test_a_model_pin_switches_nodes_to_a_new_gguf_without_losing_a_prompt(
         procs.node(node_id, "--cache-dir", str(tmp_path / f"cache-{node_id}"), "--max-tokens", "8")
     await wait_online(procs, 2)
 
-    answers: list[Answer] = []
-    failures: list[str] = []
-    load_done = asyncio.Event()
-
-    async def load() -> None:
-        """Prompts all through the switch, two at a time; every one must be answered."""
-        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
-
-            async def one(i: int) -> None:
-                request = PromptRequest(prompt=f"Say the number {i}.", params=GenParams(max_tokens=6, temperature=0.0))
-                reply = await (await client.send(request))
-                if isinstance(reply, ErrorReply):
-                    failures.append(f"{i}: {reply.error.code} {reply.error.message}")
-                else:
-                    answers.append(reply)
-
-            i = 0
-            while not load_done.is_set():
-                await asyncio.gather(one(i), one(i + 1))
-                i += 2
-
-    loader = asyncio.create_task(load())
+    load = PromptLoad(amqtt)
+    load.start()
     await asyncio.sleep(2)
     out = procs.swarm_hub(
         "model", "pin", GEMMA, "--sha256", EXPECTED_SHA256, "--url", f"{base_url}/{GEMMA}.gguf",
@@ -308,10 +341,7 @@ async def test_a_model_pin_switches_nodes_to_a_new_gguf_without_losing_a_prompt(
     )
     assert all(r["lag"] is None for r in rows)
     await asyncio.sleep(3)  # and serving it
-    load_done.set()
-    await asyncio.wait_for(loader, 120)
-
-    assert not failures, failures
+    answers = await load.stop()
     served_by = {a.model for a in answers}
     assert served_by == {smollm_name, GEMMA}, served_by
     for node_id in ("n1", "n2"):
