@@ -37,6 +37,9 @@ from .conftest import Processes, RunningBroker, bundled_model_path, wait_online
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(600)]
 
 TOPICS = Topics("main")
+#: A node restarting into a bundle is silent for a few seconds (imports, model load, profile): more
+#: than the 3 s heartbeat timeout the other tests use, well within the 35 s default.
+HUB_ARGS = ("--heartbeat-timeout", "20")
 
 
 @pytest.fixture
@@ -163,7 +166,7 @@ def any_procs(broker: RunningBroker, tmp_path: Path) -> Iterator[Processes]:
 
 async def test_a_published_bundle_reaches_three_nodes_and_each_runs_it(any_procs: Processes, tmp_path: Path) -> None:
     procs = any_procs
-    procs.hub()
+    procs.hub(*HUB_ARGS)
     for node_id in ("n1", "n2", "n3"):
         procs.node(node_id)
     await wait_online(procs, 3)
@@ -202,7 +205,7 @@ async def test_a_published_bundle_reaches_three_nodes_and_each_runs_it(any_procs
 async def test_tampered_foreign_unsigned_and_older_bundles_are_refused_with_the_reason(
     procs: Processes, amqtt: RunningBroker, statuses: StatusWatch
 ) -> None:
-    procs.hub()
+    procs.hub(*HUB_ARGS)
     procs.node("n1")
     await wait_online(procs, 1)
     key = amqtt.home.signing_key()
@@ -256,7 +259,7 @@ async def test_tampered_foreign_unsigned_and_older_bundles_are_refused_with_the_
 async def test_a_bundle_that_fails_at_startup_is_rolled_back_and_the_node_keeps_answering(
     procs: Processes, amqtt: RunningBroker, statuses: StatusWatch, tmp_path: Path
 ) -> None:
-    procs.hub()
+    procs.hub(*HUB_ARGS)
     procs.node("n1", "--update-timeout", "10")
     await wait_online(procs, 1)
 
@@ -321,7 +324,7 @@ async def test_a_model_pin_switches_nodes_to_a_new_gguf_without_losing_a_prompt(
     gemma = assemble(served / f"{GEMMA}.gguf")
     smollm = bundled_model_path()
     smollm_name = smollm.name.removesuffix(".gguf")
-    procs.hub()
+    procs.hub(*HUB_ARGS)
     for node_id in ("n1", "n2"):
         procs.node(node_id, "--cache-dir", str(tmp_path / f"cache-{node_id}"), "--max-tokens", "8")
     await wait_online(procs, 2)
