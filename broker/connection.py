@@ -260,6 +260,18 @@ class Backoff:
         return rng.uniform(0, min(self.cap, self.first * 2**attempt))
 
 
+def raise_if_cancelled() -> None:
+    """Call once per turn of a forever-loop that publishes.
+
+    On Python 3.11, ``asyncio.wait_for`` (which aiomqtt uses inside ``publish``) swallows a cancel
+    that lands just as the awaited thing completes; the loop would go round forever and its
+    TaskGroup would never close. The task still counts the cancel request, so honour it here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def reconnecting(
     connect: Callable[[], Connection],
     session: Callable[[Connection], Awaitable[None]],

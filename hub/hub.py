@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 import structlog
 
-from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, reconnecting
+from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
 from nova_swarm.broker.errors import ErrorCode, ProtocolError
 from nova_swarm.broker.messages import (
     Announce,
@@ -493,7 +493,10 @@ class Hub:
             if machine.finished:
                 return
             try:
-                event = await asyncio.wait_for(run.inbox.get(), max(0.0, machine.next_wakeup() - loop.time()))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands
+                # as the awaited thing completes, and the loop would never stop.
+                async with asyncio.timeout(max(0.0, machine.next_wakeup() - loop.time())):
+                    event = await run.inbox.get()
             except TimeoutError:
                 actions = machine.on_tick(loop.time())
                 continue
@@ -712,6 +715,7 @@ class Hub:
     async def _liveness_loop(self) -> None:
         interval = max(0.1, min(1.0, self.config.heartbeat_timeout_s / 10))
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(interval)
             for node_id in self.registry.expire(time.time()):
                 self._node_lost(node_id, f"silent for over {self.config.heartbeat_timeout_s:.0f} s")
@@ -772,8 +776,10 @@ class Hub:
 
     async def _status_loop(self) -> None:
         while True:
+            raise_if_cancelled()
             try:
-                await asyncio.wait_for(self._status_changed.wait(), self.config.status_interval_s)
+                async with asyncio.timeout(self.config.status_interval_s):  # not wait_for: see _drive
+                    await self._status_changed.wait()
             except TimeoutError:
                 pass
             self._status_changed.clear()
@@ -791,6 +797,7 @@ class Hub:
     async def _flush_loop(self) -> None:
         assert self._journal is not None
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.config.flush_interval_s)
             await self._persist()
             await self._journal.prune(time.time())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, reconnecting
+from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
 from nova_swarm.broker.errors import ConfigError, EngineError, ErrorCode, ProtocolError
 from nova_swarm.broker.messages import (
     Announce,
@@ -303,6 +303,7 @@ class Node:
 
     async def _sense_loop(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.config.sense_s)
             await self._sense()
 
@@ -393,7 +394,8 @@ class Node:
         self.restart_requested = True
         await self._hold_work(f"restarting into bundle {version}")
         try:
-            await asyncio.wait_for(self._until_idle(), self.config.drain_s)
+            async with asyncio.timeout(self.config.drain_s):
+                await self._until_idle()
         except TimeoutError:
             log.warning("restarting with work still queued; it goes back to the hub")
         self.stop()
@@ -561,6 +563,7 @@ class Node:
     async def _heartbeats(self, conn: Connection) -> None:
         topic = self.topics.node_heartbeat(self.config.node_id)
         while True:
+            raise_if_cancelled()
             await conn.publish(topic, self._heartbeat().encode(), qos=0)
             await asyncio.sleep(self.config.heartbeat_s)
 

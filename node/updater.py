@@ -198,7 +198,8 @@ class Updater:
                 )
             self._chunk_arrived.clear()
             try:
-                await asyncio.wait_for(self._chunk_arrived.wait(), timeout=min(0.5, deadline - loop.time()))
+                async with asyncio.timeout(min(0.5, deadline - loop.time())):  # cancels cleanly, unlike wait_for
+                    await self._chunk_arrived.wait()
             except TimeoutError:
                 pass
         return dict(self._chunks)
