@@ -48,6 +48,7 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}/#"),
     Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/hub/#"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/metrics/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/model"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/bundle"),
     *(Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/node/+/{leaf}") for leaf in ("announce", "status", "heartbeat")),

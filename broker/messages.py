@@ -384,3 +384,55 @@ class ModelPin(Wire):
     #: grows with every pin: a node refuses an older pin replayed at it
     serial: int = Field(ge=1)
     created: float
+
+
+# ---------------------------------------------------------------- metrics (for Grafana and friends)
+
+
+class Metrics(BaseModel):
+    """Flat JSON, numbers only, every key always present: what Grafana's MQTT data source plots
+    without transformations. A reading the device cannot take is -1, never missing or null
+    (Grafana drops a key whose type changes). States are 0 or 1. Never any prompt or answer text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+#: the value of a reading the device cannot take
+UNKNOWN = -1
+
+
+class NodeMetrics(Metrics):
+    """``swarm/{sid}/metrics/node/{node_id}``; each key is also a fan-in topic of all nodes."""
+
+    online: int
+    paused: int
+    battery_pct: float
+    charging: int
+    temp_c: float
+    tokens_per_s: float
+    busy: int
+    queue_depth: int
+    tasks_done: int
+    tasks_failed: int
+    pauses: int
+
+
+class HubMetrics(Metrics):
+    """``swarm/{sid}/metrics/hub``: the swarm as the hub sees it, over the last minute."""
+
+    nodes_online: int
+    nodes_paused: int
+    nodes_offline: int
+    inflight: int
+    queue_depth: int
+    requests_per_s: float
+    answered_per_s: float
+    errors_per_min: int
+    #: over the answers of the last minute; -1 when there were none
+    latency_p50_ms: float
+    latency_p95_ms: float
+    answered_total: int
+    failed_total: int

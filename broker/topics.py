@@ -14,6 +14,8 @@ from .errors import ConfigError
 
 ROOT = "swarm"
 _ID = re.compile(r"^[a-z0-9_-]{1,64}$")
+#: a routing tag as a topic level (the wire allows these characters in tags too)
+_TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 DEFAULT_SWARM = "main"
 DEFAULT_REPLY = "default"
 
@@ -115,6 +117,10 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("swarm/{sid}/model", "hub", "node, client", 1, True),
     TopicSpec("swarm/{sid}/bundle", "hub", "node, client", 1, True),
     TopicSpec("swarm/{sid}/bundle/chunk/{index}", "hub", "node", 1, True),
+    TopicSpec("swarm/{sid}/metrics/hub", "hub", "client", 0, False),
+    TopicSpec("swarm/{sid}/metrics/node/{node_id}", "hub", "client", 0, False),
+    TopicSpec("swarm/{sid}/metrics/{metric}", "hub", "client", 0, False),
+    TopicSpec("swarm/{sid}/metrics/win_rate/{tag}", "hub", "client", 0, False),
 )
 
 
@@ -212,6 +218,28 @@ class Topics:
         if index == topic or not index.isdigit() or len(index) > 6:
             return None
         return int(index)
+
+    # metrics: flat JSON for dashboards (messages.NodeMetrics, HubMetrics)
+    def metrics_hub(self) -> str:
+        return f"{self.base}/metrics/hub"
+
+    def metrics_node(self, node_id: str) -> str:
+        return f"{self.base}/metrics/node/{check_id(node_id, what='node id')}"
+
+    def metrics_fan_in(self, metric: str) -> str:
+        """One key per node: ``{"pixel7": 4.2, "s20": 3.1}``; ``errors`` has one key per error code."""
+        if metric in ("hub", "node", "win_rate") or not _ID.match(metric):
+            raise ConfigError(f"{metric!r} is not a fan-in metric name")
+        return f"{self.base}/metrics/{metric}"
+
+    def metrics_win_rate(self, tag: str) -> str:
+        """Decayed win rate per node for one routing tag (``all``: over every request)."""
+        if not _TAG.match(tag):
+            raise ConfigError(f"tag {tag!r} cannot be a topic level")
+        return f"{self.base}/metrics/win_rate/{tag}"
+
+    def metrics_all(self) -> str:
+        return f"{self.base}/metrics/#"
 
     def everything(self) -> str:
         return f"{self.base}/#"

@@ -162,6 +162,9 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-limit", type=int, default=d.requests_per_minute, help="requests per client per minute")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
     p.add_argument("--max-payload", type=int, default=d.max_payload_bytes, help="largest prompt message, bytes")
+    p.add_argument(
+        "--metrics-interval", type=float, default=5.0, help="seconds between metrics for dashboards (0: none)"
+    )
 
 
 def _home(args: argparse.Namespace) -> SwarmHome:
@@ -189,6 +192,7 @@ def _hub_config(
         default_timeout_s=args.request_timeout,
         retries=args.retries,
         reranker=args.reranker,
+        metrics_interval_s=args.metrics_interval,
         limits=Limits(
             max_inflight=args.max_inflight,
             max_queued=args.max_queued,

@@ -30,6 +30,8 @@ class HubConfig:
     winrate_half_life_s: float = 86_400.0
     reranker: str = "rules"
     status_interval_s: float = 10.0
+    #: metrics on swarm/{sid}/metrics/... for dashboards; 0 publishes none
+    metrics_interval_s: float = 5.0
     flush_interval_s: float = 2.0
     #: on shutdown, how long in-flight requests may finish before they get ``hub_stopping``
     drain_s: float = 10.0

@@ -48,7 +48,7 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import rerank
+from . import metrics, rerank
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
@@ -125,6 +125,8 @@ class Hub:
         self.ready = asyncio.Event()
         self.answered = 0
         self.failed = 0
+        #: the last minute of settled requests, for the metrics
+        self.window = metrics.Window()
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -156,6 +158,7 @@ class Hub:
                     tg.create_task(reconnecting(self._connect, self._session, name="hub")),
                     tg.create_task(self._liveness_loop()),
                     tg.create_task(self._flush_loop()),
+                    tg.create_task(self._metrics_loop()),
                 ]
                 await self._stop_requested.wait()
                 await self._drain()
@@ -345,7 +348,7 @@ class Hub:
                 outcome = Rejected(outcome.request_id, outcome.reply_topic, outcome.correlation, error)
         if isinstance(outcome, Rejected):
             log.info("rejected prompt", code=outcome.error.code.value, request_id=outcome.request_id)
-            self.failed += 1
+            self._count_failure(outcome.error.code)
             await self._reply(
                 outcome.reply_topic, ErrorReply(id=outcome.request_id, error=outcome.error), outcome.correlation
             )
@@ -397,7 +400,7 @@ class Hub:
                     return
                 refusal = self._refuse(accepted)
                 if refusal is not None:
-                    self.failed += 1
+                    self._count_failure(refusal.code)
                     log.info("refused request", code=refusal.code.value)
                     await self._reply(accepted.reply_topic, ErrorReply(id=rid, error=refusal), accepted.correlation)
                     return
@@ -444,7 +447,7 @@ class Hub:
         if known is None:
             return False
         if known != request_digest:
-            self.failed += 1
+            self._count_failure(ErrorCode.INVALID_REQUEST)
             error = ErrorInfo(
                 code=ErrorCode.INVALID_REQUEST,
                 message=f"request id {rid!r} was already used for a different request; use a fresh id",
@@ -651,6 +654,7 @@ class Hub:
             candidates=candidates,
         )
         self.answered += 1
+        self.window.answered(loop.time(), answer.latency_ms)
         log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
         await self._settle(run, answer)
 
@@ -658,7 +662,7 @@ class Hub:
         now = time.time()
         for loser in losers:
             self.winrates.record(loser, run.accepted.request.all_tags(), won=False, now=now)
-        self.failed += 1
+        self._count_failure(error.code)
         log.info("request failed", code=error.code.value, reason=error.message)
         await self._settle(run, ErrorReply(id=run.machine.request_id, error=error))
 
@@ -785,6 +789,40 @@ class Hub:
             self._status_changed.clear()
             await self._publish_status()
             await asyncio.sleep(0.5)  # at most two status publishes a second, however busy
+
+    def _count_failure(self, code: ErrorCode) -> None:
+        self.failed += 1
+        self.window.failed(asyncio.get_running_loop().time(), code)
+
+    async def _metrics_loop(self) -> None:
+        interval = self.config.metrics_interval_s
+        if interval <= 0:
+            return
+        while True:
+            raise_if_cancelled()
+            await asyncio.sleep(interval)
+            if self._conn is not None:  # live readings only: nothing is queued for later
+                await self._publish_metrics(self._conn)
+
+    async def _publish_metrics(self, conn: Connection) -> None:
+        now, mono = time.time(), asyncio.get_running_loop().time()
+        t = self.topics
+        hub = self.window.hub_metrics(mono, self.registry, inflight=len(self._runs), queued=len(self._waiting))
+        nodes = {
+            rec.node_id: metrics.node_metrics(rec, now, self.config.heartbeat_timeout_s)
+            for rec in metrics.reported(self.registry, now)
+        }
+        batch: list[tuple[str, bytes]] = [(t.metrics_hub(), hub.encode())]
+        batch += [(t.metrics_node(node_id), m.encode()) for node_id, m in nodes.items()]
+        batch += [(t.metrics_fan_in(name), json.dumps(v).encode()) for name, v in metrics.fan_in(nodes).items()]
+        batch.append((t.metrics_fan_in("errors"), json.dumps(self.window.errors_by_code(mono)).encode()))
+        for tag, rates in metrics.win_rates(self.winrates, nodes, now).items():
+            batch.append((t.metrics_win_rate(tag), json.dumps(rates).encode()))
+        try:
+            for topic, payload in batch:
+                await conn.publish(topic, payload, qos=0)
+        except ConnectionLost:
+            pass  # the next tick publishes fresh ones
 
     async def _persist(self) -> None:
         """Write what changed since the last flush; rows are built here, on the loop."""

@@ -56,6 +56,10 @@ class WinRates:
         alpha, beta = self.posterior(node_id, [tag], now)
         return alpha / (alpha + beta)
 
+    def keys(self) -> list[tuple[str, str]]:
+        """Every (node_id, tag) with a tally."""
+        return sorted(self._tallies)
+
     def take_dirty(self) -> list[tuple[str, str, float, float, float]]:
         """Changed rows since the last call, for the store to persist."""
         rows = []

@@ -43,15 +43,16 @@ def builder_patterns() -> set[str]:
     t = Topics("sidx")
     out = set()
     for name, member in inspect.getmembers(Topics, predicate=inspect.isfunction):
-        skip = {"node", "all_nodes", "parse_node_topic", "is_reply_topic", "everything", "bundle_chunks"}
+        skip = {"node", "all_nodes", "parse_node_topic", "is_reply_topic", "everything", "bundle_chunks", "metrics_all"}
         if name.startswith("_") or name in skip or name.startswith("parse_"):
             continue
         params = [p for p in inspect.signature(member).parameters if p != "self"]
-        args: dict[str, object] = {"node_id": "nidx", "name": "namex", "index": 7}
+        args: dict[str, object] = {"node_id": "nidx", "name": "namex", "index": 7, "metric": "metricx", "tag": "tagx"}
         topic = getattr(t, name)(*[args[p] for p in params])
         if name == "reply_filter":
             continue
         topic = topic.replace("sidx", "{sid}").replace("nidx", "{node_id}").replace("namex", "{name}")
+        topic = topic.replace("metricx", "{metric}").replace("tagx", "{tag}")
         out.add(topic.replace("/chunk/7", "/chunk/{index}"))
     out.add(t.reply().replace("sidx", "{sid}").replace("default", "{name}"))
     return out
