@@ -32,15 +32,24 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = 
     parser.add_argument(
         "--tls", action="store_true", help="mqtts:// only, with the swarm's own CA (made in the config dir's tls/)"
     )
+    parser.add_argument(
+        "--bridge",
+        type=Path,
+        help="a Mosquitto bridge config to include (deploy/mosquitto/bridge.conf; Mosquitto only)",
+    )
 
 
 def home_from(args: argparse.Namespace) -> SwarmHome:
     return SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
 
 
-async def run_broker(home: SwarmHome, local: LocalSwarm, *, on_ready: object = None) -> None:
+async def run_broker(
+    home: SwarmHome, local: LocalSwarm, *, on_ready: object = None, bridge: Path | None = None
+) -> None:
     """Generate credentials if needed, record where we listen, and serve until cancelled."""
     check_id(local.swarm, what="swarm id")
+    if bridge is not None and local.engine != "mosquitto":
+        raise ConfigError("--bridge needs the Mosquitto engine: amqtt cannot bridge to another broker")
     home.ensure()
     home.save_local(local)
     ready = on_ready if callable(on_ready) else None
@@ -50,7 +59,15 @@ async def run_broker(home: SwarmHome, local: LocalSwarm, *, on_ready: object = N
         from .mosquitto import serve as serve_mosquitto
 
         await serve_mosquitto(
-            MosquittoConfig(local.host, local.port, local.swarm, home.password_file, home.mosquitto_dir, tls=tls_files),
+            MosquittoConfig(
+                local.host,
+                local.port,
+                local.swarm,
+                home.password_file,
+                home.mosquitto_dir,
+                tls=tls_files,
+                bridge=bridge,
+            ),
             on_ready=ready,
         )
     else:
@@ -63,10 +80,10 @@ async def run_broker(home: SwarmHome, local: LocalSwarm, *, on_ready: object = N
         )
 
 
-async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm) -> None:
+async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm, bridge: Path | None) -> None:
     """SIGTERM and SIGINT stop the broker cleanly; in Mosquitto mode that also stops mosquitto,
     which would otherwise outlive us."""
-    task = asyncio.create_task(run_broker(home, local))
+    task = asyncio.create_task(run_broker(home, local, bridge=bridge))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -81,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(level=args.log_level, json=args.log_json)
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine, tls=args.tls)
     try:
-        asyncio.run(_serve_until_signalled(home_from(args), local))
+        asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge))
     except ConfigError as exc:
         print(f"swarm-broker: {exc}", file=sys.stderr)
         return 2

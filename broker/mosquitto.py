@@ -36,6 +36,8 @@ class MosquittoConfig:
     binary: str = "mosquitto"
     #: TLS only when set: no plaintext listener at all
     tls: TLSFiles | None = None
+    #: a Mosquitto bridge config (deploy/mosquitto/bridge.conf) appended to the generated one
+    bridge: Path | None = None
 
 
 def write_config(config: MosquittoConfig) -> Path:
@@ -47,6 +49,12 @@ def write_config(config: MosquittoConfig) -> Path:
     # A private copy: Mosquitto reads it as the user it runs as, after dropping privileges.
     write_private(passwd, config.password_file.read_text())
     conf = config.workdir / "mosquitto.conf"
+    bridge: list[str] = []
+    if config.bridge is not None:
+        try:
+            bridge = [f"# From {config.bridge}:", config.bridge.read_text()]
+        except OSError as exc:
+            raise ConfigError(f"cannot read the bridge config {config.bridge}: {exc}") from exc
     write_private(
         conf,
         "\n".join(
@@ -68,6 +76,8 @@ def write_config(config: MosquittoConfig) -> Path:
                     if config.tls is not None
                     else []
                 ),
+                # Bridge sections come last: everything above applies to the whole broker.
+                *bridge,
                 "",
             ]
         ),

@@ -102,7 +102,13 @@ def env_for(home: SwarmHome) -> dict[str, str]:
 
 
 async def start_broker(
-    engine: str, home: SwarmHome, tmp_path: Path, *, tls: bool = False, port: int | None = None
+    engine: str,
+    home: SwarmHome,
+    tmp_path: Path,
+    *,
+    tls: bool = False,
+    port: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> RunningBroker:
     """A broker in its own process; ``port`` to restart one where its clients expect it."""
     if engine == "mosquitto":
@@ -110,6 +116,7 @@ async def start_broker(
     port = port or free_port()
     log = tmp_path / f"broker-{engine}-{port}-{time.monotonic_ns()}.log"
     argv = [PYTHON, "-m", "nova_swarm.broker", "--engine", engine, "--port", str(port), "--config-dir", str(home.path)]
+    argv += list(extra)
     proc = subprocess.Popen(
         argv + (["--tls"] if tls else []), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env_for(home)
     )
