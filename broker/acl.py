@@ -4,6 +4,11 @@ The embedded broker checks it in ``plugins.py``; Mosquitto mode renders it to an
 :func:`mosquitto_acl`. Patterns use ``{sid}`` for the swarm id, ``{user}`` for the login (a node's
 username is its node id, so a node can only speak for itself) and ``{client}`` for the MQTT
 client id (a client's private reply topic is named after it).
+
+Home Assistant's topics (``homeassistant.py``) sit outside ``swarm/`` and are shared by every
+swarm on the broker: a node may publish its own discovery config, the hub may clear any (when it
+revokes a node), and the client login, which Home Assistant uses, reads them all and announces
+Home Assistant's own status.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from enum import StrEnum
 
 from .errors import ConfigError
 from .home import Role
+from .homeassistant import DEFAULT_PREFIX as _HA
 from .topics import DEFAULT_REPLY, check_node_id, is_concrete, matches
 
 
@@ -34,6 +40,8 @@ RULES: tuple[Rule, ...] = (
     # The hub runs the swarm: it reads and writes everything under the swarm's root.
     Rule(Role.HUB, Access.READ, "swarm/{sid}/#"),
     Rule(Role.HUB, Access.WRITE, "swarm/{sid}/#"),
+    # ... and clears a revoked node's Home Assistant device.
+    Rule(Role.HUB, Access.WRITE, f"{_HA}/#"),
     # A node speaks only under its own id, and hears only its own work plus the swarm's pins.
     *(Rule(Role.NODE, Access.WRITE, f"{_NODE_OWN}/{leaf}") for leaf in ("announce", "status", "heartbeat", "result")),
     *(Rule(Role.NODE, Access.READ, f"{_NODE_OWN}/{leaf}") for leaf in ("task", "cancel")),
@@ -41,6 +49,9 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.NODE, Access.READ, "swarm/{sid}/model"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/bundle"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/bundle/chunk/+"),
+    # Home Assistant: a node describes only itself, and hears when Home Assistant restarts.
+    Rule(Role.NODE, Access.WRITE, f"{_HA}/device/{{user}}/config"),
+    Rule(Role.NODE, Access.READ, f"{_HA}/status"),
     # A client asks, reads its own answers (and the shared default reply topic), and may watch
     # the fleet (for `swarm-hub nodes` and dashboards).
     Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/prompt"),
@@ -52,6 +63,9 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/model"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/bundle"),
     *(Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/node/+/{leaf}") for leaf in ("announce", "status", "heartbeat")),
+    # Home Assistant logs in as the client: it reads discovery and announces itself.
+    Rule(Role.CLIENT, Access.READ, f"{_HA}/#"),
+    Rule(Role.CLIENT, Access.WRITE, f"{_HA}/status"),
 )
 
 
@@ -136,6 +150,8 @@ def mosquitto_acl(swarm: str) -> str:
         if role is Role.CLIENT:
             for leaf in ("task", "cancel", "result"):
                 lines.append(f"topic deny swarm/{swarm}/node/+/{leaf}")
+            # The node pattern below would let the client publish a device called "client".
+            lines.append(f"topic deny {_HA}/device/{role.value}/config")
         for rule in RULES:
             if rule.role is role and "{client}" not in rule.pattern:
                 lines.append(f"topic {rule.access.value} {rule.pattern.replace('{sid}', swarm)}")

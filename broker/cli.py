@@ -95,7 +95,9 @@ async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm, bridge: Pat
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(level=args.log_level, json=args.log_json)
+    logs.configure(
+        level=args.log_level, json=args.log_json, file=logs.file_for(args, home_from(args).log_file("broker"))
+    )
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine, tls=args.tls)
     try:
         asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge))

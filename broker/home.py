@@ -12,6 +12,7 @@ Layout (all files 0600, the directory 0700)::
         mosquitto/                 generated Mosquitto config and ACL (Mosquitto mode)
         signing/hub.key            the hub's Ed25519 key that signs model pins and node bundles
         joined.json                on a node's machine: how `swarm-node join` says to reach the swarm
+        logs/                      JSON logs of the hub, broker and nodes, rotated by size
 
 Credentials are made on first use with a CSPRNG; there is no default password anywhere. A node's
 username is its node id: the ACL ties its topics to it, so one node cannot speak for another.
@@ -169,6 +170,10 @@ class SwarmHome:
     @property
     def signing_key_file(self) -> Path:
         return self.path / "signing" / "hub.key"
+
+    def log_file(self, name: str) -> Path:
+        """``logs/<name>.log``: one file per process (hub, broker, node-<id>)."""
+        return self.path / "logs" / f"{name}.log"
 
     @property
     def mosquitto_dir(self) -> Path:

@@ -1,44 +1,105 @@
-"""Structured logs: readable on a terminal, JSON for machines (``--log-json``).
+"""Structured logs: readable on a terminal, JSON in size-rotated files (and on stderr with ``--log-json``).
 
-Handlers bind ``request_id``/``node_id`` with ``structlog.contextvars`` so every line about a
-task carries them. Prompt text is never logged at info level or above.
+    logs.configure(level="info", file=home.log_file("hub"))
+
+Every process writes its own file under the config directory (``logs/hub.log``,
+``logs/node-pixel7.log``, ...): rotation is not safe with two writers on one file. Handlers bind
+``request_id``/``node_id`` with ``structlog.contextvars`` so every line about a task carries them.
+Prompt and answer text is never logged at info level or above.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import sys
+from pathlib import Path
 
 import structlog
 
+#: a file is rotated past this size, and this many old ones are kept (logs/hub.log.1 ... .3)
+MAX_BYTES = 5 * 2**20
+BACKUPS = 3
 
-def configure(*, level: str = "info", json: bool = False) -> None:
+_SHARED: list[structlog.typing.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def configure(
+    *,
+    level: str = "info",
+    json: bool = False,
+    file: Path | None = None,
+    max_bytes: int = MAX_BYTES,
+    backups: int = BACKUPS,
+) -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}")
-    # Third-party libraries (amqtt, transitions, paho) log through stdlib logging; their INFO
-    # chatter is per-connection noise, so they only reach us from WARNING up.
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s"
-    )
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.filter_by_level,
+            *_SHARED,
             structlog.processors.format_exc_info,
-            renderer,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
+    )
+    on_terminal = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(_formatter(on_terminal))
+    handlers: list[logging.Handler] = [console]
+    if file is not None:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            rotating = logging.handlers.RotatingFileHandler(
+                file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+        except OSError as exc:  # a read-only config dir must not stop the swarm
+            print(f"nova-swarm: not logging to {file}: {exc}", file=sys.stderr)
+        else:
+            rotating.setFormatter(_formatter(structlog.processors.JSONRenderer()))
+            handlers.append(rotating)
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    # Third-party libraries (amqtt, transitions, paho) log through stdlib logging; their INFO
+    # chatter is per-connection noise, so they only reach us from WARNING up.
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("nova_swarm").setLevel(numeric)
+
+
+def _formatter(renderer: structlog.typing.Processor) -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        # Lines from stdlib loggers (amqtt, aiomqtt) get the same fields as ours.
+        foreign_pre_chain=_SHARED,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per line on stderr too")
+    parser.add_argument(
+        "--log-file", type=Path, help="JSON log file, rotated by size (default: logs/ in the config dir)"
+    )
+    parser.add_argument("--no-log-file", action="store_true", help="log to stderr only")
+
+
+def file_for(args: argparse.Namespace, default: Path | None) -> Path | None:
+    """The file ``--log-file`` names, else ``default``; None with ``--no-log-file``."""
+    if getattr(args, "no_log_file", False):
+        return None
+    return getattr(args, "log_file", None) or default

@@ -4,6 +4,7 @@ swarm-hub up                     broker + hub + a local node on the bundled mode
 swarm-hub serve --broker URL     the hub alone, against any broker
 swarm-hub ask "What is 2+2?"     ask the swarm; prints the answer, its node and timings
 swarm-hub nodes | status         what the hub sees
+swarm-hub top                    a live view of the hub, its nodes and recent errors (Ctrl-C quits)
 swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto_sub
 swarm-hub enroll NODE            a node's own login, as a one-line join command
 swarm-hub bundle publish         sign this hub's node code and roll it out to every node
@@ -28,6 +29,7 @@ from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
 from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
+from nova_swarm.broker.homeassistant import HomeAssistantTopics
 from nova_swarm.broker.messages import MAX_FANOUT, GenParams, HubStatus, NodeTable, PromptRequest, decode
 from nova_swarm.broker.topics import DEFAULT_SWARM, Topics
 from nova_swarm.broker.url import BrokerURL
@@ -38,6 +40,7 @@ from .client import SwarmClient
 from .config import HubConfig
 from .hub import Hub
 from .intake import Limits
+from .top import run_top
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, help="the local node's inference threads")
     up.add_argument("--no-node", action="store_true", help="start no local node")
     up.add_argument("--tls", action="store_true", help="mqtts:// only, with a local CA made on first use")
+    up.add_argument(
+        "--bridge", type=Path, help="a Mosquitto bridge config to a central broker (with --broker-engine mosquitto)"
+    )
     up.add_argument("--config-dir", type=Path)
     _hub_arguments(up)
     logs.add_arguments(up)
@@ -103,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the hub's retained report")
         common(p)
 
+    top = sub.add_parser("top", help="a live view of the hub, its nodes and recent errors (Ctrl-C quits)")
+    top.add_argument("--frames", type=int, help="stop after this many refreshes (two a second)")
+    top.add_argument("--duration", type=float, help="stop after this many seconds")
+    common(top)
+
     creds = sub.add_parser("creds", help="print -h -p -u -P for mosquitto_pub/mosquitto_sub")
     creds.add_argument("--role", choices=[Role.CLIENT.value, Role.HUB.value], default="client")
     creds.add_argument("--url", action="store_true", help="print a broker URL instead")
@@ -121,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = sub.add_parser("revoke", help="cut one node off: its login is removed and its connection dropped")
     revoke.add_argument("node_id", metavar="NODE")
     revoke.add_argument("--config-dir", type=Path)
+    revoke.add_argument("--port", type=int, help="port of this machine's swarm, to remove the node from Home Assistant")
 
     enrolled = sub.add_parser("enrolled", help="list enrolled nodes")
     enrolled.add_argument("--config-dir", type=Path)
@@ -225,12 +237,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
     home = _home(args)
     home.ensure()
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.broker_engine, tls=args.tls)
+    if args.bridge is not None and local.engine != "mosquitto":
+        raise ConfigError("--bridge needs --broker-engine mosquitto: amqtt cannot bridge to another broker")
     home.save_local(local)
     if local.tls:
         # Made here, before the broker starts, so we can reach it the moment it listens.
         tls.ensure(home.tls_dir, tls.broker_names(local.host))
     env = {**os.environ, "NOVA_SWARM_HOME": str(home.path)}
     log_flags = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
+    log_flags += ["--no-log-file"] if args.no_log_file else []  # each child keeps its own file otherwise
     children: list[subprocess.Popen[bytes]] = []
     # Children get their own session, so a Ctrl-C reaches only us and we stop them in order:
     # the hub drains first (it needs the node), then the node, then the broker.
@@ -248,6 +263,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "--swarm",
             local.swarm,
             *(["--tls"] if local.tls else []),
+            *(["--bridge", str(args.bridge.resolve())] if args.bridge else []),
             *log_flags,
         ],
         env=env,
@@ -415,6 +431,24 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0 if status.state == "online" else 1
 
 
+async def cmd_top(args: argparse.Namespace) -> int:
+    home = _home(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C is how you leave `top`: stop drawing and exit 0, leaving the last frame on screen.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_top(
+        _url(args, home, Role.CLIENT),
+        _swarm(args, home),
+        ca_file=args.ca_file,
+        frames=args.frames,
+        duration=args.duration,
+        stop=stop,
+    )
+    return 0
+
+
 def cmd_creds(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.rotate:
@@ -471,7 +505,29 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         print(f"swarm-hub: no node {args.node_id!r} is enrolled (see `swarm-hub enrolled`)", file=sys.stderr)
         return 1
     print(f"node {args.node_id!r} revoked: the broker drops its connection within a second and refuses it")
+    _forget_in_home_assistant(args, home)
     return 0
+
+
+def _forget_in_home_assistant(args: argparse.Namespace, home: SwarmHome) -> None:
+    """Best effort: an empty retained discovery config removes the node's device from Home Assistant
+    (harmless when the node never had one). Revocation itself is local and has already happened."""
+    topic = HomeAssistantTopics().device_config(args.node_id)
+
+    async def clear() -> None:
+        async with Connection(_url(args, home, Role.HUB), timeout=5.0) as conn:
+            await conn.publish(topic, b"", qos=1, retain=True)
+
+    try:
+        asyncio.run(clear())
+    except SwarmError as exc:
+        print(
+            f"note: could not reach the broker ({exc}), so Home Assistant still shows {args.node_id!r}."
+            f" Once the broker is up, remove it with:\n  mosquitto_pub $(swarm-hub creds --role hub) -r -n -t {topic}",
+            file=sys.stderr,
+        )
+        return
+    print(f"removed from Home Assistant too (cleared the retained {topic})")
 
 
 def cmd_enrolled(args: argparse.Namespace) -> int:
@@ -555,6 +611,7 @@ COMMANDS = {
     "ask": cmd_ask,
     "nodes": cmd_nodes,
     "status": cmd_status,
+    "top": cmd_top,
     "bundle": cmd_bundle,
     "model": cmd_model,
 }
@@ -563,7 +620,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "log_level"):
-        logs.configure(level=args.log_level, json=args.log_json)
+        # Only the long-running hub writes a log file; one-shot commands log to stderr.
+        default = _home(args).log_file("hub") if args.command in ("up", "serve") else None
+        logs.configure(level=args.log_level, json=args.log_json, file=logs.file_for(args, default))
     else:
         logs.configure(level="warning")
     try:

@@ -45,7 +45,7 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import sensors
+from . import homeassistant, sensors
 from .config import NodeConfig
 from .engine import Engine, Generation, Sampling
 from .guard import Guard, Pause, Resume
@@ -119,6 +119,8 @@ class Node:
         self._stop_requested.set()
 
     async def run(self) -> None:
+        # Every line this node logs, from every task it starts, says which node it is.
+        structlog.contextvars.bind_contextvars(node_id=self.config.node_id)
         await self._profile()
         await self._sense()  # before connecting: a node that starts hot starts paused
         async with asyncio.TaskGroup() as tg:
@@ -162,6 +164,9 @@ class Node:
             await conn.subscribe(self.topics.node_task(node_id), qos=1)
         await conn.publish(self.topics.node_announce(node_id), self._announce().encode(), retain=True)
         await conn.publish(self.topics.node_status(node_id), self._current_status().encode(), retain=True)
+        if self.config.home_assistant.enabled:
+            await conn.subscribe(self.config.home_assistant.topics.status(), qos=1)
+            await self._publish_discovery(conn)
         await self._flush_outbox(conn)
         self._conn = conn
         try:
@@ -219,6 +224,10 @@ class Node:
             return
         if (index := self.topics.parse_bundle_chunk(topic)) is not None:
             self.updater.on_chunk(index, message.payload)
+            return
+        if self.config.home_assistant.enabled and topic == self.config.home_assistant.topics.status():
+            if homeassistant.is_birth(message.payload):
+                await self._publish_discovery(conn)
             return
         if message.retain:
             # Task and cancel topics are never retained; a retained one is stale or leaked.
@@ -552,6 +561,15 @@ class Node:
             except ConnectionLost:
                 log.warning("message held until the broker is back", topic=topic)
         self._outbox.append((topic, payload, retain))
+
+    async def _publish_discovery(self, conn: Connection) -> None:
+        """Describe this node to Home Assistant (retained): after every connect and every HA start."""
+        cfg = self.config
+        payload = homeassistant.discovery_payload(
+            node_id=cfg.node_id, swarm=cfg.swarm, version=__version__, heartbeat_s=cfg.heartbeat_s
+        )
+        topic = cfg.home_assistant.topics.device_config(cfg.node_id)
+        await conn.publish(topic, homeassistant.encode(payload), qos=1, retain=True)
 
     async def _flush_outbox(self, conn: Connection) -> None:
         """Send what waited for a connection; runs once at the start of each session."""

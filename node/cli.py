@@ -17,6 +17,7 @@ import structlog
 from nova_swarm.broker import logs
 from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.home import SwarmHome, parse_join_token
+from nova_swarm.broker.homeassistant import DEFAULT_PREFIX
 from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import check_node_id
 from nova_swarm.broker.url import BrokerURL
@@ -26,6 +27,7 @@ from .bundles import RESTART_EXIT, BundleStore
 from .config import NodeConfig, default_node_id
 from .engine import Engine, load_engine
 from .guard import GuardConfig
+from .homeassistant import HomeAssistantConfig
 from .models import CATALOGUE, ModelCache, bundled_model, progress_bar, pull
 from .supervisor import CHILD_ENV, HEALTH_ENV, Supervisor, SupervisorConfig
 from .updater import UpdateSetup
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--charging-only", action="store_true", help="only work while the device is charging")
     guard.add_argument("--no-guard", action="store_true", help="never pause (a desktop whose sensors mean nothing)")
     guard.add_argument("--sense-interval", type=float, default=5.0, help="seconds between sensor readings")
+    ha = run.add_argument_group("Home Assistant")
+    ha.add_argument(
+        "--home-assistant", action="store_true", help="show this node as a device in Home Assistant (MQTT discovery)"
+    )
+    ha.add_argument("--ha-prefix", default=DEFAULT_PREFIX, help="Home Assistant's discovery prefix (%(default)s)")
     logs.add_arguments(run)
 
     models = sub.add_parser("models", help="pull GGUF models into the offline cache, and list them")
@@ -202,6 +209,7 @@ def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, 
             charging_only=args.charging_only,
             enabled=not args.no_guard,
         ),
+        home_assistant=HomeAssistantConfig(enabled=args.home_assistant, prefix=args.ha_prefix),
     )
     return config, url
 
@@ -245,6 +253,7 @@ async def run_node(args: argparse.Namespace) -> bool:
 
     home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
     config, url = config_from(args, home)
+    structlog.contextvars.bind_contextvars(node_id=config.node_id)
     cache = ModelCache(args.cache_dir)
     options: dict[str, object] = {}
     model_path: Path | None = None
@@ -291,11 +300,23 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     return Supervisor(store, argv, SupervisorConfig(health_timeout_s=args.update_timeout)).run()
 
 
+def _log_file(args: argparse.Namespace) -> Path | None:
+    """``logs/node-<id>.log`` for the node, ``node-<id>.supervisor.log`` for its supervisor."""
+    if args.command != "run":
+        return None
+    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    joined = home.joined()
+    from_url = BrokerURL.parse(args.broker).username if args.broker else None
+    node_id = args.node_id or from_url or (joined[0].node_id if joined else None) or default_node_id()
+    supervising = not args.no_updates and os.environ.get(CHILD_ENV) != "1"
+    return home.log_file(f"node-{node_id}" + (".supervisor" if supervising else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logs.configure(level=args.log_level, json=args.log_json)
     try:
+        logs.configure(level=args.log_level, json=args.log_json, file=logs.file_for(args, _log_file(args)))
         if args.command == "join":
             return cmd_join(args)
         if args.command == "models":

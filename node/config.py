@@ -9,6 +9,7 @@ from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.topics import DEFAULT_SWARM, RESERVED_NODE_IDS, check_id, check_node_id
 
 from .guard import GuardConfig
+from .homeassistant import HomeAssistantConfig
 
 
 def default_node_id() -> str:
@@ -44,6 +45,8 @@ class NodeConfig:
     #: seconds between sensor readings (battery, charging, temperature) for the guard
     sense_s: float = 5.0
     guard: GuardConfig = field(default_factory=GuardConfig)
+    #: MQTT discovery for Home Assistant (off by default)
+    home_assistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)

@@ -46,6 +46,22 @@ R, W = Access.READ, Access.WRITE
         ("hub", "hub", W, "swarm/other/prompt", False),
         ("hub", "hub", W, "swarm/main/+/x", False),
         ("", "x", R, "swarm/main/reply/default", False),
+        # Home Assistant: a node describes itself only; the hub clears any; HA logs in as the client.
+        ("n1", "n1", W, "homeassistant/device/n1/config", True),
+        ("n1", "n2", W, "homeassistant/device/n1/config", True),
+        ("n1", "n1", W, "homeassistant/device/n2/config", False),
+        ("n1", "n1", W, "homeassistant/sensor/n1/config", False),
+        ("n1", "n1", W, "homeassistant/status", False),
+        ("n1", "n1", R, "homeassistant/status", True),
+        ("n1", "n1", R, "homeassistant/#", False),
+        ("n1", "n1", R, "homeassistant/device/+/config", False),
+        ("hub", "hub", W, "homeassistant/device/n1/config", True),
+        ("hub", "hub", W, "homeassistant/+/n1/config", False),
+        ("client", "c1", R, "homeassistant/#", True),
+        ("client", "c1", R, "homeassistant/device/+/config", True),
+        ("client", "c1", W, "homeassistant/status", True),
+        ("client", "c1", W, "homeassistant/device/n1/config", False),
+        ("client", "client", W, "homeassistant/device/client/config", False),
     ],
 )
 def test_rules(user: str, client_id: str, access: Access, topic: str, ok: bool) -> None:
@@ -77,3 +93,16 @@ def test_mosquitto_acl_renders_every_rule() -> None:
     assert "pattern read swarm/main/reply/%c\n" in text
     assert "user hub\ntopic read swarm/main/#\ntopic write swarm/main/#" in text
     assert "%c/task" not in text  # node topics follow the login, never the client id
+
+
+def test_mosquitto_acl_renders_the_home_assistant_rules() -> None:
+    text = mosquitto_acl("main")
+    assert "pattern write homeassistant/device/%u/config\n" in text
+    assert "pattern read homeassistant/status\n" in text
+    hub, client = (block for block in text.split("\n\n") if block.startswith(("user hub", "user client")))
+    assert "topic write homeassistant/#" in hub.splitlines()
+    assert {"topic read homeassistant/#", "topic write homeassistant/status"} <= set(client.splitlines())
+    # Mosquitto applies patterns to every user: without this deny, the client login could pose
+    # as a node called "client" in Home Assistant. Denies come before the client's allows.
+    lines = client.splitlines()
+    assert lines.index("topic deny homeassistant/device/client/config") < lines.index("topic read homeassistant/#")
