@@ -8,6 +8,7 @@ Layout (all files 0600, the directory 0700)::
         passwd                     every login above as $7$ hashes, for either broker
         local.json                 where `swarm-hub up` / `swarm-broker` listen, so `ask` needs no flags
         hub.sqlite                 the hub's registry, win rates and request journal
+        ledger.sqlite              the contribution ledger: signed, hash-chained receipts
         tls/                       the swarm's CA and the broker's certificate (`up --tls`)
         mosquitto/                 generated Mosquitto config and ACL (Mosquitto mode)
         signing/hub.key            the hub's Ed25519 key that signs model pins and node bundles
@@ -170,6 +171,10 @@ class SwarmHome:
     @property
     def signing_key_file(self) -> Path:
         return self.path / "signing" / "hub.key"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.path / "ledger.sqlite"
 
     def log_file(self, name: str) -> Path:
         """``logs/<name>.log``: one file per process (hub, broker, node-<id>)."""

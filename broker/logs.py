@@ -56,7 +56,7 @@ def configure(
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(_formatter(on_terminal))
+    console.setFormatter(_formatter(on_terminal, keep_logger=json))
     handlers: list[logging.Handler] = [console]
     if file is not None:
         try:
@@ -81,9 +81,15 @@ def configure(
     logging.getLogger("nova_swarm").setLevel(numeric)
 
 
-def _formatter(renderer: structlog.typing.Processor) -> logging.Formatter:
+def _drop_logger(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    event.pop("logger", None)  # a terminal line is for a person; the files keep it
+    return event
+
+
+def _formatter(renderer: structlog.typing.Processor, *, keep_logger: bool = True) -> logging.Formatter:
+    meta = structlog.stdlib.ProcessorFormatter.remove_processors_meta
     return structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[meta, renderer] if keep_logger else [meta, _drop_logger, renderer],
         # Lines from stdlib loggers (amqtt, aiomqtt) get the same fields as ours.
         foreign_pre_chain=_SHARED,
     )

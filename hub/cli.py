@@ -9,6 +9,7 @@ swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto
 swarm-hub enroll NODE            a node's own login, as a one-line join command
 swarm-hub bundle publish         sign this hub's node code and roll it out to every node
 swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained)
+swarm-hub ledger [verify|export] what each node gave, from signed, hash-chained receipts
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from nova_swarm.broker import logs, tls
@@ -31,13 +33,15 @@ from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError,
 from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
 from nova_swarm.broker.homeassistant import HomeAssistantTopics
 from nova_swarm.broker.messages import MAX_FANOUT, GenParams, HubStatus, NodeTable, PromptRequest, decode
+from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import DEFAULT_SWARM, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import pins
+from . import credits, ledger, pins
 from .client import SwarmClient
 from .config import HubConfig
+from .credits import CreditRates
 from .hub import Hub
 from .intake import Limits
 from .top import run_top
@@ -157,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     mshow = msub.add_parser("show", help="the model pinned now")
     for p in (publish, bshow, pin, unpin, mshow):
         common(p, broker_role="hub")
+    ledger = sub.add_parser("ledger", help="what each node and owner gave: tasks, tokens, wins, credits, tier")
+    ledger.add_argument("action", nargs="?", choices=["show", "verify", "export"], default="show")
+    ledger.add_argument("--json", action="store_true", help="show: the accounts as JSON")
+    ledger.add_argument("--out", type=Path, help="export: write JSON Lines here (default: stdout)")
+    ledger.add_argument("--key", help="verify: the hub's public key (default: this machine's hub)")
+    ledger.add_argument("--config-dir", type=Path)
     key = sub.add_parser("key", help="print the hub's public signing key (for `swarm-node run --hub-key`)")
     key.add_argument("--config-dir", type=Path)
     return parser
@@ -205,6 +215,8 @@ def _hub_config(
         retries=args.retries,
         reranker=args.reranker,
         metrics_interval_s=args.metrics_interval,
+        ledger_path=home.ledger_file,
+        signing_key_file=home.signing_key_file,
         limits=Limits(
             max_inflight=args.max_inflight,
             max_queued=args.max_queued,
@@ -537,6 +549,64 @@ def cmd_enrolled(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    home = _home(args)
+    path = home.ledger_file
+    if args.action == "verify":
+        public = PublicKey.parse(args.key) if args.key else home.signing_key().public
+        verdict = ledger.verify(path, public)
+        if verdict.ok:
+            print(f"ledger ok: {verdict.count} receipts, chained and signed by hub key {public.key_id}")
+            return 0
+        print(f"ledger BROKEN after {verdict.count} good receipts: {verdict.problem}", file=sys.stderr)
+        return 1
+    if args.action == "export":
+        if args.out:
+            with args.out.open("w") as fh:
+                count = ledger.export(path, fh)
+            print(f"{count} receipts written to {args.out}", file=sys.stderr)
+        else:
+            ledger.export(path, sys.stdout)
+        return 0
+    rates = CreditRates()
+    nodes = credits.by_node(ledger.receipts(path), rates, uptime_s=ledger.uptime(path))
+    owners = credits.by_owner(nodes, {e.node_id: e.owner for e in home.enrolments().values()})
+    if args.json:
+        out = {
+            "rates": asdict(rates),
+            "nodes": {n: _account(c, rates) for n, c in sorted(nodes.items())},
+            "owners": {o: {**_account(c, rates), "nodes": sorted(c.nodes)} for o, c in sorted(owners.items())},
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    header = ("NODE", "TASKS", "FAILED", "TOKENS", "WINS", "HOURS UP", "CREDITS", "TIER")
+    by_credits = sorted(nodes.items(), key=lambda kv: -kv[1].credits(rates))
+    rows = [tuple(str(v) for v in [n, *_account(c, rates).values()][:8]) for n, c in by_credits]
+    for owner, c in sorted(owners.items(), key=lambda kv: -kv[1].credits(rates)):
+        rows.append(tuple(str(v) for v in [f"owner {owner}", *_account(c, rates).values()][:8]))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(
+        f"\ncredits: (prompt + completion tokens) / 1000 x {rates.per_1k_tokens:g} x max(1, model MB / "
+        f"{rates.size_unit_mb:g}) per answered task, + {rates.per_hour_online:g} per hour online and not paused"
+    )
+    return 0
+
+
+def _account(c: credits.Contribution, rates: CreditRates) -> dict[str, object]:
+    """One account, in the table's column order."""
+    return {
+        "tasks": c.tasks,
+        "failed": c.failed,
+        "tokens": c.tokens,
+        "wins": c.wins,
+        "uptime_h": round(c.uptime_s / 3600, 2),
+        "credits": c.credits(rates),
+        "tier": c.tier(rates),
+    }
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     print(_home(args).signing_key().public.text)
     return 0
@@ -602,6 +672,7 @@ SYNC_COMMANDS = {
     "revoke": cmd_revoke,
     "enrolled": cmd_enrolled,
     "key": cmd_key,
+    "ledger": cmd_ledger,
 }
 
 

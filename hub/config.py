@@ -32,6 +32,9 @@ class HubConfig:
     status_interval_s: float = 10.0
     #: metrics on swarm/{sid}/metrics/... for dashboards; 0 publishes none
     metrics_interval_s: float = 5.0
+    #: the contribution ledger and the key that signs its receipts; no ledger unless both are set
+    ledger_path: Path | None = None
+    signing_key_file: Path | None = None
     flush_interval_s: float = 2.0
     #: on shutdown, how long in-flight requests may finish before they get ``hub_stopping``
     drain_s: float = 10.0

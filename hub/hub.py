@@ -44,6 +44,7 @@ from nova_swarm.broker.messages import (
     decode,
 )
 from nova_swarm.broker.messages import Cancel as CancelMessage
+from nova_swarm.broker.signing import SigningKey
 from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
@@ -52,6 +53,7 @@ from . import metrics, rerank
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
+from .ledger import Ledger, ReceiptBody, sha256_text
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
@@ -89,6 +91,8 @@ class _Run:
     #: task ids assigned and not yet released
     tracked: set[str] = field(default_factory=set)
     pending: Dispatch | None = None
+    #: task ids that already have a receipt in the ledger (a result may be delivered twice)
+    receipted: set[str] = field(default_factory=set)
 
 
 class Hub:
@@ -115,6 +119,8 @@ class Hub:
         self._waiting: dict[_Run, None] = {}
         self.limiter = RateLimiter(per_minute=config.limits.requests_per_minute)
         self._journal: JournalWriter | None = None
+        #: the contribution ledger, when the hub has a signing key (swarm-hub up/serve always do)
+        self._ledger: Ledger | None = None
         self._resume: tuple[list[Entry], list[Unsent]] | None = None
         self._settle_until = 0.0
         self._outbox: deque[tuple[str, bytes, bool, bytes | None]] = deque()
@@ -150,6 +156,9 @@ class Hub:
         )
         self._resume = (await asyncio.to_thread(journal.unfinished), await asyncio.to_thread(journal.unsent))
         log.info("journal loaded", unfinished=len(self._resume[0]), unsent=len(self._resume[1]))
+        if self.config.ledger_path is not None and self.config.signing_key_file is not None:
+            key = await asyncio.to_thread(SigningKey.load, self.config.signing_key_file)
+            self._ledger = await asyncio.to_thread(Ledger, self.config.ledger_path, key)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -159,6 +168,7 @@ class Hub:
                     tg.create_task(self._liveness_loop()),
                     tg.create_task(self._flush_loop()),
                     tg.create_task(self._metrics_loop()),
+                    *([tg.create_task(self._ledger.run())] if self._ledger is not None else []),
                 ]
                 await self._stop_requested.wait()
                 await self._drain()
@@ -170,6 +180,8 @@ class Hub:
             await self._persist()
             self._store.close()
             journal.close()
+            if self._ledger is not None:
+                self._ledger.close()
             log.info("hub stopped", answered=self.answered, failed=self.failed)
 
     def _connect(self) -> Connection:
@@ -319,7 +331,39 @@ class Hub:
             # Late (its attempt was written off) or not ours: ignore it, cleanly.
             log.debug("ignored result", node_id=node_id, task_id=result.task_id)
             return
+        if not result.ok:
+            self._receipt(run, result, won=False)  # an answer's receipt waits to know if it won
         run.inbox.put_nowait(result)
+
+    def _receipt(self, run: _Run, result: TaskResult, *, won: bool) -> None:
+        """One finished task, in the ledger: what it cost and earned, never its text."""
+        if self._ledger is None or result.task_id in run.receipted:
+            return
+        run.receipted.add(result.task_id)
+        rec = self.registry.nodes.get(result.node_id)
+        model = rec.announce.model if rec is not None and rec.announce is not None else None
+        same_model = model is not None and result.model in (None, model.name)
+        usage, timings = result.usage, result.timings
+        self._ledger.append(
+            ReceiptBody(
+                ts=time.time(),
+                request_id=result.request_id,
+                node_id=result.node_id,
+                model=result.model or (model.name if model else None),
+                model_sha256=model.sha256 if model and same_model else None,
+                model_size_bytes=model.size_bytes if model and same_model else None,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                wall_ms=round(timings.queue_ms + timings.generate_ms, 2) if timings else 0.0,
+                energy_j=None,  # no node measures it yet
+                prompt_sha256=run.digest,
+                result_sha256=sha256_text(result.text) if result.ok and result.text is not None else None,
+                strategy=run.accepted.request.strategy,
+                won=won,
+                ok=result.ok,
+                error_code=result.error.code.value if result.error else None,
+            )
+        )
 
     async def _guarded_prompt(self, message: Message) -> None:
         """A prompt runs in the hub's task group: a bug in handling one must not stop the hub."""
@@ -634,6 +678,8 @@ class Hub:
                 for s, _, a in ranked
             ]
         winner = answers[0]
+        for a in answers:
+            self._receipt(run, a, won=a is winner)
         tags = req.all_tags()
         now = time.time()
         self.winrates.record(winner.node_id, tags, won=True, now=now)
@@ -721,8 +767,13 @@ class Hub:
         while True:
             raise_if_cancelled()
             await asyncio.sleep(interval)
-            for node_id in self.registry.expire(time.time()):
+            now = time.time()
+            for node_id in self.registry.expire(now):
                 self._node_lost(node_id, f"silent for over {self.config.heartbeat_timeout_s:.0f} s")
+            if self._ledger is not None:  # the uptime credit: online and not paused
+                for rec in self.registry.nodes.values():
+                    if rec.available(now, self.config.heartbeat_timeout_s):
+                        self._ledger.credit_uptime(rec.node_id, interval)
 
     # ------------------------------------------------------------------ messages out
 
