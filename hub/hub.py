@@ -53,12 +53,13 @@ from . import metrics, rerank
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
-from .ledger import Ledger, ReceiptBody, sha256_text
+from .ledger import Ledger, ReceiptBody, receipts, sha256_text
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
 from .scheduler import Scheduler
 from .store import Store
+from .trust import Trust
 from .winrate import WinRates
 
 log = structlog.get_logger("nova_swarm.hub")
@@ -109,7 +110,8 @@ class Hub:
         self.topics = Topics(config.swarm)
         self.registry = Registry(heartbeat_timeout_s=config.heartbeat_timeout_s)
         self.winrates = WinRates(half_life_s=config.winrate_half_life_s)
-        self.scheduler = Scheduler(self.winrates, random.Random(config.seed))
+        self.trust = Trust()
+        self.scheduler = Scheduler(self.winrates, random.Random(config.seed), self.trust)
         self.reranker = reranker or rerank.load_reranker(config.reranker)
         self._ca_file = ca_file
         self._store: Store | None = None
@@ -159,6 +161,8 @@ class Hub:
         if self.config.ledger_path is not None and self.config.signing_key_file is not None:
             key = await asyncio.to_thread(SigningKey.load, self.config.signing_key_file)
             self._ledger = await asyncio.to_thread(Ledger, self.config.ledger_path, key)
+            bodies = await asyncio.to_thread(lambda path: [r.body for r in receipts(path)], self.config.ledger_path)
+            log.info("trust rebuilt from the ledger", receipts=self.trust.replay(bodies))
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -335,11 +339,21 @@ class Hub:
             self._receipt(run, result, won=False)  # an answer's receipt waits to know if it won
         run.inbox.put_nowait(result)
 
-    def _receipt(self, run: _Run, result: TaskResult, *, won: bool) -> None:
-        """One finished task, in the ledger: what it cost and earned, never its text."""
-        if self._ledger is None or result.task_id in run.receipted:
+    def _receipt(
+        self, run: _Run, result: TaskResult, *, won: bool, rank: int | None = None, ranked: int | None = None
+    ) -> None:
+        """One finished task: it moves the node's trust, and goes in the ledger (cost and earnings,
+        never text)."""
+        if result.task_id in run.receipted:
             return
         run.receipted.add(result.task_id)
+        if result.ok:
+            last = rank is not None and ranked is not None and ranked >= 2 and rank == ranked
+            self.trust.answered(result.node_id, lost_every_ranking=last)
+        elif result.error is not None:
+            self.trust.failed(result.node_id, result.error.code.value)
+        if self._ledger is None:
+            return
         rec = self.registry.nodes.get(result.node_id)
         model = rec.announce.model if rec is not None and rec.announce is not None else None
         same_model = model is not None and result.model in (None, model.name)
@@ -362,6 +376,8 @@ class Hub:
                 won=won,
                 ok=result.ok,
                 error_code=result.error.code.value if result.error else None,
+                rank=rank,
+                ranked=ranked,
             )
         )
 
@@ -600,6 +616,7 @@ class Hub:
             self._waiting.pop(run, None)
             return run.machine.shortfall(action.count, self._why_no_nodes(req.model, action.exclude, now), loop.time())
         picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
+        picked = self._with_a_proven_node(picked, eligible, req, now)
         if not picked:
             # Every eligible node is full (or nodes are still coming back): wait for capacity
             # or the deadline, in line behind those already waiting.
@@ -633,6 +650,22 @@ class Hub:
             )
             return run.machine.shortfall(action.count - len(picked), error, loop.time())
         return []
+
+    def _with_a_proven_node(
+        self, picked: list[NodeRecord], eligible: list[NodeRecord], req: PromptRequest, now: float
+    ) -> list[NodeRecord]:
+        """Probation: a new node never works a request alone while a proven node could join it.
+        In a race the proven node runs alongside; in best_of_n it takes the last seat. With no
+        proven node free (a new swarm), new nodes work alone: they have to start somewhere."""
+        if not picked or not all(self.trust.on_probation(n.node_id) for n in picked):
+            return picked
+        proven = [n for n in eligible if n not in picked and not self.trust.on_probation(n.node_id)]
+        extra = self.scheduler.pick(proven, 1, tags=req.all_tags(), now=now)
+        if not extra:
+            return picked
+        if req.strategy == "best_of_n" and len(picked) >= 2:
+            return [*picked[:-1], *extra]
+        return [*picked, *extra]
 
     def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
         announce = node.announce
@@ -678,8 +711,9 @@ class Hub:
                 for s, _, a in ranked
             ]
         winner = answers[0]
-        for a in answers:
-            self._receipt(run, a, won=a is winner)
+        out_of = len(answers) if req.strategy == "best_of_n" else None
+        for i, a in enumerate(answers, 1):
+            self._receipt(run, a, won=a is winner, rank=i if out_of else None, ranked=out_of)
         tags = req.all_tags()
         now = time.time()
         self.winrates.record(winner.node_id, tags, won=True, now=now)
@@ -750,6 +784,7 @@ class Hub:
         self._status_changed.set()
         for run in list(self._runs.values()):
             if any(a.node_id == node_id for a in run.machine.active()):
+                self.trust.failed(node_id, ErrorCode.NODE_LOST.value)  # it dropped work it had taken
                 run.inbox.put_nowait(_NodeLost(node_id, reason))
 
     def _node_available(self) -> None:

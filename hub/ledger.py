@@ -84,6 +84,9 @@ class ReceiptBody:
     ok: bool
     error_code: str | None
     private: bool = False
+    #: for best_of_n: where the reranker put this answer (1 is best), and among how many
+    rank: int | None = None
+    ranked: int | None = None
 
 
 def receipt_hash(seq: int, body: dict[str, Any], prev_hash: str) -> str:

@@ -6,15 +6,20 @@ keeps a chance in proportion to how uncertain we are about it, which is the expl
 lets new nodes prove themselves. Busy nodes are marked down, so load spreads when rates tie,
 and so are warm phones and phones running on battery: with a choice, cool and charging ones
 work (a node too hot or too flat has already paused itself and is not a candidate at all).
+Distrusted nodes are marked down too (``trust.py``: late, crashing or always-outranked work).
+
+    score = Beta(wins + 1, losses + 1) draw − 0.5 × load − heat and battery penalty (≤ 0.5)
+            − 0.4 × (1 − trust)
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .registry import NodeRecord
+from .trust import Trust
 from .winrate import WinRates
 
 #: how much a fully busy node's score drops; one full slot of load costs this much
@@ -24,6 +29,8 @@ HEAT_WEIGHT = 0.3
 COOL_C, HOT_C = 30.0, 42.0
 #: how much running on battery costs, more the emptier it is
 BATTERY_WEIGHT = 0.2
+#: how much distrust costs: a node at trust 0 loses this much, one at trust 1 nothing
+TRUST_WEIGHT = 0.4
 
 
 def comfort_penalty(node: NodeRecord) -> float:
@@ -44,6 +51,7 @@ def comfort_penalty(node: NodeRecord) -> float:
 class Scheduler:
     winrates: WinRates
     rng: random.Random
+    trust: Trust = field(default_factory=Trust)
 
     def pick(
         self, candidates: Sequence[NodeRecord], count: int, *, tags: Sequence[str], now: float
@@ -55,6 +63,7 @@ class Scheduler:
             alpha, beta = self.winrates.posterior(node.node_id, tags, now)
             load = min(1.0, node.inflight / node.slots)
             score = self.rng.betavariate(alpha, beta) - LOAD_WEIGHT * load - comfort_penalty(node)
+            score -= TRUST_WEIGHT * (1.0 - self.trust.score(node.node_id))
             scored.append((score, node.node_id, node))
         scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
         return [node for _, _, node in scored[:count]]
