@@ -75,6 +75,8 @@ class Enrolment:
     password: str
     owner: str | None = None
     enrolled_at: float = 0.0
+    #: the owner trusts this node with private requests (``swarm-hub enroll NODE --trusted``)
+    trusted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,20 +271,29 @@ class SwarmHome:
         write_private(self.nodes_file, json.dumps(raw, indent=2, sort_keys=True))
         self.write_password_file()
 
-    def enroll(self, node_id: str, *, owner: str | None = None, rotate: bool = False) -> Enrolment:
-        """The node's own login, made on first enrolment (or anew with ``rotate``)."""
+    def enroll(
+        self, node_id: str, *, owner: str | None = None, rotate: bool = False, trusted: bool | None = None
+    ) -> Enrolment:
+        """The node's own login, made on first enrolment (or anew with ``rotate``); ``owner`` and
+        ``trusted`` change only when given."""
         check_node_id(node_id)
         self.ensure()
         with self._locked():
             enrolments = self.enrolments()
             current = enrolments.get(node_id)
-            if current is not None and not rotate and (owner is None or owner == current.owner):
+            if (
+                current is not None
+                and not rotate
+                and (owner is None or owner == current.owner)
+                and (trusted is None or trusted == current.trusted)
+            ):
                 return current
             enrolment = Enrolment(
                 node_id=node_id,
                 password=_new_password() if current is None or rotate else current.password,
                 owner=owner if owner is not None else (current.owner if current else None),
                 enrolled_at=time.time() if current is None else current.enrolled_at,
+                trusted=trusted if trusted is not None else (current.trusted if current else False),
             )
             enrolments[node_id] = enrolment
             self._save_enrolments(enrolments)

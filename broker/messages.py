@@ -91,6 +91,8 @@ class PromptRequest(Wire):
     reply_to: str | None = Field(default=None, max_length=256)
     model: str | None = Field(default=None, max_length=128)
     timeout_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+    #: only nodes the owner marked trusted; nothing of it is kept on disk (no journal, no text)
+    private: bool = False
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptRequest:

@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("node_id", metavar="NODE")
     enroll.add_argument("--owner", help="who lends this node (for the ledger)")
     enroll.add_argument("--rotate", action="store_true", help="a new password for a node already enrolled")
+    trust = enroll.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--trusted", dest="trusted", action="store_true", default=None, help="may serve private requests"
+    )
+    trust.add_argument("--untrusted", dest="trusted", action="store_false", help="may not (the default)")
     enroll.add_argument("--host", help="address nodes reach the broker at (default: this machine's)")
     enroll.add_argument("--port", type=int, help="broker port nodes connect to (default: where `up` listens)")
     enroll.add_argument("--config-dir", type=Path)
@@ -166,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--json", action="store_true", help="show: the accounts as JSON")
     ledger.add_argument("--out", type=Path, help="export: write JSON Lines here (default: stdout)")
     ledger.add_argument("--key", help="verify: the hub's public key (default: this machine's hub)")
+    _credit_arguments(ledger)
     ledger.add_argument("--config-dir", type=Path)
     key = sub.add_parser("key", help="print the hub's public signing key (for `swarm-node run --hub-key`)")
     key.add_argument("--config-dir", type=Path)
@@ -186,6 +192,24 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-payload", type=int, default=d.max_payload_bytes, help="largest prompt message, bytes")
     p.add_argument(
         "--metrics-interval", type=float, default=5.0, help="seconds between metrics for dashboards (0: none)"
+    )
+    _credit_arguments(p)
+
+
+def _credit_arguments(p: argparse.ArgumentParser) -> None:
+    d = CreditRates()
+    p.add_argument("--credits-per-1k-tokens", type=float, default=d.per_1k_tokens, help="credits per 1000 tokens")
+    p.add_argument(
+        "--credits-size-unit-mb", type=float, default=d.size_unit_mb, help="model MB per x1 of the size multiplier"
+    )
+    p.add_argument("--credits-per-hour", type=float, default=d.per_hour_online, help="credits per hour online")
+
+
+def _credit_rates(args: argparse.Namespace) -> CreditRates:
+    return CreditRates(
+        per_1k_tokens=args.credits_per_1k_tokens,
+        size_unit_mb=args.credits_size_unit_mb,
+        per_hour_online=args.credits_per_hour,
     )
 
 
@@ -216,6 +240,8 @@ def _hub_config(
         reranker=args.reranker,
         metrics_interval_s=args.metrics_interval,
         ledger_path=home.ledger_file,
+        nodes_file=home.nodes_file,
+        credit_rates=_credit_rates(args),
         signing_key_file=home.signing_key_file,
         limits=Limits(
             max_inflight=args.max_inflight,
@@ -488,7 +514,7 @@ def _lan_host() -> str:
 def cmd_enroll(args: argparse.Namespace) -> int:
     home = _home(args)
     local = home.local()
-    enrolment = home.enroll(args.node_id, owner=args.owner, rotate=args.rotate)
+    enrolment = home.enroll(args.node_id, owner=args.owner, rotate=args.rotate, trusted=args.trusted)
     listen_only_here = local.host in ("127.0.0.1", "localhost", "::1")
     host = args.host or (local.host if local.host not in ("0.0.0.0", "", "::") and not listen_only_here else None)
     host = host or _lan_host()
@@ -545,7 +571,7 @@ def _forget_in_home_assistant(args: argparse.Namespace, home: SwarmHome) -> None
 def cmd_enrolled(args: argparse.Namespace) -> int:
     for e in sorted(_home(args).enrolments().values(), key=lambda e: e.node_id):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.enrolled_at))
-        print(f"{e.node_id:<24} {e.owner or '-':<16} enrolled {when}")
+        print(f"{e.node_id:<24} {e.owner or '-':<16} {'trusted' if e.trusted else '-':<8} enrolled {when}")
     return 0
 
 
@@ -568,7 +594,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         else:
             ledger.export(path, sys.stdout)
         return 0
-    rates = CreditRates()
+    rates = _credit_rates(args)
     nodes = credits.by_node(ledger.receipts(path), rates, uptime_s=ledger.uptime(path))
     owners = credits.by_owner(nodes, {e.node_id: e.owner for e in home.enrolments().values()})
     if args.json:

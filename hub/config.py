@@ -9,6 +9,7 @@ from nova_swarm.broker.connection import Protocol
 from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
 
+from .credits import CreditRates
 from .intake import Limits
 
 
@@ -35,6 +36,9 @@ class HubConfig:
     #: the contribution ledger and the key that signs its receipts; no ledger unless both are set
     ledger_path: Path | None = None
     signing_key_file: Path | None = None
+    #: the enrolment file, for which nodes the owner trusts with private requests (none if None)
+    nodes_file: Path | None = None
+    credit_rates: CreditRates = field(default_factory=CreditRates)
     flush_interval_s: float = 2.0
     #: on shutdown, how long in-flight requests may finish before they get ``hub_stopping``
     drain_s: float = 10.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .ledger import Receipt
 
@@ -69,21 +70,26 @@ class Contribution:
         self.nodes |= other.nodes | {other.name}
 
 
+def record(accounts: dict[str, Contribution], body: Mapping[str, Any], rates: CreditRates) -> None:
+    """Add one receipt's body to its node's account."""
+    node = accounts.setdefault(str(body["node_id"]), Contribution(str(body["node_id"])))
+    if not body["ok"]:
+        node.failed += 1
+        return
+    tokens = int(body["prompt_tokens"]) + int(body["completion_tokens"])
+    node.tasks += 1
+    node.tokens += tokens
+    node.wins += int(bool(body["won"]))
+    size = body.get("model_size_bytes")
+    node.task_credits += rates.for_task(tokens, size if isinstance(size, int) else None)
+
+
 def by_node(
     receipts: Iterable[Receipt], rates: CreditRates, *, uptime_s: Mapping[str, float] | None = None
 ) -> dict[str, Contribution]:
     out: dict[str, Contribution] = {}
     for r in receipts:
-        b = r.body
-        node = out.setdefault(str(b["node_id"]), Contribution(str(b["node_id"])))
-        if not b["ok"]:
-            node.failed += 1
-            continue
-        tokens = int(b["prompt_tokens"]) + int(b["completion_tokens"])
-        node.tasks += 1
-        node.tokens += tokens
-        node.wins += int(bool(b["won"]))
-        node.task_credits += rates.for_task(tokens, b.get("model_size_bytes"))
+        record(out, r.body, rates)
     for node_id, seconds in (uptime_s or {}).items():
         out.setdefault(node_id, Contribution(node_id)).uptime_s += seconds
     return out

@@ -20,7 +20,7 @@ import random
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -28,6 +28,7 @@ import structlog
 
 from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
 from nova_swarm.broker.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.home import SwarmHome
 from nova_swarm.broker.messages import (
     Announce,
     Answer,
@@ -49,11 +50,12 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import metrics, rerank
+from . import credits, metrics, rerank
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, ReceiptBody, receipts, sha256_text
+from .ledger import uptime as ledger_uptime
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
@@ -111,6 +113,9 @@ class Hub:
         self.registry = Registry(heartbeat_timeout_s=config.heartbeat_timeout_s)
         self.winrates = WinRates(half_life_s=config.winrate_half_life_s)
         self.trust = Trust()
+        #: what each node has given (from the ledger at start, then live), for the credit metrics
+        self.accounts: dict[str, credits.Contribution] = {}
+        self.rates = config.credit_rates
         self.scheduler = Scheduler(self.winrates, random.Random(config.seed), self.trust)
         self.reranker = reranker or rerank.load_reranker(config.reranker)
         self._ca_file = ca_file
@@ -123,6 +128,8 @@ class Hub:
         self._journal: JournalWriter | None = None
         #: the contribution ledger, when the hub has a signing key (swarm-hub up/serve always do)
         self._ledger: Ledger | None = None
+        self._trusted: frozenset[str] = frozenset()
+        self._trusted_mtime: int | None = None
         self._resume: tuple[list[Entry], list[Unsent]] | None = None
         self._settle_until = 0.0
         self._outbox: deque[tuple[str, bytes, bool, bytes | None]] = deque()
@@ -163,6 +170,10 @@ class Hub:
             self._ledger = await asyncio.to_thread(Ledger, self.config.ledger_path, key)
             bodies = await asyncio.to_thread(lambda path: [r.body for r in receipts(path)], self.config.ledger_path)
             log.info("trust rebuilt from the ledger", receipts=self.trust.replay(bodies))
+            for b in bodies:
+                credits.record(self.accounts, b, self.rates)
+            for node_id, seconds in (await asyncio.to_thread(ledger_uptime, self.config.ledger_path)).items():
+                self.accounts.setdefault(node_id, credits.Contribution(node_id)).uptime_s += seconds
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -355,30 +366,36 @@ class Hub:
         if self._ledger is None:
             return
         rec = self.registry.nodes.get(result.node_id)
+        body = self._receipt_body(run, result, rec, won=won, rank=rank, ranked=ranked)
+        self._ledger.append(body)
+        credits.record(self.accounts, asdict(body), self.rates)
+
+    def _receipt_body(
+        self, run: _Run, result: TaskResult, rec: NodeRecord | None, *, won: bool, rank: int | None, ranked: int | None
+    ) -> ReceiptBody:
         model = rec.announce.model if rec is not None and rec.announce is not None else None
         same_model = model is not None and result.model in (None, model.name)
         usage, timings = result.usage, result.timings
-        self._ledger.append(
-            ReceiptBody(
-                ts=time.time(),
-                request_id=result.request_id,
-                node_id=result.node_id,
-                model=result.model or (model.name if model else None),
-                model_sha256=model.sha256 if model and same_model else None,
-                model_size_bytes=model.size_bytes if model and same_model else None,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-                wall_ms=round(timings.queue_ms + timings.generate_ms, 2) if timings else 0.0,
-                energy_j=None,  # no node measures it yet
-                prompt_sha256=run.digest,
-                result_sha256=sha256_text(result.text) if result.ok and result.text is not None else None,
-                strategy=run.accepted.request.strategy,
-                won=won,
-                ok=result.ok,
-                error_code=result.error.code.value if result.error else None,
-                rank=rank,
-                ranked=ranked,
-            )
+        return ReceiptBody(
+            ts=time.time(),
+            request_id=result.request_id,
+            node_id=result.node_id,
+            model=result.model or (model.name if model else None),
+            model_sha256=model.sha256 if model and same_model else None,
+            model_size_bytes=model.size_bytes if model and same_model else None,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            wall_ms=round(timings.queue_ms + timings.generate_ms, 2) if timings else 0.0,
+            energy_j=None,  # no node measures it yet
+            prompt_sha256=run.digest,
+            result_sha256=sha256_text(result.text) if result.ok and result.text is not None else None,
+            strategy=run.accepted.request.strategy,
+            won=won,
+            ok=result.ok,
+            error_code=result.error.code.value if result.error else None,
+            rank=rank,
+            ranked=ranked,
+            private=run.accepted.request.private,
         )
 
     async def _guarded_prompt(self, message: Message) -> None:
@@ -479,7 +496,9 @@ class Hub:
             run = self._new_run(accepted, entry)
             self._runs[rid] = run
             try:
-                if resumed is None:
+                if resumed is None and req.private:
+                    log.info("accepted private request", strategy=req.strategy, fanout=req.fanout)
+                elif resumed is None:
                     await self._journal.accept(entry)  # before any node hears of it
                     log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
                 else:
@@ -605,16 +624,26 @@ class Hub:
         req = run.accepted.request
         loop = asyncio.get_running_loop()
         now = time.time()
-        eligible = self.registry.eligible(model=req.model, exclude=action.exclude, now=now)
+        exclude = action.exclude
+        if req.private:  # only the nodes their owner trusts
+            exclude |= frozenset(self.registry.nodes) - self._trusted_nodes()
+        eligible = self.registry.eligible(model=req.model, exclude=exclude, now=now)
         # With every node paused for now (too hot, switching models) the request waits for one
         # to come back, up to its deadline, rather than failing at once.
         if (
             not eligible
             and loop.time() >= self._settle_until
-            and not self.registry.resting(model=req.model, exclude=action.exclude, now=now)
+            and not self.registry.resting(model=req.model, exclude=exclude, now=now)
         ):
             self._waiting.pop(run, None)
-            return run.machine.shortfall(action.count, self._why_no_nodes(req.model, action.exclude, now), loop.time())
+            why = self._why_no_nodes(req.model, action.exclude, now)
+            if req.private:
+                why = ErrorInfo(
+                    code=ErrorCode.NO_ELIGIBLE_NODES,
+                    message="no node trusted with private requests is online (swarm-hub enroll NODE --trusted)",
+                    retry_after_s=5.0,
+                )
+            return run.machine.shortfall(action.count, why, loop.time())
         picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
         picked = self._with_a_proven_node(picked, eligible, req, now)
         if not picked:
@@ -650,6 +679,19 @@ class Hub:
             )
             return run.machine.shortfall(action.count - len(picked), error, loop.time())
         return []
+
+    def _trusted_nodes(self) -> frozenset[str]:
+        """Nodes the owner trusts with private requests, re-read when the enrolment file changes."""
+        path = self.config.nodes_file
+        try:
+            mtime = path.stat().st_mtime_ns if path is not None else None
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._trusted_mtime:
+            self._trusted_mtime = mtime
+            found = SwarmHome(path.parent).enrolments() if path is not None and mtime is not None else {}
+            self._trusted = frozenset(e.node_id for e in found.values() if e.trusted)
+        return self._trusted
 
     def _with_a_proven_node(
         self, picked: list[NodeRecord], eligible: list[NodeRecord], req: PromptRequest, now: float
@@ -751,6 +793,10 @@ class Hub:
         assert self._journal is not None
         payload = reply.encode()
         rid = run.machine.request_id
+        if run.accepted.request.private:
+            # Nothing of a private request touches the disk: a retry runs it again.
+            await self._send(run.accepted.reply_topic, payload, correlation=run.accepted.correlation)
+            return
         try:
             await self._journal.settle(rid, run.digest, payload, time.time())
         except Exception as exc:
@@ -809,6 +855,7 @@ class Hub:
                 for rec in self.registry.nodes.values():
                     if rec.available(now, self.config.heartbeat_timeout_s):
                         self._ledger.credit_uptime(rec.node_id, interval)
+                        self.accounts.setdefault(rec.node_id, credits.Contribution(rec.node_id)).uptime_s += interval
 
     # ------------------------------------------------------------------ messages out
 
@@ -904,6 +951,9 @@ class Hub:
         batch.append((t.metrics_fan_in("errors"), json.dumps(self.window.errors_by_code(mono)).encode()))
         for tag, rates in metrics.win_rates(self.winrates, nodes, now).items():
             batch.append((t.metrics_win_rate(tag), json.dumps(rates).encode()))
+        if self.accounts:  # the ledger's totals, one key per node
+            for name, values in metrics.ledger_totals(self.accounts, self.rates).items():
+                batch.append((t.metrics_fan_in(name), json.dumps(values).encode()))
         try:
             for topic, payload in batch:
                 await conn.publish(topic, payload, qos=0)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from nova_swarm.broker.errors import ErrorCode
 from nova_swarm.broker.messages import UNKNOWN, HubMetrics, NodeMetrics, NodeState
 
+from .credits import Contribution, CreditRates
 from .registry import NodeRecord, Registry
 from .winrate import ALL, WinRates
 
@@ -133,6 +134,20 @@ def fan_in(per_node: dict[str, NodeMetrics]) -> dict[str, dict[str, float]]:
             if value != UNKNOWN:
                 out[name][node_id] = value
     return out
+
+
+#: fan-in topics of the ledger's totals (published when the hub keeps a ledger)
+LEDGER_TOTALS = ("credits", "tokens_total", "tasks_total", "wins_total")
+
+
+def ledger_totals(accounts: dict[str, Contribution], rates: CreditRates) -> dict[str, dict[str, float]]:
+    """{metric: {node_id: value}} for credits, tokens, answered tasks and wins, since the start."""
+    return {
+        "credits": {n: a.credits(rates) for n, a in sorted(accounts.items())},
+        "tokens_total": {n: a.tokens for n, a in sorted(accounts.items())},
+        "tasks_total": {n: a.tasks for n, a in sorted(accounts.items())},
+        "wins_total": {n: a.wins for n, a in sorted(accounts.items())},
+    }
 
 
 def win_rates(rates: WinRates, node_ids: Iterable[str], now: float) -> dict[str, dict[str, float]]:

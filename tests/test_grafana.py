@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nova_swarm.broker.messages import HubMetrics, NodeMetrics
 from nova_swarm.broker.topics import Topics
+from nova_swarm.hub.metrics import LEDGER_TOTALS
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "nova-swarm.json"
@@ -28,7 +29,7 @@ def test_every_panel_reads_a_published_topic_and_only_published_fields() -> None
     assert uid and "type: grafana-mqtt-datasource" in DATASOURCE.read_text()
     t = Topics("main")
     prefix = site_prefix()
-    fan_in = {t.metrics_fan_in(name) for name in [*NodeMetrics.model_fields, "errors"]}
+    fan_in = {t.metrics_fan_in(name) for name in [*NodeMetrics.model_fields, "errors", *LEDGER_TOTALS]}
     titles = set()
     for panel in dashboard["panels"]:
         titles.add(panel["title"])

@@ -18,7 +18,7 @@ from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.home import Role
 from nova_swarm.broker.messages import Answer, PromptRequest
 from nova_swarm.broker.signing import SigningKey
-from nova_swarm.hub import SwarmClient, credits
+from nova_swarm.hub import SwarmClient, credits, metrics
 from nova_swarm.hub.credits import CreditRates
 from nova_swarm.hub.ledger import Ledger, ReceiptBody, export, receipts, uptime, verify
 from nova_swarm.node import FakeEngine
@@ -187,6 +187,12 @@ async def test_a_live_hub_keeps_a_receipt_per_finished_task_and_the_ledger_verif
         ]
         replies = await asyncio.gather(*[(await client.send(r)) for r in requests])
         assert all(isinstance(r, Answer) for r in replies)
+        await asyncio.sleep(0.3)  # the last losers' results
+        answered_tasks = sum(a.tasks for a in hub.accounts.values())
+        assert sum(a.wins for a in hub.accounts.values()) == 200
+        totals = metrics.ledger_totals(hub.accounts, hub.rates)  # published as fan-in metrics
+        assert set(totals) == set(metrics.LEDGER_TOTALS) and set(totals["credits"]) == {"n1", "n2"}
+        assert all(isinstance(v, int | float) for values in totals.values() for v in values.values())
     run = functools.partial(subprocess.run, capture_output=True, text=True, env=env_for(home))
     hub_cli = [str(BIN / "swarm-hub")]
     verified = run([*hub_cli, "ledger", "verify", "--config-dir", str(home.path)])
@@ -201,7 +207,7 @@ async def test_a_live_hub_keeps_a_receipt_per_finished_task_and_the_ledger_verif
     assert all(b["model"] and b["model_sha256"] and b["model_size_bytes"] is not None for b in bodies)
     shown = json.loads(run([*hub_cli, "ledger", "--json", "--config-dir", str(home.path)]).stdout)
     assert shown["owners"]["ana"]["nodes"] == ["n1", "n2"]
-    assert shown["owners"]["ana"]["tasks"] == count and shown["owners"]["ana"]["wins"] == 200
+    assert shown["owners"]["ana"]["tasks"] == count == answered_tasks and shown["owners"]["ana"]["wins"] == 200
 
     # Change one receipt's node in the database, as a cheat would: the command names it.
     with sqlite3.connect(home.ledger_file) as db:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
 
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, PromptRequest
+from nova_swarm.broker.messages import Answer, ErrorReply, PromptRequest
 from nova_swarm.hub import SwarmClient
 from nova_swarm.hub.registry import Registry
 from nova_swarm.hub.scheduler import Scheduler
@@ -15,7 +16,7 @@ from nova_swarm.hub.trust import Trust, TrustConfig
 from nova_swarm.hub.winrate import WinRates
 from nova_swarm.node import FakeEngine
 
-from .conftest import RunningBroker, hub_config, nodes_available, running_hub, running_node
+from .conftest import BIN, Processes, RunningBroker, hub_config, nodes_available, running_hub, running_node, wait_online
 
 
 def test_trust_moves_with_the_work_and_probation_ends_after_enough_answers() -> None:
@@ -112,3 +113,38 @@ def test_a_new_node_never_works_a_request_alone_while_a_proven_node_is_free(tmp_
     assert hub._with_a_proven_node([new], [new, new2], race, 0.0) == [new]  # a new swarm: nobody proven yet
     vet.inflight = vet.capacity  # the veteran is full: the newcomer may work alone rather than wait
     assert hub._with_a_proven_node([new], [new, vet], race, 0.0) == [new]
+
+
+async def test_a_private_request_reaches_only_trusted_nodes_and_leaves_no_text(
+    amqtt: RunningBroker, tmp_path: Path
+) -> None:
+    secret = "walrus-trombone-3301"
+    home = amqtt.home
+    home.enroll("vault", trusted=True)
+    home.enroll("stranger")  # not trusted (the default)
+    procs = Processes(amqtt, tmp_path)
+    try:
+        procs.hub()
+        for node_id in ("vault", "stranger"):
+            procs.node(node_id, "--engine", "fake", "--engine-option", f"reply=echo {secret}", "--no-updates")
+        await wait_online(procs, 2)
+        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+            replies = [
+                await client.ask(PromptRequest(prompt=f"{secret} {i}", private=True, fanout=2), timeout=60)
+                for i in range(12)
+            ]
+            assert all(r.node_id == "vault" and r.attempts == 1 for r in replies)  # fanout 2, one trusted node
+        # The owner stops trusting the only trusted node: private requests now have nowhere to go.
+        home.enroll("vault", trusted=False)
+        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+            reply = await (await client.send(PromptRequest(prompt=f"{secret} late", private=True)))
+        assert isinstance(reply, ErrorReply) and "trusted with private requests" in reply.error.message
+    finally:
+        procs.close()
+    receipts_out = procs.run([str(BIN / "swarm-hub"), "ledger", "export", "--config-dir", str(home.path)]).stdout
+    bodies = [json.loads(line)["body"] for line in receipts_out.splitlines()]
+    private = [b for b in bodies if b["private"]]
+    assert len(private) == 12 and {b["node_id"] for b in private} == {"vault"}
+    # Not a word of it anywhere on disk: logs, journal, registry, ledger.
+    for path in [*home.path.glob("logs/*"), *home.path.glob("*.sqlite*")]:
+        assert secret.encode() not in path.read_bytes(), path.name
