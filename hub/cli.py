@@ -582,7 +582,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         public = PublicKey.parse(args.key) if args.key else home.signing_key().public
         verdict = ledger.verify(path, public)
         if verdict.ok:
-            print(f"ledger ok: {verdict.count} receipts, chained and signed by hub key {public.key_id}")
+            plural = "" if verdict.count == 1 else "s"
+            print(f"ledger ok: {verdict.count} receipt{plural}, chained and signed by hub key {public.key_id}")
             return 0
         print(f"ledger BROKEN after {verdict.count} good receipts: {verdict.problem}", file=sys.stderr)
         return 1

@@ -197,7 +197,7 @@ async def test_a_live_hub_keeps_a_receipt_per_finished_task_and_the_ledger_verif
     hub_cli = [str(BIN / "swarm-hub")]
     verified = run([*hub_cli, "ledger", "verify", "--config-dir", str(home.path)])
     assert verified.returncode == 0, verified.stderr
-    count = int(re.search(r"ledger ok: (\d+) receipts", verified.stdout)[1])  # type: ignore[index]
+    count = int(re.search(r"ledger ok: (\d+) receipts?", verified.stdout)[1])  # type: ignore[index]
     assert count > 200  # best_of_n requests finish more than one task each
     exported = run([*hub_cli, "ledger", "export", "--config-dir", str(home.path)]).stdout
     assert SECRET not in exported and SECRET not in home.ledger_file.read_bytes().decode(errors="replace")
