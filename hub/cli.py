@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-id", help="the local node's id (default: this host's name)")
     up.add_argument("--threads", type=int, help="the local node's inference threads")
     up.add_argument("--no-node", action="store_true", help="start no local node")
+    up.add_argument(
+        "--home-assistant", action="store_true", help="the local node shows up in Home Assistant (MQTT discovery)"
+    )
     up.add_argument("--tls", action="store_true", help="mqtts:// only, with a local CA made on first use")
     up.add_argument(
         "--bridge", type=Path, help="a Mosquitto bridge config to a central broker (with --broker-engine mosquitto)"
@@ -318,6 +321,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_node and not hub_task.done():
             node_cmd = [sys.executable, "-m", "nova_swarm.node", "run", "--port", str(local.port)]
             node_cmd += ["--heartbeat", str(args.heartbeat_interval), *log_flags]
+            node_cmd += ["--home-assistant"] if args.home_assistant else []
             for flag, value in (("--model", args.model), ("--node-id", args.node_id), ("--threads", args.threads)):
                 if value is not None:
                     node_cmd += [flag, str(value)]
