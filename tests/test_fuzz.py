@@ -318,6 +318,7 @@ def wrong_values(field: str, text: st.SearchStrategy[str]) -> st.SearchStrategy[
             st.just(math.nan),
             st.floats(min_value=3600, exclude_min=True),
         ),
+        "private": st.one_of(st.integers(), text, containers, st.none()),
     }[field]
 
 
