@@ -38,7 +38,8 @@ class Wire(BaseModel):
         return self.model_dump_json().encode()
 
 
-M = TypeVar("M", bound=Wire)
+#: a wire message, or a metrics payload (declared at the end of this module)
+M = TypeVar("M", bound=BaseModel)
 
 
 def decode(model: type[M], payload: bytes | str) -> M:

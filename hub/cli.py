@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -412,6 +413,12 @@ async def _retained(args: argparse.Namespace, topic_of: str) -> bytes | None:
     return None
 
 
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _ago(ts: float | None) -> str:
     if ts is None:
         return "never"
@@ -447,9 +454,7 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
         )
         for n in table.nodes
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     lagging = [n for n in table.nodes if n.lag]
     if lagging:
         print("\nnot on the pinned bundle or model:")
@@ -612,12 +617,11 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return 0
     header = ("NODE", "TASKS", "FAILED", "TOKENS", "WINS", "HOURS UP", "CREDITS", "TIER")
     by_credits = sorted(nodes.items(), key=lambda kv: -kv[1].credits(rates))
-    rows = [tuple(str(v) for v in [n, *_account(c, rates).values()][:8]) for n, c in by_credits]
+    # The columns after NODE are _account's values, in its order.
+    rows = [(n, *map(str, _account(c, rates).values())) for n, c in by_credits]
     for owner, c in sorted(owners.items(), key=lambda kv: -kv[1].credits(rates)):
-        rows.append(tuple(str(v) for v in [f"owner {owner}", *_account(c, rates).values()][:8]))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        rows.append((f"owner {owner}", *map(str, _account(c, rates).values())))
+    _print_table(header, rows)
     print(
         f"\ncredits: (prompt + completion tokens) / 1000 x {rates.per_1k_tokens:g} x max(1, model MB / "
         f"{rates.size_unit_mb:g}) per answered task, + {rates.per_hour_online:g} per hour online and not paused"

@@ -22,12 +22,12 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import structlog
 
 from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
-from nova_swarm.broker.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError
 from nova_swarm.broker.home import SwarmHome
 from nova_swarm.broker.messages import (
     Announce,
@@ -50,7 +50,7 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import credits, metrics, rerank
+from . import credits, metrics, pins, rerank
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
@@ -168,12 +168,11 @@ class Hub:
         if self.config.ledger_path is not None and self.config.signing_key_file is not None:
             key = await asyncio.to_thread(SigningKey.load, self.config.signing_key_file)
             self._ledger = await asyncio.to_thread(Ledger, self.config.ledger_path, key)
-            bodies = await asyncio.to_thread(lambda path: [r.body for r in receipts(path)], self.config.ledger_path)
-            log.info("trust rebuilt from the ledger", receipts=self.trust.replay(bodies))
-            for b in bodies:
-                credits.record(self.accounts, b, self.rates)
-            for node_id, seconds in (await asyncio.to_thread(ledger_uptime, self.config.ledger_path)).items():
-                self.accounts.setdefault(node_id, credits.Contribution(node_id)).uptime_s += seconds
+            past, up = await asyncio.to_thread(
+                lambda path: (list(receipts(path)), ledger_uptime(path)), self.config.ledger_path
+            )
+            log.info("trust rebuilt from the ledger", receipts=self.trust.replay(r.body for r in past))
+            self.accounts = credits.by_node(past, self.rates, uptime_s=up)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -313,30 +312,22 @@ class Hub:
         """Remember what is pinned, so the node table can say who lags and why.
 
         Not verified: nodes check signatures; the hub only reports what it sees retained."""
-        signed: dict[str, Any] = {}
-        if message.payload:
-            try:
-                envelope = json.loads(message.payload)
-                signed = (
-                    envelope["signed"]
-                    if isinstance(envelope, dict) and isinstance(envelope.get("signed"), dict)
-                    else {}
-                )
-            except ValueError:
-                log.warning("ignored malformed pin", topic=message.topic)
-        pins = self.registry.pins
+        signed = pins.unverified_signed(message.payload) or {}
+        if message.payload and not signed:
+            log.warning("ignored malformed pin", topic=message.topic)
+        pinned = self.registry.pins
         if message.topic == self.topics.bundle():
             version = signed.get("version")
-            pins = replace(pins, bundle=version if isinstance(version, str) else None)
+            pinned = replace(pinned, bundle=version if isinstance(version, str) else None)
         else:
             name, sha, tags = signed.get("name"), signed.get("sha256"), signed.get("tags")
-            pins = replace(
-                pins,
+            pinned = replace(
+                pinned,
                 model_name=name if isinstance(name, str) else None,
                 model_sha256=sha if isinstance(sha, str) else None,
                 model_tags=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
             )
-        self.registry.pins = pins
+        self.registry.pins = pinned
         self._status_changed.set()
 
     def _on_result(self, node_id: str, result: TaskResult) -> None:
@@ -358,17 +349,15 @@ class Hub:
         if result.task_id in run.receipted:
             return
         run.receipted.add(result.task_id)
-        if result.ok:
-            last = rank is not None and ranked is not None and ranked >= 2 and rank == ranked
-            self.trust.answered(result.node_id, lost_every_ranking=last)
-        elif result.error is not None:
-            self.trust.failed(result.node_id, result.error.code.value)
+        body = self._receipt_body(
+            run, result, self.registry.nodes.get(result.node_id), won=won, rank=rank, ranked=ranked
+        )
         if self._ledger is None:
+            self.trust.record(asdict(body))
             return
-        rec = self.registry.nodes.get(result.node_id)
-        body = self._receipt_body(run, result, rec, won=won, rank=rank, ranked=ranked)
-        self._ledger.append(body)
-        credits.record(self.accounts, asdict(body), self.rates)
+        receipt = self._ledger.append(body)
+        self.trust.record(receipt.body)
+        credits.record(self.accounts, receipt.body, self.rates)
 
     def _receipt_body(
         self, run: _Run, result: TaskResult, rec: NodeRecord | None, *, won: bool, rank: int | None, ranked: int | None
@@ -636,13 +625,14 @@ class Hub:
             and not self.registry.resting(model=req.model, exclude=exclude, now=now)
         ):
             self._waiting.pop(run, None)
-            why = self._why_no_nodes(req.model, action.exclude, now)
             if req.private:
                 why = ErrorInfo(
                     code=ErrorCode.NO_ELIGIBLE_NODES,
                     message="no node trusted with private requests is online (swarm-hub enroll NODE --trusted)",
                     retry_after_s=5.0,
                 )
+            else:
+                why = self._why_no_nodes(req.model, action.exclude, now)
             return run.machine.shortfall(action.count, why, loop.time())
         picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
         picked = self._with_a_proven_node(picked, eligible, req, now)
@@ -688,8 +678,12 @@ class Hub:
         except FileNotFoundError:
             mtime = None
         if mtime != self._trusted_mtime:
+            try:
+                found = SwarmHome(path.parent).enrolments() if path is not None and mtime is not None else {}
+            except ConfigError as exc:  # caught mid-edit by hand: keep what we knew, try again next time
+                log.warning("cannot read the enrolments; trusted nodes unchanged", error=str(exc))
+                return self._trusted
             self._trusted_mtime = mtime
-            found = SwarmHome(path.parent).enrolments() if path is not None and mtime is not None else {}
             self._trusted = frozenset(e.node_id for e in found.values() if e.trusted)
         return self._trusted
 

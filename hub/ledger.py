@@ -102,7 +102,7 @@ class Receipt:
     signature: str
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return canonical(asdict(self)).decode()
 
 
 def _sign(key: SigningKey, digest_hex: str) -> str:

@@ -20,6 +20,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from packaging.version import Version
 
@@ -119,6 +120,16 @@ def model_pin(
     return decode(ModelPin, json.dumps(payload))
 
 
+def unverified_signed(payload: bytes) -> dict[str, Any] | None:
+    """The ``signed`` body of a retained manifest, unchecked: for display, never to act on."""
+    try:
+        envelope = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    signed = envelope.get("signed") if isinstance(envelope, dict) else None
+    return signed if isinstance(signed, dict) else None
+
+
 async def current_manifest(conn: Connection, topic: str, wait_s: float = 2.0) -> dict[str, object] | None:
     """The ``signed`` body retained on ``topic`` now, if any (unverified: for display and checks)."""
     await conn.subscribe(topic, qos=1)
@@ -126,12 +137,8 @@ async def current_manifest(conn: Connection, topic: str, wait_s: float = 2.0) ->
         async with asyncio.timeout(wait_s):
             async for message in conn.messages():
                 if message.topic == topic:
-                    if not message.payload:
-                        return None
-                    envelope = json.loads(message.payload)
-                    signed = envelope.get("signed") if isinstance(envelope, dict) else None
-                    return signed if isinstance(signed, dict) else None
-    except (TimeoutError, ValueError):
+                    return unverified_signed(message.payload)
+    except TimeoutError:
         return None
     finally:
         await conn.unsubscribe(topic)

@@ -7,7 +7,7 @@ has been heard from live (not through a retained message) within ``heartbeat_tim
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from packaging.version import InvalidVersion, Version
@@ -163,23 +163,25 @@ class Registry:
         return gone
 
     def eligible(self, *, model: str | None, exclude: frozenset[str], now: float) -> list[NodeRecord]:
-        return [
-            rec
-            for rec in self.nodes.values()
-            if rec.node_id not in exclude
-            and rec.available(now, self.heartbeat_timeout_s)
-            and (model is None or (rec.announce is not None and rec.announce.model.name == model))
-        ]
+        return self._matching(model, exclude, lambda rec: rec.available(now, self.heartbeat_timeout_s))
 
     def resting(self, *, model: str | None, exclude: frozenset[str], now: float) -> list[NodeRecord]:
         """Nodes that are paused but alive (their guard, or a model switch): work can wait for them."""
+
+        def paused_and_alive(rec: NodeRecord) -> bool:
+            heard = rec.last_seen is not None and now - rec.last_seen <= self.heartbeat_timeout_s
+            return rec.state is NodeState.PAUSED and heard
+
+        return self._matching(model, exclude, paused_and_alive)
+
+    def _matching(
+        self, model: str | None, exclude: frozenset[str], state_ok: Callable[[NodeRecord], bool]
+    ) -> list[NodeRecord]:
         return [
             rec
             for rec in self.nodes.values()
             if rec.node_id not in exclude
-            and rec.state is NodeState.PAUSED
-            and rec.last_seen is not None
-            and now - rec.last_seen <= self.heartbeat_timeout_s
+            and state_ok(rec)
             and (model is None or (rec.announce is not None and rec.announce.model.name == model))
         ]
 

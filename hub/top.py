@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from pydantic import ValidationError
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -32,7 +31,7 @@ from rich.text import Text
 
 from nova_swarm.broker.connection import Backoff, Connection, Message
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError
-from nova_swarm.broker.messages import HubMetrics, HubStatus, NodeState, NodeTable, decode, describe
+from nova_swarm.broker.messages import HubMetrics, HubStatus, NodeState, NodeTable, decode
 from nova_swarm.broker.topics import Topics
 from nova_swarm.broker.url import BrokerURL
 
@@ -86,14 +85,6 @@ def parse_errors(payload: bytes) -> dict[str, float]:
     return {code: float(count) for code, count in counts.items()}
 
 
-def _decode_metrics(payload: bytes) -> HubMetrics:
-    # messages.decode() takes the Wire models only; metrics share their strictness but not their base.
-    try:
-        return HubMetrics.model_validate_json(payload)
-    except ValidationError as exc:
-        raise ProtocolError(f"invalid HubMetrics: {describe(exc)}") from exc
-
-
 def apply(reports: Reports, topics: Topics, message: Message, *, now: float) -> Reports:
     """``reports`` with ``message`` folded in. A malformed payload changes nothing: one bad
     publisher must not blank or crash the view."""
@@ -113,7 +104,7 @@ def _apply(reports: Reports, topics: Topics, message: Message, now: float) -> Re
     if topic == topics.hub_nodes():
         return dataclasses.replace(reports, nodes=decode(NodeTable, payload))
     if topic == topics.metrics_hub():
-        return dataclasses.replace(reports, metrics=_decode_metrics(payload), metrics_at=now)
+        return dataclasses.replace(reports, metrics=decode(HubMetrics, payload), metrics_at=now)
     if topic == topics.metrics_fan_in("errors"):
         return dataclasses.replace(reports, errors=parse_errors(payload), errors_at=now)
     return reports

@@ -15,8 +15,9 @@ probation is free to join it. Trust is rebuilt from the ledger when the hub star
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from nova_swarm.broker.errors import ErrorCode
 
@@ -54,19 +55,20 @@ class Trust:
         if code in BAD_CODES:
             self._move(node_id, 0.0)
 
-    def replay(self, bodies: Iterable[dict[str, object]]) -> int:
+    def record(self, body: Mapping[str, Any]) -> None:
+        """One finished task, as its receipt body has it (live, and when replaying the ledger)."""
+        node = str(body["node_id"])
+        if body.get("ok"):
+            rank, ranked = body.get("rank"), body.get("ranked")
+            last = isinstance(rank, int) and isinstance(ranked, int) and ranked >= 2 and rank == ranked
+            self.answered(node, lost_every_ranking=last)
+        elif isinstance(body.get("error_code"), str):
+            self.failed(node, str(body["error_code"]))
+
+    def replay(self, bodies: Iterable[Mapping[str, Any]]) -> int:
         """Rebuild from ledger receipt bodies, oldest first; returns how many were read."""
         count = 0
-        for b in bodies:
-            node = str(b["node_id"])
-            if b.get("ok"):
-                rank, ranked = b.get("rank"), b.get("ranked")
-                last = isinstance(rank, int) and isinstance(ranked, int) and ranked >= 2 and rank == ranked
-                self.answered(node, lost_every_ranking=last)
-            elif isinstance(b.get("error_code"), str):
-                self.failed(node, str(b["error_code"]))
+        for body in bodies:
+            self.record(body)
             count += 1
         return count
-
-    def snapshot(self) -> dict[str, float]:
-        return {n: round(s, 4) for n, s in sorted(self._scores.items())}

@@ -326,7 +326,7 @@ class Node:
                 pass  # the next session starts paused anyway
         # Running tasks finish (a minute more on a warm phone is fine); queued ones go back.
         await self._hand_back_queue(ErrorCode.NODE_PAUSED, f"node paused: {reason}")
-        await self._send_status()
+        await self.send_status()
 
     async def _hand_back_queue(self, code: ErrorCode, message: str) -> None:
         """Refuse every queued task with ``code`` (the hub re-dispatches them); running ones stay."""
@@ -340,7 +340,7 @@ class Node:
     async def _resume(self, reason: str) -> None:
         log.info("resuming", reason=reason, resumes=self.guard.resumes)
         await self._take_work()
-        await self._send_status()
+        await self.send_status()
 
     async def _take_work(self) -> None:
         conn = self._conn
@@ -394,7 +394,7 @@ class Node:
                 self._work.notify_all()
             self._hold = None
             await self._take_work()
-            await self._send_status()
+            await self.send_status()
 
     async def restart_for_update(self, version: str) -> None:
         """A new bundle is installed: finish the accepted work, then stop so the supervisor restarts
@@ -418,7 +418,7 @@ class Node:
                 await self._conn.unsubscribe(self.topics.node_task(self.config.node_id), drop_pending=False)
             except ConnectionLost:
                 pass
-        await self._send_status()
+        await self.send_status()
 
     async def _until_idle(self, *, then_swap: bool = False) -> None:
         while True:
@@ -428,10 +428,12 @@ class Node:
                     return
             await asyncio.sleep(0.05)
 
-    async def send_status(self) -> None:
-        await self._send_status()
+    @property
+    def swapping(self) -> bool:
+        """The engine is being replaced right now (a model switch past its wait for idle)."""
+        return self._swapping
 
-    async def _send_status(self) -> None:
+    async def send_status(self) -> None:
         status = self._current_status()
         await self._send(self.topics.node_status(self.config.node_id), status.encode(), retain=True)
         await self._send(self.topics.node_heartbeat(self.config.node_id), self._heartbeat().encode())

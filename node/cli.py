@@ -286,9 +286,7 @@ async def run_node(args: argparse.Namespace) -> bool:
     try:
         await node.run()
     finally:
-        node.engine.close()
-        if node.engine is not engine:
-            engine.close()
+        node.engine.close()  # a model switch has closed the engine it replaced
     return node.restart_requested
 
 

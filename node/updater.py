@@ -36,7 +36,7 @@ from nova_swarm.broker.version import __version__
 
 from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manifest
 from .engine import Engine
-from .models import CATALOGUE, ModelCache, pull, sha256_file
+from .models import CATALOGUE, ModelCache, pull
 
 if TYPE_CHECKING:
     from .agent import Node
@@ -82,7 +82,6 @@ class Updater:
         self._chunk_arrived = asyncio.Event()
         self._switch: asyncio.Task[None] | None = None
         self._switch_to: str | None = None
-        self._swapping = False
         self._download_stop = threading.Event()
         self._pin_serial = 0
         # A node starts on its own model, so the engine already knows that file's hash.
@@ -92,7 +91,7 @@ class Updater:
         """The node is stopping: a model still downloading is abandoned (the download resumes next
         time); an engine swap under way finishes, so the node never stops with no engine."""
         self._download_stop.set()
-        if self._switch is not None and not self._swapping:
+        if self._switch is not None and not self.node.swapping:
             self._switch.cancel()
 
     # ------------------------------------------------------------------ reporting
@@ -166,14 +165,14 @@ class Updater:
                     pass
             archive = assemble(manifest, chunks)
             await asyncio.to_thread(store.install, manifest, envelope, archive)
-        except UpdateRefused as exc:
+            store.start_trial(version)
+        except (UpdateRefused, OSError) as exc:  # OSError: a full or read-only disk
             await self._report("bundle", version, "refused", str(exc))
             return
         except ConnectionLost:
             return  # the retained manifest arrives again on the next connection
         finally:
             self._fetching = None
-        store.start_trial(version)
         await self._report("bundle", version, "switching", f"restarting into bundle {version}")
         await self.node.restart_for_update(version)
 
@@ -244,12 +243,13 @@ class Updater:
         if self._switch is not None and not self._switch.done():
             # A newer pin supersedes the one under way: stop its download, or let its swap end.
             self._download_stop.set()
-            if not self._swapping:
+            if not self.node.swapping:
                 self._switch.cancel()
             await asyncio.gather(self._switch, return_exceptions=True)
             self._download_stop = threading.Event()
         serving = self.node.engine.info.sha256
-        if (pin is not None and pin.sha256 == serving) or (pin is None and (own is None or self._own(own) == serving)):
+        own_served = own is None or self._own_sha256 == serving
+        if (pin is not None and pin.sha256 == serving) or (pin is None and own_served):
             await self._report("model", wanted, outcome, reason)
             return
         self._switch_to = target
@@ -267,20 +267,11 @@ class Updater:
                 path = own
             self._check_fits(path.stat().st_size, wanted)
             await self._report("model", wanted, "switching", f"loading {path.name} once running tasks finish")
-            self._swapping = True
-            try:
-                await self.node.switch_engine(path, f"switching model to {wanted}")
-            finally:
-                self._swapping = False
-        except (UpdateRefused, ConfigError) as exc:
+            await self.node.switch_engine(path, f"switching model to {wanted}")
+        except (UpdateRefused, ConfigError, OSError) as exc:  # a file gone or a full disk: refused, not a crash
             await self._report("model", wanted, "refused", f"{exc}; still serving {self.node.engine.info.name}")
             return
         await self._report("model", wanted, outcome, reason)
-
-    def _own(self, path: Path) -> str:
-        if self._own_sha256 is None:
-            self._own_sha256 = sha256_file(path)
-        return self._own_sha256
 
     def _locate(self, pin: ModelPin) -> Path:
         """A verified copy of the pinned file: the cache, this node's own model, or a download."""
@@ -289,7 +280,7 @@ class Updater:
         if cached is not None:
             return cached.path
         own = self.setup.model_path
-        if own is not None and own.is_file() and self._own(own) == pin.sha256:
+        if own is not None and own.is_file() and self._own_sha256 == pin.sha256:
             return own
         entry = next((e for e in CATALOGUE.values() if e.sha256 == pin.sha256), None)
         url = pin.url or (entry.url if entry else None)

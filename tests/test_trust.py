@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, ErrorReply, PromptRequest
+from nova_swarm.broker.messages import Announce, Answer, ErrorReply, ModelInfo, PromptRequest
 from nova_swarm.hub import SwarmClient
 from nova_swarm.hub.registry import Registry
 from nova_swarm.hub.scheduler import Scheduler
@@ -17,6 +17,14 @@ from nova_swarm.hub.winrate import WinRates
 from nova_swarm.node import FakeEngine
 
 from .conftest import BIN, Processes, RunningBroker, hub_config, nodes_available, running_hub, running_node, wait_online
+
+
+def announce(node_id: str) -> Announce:
+    model = ModelInfo(name="m", sha256="a" * 64, size_bytes=1, ctx=512)
+    return Announce(
+        node_id=node_id, model=model, threads=1, tokens_per_s=10.0, ram_total_mb=None, device="laptop",
+        agent_version="0", slots=1, queue_max=1, max_tokens=64, max_temperature=1.0, ts=0.0,
+    )  # fmt: skip
 
 
 def test_trust_moves_with_the_work_and_probation_ends_after_enough_answers() -> None:
@@ -51,15 +59,9 @@ def test_the_scheduler_prefers_the_trusted_node_when_all_else_is_equal() -> None
         trust.answered("good")
         trust.answered("bad", lost_every_ranking=True)
     scheduler = Scheduler(WinRates(), random.Random(1), trust)
-    from nova_swarm.broker.messages import Announce, ModelInfo
-
-    model = ModelInfo(name="m", sha256="a" * 64, size_bytes=1, ctx=512)
     for node_id in ("good", "bad"):
         rec = registry.record(node_id)
-        rec.announce = Announce(
-            node_id=node_id, model=model, threads=1, tokens_per_s=10.0, ram_total_mb=None, device="laptop",
-            agent_version="0", slots=1, queue_max=1, max_tokens=64, max_temperature=1.0, ts=0.0,
-        )  # fmt: skip
+        rec.announce = announce(node_id)
     picks = Counter(scheduler.pick(list(registry.nodes.values()), 1, tags=[], now=0.0)[0].node_id for _ in range(400))
     assert picks["good"] > 0.75 * 400, picks
 
@@ -90,18 +92,13 @@ async def test_a_node_returning_garbage_loses_trust_and_stops_being_chosen(
 
 
 def test_a_new_node_never_works_a_request_alone_while_a_proven_node_is_free(tmp_path: Path) -> None:
-    from nova_swarm.broker.messages import Announce, ModelInfo
     from nova_swarm.broker.url import BrokerURL
     from nova_swarm.hub import Hub
 
     hub = Hub(hub_config(tmp_path), BrokerURL("127.0.0.1", 1))  # the rule alone: nothing connects
-    model = ModelInfo(name="m", sha256="a" * 64, size_bytes=1, ctx=512)
     for node_id in ("veteran", "newcomer", "other-newcomer"):
         rec = hub.registry.record(node_id)
-        rec.announce = Announce(
-            node_id=node_id, model=model, threads=1, tokens_per_s=10.0, ram_total_mb=None, device="laptop",
-            agent_version="0", slots=1, queue_max=1, max_tokens=64, max_temperature=1.0, ts=0.0,
-        )  # fmt: skip
+        rec.announce = announce(node_id)
     for _ in range(hub.trust.config.probation_tasks):
         hub.trust.answered("veteran")
     nodes = hub.registry.nodes
