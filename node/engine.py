@@ -7,12 +7,15 @@ Engines register themselves under the ``nova_swarm.engines`` entry point, built-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 from nova_swarm.broker.errors import ConfigError
+
+#: what an engine can do beyond plain chat; the node announces these (``messages.Capability``)
+STREAM, EMBED, JSON_SCHEMA, TOOLS = "stream", "embed", "json_schema", "tools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,7 @@ class EngineInfo:
     size_bytes: int
     ctx: int
     threads: int
+    capabilities: frozenset[str] = frozenset({STREAM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +52,41 @@ class Generation:
     stopped: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    #: one vector per input text, each of unit length
+    vectors: list[list[float]]
+    prompt_tokens: int
+    embed_s: float
+
+
+#: a chat message as chat templates take it: OpenAI's shape (role, content, maybe tool_calls)
+Message = Mapping[str, Any]
+
+
 class Engine(Protocol):
     @property
     def info(self) -> EngineInfo: ...
 
     def generate(
-        self, messages: Sequence[dict[str, str]], sampling: Sampling, should_stop: Callable[[], bool]
+        self,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        """Blocking. Must check ``should_stop`` between tokens and return early when it is true."""
+        """Blocking. Must check ``should_stop`` between tokens and return early when it is true.
+
+        ``schema``: the output must be JSON matching this JSON Schema (engines with
+        ``json_schema`` in their capabilities constrain sampling to it). ``on_text`` is called
+        from the generating thread with each new piece of text, in order; the pieces join up to
+        ``Generation.text``."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        """Blocking. Only engines with ``embed`` in their capabilities; others raise EngineError."""
         ...
 
     def close(self) -> None: ...

@@ -6,14 +6,20 @@ Never a stand-in for the thing a test is about: tests of inference use ``LlamaEn
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from .engine import EngineInfo, Generation, Sampling
+from nova_swarm.broker.errors import EngineError
+
+from .engine import EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
 
 TextRule = Callable[[str], str]
 DelayRule = Callable[[str], float]
+
+ALL_CAPABILITIES = frozenset({STREAM, EMBED, JSON_SCHEMA, TOOLS})
 
 
 class FakeEngine:
@@ -24,12 +30,20 @@ class FakeEngine:
         reply: str | TextRule = "ok",
         delay_s: float | DelayRule = 0.0,
         fail_with: str | None = None,
+        dimension: int = 8,
+        capabilities: frozenset[str] = ALL_CAPABILITIES,
     ) -> None:
         self._reply = reply if callable(reply) else (lambda _prompt, text=reply: text)
         self._delay = delay_s if callable(delay_s) else (lambda _prompt, d=delay_s: d)
         self._fail_with = fail_with
+        self._dimension = dimension
         self._info = EngineInfo(
-            name=name, sha256=hashlib.sha256(name.encode()).hexdigest(), size_bytes=0, ctx=2048, threads=1
+            name=name,
+            sha256=hashlib.sha256(name.encode()).hexdigest(),
+            size_bytes=0,
+            ctx=2048,
+            threads=1,
+            capabilities=frozenset(capabilities),
         )
         self.calls = 0
         self._lock = threading.Lock()
@@ -39,11 +53,21 @@ class FakeEngine:
         return self._info
 
     def generate(
-        self, messages: Sequence[dict[str, str]], sampling: Sampling, should_stop: Callable[[], bool]
+        self,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
+        """The scripted reply for the last message's content, cut to ``max_tokens`` words.
+
+        ``schema`` is ignored on purpose: a test scripts an answer that breaks it to see what the
+        hub does. With ``on_text``, each word streams as a piece (with the space before it)."""
         with self._lock:
             self.calls += 1
-        prompt = messages[-1]["content"] if messages else ""
+        prompt = str(messages[-1].get("content") or "") if messages else ""
         started = time.monotonic()
         give_up = started + self._delay(prompt)
         stopped = False
@@ -56,15 +80,46 @@ class FakeEngine:
             raise RuntimeError(self._fail_with)
         text = "" if stopped else self._reply(prompt)
         words = text.split()[: sampling.max_tokens]
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        sent: list[str] = []
+        for piece in pieces:
+            if on_text is not None:
+                if should_stop():
+                    stopped = True
+                    break
+                on_text(piece)
+            sent.append(piece)
         return Generation(
-            text=" ".join(words),
+            text="".join(sent),
             finish_reason="stop",
-            prompt_tokens=sum(len(m["content"].split()) for m in messages),
-            completion_tokens=len(words),
+            prompt_tokens=sum(len(str(m.get("content") or "").split()) for m in messages),
+            completion_tokens=len(sent),
             ttft_s=None,
             generate_s=time.monotonic() - started,
             stopped=stopped,
         )
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        """Deterministic unit vectors from a hash of each text: equal texts, equal vectors."""
+        if EMBED not in self._info.capabilities:
+            raise EngineError("this engine was started without embeddings")
+        started = time.monotonic()
+        vectors = [self._vector(text) for text in texts]
+        return Embedding(
+            vectors=vectors, prompt_tokens=sum(len(t.split()) for t in texts), embed_s=time.monotonic() - started
+        )
+
+    def _vector(self, text: str) -> list[float]:
+        raw: list[float] = []
+        counter = 0
+        while len(raw) < self._dimension:
+            block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            # 4 bytes a component, centred on zero
+            raw += [int.from_bytes(block[i : i + 4], "big") / 2**31 - 1.0 for i in range(0, len(block), 4)]
+            counter += 1
+        raw = raw[: self._dimension]
+        norm = math.sqrt(math.fsum(x * x for x in raw)) or 1.0
+        return [x / norm for x in raw]
 
     def close(self) -> None:
         pass

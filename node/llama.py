@@ -1,26 +1,68 @@
-"""The llama-cpp-python engine: one model, in-process, chat completion.
+"""The llama-cpp-python engine: one model, in-process, chat completion and embeddings.
 
 The one place where llama-cpp's exceptions become ``EngineError``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from nova_swarm.broker.errors import ConfigError, EngineError
 
-from .engine import EngineInfo, Generation, Sampling
+from .engine import EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
 from .models import model_name, sha256_file
+from .tools import as_text_turns
+
+#: grammars kept, by canonical schema text: a node mostly sees the same few schemas again
+GRAMMAR_CACHE_SIZE = 32
+
+#: JSON Schema keywords llama-cpp's grammar converter silently ignores and that decide the
+#: shape of a valid answer: a grammar without them would make answers that look right and are
+#: not, so such a schema is refused up front. Ignored keywords that only narrow a value
+#: (minimum, maximum, multipleOf, uniqueItems, unknown formats) are let through: a model
+#: usually honours them from the description, and the hub validates every answer anyway.
+UNSUPPORTED_KEYWORDS = frozenset(
+    {
+        "not",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "dependencies",
+        "patternProperties",
+        "propertyNames",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "contains",
+        "minProperties",
+        "maxProperties",
+    }
+)
+
+
+#: one character inside a JSON string, in GBNF: anything but a quote, a backslash or a control
+#: character, or an escape
+JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 
 
 class LlamaEngine:
     def __init__(
-        self, *, model_path: str | Path, ctx: int = 2048, threads: int | None = None, name: str | None = None
+        self,
+        *,
+        model_path: str | Path,
+        ctx: int = 2048,
+        threads: int | None = None,
+        name: str | None = None,
+        embeddings: bool = True,
     ) -> None:
         path = Path(model_path).expanduser()
         if not path.is_file():
@@ -31,29 +73,45 @@ class LlamaEngine:
             raise ConfigError("the llama engine needs llama-cpp-python: pip install 'nova-swarm[node]'") from exc
         self._processors = LogitsProcessorList
         threads = threads or max(1, min(4, os.cpu_count() or 1))
+        self._path, self._ctx, self._threads = path, ctx, threads
         try:
             self._llm = Llama(
                 model_path=str(path), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False
             )
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"llama-cpp could not load {path}: {exc}") from exc
+        capabilities = {STREAM, JSON_SCHEMA, TOOLS} | ({EMBED} if embeddings else set())
         self._info = EngineInfo(
             name=name or model_name(path),
             sha256=sha256_file(path),
             size_bytes=path.stat().st_size,
             ctx=ctx,
             threads=threads,
+            capabilities=frozenset(capabilities),
         )
         # One Llama context is not safe to use from two threads at once.
         self._lock = threading.Lock()
         self._closed = False
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
+        # The embedding context: made on first use (a phone may never need it), with its own
+        # lock so that embedding does not wait for a generation.
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
 
     @property
     def info(self) -> EngineInfo:
         return self._info
 
+    # ------------------------------------------------------------ chat
+
     def generate(
-        self, messages: Sequence[dict[str, str]], sampling: Sampling, should_stop: Callable[[], bool]
+        self,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         # llama-cpp's chat API takes no stopping criteria, so we stream and stop between chunks,
         # and count tokens with a pass-through logits processor: it runs once per sampled token
@@ -71,29 +129,42 @@ class LlamaEngine:
         finish_reason = "stop"
         stopped = False
         with self._lock:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            grammar = self._grammar(schema) if schema is not None else None
             started = time.monotonic()
+            stream: Any = None
             try:
                 stream = self._llm.create_chat_completion(
-                    messages=list(messages),  # type: ignore[arg-type]
+                    # Templates know system/user/assistant; tool calls and results become text.
+                    messages=as_text_turns(messages),  # type: ignore[arg-type]
                     max_tokens=sampling.max_tokens,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p if sampling.top_p is not None else 0.95,
                     seed=sampling.seed,
                     stop=list(sampling.stop),
                     logits_processor=self._processors([count_tokens]),
+                    grammar=grammar,
                     stream=True,
                 )
                 for chunk in cast(Iterator[dict[str, Any]], stream):
                     choice = chunk["choices"][0]
-                    pieces.append(choice["delta"].get("content") or "")
+                    piece = choice["delta"].get("content") or ""
+                    if piece:
+                        pieces.append(piece)
+                        if on_text is not None:
+                            on_text(piece)
                     if choice.get("finish_reason"):
                         finish_reason = str(choice["finish_reason"])
                     if should_stop():
                         stopped = True
-                        cast(Generator[Any, None, None], stream).close()
                         break
             except (RuntimeError, ValueError) as exc:
                 raise EngineError(f"llama-cpp failed: {exc}") from exc
+            finally:
+                # Also when on_text raised: a half-run generator must not outlive the lock.
+                if stream is not None:
+                    cast(Generator[Any, None, None], stream).close()
             elapsed = time.monotonic() - started
         return Generation(
             text="".join(pieces),
@@ -105,8 +176,138 @@ class LlamaEngine:
             stopped=stopped,
         )
 
+    def _grammar(self, schema: Mapping[str, Any]) -> Any:
+        """The grammar for a JSON schema, from the cache or built (under ``self._lock``)."""
+        # Canonical up to whitespace, not key order: the order of properties in the schema is
+        # the order the grammar writes them in.
+        try:
+            key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"the JSON schema is not JSON: {exc}") from exc
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+            return self._grammars[key]
+        from llama_cpp import LlamaGrammar, llama_cpp
+        from llama_cpp.llama_grammar import PRIMITIVE_RULES, json_schema_to_gbnf
+
+        problem = unsupported(schema)
+        if problem is not None:
+            raise EngineError(f"cannot follow this JSON schema: {problem}")
+        try:
+            gbnf = json_schema_to_gbnf(key)
+        # The converter reports with assert, KeyError, AttributeError... on what it cannot read.
+        except Exception as exc:
+            raise EngineError(f"cannot turn the JSON schema into a grammar: {type(exc).__name__}: {exc}") from exc
+        # llama-cpp-python's copy of the converter lets raw control characters (a newline) into
+        # strings, which makes invalid JSON; llama.cpp's own converter has since excluded them.
+        loose = f" ::= {PRIMITIVE_RULES['char'].content}"
+        gbnf = "\n".join(
+            line.removesuffix(loose) + f" ::= {JSON_CHAR}" if line.endswith(loose) else line
+            for line in gbnf.splitlines()
+        )
+        # llama.cpp parses the grammar only when sampling starts, and a grammar it cannot parse
+        # would then be a null pointer in the sampler chain: parse it once here.
+        sampler = llama_cpp.llama_sampler_init_grammar(self._llm._model.vocab, gbnf.encode(), b"root")
+        if not sampler:
+            raise EngineError("cannot follow this JSON schema: llama.cpp refused the grammar made from it")
+        llama_cpp.llama_sampler_free(sampler)
+        grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+        self._grammars[key] = grammar
+        if len(self._grammars) > GRAMMAR_CACHE_SIZE:
+            self._grammars.popitem(last=False)
+        return grammar
+
+    # ------------------------------------------------------------ embeddings
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        """One unit vector per text: the mean of the model's last hidden states over the text.
+
+        A text longer than the context is refused, not truncated: a vector of the first part
+        would silently stand for the whole text (a search would never find the rest), and the
+        caller can split the text where it makes sense. OpenAI refuses too."""
+        if EMBED not in self._info.capabilities:
+            raise EngineError("this engine was started without embeddings")
+        with self._embed_lock:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            llm = self._embedding_context()
+            started = time.monotonic()
+            try:
+                counts = [len(llm.tokenize(text.encode())) for text in texts]
+                for i, count in enumerate(counts):
+                    if count > self._ctx:
+                        raise EngineError(f"text {i} has {count} tokens, more than the context of {self._ctx}")
+                raw = llm.embed(list(texts), normalize=False, truncate=False) if texts else []
+            except (RuntimeError, ValueError) as exc:
+                raise EngineError(f"llama-cpp failed to embed: {exc}") from exc
+            elapsed = time.monotonic() - started
+        return Embedding(vectors=[_unit(v) for v in raw], prompt_tokens=sum(counts), embed_s=elapsed)
+
+    def _embedding_context(self) -> Any:
+        if self._embedder is None:
+            from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+            try:
+                # The batch holds the whole context: with pooling, a text is decoded in one go.
+                self._embedder = Llama(
+                    model_path=str(self._path),
+                    embedding=True,
+                    pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                    n_ctx=self._ctx,
+                    n_batch=self._ctx,
+                    n_ubatch=self._ctx,
+                    n_threads=self._threads,
+                    n_threads_batch=self._threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise EngineError(f"llama-cpp could not load {self._path} for embeddings: {exc}") from exc
+        return self._embedder
+
     def close(self) -> None:
         with self._lock:  # never under a running generation
             if not self._closed:
                 self._closed = True
                 self._llm.close()
+        with self._embed_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+
+
+def _unit(vector: Sequence[float]) -> list[float]:
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise EngineError("llama-cpp returned an embedding that cannot be normalised")
+    return [x / norm for x in vector]
+
+
+def unsupported(schema: Any, where: str = "schema") -> str | None:
+    """What in a JSON schema the grammar cannot enforce (see ``UNSUPPORTED_KEYWORDS``), or None.
+
+    Also refuses ``$ref`` outside the schema: the converter would try to fetch it over the
+    network (its guard is an ``assert``, gone under ``python -O``)."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            if (problem := unsupported(item, f"{where}[{i}]")) is not None:
+                return problem
+        return None
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        if key in UNSUPPORTED_KEYWORDS:
+            return f"{where} uses {key!r}, which the grammar cannot enforce"
+        if key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
+            return f"{where} has $ref {value!r}; only local references (#/...) are supported"
+        if key == "type" and isinstance(value, list) and {"properties", "items"} & set(schema):
+            return f"{where} lists several types together with properties or items; use anyOf"
+        # The values under these are names or data, not schemas: a property called "not" is fine.
+        if key in ("properties", "$defs", "definitions"):
+            if isinstance(value, dict):
+                for name, sub in value.items():
+                    if (problem := unsupported(sub, f"{where}.{key}.{name}")) is not None:
+                        return problem
+        elif key not in ("enum", "const", "default", "examples", "required"):
+            if (problem := unsupported(value, f"{where}.{key}")) is not None:
+                return problem
+    return None
