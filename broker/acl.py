@@ -43,7 +43,10 @@ RULES: tuple[Rule, ...] = (
     # ... and clears a revoked node's Home Assistant device.
     Rule(Role.HUB, Access.WRITE, f"{_HA}/#"),
     # A node speaks only under its own id, and hears only its own work plus the swarm's pins.
-    *(Rule(Role.NODE, Access.WRITE, f"{_NODE_OWN}/{leaf}") for leaf in ("announce", "status", "heartbeat", "result")),
+    *(
+        Rule(Role.NODE, Access.WRITE, f"{_NODE_OWN}/{leaf}")
+        for leaf in ("announce", "status", "heartbeat", "result", "stream")
+    ),
     *(Rule(Role.NODE, Access.READ, f"{_NODE_OWN}/{leaf}") for leaf in ("task", "cancel")),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/hub/status"),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/model"),
@@ -55,9 +58,11 @@ RULES: tuple[Rule, ...] = (
     # A client asks, reads its own answers (and the shared default reply topic), and may watch
     # the fleet (for `swarm-hub nodes` and dashboards).
     Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/prompt"),
+    Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/cancel"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}/#"),
     Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}"),
+    Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}/stream/+"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/hub/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/metrics/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/model"),

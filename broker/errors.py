@@ -44,6 +44,10 @@ class ErrorCode(StrEnum):
     ENGINE_ERROR = "engine_error"
     HUB_STOPPING = "hub_stopping"
     INTERNAL_ERROR = "internal_error"
+    #: the answer broke the request's JSON schema (or a tool's parameters) on every node tried
+    INVALID_OUTPUT = "invalid_output"
+    #: the request needs something no online node can do (embeddings, say)
+    UNSUPPORTED = "unsupported"
 
 
 #: Errors after which the hub may try the same request on another node.
@@ -55,6 +59,7 @@ RETRYABLE = frozenset(
         ErrorCode.NODE_LOST,
         ErrorCode.ENGINE_ERROR,
         ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.INVALID_OUTPUT,
     }
 )
 

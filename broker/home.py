@@ -12,6 +12,7 @@ Layout (all files 0600, the directory 0700)::
         tls/                       the swarm's CA and the broker's certificate (`up --tls`)
         mosquitto/                 generated Mosquitto config and ACL (Mosquitto mode)
         signing/hub.key            the hub's Ed25519 key that signs model pins and node bundles
+        gateway.token              the bearer token of the OpenAI-compatible HTTP gateway
         joined.json                on a node's machine: how `swarm-node join` says to reach the swarm
         logs/                      JSON logs of the hub, broker and nodes, rotated by size
 
@@ -178,6 +179,10 @@ class SwarmHome:
     def ledger_file(self) -> Path:
         return self.path / "ledger.sqlite"
 
+    @property
+    def gateway_token_file(self) -> Path:
+        return self.path / "gateway.token"
+
     def log_file(self, name: str) -> Path:
         """``logs/<name>.log``: one file per process (hub, broker, node-<id>)."""
         return self.path / "logs" / f"{name}.log"
@@ -211,7 +216,21 @@ class SwarmHome:
                 self.write_password_file()
             if not self.signing_key_file.exists():
                 SigningKey.generate().save(self.signing_key_file)
+            if not self.gateway_token_file.exists():
+                write_private(self.gateway_token_file, f"sk-swarm-{secrets.token_urlsafe(32)}\n")
         return logins
+
+    def gateway_token(self) -> str:
+        """The HTTP gateway's bearer token (made by :meth:`ensure`, at setup)."""
+        try:
+            token = self.gateway_token_file.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no gateway token in {self.path}: run `swarm-hub up` once, or pass --config-dir"
+            ) from None
+        if len(token) < 16:
+            raise ConfigError(f"{self.gateway_token_file} holds no usable token; delete it and run `swarm-hub up`")
+        return token
 
     # ---------------------------------------------------------------- signing
 

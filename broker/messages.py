@@ -9,7 +9,7 @@ silently ignored option.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from packaging.version import InvalidVersion
 from packaging.version import Version as PackagingVersion
@@ -63,9 +63,106 @@ def describe(exc: ValidationError) -> str:
 # ---------------------------------------------------------------- requests and answers
 
 
+#: a tool's or function's name, as OpenAI allows it
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(Wire):
+    name: FunctionName
+    #: JSON text, exactly as OpenAI sends it (a client parses it; it may not match the schema)
+    arguments: str
+
+
+class ToolCall(Wire):
+    """One call the model wants made, in OpenAI's shape."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Wire):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One turn. ``assistant`` turns may carry ``tool_calls`` instead of text; a ``tool`` turn
+    answers one of them by ``tool_call_id``."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=128)
+    name: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message may carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def engine_dict(self) -> dict[str, Any]:
+        """What a chat template takes: OpenAI's message shape, without the unset keys."""
+        return self.model_dump(exclude_none=True)
+
+
+class FunctionDef(Wire):
+    name: FunctionName
+    description: str | None = Field(default=None, max_length=4096)
+    #: a JSON Schema for the arguments (checked by the hub at intake)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(Wire):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(Wire):
+    name: FunctionName
+
+
+class NamedToolChoice(Wire):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+#: OpenAI's ``tool_choice``: none, auto (the model decides), required (some tool), or one tool by name
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(Wire):
+    name: str = Field(default="response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    #: the JSON Schema the answer must validate against (the node turns it into a grammar)
+    # ``schema`` would shadow a BaseModel attribute: the field has another name, and the wire
+    # spells it OpenAI's way both ways.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", allow_inf_nan=False, strict=True, validate_by_name=True, serialize_by_alias=True
+    )
+
+
+class ResponseFormat(Wire):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' must be given exactly when type is 'json_schema'")
+        return self
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema an answer must match, or None for free text."""
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        if self.type == "json_object":
+            return {"type": "object"}
+        return None
 
 
 class GenParams(Wire):
@@ -94,14 +191,46 @@ class PromptRequest(Wire):
     timeout_s: float | None = Field(default=None, gt=0.0, le=3600.0)
     #: only nodes the owner marked trusted; nothing of it is kept on disk (no journal, no text)
     private: bool = False
+    #: ``chat`` generates text; ``embed`` returns one vector per ``input`` text
+    kind: Literal["chat", "embed"] = "chat"
+    #: the texts to embed (``kind: "embed"`` only)
+    input: list[str] | None = Field(default=None, min_length=1, max_length=256)
+    #: tokens as they are generated, on the request's stream topic (``Topics.stream``)
+    stream: bool = False
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=64)
+    tool_choice: ToolChoice | None = None
+    #: add snippets from the hub's document folder as context (None: the hub's default)
+    retrieval: bool | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptRequest:
+        if self.kind == "embed":
+            if self.input is None or self.prompt is not None or self.messages is not None:
+                raise ValueError("an embed request gives 'input' (a list of texts), not 'prompt' or 'messages'")
+            if not all(text.strip() for text in self.input):
+                raise ValueError("'input' has an empty text")
+            if self.stream or self.tools or self.response_format is not None:
+                raise ValueError("an embed request cannot stream, call tools or take a response_format")
+            return self
+        if self.input is not None:
+            raise ValueError("'input' is for embed requests; a chat request gives 'prompt' or 'messages'")
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("'prompt' is empty")
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise ValueError("'tool_choice' needs 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in 'tools'")
+        if self.tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("give 'tools' or a JSON 'response_format', not both")
         return self
+
+    def wants_json(self) -> dict[str, Any] | None:
+        """The JSON Schema the answer must match, if the request asked for one."""
+        return self.response_format.answer_schema() if self.response_format is not None else None
 
     def chat(self) -> list[ChatMessage]:
         if self.messages is not None:
@@ -112,6 +241,8 @@ class PromptRequest(Wire):
         return tuple(sorted(set(self.tags) | set(self.params.tags)))
 
     def prompt_chars(self) -> int:
+        if self.kind == "embed":
+            return sum(len(text) for text in self.input or ())
         return sum(len(m.content) for m in self.chat())
 
 
@@ -160,6 +291,9 @@ class Answer(Wire):
     strategy: Strategy
     attempts: int
     candidates: list[Candidate] = Field(default_factory=list)
+    tool_calls: list[ToolCall] | None = None
+    #: one vector per input text, for ``kind: "embed"`` (``text`` is empty then)
+    embeddings: list[list[float]] | None = None
 
 
 class ErrorReply(Wire):
@@ -189,6 +323,13 @@ class Task(Wire):
     params: GenParams
     timeout_s: float = Field(gt=0)
     model: str | None = None
+    kind: Literal["chat", "embed"] = "chat"
+    input: list[str] | None = None
+    #: send tokens on the node's stream topic as they come (``NodeChunk``)
+    stream: bool = False
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
 
 
 class Cancel(Wire):
@@ -207,12 +348,83 @@ class TaskResult(Wire):
     usage: Usage | None = None
     timings: Timings | None = None
     error: ErrorInfo | None = None
+    tool_calls: list[ToolCall] | None = None
+    embeddings: list[list[float]] | None = None
 
     @model_validator(mode="after")
     def _error_iff_failed(self) -> TaskResult:
         if self.ok == (self.error is not None):
             raise ValueError("'error' must be set exactly when ok is false")
         return self
+
+
+class FunctionDelta(Wire):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(Wire):
+    """A piece of a streamed tool call, in OpenAI's shape: the first piece of call ``index``
+    carries its id and name, later ones more of its arguments."""
+
+    index: int = Field(ge=0)
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class NodeChunk(Wire):
+    """Node to hub: the next piece of a streamed task. ``seq`` counts from 0 within the task."""
+
+    task_id: RequestId
+    seq: int = Field(ge=0)
+    text: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class StreamChunk(Wire):
+    """Hub to client, on the request's stream topic: the next piece of the answer.
+
+    ``seq`` counts from 0 over the whole stream, end included: a reader that sees a ``seq`` it
+    already had has a duplicate (drop it); one past the next it expects has a gap. ``restart``
+    means the node streaming the answer was lost and another starts over: drop what you had."""
+
+    id: RequestId
+    seq: int = Field(ge=0)
+    done: Literal[False] = False
+    node_id: NodeId
+    text: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
+    restart: bool = False
+
+
+class StreamEnd(Wire):
+    """The last message on a stream: how it ended. The full reply still goes to the reply topic."""
+
+    id: RequestId
+    seq: int = Field(ge=0)
+    done: Literal[True] = True
+    ok: bool
+    node_id: NodeId | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    error: ErrorInfo | None = None
+
+
+def decode_stream(payload: bytes | str) -> StreamChunk | StreamEnd:
+    try:
+        return StreamChunk.model_validate_json(payload)
+    except ValidationError:
+        return decode(StreamEnd, payload)
+
+
+class CancelRequest(Wire):
+    """Client to hub: stop working on a request (a client that went away). Its id is the key."""
+
+    id: RequestId
+    reason: str = Field(default="cancelled by the client", max_length=256)
 
 
 # ---------------------------------------------------------------- node presence
@@ -222,6 +434,11 @@ class NodeState(StrEnum):
     ONLINE = "online"
     PAUSED = "paused"
     OFFLINE = "offline"
+
+
+#: ``stream``: tokens as they come; ``embed``: embedding vectors; ``json_schema``: answers
+#: constrained to a schema; ``tools``: OpenAI-style tool calls
+Capability = Literal["stream", "embed", "json_schema", "tools"]
 
 
 class ModelInfo(Wire):
@@ -247,6 +464,8 @@ class Announce(Wire):
     max_tokens: int = Field(ge=1)
     max_temperature: float = Field(ge=0)
     ts: float
+    #: what the node's engine can do beyond plain chat (older nodes announce none of these)
+    capabilities: list[Capability] = Field(default_factory=list)
 
 
 class PinReport(Wire):

@@ -16,6 +16,8 @@ ROOT = "swarm"
 _ID = re.compile(r"^[a-z0-9_-]{1,64}$")
 #: a routing tag as a topic level (the wire allows these characters in tags too)
 _TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+#: a request id (``messages.RequestId``) as a topic level
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 DEFAULT_SWARM = "main"
 DEFAULT_REPLY = "default"
 
@@ -89,6 +91,7 @@ class NodeTopic(StrEnum):
     TASK = "task"
     CANCEL = "cancel"
     RESULT = "result"
+    STREAM = "stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +109,15 @@ class TopicSpec:
 CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("swarm/{sid}/prompt", "client", "hub", 1, False),
     TopicSpec("swarm/{sid}/reply/{name}", "hub", "client", 1, False),
+    TopicSpec("swarm/{sid}/reply/{name}/stream/{request_id}", "hub", "client", 1, False),
+    TopicSpec("swarm/{sid}/cancel", "client", "hub", 1, False),
     TopicSpec("swarm/{sid}/node/{node_id}/announce", "node", "hub, client", 1, True),
     TopicSpec("swarm/{sid}/node/{node_id}/status", "node", "hub, client", 1, True),
     TopicSpec("swarm/{sid}/node/{node_id}/heartbeat", "node", "hub, client", 0, False),
     TopicSpec("swarm/{sid}/node/{node_id}/task", "hub", "node", 1, False),
     TopicSpec("swarm/{sid}/node/{node_id}/cancel", "hub", "node", 1, False),
     TopicSpec("swarm/{sid}/node/{node_id}/result", "node", "hub", 1, False),
+    TopicSpec("swarm/{sid}/node/{node_id}/stream", "node", "hub", 1, False),
     TopicSpec("swarm/{sid}/hub/status", "hub", "client, node", 1, True),
     TopicSpec("swarm/{sid}/hub/nodes", "hub", "client", 1, True),
     TopicSpec("swarm/{sid}/model", "hub", "node, client", 1, True),
@@ -147,6 +153,19 @@ class Topics:
     def reply_filter(self) -> str:
         return f"{self.base}/reply/#"
 
+    def stream(self, reply_topic: str, request_id: str) -> str:
+        """A streamed request's tokens: beside its reply topic, so whoever may read the reply
+        may read the stream (``reply/{name}/stream/{request_id}``)."""
+        if not self.is_reply_topic(reply_topic):
+            raise ConfigError(f"{reply_topic!r} is not a reply topic")
+        if not _REQUEST_ID.match(request_id):
+            raise ConfigError(f"request id {request_id!r} cannot be a topic level")
+        return f"{reply_topic}/stream/{request_id}"
+
+    def cancel(self) -> str:
+        """Clients ask the hub to drop a request here (by its id)."""
+        return f"{self.base}/cancel"
+
     def is_reply_topic(self, topic: str) -> bool:
         """Replies may only go under ``reply/``: the hub must never be tricked into publishing a
         client-chosen payload onto a task or status topic."""
@@ -174,6 +193,9 @@ class Topics:
 
     def node_result(self, node_id: str) -> str:
         return self.node(node_id, NodeTopic.RESULT)
+
+    def node_stream(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.STREAM)
 
     def all_nodes(self, kind: NodeTopic) -> str:
         return f"{self.base}/node/+/{kind}"

@@ -1,38 +1,148 @@
-"""Asking the swarm from Python: what ``swarm-hub ask`` uses.
+"""Asking the swarm from Python: what ``swarm-hub ask`` and the HTTP gateway use.
 
     async with SwarmClient(url) as client:
         answer = await client.ask(PromptRequest(prompt="What is 2+2?"), timeout=60)
 
-Each client listens on its own reply topic and matches replies to requests by id, so many
-requests can be in flight at once.
+        async with client.streaming(PromptRequest(prompt="Tell a story", stream=True), timeout=60) as stream:
+            async for chunk in stream:          # StreamChunk, in order, duplicates dropped
+                print(chunk.text, end="")
+            answer = await stream.answer()      # the full Answer, as ask() gives it
+
+Each client listens on its own reply topic (and the stream topics below it) and matches replies
+to requests by id, so many requests can be in flight at once. Leaving a ``streaming`` block
+before the answer came cancels the request: the hub stops the node working on it.
+
+With ``watch=True`` the client also follows the hub's retained status and node table
+(``client.hub``, ``client.fleet``), for views that show the swarm live.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
-from nova_swarm.broker.connection import Connection
+import structlog
+
+from nova_swarm.broker.connection import Connection, ConnectionLost
 from nova_swarm.broker.errors import ErrorCode, ProtocolError, RequestFailed
-from nova_swarm.broker.messages import Answer, ErrorReply, PromptRequest, decode_reply
+from nova_swarm.broker.messages import (
+    Answer,
+    CancelRequest,
+    ErrorReply,
+    HubStatus,
+    NodeTable,
+    PromptRequest,
+    StreamChunk,
+    StreamEnd,
+    decode,
+    decode_reply,
+    decode_stream,
+)
 from nova_swarm.broker.topics import Topics
 from nova_swarm.broker.url import BrokerURL
 
+log = structlog.get_logger("nova_swarm.client")
+
+
+class Stream:
+    """One streamed request, as its reader sees it: chunks in ``seq`` order, then the answer.
+
+    Duplicates (a ``seq`` already seen, as QoS 1 may deliver twice) are dropped. A chunk that
+    arrives early (a gap before it) waits for the missing ones; the stream's end fills any gap
+    that never closes, because the answer on the reply topic is complete either way."""
+
+    def __init__(self, request_id: str, reply: asyncio.Future[Answer | ErrorReply]) -> None:
+        self.request_id = request_id
+        self._reply = reply
+        self._next = 0
+        self._early: dict[int, StreamChunk | StreamEnd] = {}
+        self._ready: asyncio.Queue[StreamChunk | StreamEnd] = asyncio.Queue()
+        self.ended: StreamEnd | None = None
+        #: how many duplicates and gaps this reader saw (for tests and curious users)
+        self.duplicates = 0
+        self.gaps = 0
+
+    def _deliver(self, message: StreamChunk | StreamEnd) -> None:
+        if message.seq < self._next or message.seq in self._early:
+            self.duplicates += 1
+            return
+        self._early[message.seq] = message
+        while self._next in self._early:
+            self._ready.put_nowait(self._early.pop(self._next))
+            self._next += 1
+
+    def _close_gaps(self) -> None:
+        """The reply came: whatever is still held waits for nothing more."""
+        if self._early:
+            self.gaps += 1
+            for seq in sorted(self._early):
+                self._ready.put_nowait(self._early.pop(seq))
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[StreamChunk]:
+        while self.ended is None:
+            reply_waiter = asyncio.ensure_future(asyncio.shield(self._reply))
+            getter = asyncio.ensure_future(self._ready.get())
+            try:
+                done, _ = await asyncio.wait({getter, reply_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reply_waiter.cancel()
+                if not getter.done():
+                    getter.cancel()
+            if getter in done:
+                message = getter.result()
+            elif self._ready.empty():
+                # The reply came and nothing is queued: the end message was lost or gapped.
+                self._close_gaps()
+                if self._ready.empty():
+                    return
+                continue
+            else:
+                continue
+            if isinstance(message, StreamEnd):
+                self.ended = message
+                return
+            yield message
+
+    async def answer(self) -> Answer:
+        """The full answer (or RequestFailed), as ``SwarmClient.ask`` would give it."""
+        reply = await self._reply
+        if isinstance(reply, ErrorReply):
+            raise RequestFailed(reply.error.code, reply.error.message, retry_after_s=reply.error.retry_after_s)
+        return reply
+
+    @property
+    def finished(self) -> bool:
+        return self._reply.done()
+
 
 class SwarmClient:
-    def __init__(self, url: BrokerURL, *, swarm: str = "main", ca_file: Path | None = None) -> None:
+    def __init__(
+        self, url: BrokerURL, *, swarm: str = "main", ca_file: Path | None = None, watch: bool = False
+    ) -> None:
         self.topics = Topics(swarm)
         self.name = f"c-{uuid.uuid4().hex[:12]}"
         self.reply_topic = self.topics.reply(self.name)
         self._conn = Connection(url, client_id=self.name, ca_file=ca_file)
         self._waiting: dict[str, asyncio.Future[Answer | ErrorReply]] = {}
+        self._streams: dict[str, Stream] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watch = watch
+        #: the hub's retained status and node table (``watch=True`` only; None until seen)
+        self.hub: HubStatus | None = None
+        self.fleet: NodeTable | None = None
 
     async def __aenter__(self) -> SwarmClient:
         await self._conn.__aenter__()
-        await self._conn.subscribe(self.reply_topic, qos=1)
+        await self._conn.subscribe(self.reply_topic, f"{self.reply_topic}/stream/+", qos=1)
+        if self._watch:
+            await self._conn.subscribe(self.topics.hub_status(), self.topics.hub_nodes(), qos=1)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -48,15 +158,26 @@ class SwarmClient:
         await self._conn.__aexit__(exc_type, exc, tb)
 
     async def _read(self) -> None:
+        stream_prefix = f"{self.reply_topic}/stream/"
         try:
             async for message in self._conn.messages():
                 try:
-                    reply = decode_reply(message.payload)
-                except ProtocolError:
-                    continue
-                future = self._waiting.get(reply.id or "")
-                if future is not None and not future.done():
-                    future.set_result(reply)
+                    if message.topic.startswith(stream_prefix):
+                        part = decode_stream(message.payload)
+                        stream = self._streams.get(part.id)
+                        if stream is not None:
+                            stream._deliver(part)
+                    elif message.topic == self.reply_topic:
+                        reply = decode_reply(message.payload)
+                        future = self._waiting.get(reply.id or "")
+                        if future is not None and not future.done():
+                            future.set_result(reply)
+                    elif message.topic == self.topics.hub_status() and message.payload:
+                        self.hub = decode(HubStatus, message.payload)
+                    elif message.topic == self.topics.hub_nodes() and message.payload:
+                        self.fleet = decode(NodeTable, message.payload)
+                except ProtocolError as exc:
+                    log.debug("ignored a malformed message", topic=message.topic, error=str(exc))
         except Exception as exc:
             for future in self._waiting.values():
                 if not future.done():
@@ -68,25 +189,74 @@ class SwarmClient:
         request = request.model_copy(update={"id": request.id or uuid.uuid4().hex, "reply_to": self.reply_topic})
         future: asyncio.Future[Answer | ErrorReply] = asyncio.get_running_loop().create_future()
         assert request.id is not None
-        self._waiting[request.id] = future
         request_id = request.id
+        self._waiting[request_id] = future
 
         def forget(_: asyncio.Future[Answer | ErrorReply]) -> None:
             self._waiting.pop(request_id, None)
 
         future.add_done_callback(forget)
-        await self._conn.publish(self.topics.prompt(), request.encode(), qos=1)
+        if request.stream:
+            self._streams[request_id] = Stream(request_id, future)
+        try:
+            await self._conn.publish(self.topics.prompt(), request.encode(), qos=1)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            future.cancel()
+            raise
         return future
 
     async def ask(self, request: PromptRequest, *, timeout: float) -> Answer:
         """The answer, or RequestFailed with the hub's error code (or a local timeout)."""
         future = await self.send(request)
         try:
-            reply = await asyncio.wait_for(future, timeout)
-        except TimeoutError as exc:
-            raise RequestFailed(
-                ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:.0f} s (is the hub running?)"
-            ) from exc
+            reply = await self._wait(future, timeout)
+        finally:
+            self._streams.pop(request.id or "", None)
         if isinstance(reply, ErrorReply):
             raise RequestFailed(reply.error.code, reply.error.message, retry_after_s=reply.error.retry_after_s)
         return reply
+
+    @asynccontextmanager
+    async def streaming(self, request: PromptRequest, *, timeout: float) -> AsyncIterator[Stream]:
+        """Send ``request`` with ``stream`` on, and read its tokens as they come.
+
+        Leaving the block before the reply came (an error, a cancel, a client gone away)
+        cancels the request at the hub, which stops the node generating it."""
+        request = request.model_copy(update={"id": request.id or uuid.uuid4().hex, "stream": True})
+        assert request.id is not None
+        future = await self.send(request)
+        stream = self._streams[request.id]
+        give_up = asyncio.get_running_loop().call_later(timeout, self._time_out, future, timeout)
+        try:
+            yield stream
+        finally:
+            give_up.cancel()
+            self._streams.pop(request.id, None)
+            if not future.done():
+                future.cancel()
+                try:
+                    await asyncio.shield(self.cancel(request.id, "the client stopped reading the stream"))
+                except ConnectionLost:
+                    pass  # the hub times the request out on its own
+
+    @staticmethod
+    def _time_out(future: asyncio.Future[Answer | ErrorReply], timeout: float) -> None:
+        if not future.done():
+            future.set_exception(_local_timeout(timeout))
+
+    async def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
+        """Ask the hub to stop a request of ours; its reply is a ``cancelled`` error."""
+        message = CancelRequest(id=request_id, reason=reason[:256])
+        await self._conn.publish(self.topics.cancel(), message.encode(), qos=1)
+
+    async def _wait(self, future: asyncio.Future[Answer | ErrorReply], timeout: float) -> Answer | ErrorReply:
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError as exc:
+            raise _local_timeout(timeout) from exc
+
+
+def _local_timeout(timeout: float) -> RequestFailed:
+    return RequestFailed(ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout:.0f} s (is the hub running?)")

@@ -11,6 +11,7 @@ from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
 
 from .credits import CreditRates
 from .intake import Limits
+from .retrieval import RetrievalConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,8 @@ class HubConfig:
     journal_remember: int = 100_000
     protocol: Protocol = "auto"
     seed: int | None = None
+    #: retrieval: add snippets from a local folder to chat prompts (off when None)
+    retrieval: RetrievalConfig | None = None
 
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")

@@ -20,6 +20,7 @@ import random
 import time
 import uuid
 from collections import deque
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeAlias
@@ -27,21 +28,29 @@ from typing import TypeAlias
 import structlog
 
 from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
-from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError
+from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
 from nova_swarm.broker.home import SwarmHome
 from nova_swarm.broker.messages import (
     Announce,
     Answer,
+    CancelRequest,
     Candidate,
+    ChatMessage,
     ErrorInfo,
     ErrorReply,
+    FunctionDelta,
     Heartbeat,
     HubStatus,
+    NodeChunk,
     NodeState,
     PromptRequest,
     Status,
+    StreamChunk,
+    StreamEnd,
     Task,
     TaskResult,
+    ToolCall,
+    ToolCallDelta,
     decode,
 )
 from nova_swarm.broker.messages import Cancel as CancelMessage
@@ -50,7 +59,8 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import credits, metrics, pins, rerank
+from . import credits, metrics, pins, rerank, retrieval
+from .client import SwarmClient
 from .config import HubConfig
 from .intake import Accepted, Rejected, client_key, parse_prompt
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
@@ -60,6 +70,7 @@ from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMach
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
 from .scheduler import Scheduler
+from .schemas import answer_problem
 from .store import Store
 from .trust import Trust
 from .winrate import WinRates
@@ -81,7 +92,19 @@ class _Abort:
     """The hub is stopping."""
 
 
-_Event: TypeAlias = TaskResult | _NodeLost | _Wake | _Abort
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """A piece of a streamed answer, from a node."""
+
+    chunk: NodeChunk
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientCancel:
+    reason: str
+
+
+_Event: TypeAlias = TaskResult | _NodeLost | _Wake | _Abort | _Chunk | _ClientCancel
 
 
 @dataclass(eq=False)
@@ -96,6 +119,16 @@ class _Run:
     pending: Dispatch | None = None
     #: task ids that already have a receipt in the ledger (a result may be delivered twice)
     receipted: set[str] = field(default_factory=set)
+    #: what the nodes are given: the request's chat, with retrieved context when that is on
+    messages: list[ChatMessage] = field(default_factory=list)
+    #: the client's stream: the next ``seq`` to send, the attempt whose tokens it has, and the
+    #: text sent so far (so the end can make the stream add up to the answer)
+    stream_seq: int = 0
+    streamed_from: str | None = None
+    streamed: list[str] = field(default_factory=list)
+    streamed_calls: bool = False
+    #: per attempt, the next chunk ``seq`` expected from its node (QoS 1 may deliver twice)
+    node_seq: dict[str, int] = field(default_factory=dict)
 
 
 class Hub:
@@ -143,6 +176,13 @@ class Hub:
         #: the last minute of settled requests, for the metrics
         self.window = metrics.Window()
         self.started_at = time.time()
+        #: retrieval (``config.retrieval``): the document index, and the hub's own swarm client
+        #: that asks nodes for embeddings; both made on first use
+        self._index: retrieval.Retriever | None = None
+        self._retrieval_lock = asyncio.Lock()
+        self._embedder: SwarmClient | None = None
+        self._embed_model: str | None = None
+        self._exits = AsyncExitStack()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -191,6 +231,7 @@ class Hub:
                 for task in [*background, writer]:
                     task.cancel()
         finally:
+            await self._exits.aclose()
             await self._persist()
             self._store.close()
             journal.close()
@@ -216,6 +257,8 @@ class Hub:
             t.all_nodes(NodeTopic.STATUS),
             t.all_nodes(NodeTopic.HEARTBEAT),
             t.all_nodes(NodeTopic.RESULT),
+            t.all_nodes(NodeTopic.STREAM),
+            t.cancel(),
             t.model(),
             t.bundle(),
             qos=1,
@@ -274,6 +317,9 @@ class Hub:
         if message.topic in (self.topics.model(), self.topics.bundle()):
             self._on_pin(message)
             return
+        if message.topic == self.topics.cancel():
+            self._on_client_cancel(message)
+            return
         parsed = self.topics.parse_node_topic(message.topic)
         if parsed is None:
             return
@@ -286,6 +332,8 @@ class Hub:
                     self._node_available()
             elif kind is NodeTopic.RESULT:
                 self._on_result(node_id, decode(TaskResult, message.payload))
+            elif kind is NodeTopic.STREAM:
+                self._on_chunk(node_id, decode(NodeChunk, message.payload))
             elif kind is NodeTopic.ANNOUNCE:
                 announce = decode(Announce, message.payload)
                 if announce.node_id == node_id:
@@ -330,6 +378,23 @@ class Hub:
         self.registry.pins = pinned
         self._status_changed.set()
 
+    def _on_client_cancel(self, message: Message) -> None:
+        try:
+            cancel = decode(CancelRequest, message.payload)
+        except ProtocolError as exc:
+            log.warning("dropped malformed cancel", error=str(exc))
+            return
+        run = self._runs.get(cancel.id)
+        if run is not None:  # the id is the key: only who sent the request knows it
+            log.info("client cancelled the request", request_id=cancel.id, reason=cancel.reason)
+            run.inbox.put_nowait(_ClientCancel(cancel.reason))
+
+    def _on_chunk(self, node_id: str, chunk: NodeChunk) -> None:
+        run = self._by_task.get(chunk.task_id)
+        attempt = run.machine.attempts.get(chunk.task_id) if run is not None else None
+        if run is not None and attempt is not None and attempt.node_id == node_id:
+            run.inbox.put_nowait(_Chunk(chunk))
+
     def _on_result(self, node_id: str, result: TaskResult) -> None:
         run = self._by_task.get(result.task_id)
         attempt = run.machine.attempts.get(result.task_id) if run is not None else None
@@ -337,6 +402,14 @@ class Hub:
             # Late (its attempt was written off) or not ours: ignore it, cleanly.
             log.debug("ignored result", node_id=node_id, task_id=result.task_id)
             return
+        if result.ok:
+            problem = answer_problem(run.accepted.request, result)
+            if problem is not None:
+                # A grammar is not a validator: a wrong answer is a failed attempt, tried again
+                # on another node while the budget lasts; the last reason reaches the client.
+                log.warning("answer broke the request's schema", node_id=node_id, problem=problem)
+                error = ErrorInfo(code=ErrorCode.INVALID_OUTPUT, message=f"node {node_id}: {problem}")
+                result = result.model_copy(update={"ok": False, "error": error})
         if not result.ok:
             self._receipt(run, result, won=False)  # an answer's receipt waits to know if it won
         run.inbox.put_nowait(result)
@@ -452,8 +525,11 @@ class Hub:
             # Wall clock here: the deadline may have been set by a previous run of the hub.
             deadline=loop.time() + (entry.deadline_at - time.time()),
             retries=self.config.retries,
+            stream=req.stream,
         )
-        return _Run(accepted, entry.digest, machine, started=loop.time())
+        return _Run(
+            accepted, entry.digest, machine, started=loop.time(), messages=req.chat() if req.kind == "chat" else []
+        )
 
     async def _serve(self, accepted: Accepted, *, resumed: Entry | None = None) -> None:
         assert self._journal is not None
@@ -492,6 +568,8 @@ class Hub:
                     log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
                 else:
                     log.info("resumed request", strategy=req.strategy, fanout=req.fanout)
+                if self._retrieval_wanted(req):
+                    run.messages = await self._with_retrieved_context(run.messages, private=req.private)
                 await self._drive(run)
             except Exception:
                 # One request's bug must not take the hub down; its client still gets a reply.
@@ -576,6 +654,10 @@ class Hub:
                 actions = machine.on_result(event, now)
             elif isinstance(event, _NodeLost):
                 actions = machine.on_node_lost(event.node_id, event.reason, now)
+            elif isinstance(event, _Chunk):
+                actions = await self._forward_chunk(run, event.chunk)
+            elif isinstance(event, _ClientCancel):
+                actions = machine.on_cancel(f"cancelled by the client: {event.reason}", now)
             elif isinstance(event, _Wake):
                 # Stay in line (self._waiting) until the dispatch gets a node, so order holds.
                 pending, run.pending = run.pending, None
@@ -616,13 +698,14 @@ class Hub:
         exclude = action.exclude
         if req.private:  # only the nodes their owner trusts
             exclude |= frozenset(self.registry.nodes) - self._trusted_nodes()
-        eligible = self.registry.eligible(model=req.model, exclude=exclude, now=now)
+        needs = _needs(req)
+        eligible = self.registry.eligible(model=req.model, exclude=exclude, now=now, needs=needs)
         # With every node paused for now (too hot, switching models) the request waits for one
         # to come back, up to its deadline, rather than failing at once.
         if (
             not eligible
             and loop.time() >= self._settle_until
-            and not self.registry.resting(model=req.model, exclude=exclude, now=now)
+            and not self.registry.resting(model=req.model, exclude=exclude, now=now, needs=needs)
         ):
             self._waiting.pop(run, None)
             if req.private:
@@ -632,7 +715,7 @@ class Hub:
                     retry_after_s=5.0,
                 )
             else:
-                why = self._why_no_nodes(req.model, action.exclude, now)
+                why = self._why_no_nodes(req.model, action.exclude, now, needs)
             return run.machine.shortfall(action.count, why, loop.time())
         picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
         picked = self._with_a_proven_node(picked, eligible, req, now)
@@ -643,7 +726,6 @@ class Hub:
             self._waiting.setdefault(run, None)
             return []
         self._waiting.pop(run, None)
-        messages = req.chat()
         for node in picked:
             task_id = uuid.uuid4().hex
             timeout = self._attempt_timeout(node, req.params.max_tokens, run.machine.deadline - loop.time())
@@ -654,13 +736,23 @@ class Hub:
             task = Task(
                 task_id=task_id,
                 request_id=run.machine.request_id,
-                messages=messages,
+                messages=run.messages,
                 params=req.params,
                 timeout_s=round(timeout, 3),
                 model=req.model,
+                kind=req.kind,
+                input=req.input,
+                # best_of_n ranks whole answers: its nodes have nothing to stream to anyone
+                stream=req.stream and req.strategy == "race",
+                response_format=req.response_format,
+                tools=req.tools,
+                tool_choice=req.tool_choice,
             )
             log.info("dispatched", node_id=node.node_id, task_id=task_id, timeout_s=round(timeout, 1))
-            await self._send(self.topics.node_task(node.node_id), task.encode())
+            # Fields at their defaults stay off the wire: a node still on an older bundle (which
+            # refuses unknown fields) can take a plain chat task while the fleet updates.
+            payload = task.model_dump_json(exclude_defaults=True).encode()
+            await self._send(self.topics.node_task(node.node_id), payload)
         if len(picked) < action.count:
             error = ErrorInfo(
                 code=ErrorCode.NO_ELIGIBLE_NODES,
@@ -710,12 +802,18 @@ class Hub:
         expected = tokens / speed
         return max(0.05, min(remaining, max(self.config.attempt_min_s, self.config.attempt_slack * expected)))
 
-    def _why_no_nodes(self, model: str | None, exclude: frozenset[str], now: float) -> ErrorInfo:
+    def _why_no_nodes(self, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str]) -> ErrorInfo:
         online = self.registry.eligible(model=None, exclude=frozenset(), now=now)
         if not online:
             message = "no node is online"
         elif model is not None and not any(n.announce and n.announce.model.name == model for n in online):
             message = f"no online node serves model {model!r}"
+        elif needs and not self.registry.eligible(model=model, exclude=frozenset(), now=now, needs=needs):
+            return ErrorInfo(
+                code=ErrorCode.UNSUPPORTED,
+                message=f"no online node{' serving ' + repr(model) if model else ''} can do {', '.join(sorted(needs))}",
+                retry_after_s=5.0,
+            )
         elif exclude:
             message = "every eligible node has already been tried for this request"
         else:
@@ -768,7 +866,10 @@ class Hub:
             strategy=req.strategy,
             attempts=len(run.machine.attempts),
             candidates=candidates,
+            tool_calls=winner.tool_calls,
+            embeddings=winner.embeddings,
         )
+        await self._end_stream(run, winner=winner)
         self.answered += 1
         self.window.answered(loop.time(), answer.latency_ms)
         log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
@@ -780,6 +881,7 @@ class Hub:
             self.winrates.record(loser, run.accepted.request.all_tags(), won=False, now=now)
         self._count_failure(error.code)
         log.info("request failed", code=error.code.value, reason=error.message)
+        await self._end_stream(run, error=error)
         await self._settle(run, ErrorReply(id=run.machine.request_id, error=error))
 
     async def _settle(self, run: _Run, reply: Answer | ErrorReply) -> None:
@@ -797,6 +899,121 @@ class Hub:
             log.error("could not journal the reply; sending it anyway", error=str(exc))
         await self._send(run.accepted.reply_topic, payload, correlation=run.accepted.correlation)
         self._journal.sent(rid)
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _forward_chunk(self, run: _Run, chunk: NodeChunk) -> list[Action]:
+        """Pass a node's piece on to the client when its attempt leads the stream."""
+        if chunk.seq < run.node_seq.get(chunk.task_id, 0):
+            return []  # delivered twice (QoS 1)
+        # A gap (a chunk lost on the way) cannot be filled from here: the end of the stream
+        # makes it whole from the node's full result.
+        run.node_seq[chunk.task_id] = chunk.seq + 1
+        forward, actions = run.machine.on_chunk(chunk.task_id, asyncio.get_running_loop().time())
+        if forward:
+            restart = run.streamed_from not in (None, chunk.task_id)
+            if run.streamed_from != chunk.task_id:
+                run.streamed_from, run.streamed, run.streamed_calls = chunk.task_id, [], False
+            run.streamed.append(chunk.text)
+            run.streamed_calls |= bool(chunk.tool_calls)
+            node_id = run.machine.attempts[chunk.task_id].node_id
+            await self._stream_out(
+                run,
+                StreamChunk(
+                    id=run.machine.request_id,
+                    seq=run.stream_seq,
+                    node_id=node_id,
+                    text=chunk.text,
+                    tool_calls=chunk.tool_calls,
+                    restart=restart,
+                ),
+            )
+        return actions
+
+    async def _end_stream(self, run: _Run, *, winner: TaskResult | None = None, error: ErrorInfo | None = None) -> None:
+        """Close a streamed request's stream: first whatever makes the chunks add up to the
+        answer (the rest of a gapped stream, or all of it when another node's answer won),
+        then the end message with usage, timings and the finish reason."""
+        if not run.accepted.request.stream:
+            return
+        rid = run.machine.request_id
+        if winner is not None:
+            sent = "".join(run.streamed) if run.streamed_from == winner.task_id else None
+            calls_missing = bool(winner.tool_calls) and not (sent is not None and run.streamed_calls)
+            if sent is None or calls_missing or not winner.text.startswith(sent):
+                if winner.text or winner.tool_calls:
+                    await self._stream_out(
+                        run,
+                        StreamChunk(
+                            id=rid,
+                            seq=run.stream_seq,
+                            node_id=winner.node_id,
+                            text=winner.text,
+                            tool_calls=_as_deltas(winner.tool_calls),
+                            restart=run.streamed_from is not None,
+                        ),
+                    )
+            elif len(winner.text) > len(sent):
+                rest = winner.text[len(sent) :]
+                await self._stream_out(run, StreamChunk(id=rid, seq=run.stream_seq, node_id=winner.node_id, text=rest))
+            end = StreamEnd(
+                id=rid,
+                seq=run.stream_seq,
+                ok=True,
+                node_id=winner.node_id,
+                model=winner.model,
+                finish_reason=winner.finish_reason,
+                usage=winner.usage,
+                timings=winner.timings,
+            )
+        else:
+            end = StreamEnd(id=rid, seq=run.stream_seq, ok=False, error=error)
+        await self._stream_out(run, end)
+
+    async def _stream_out(self, run: _Run, message: StreamChunk | StreamEnd) -> None:
+        run.stream_seq = message.seq + 1
+        await self._send(self.topics.stream(run.accepted.reply_topic, run.machine.request_id), message.encode())
+
+    # ------------------------------------------------------------------ retrieval
+
+    def _retrieval_wanted(self, req: PromptRequest) -> bool:
+        return self.config.retrieval is not None and req.kind == "chat" and req.retrieval is not False
+
+    async def _with_retrieved_context(self, messages: list[ChatMessage], *, private: bool) -> list[ChatMessage]:
+        retriever = await self._retriever()
+        snippets = await retriever.search(retrieval.query_of(messages), private=private)
+        log.info("retrieved context", snippets=len(snippets), mode=retriever.mode)
+        return retrieval.with_context(messages, snippets)
+
+    async def _retriever(self) -> retrieval.Retriever:
+        """The document index, built on first use: by then nodes that can embed are online."""
+        assert self.config.retrieval is not None
+        async with self._retrieval_lock:
+            if self._index is None:
+                self._index = await retrieval.Retriever.build(self.config.retrieval, self._embed_with_swarm)
+                log.info("indexed documents", snippets=self._index.size, mode=self._index.mode)
+            return self._index
+
+    async def _embed_with_swarm(self, texts: list[str]) -> list[list[float]]:
+        """Embeddings from the swarm's own nodes, asked over the broker like any client would."""
+        now = time.time()
+        if self._embed_model is None:
+            # One model for the whole index: vectors of two models do not compare.
+            able = self.registry.eligible(model=None, exclude=frozenset(), now=now, needs=frozenset({"embed"}))
+            models = sorted(n.announce.model.name for n in able if n.announce is not None)
+            if not models:
+                raise RequestFailed(ErrorCode.UNSUPPORTED, "no online node can embed")
+            self._embed_model = models[0]
+        if self._embedder is None:
+            self._embedder = await self._exits.enter_async_context(
+                SwarmClient(self.url, swarm=self.config.swarm, ca_file=self._ca_file)
+            )
+        answer = await self._embedder.ask(
+            PromptRequest(kind="embed", input=texts, model=self._embed_model), timeout=self.config.default_timeout_s
+        )
+        if answer.embeddings is None or len(answer.embeddings) != len(texts):
+            raise RequestFailed(ErrorCode.ENGINE_ERROR, "the swarm's embedding answer is incomplete")
+        return answer.embeddings
 
     def _release(self, run: _Run, task_id: str) -> None:
         """The hub no longer counts this attempt against its node's capacity."""
@@ -970,3 +1187,31 @@ class Hub:
             await self._persist()
             await self._journal.prune(time.time())
             self.limiter.forget_idle(asyncio.get_running_loop().time())
+
+
+def _needs(req: PromptRequest) -> frozenset[str]:
+    """The capabilities (``Announce.capabilities``) a node must have to serve ``req``. Streaming
+    is not one: a node that cannot stream answers whole, and the hub streams that in one piece."""
+    needs = set()
+    if req.kind == "embed":
+        needs.add("embed")
+    if req.tools and req.tool_choice != "none":
+        needs.add("tools")
+    if req.wants_json() is not None:
+        needs.add("json_schema")
+    return frozenset(needs)
+
+
+def _as_deltas(calls: list[ToolCall] | None) -> list[ToolCallDelta] | None:
+    """Whole tool calls as the stream's deltas: one piece each, with everything in it."""
+    if not calls:
+        return None
+    return [
+        ToolCallDelta(
+            index=i,
+            id=c.id,
+            type="function",
+            function=FunctionDelta(name=c.function.name, arguments=c.function.arguments),
+        )
+        for i, c in enumerate(calls)
+    ]

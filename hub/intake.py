@@ -20,6 +20,8 @@ from nova_swarm.broker.errors import ConfigError, ErrorCode
 from nova_swarm.broker.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
 from nova_swarm.broker.topics import Topics
 
+from .schemas import request_problem
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -154,6 +156,9 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             request_id=request_id,
             reply=reply_topic,
         )
+    schema_problem = request_problem(request)
+    if schema_problem is not None:
+        return reject(ErrorCode.INVALID_REQUEST, schema_problem, request_id=request_id, reply=reply_topic)
     return Accepted(request, request_id, reply_topic, correlation)
 
 

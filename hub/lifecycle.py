@@ -15,6 +15,10 @@ Attempt states: ASSIGNED, then exactly one of DONE, FAILED, LOST, TIMED_OUT, CAN
 ``want`` is how many good answers finish the request: 1 for ``race`` (first wins, the rest are
 cancelled) and ``fanout`` for ``best_of_n`` (all are ranked). A failed, lost or timed-out
 attempt is replaced on a node not yet tried, while the attempt budget and the deadline allow.
+
+A streamed ``race`` is won by the first node to stream a token: it becomes the *leader*, whose
+tokens go to the client, and the other racers are cancelled at once. If the leader fails, the
+next attempt to stream leads (the hub tells the client to start over).
 """
 
 from __future__ import annotations
@@ -123,6 +127,10 @@ class RequestMachine:
     answers: list[TaskResult] = field(default_factory=list)
     want: int = 0
     last_error: ErrorInfo | None = None
+    #: the client reads tokens as they come (``stream``): see the module's docstring
+    stream: bool = False
+    #: the attempt whose tokens the client is reading (streamed races only)
+    leader: str | None = None
 
     def __post_init__(self) -> None:
         self.want = 1 if self.strategy == "race" else self.fanout
@@ -182,6 +190,31 @@ class RequestMachine:
             self.last_error = result.error
         return self._settle(now)
 
+    def on_chunk(self, task_id: str, now: float) -> tuple[bool, list[Action]]:
+        """A piece of a streamed answer came from attempt ``task_id``: should the client see it?
+
+        In a streamed race, the first attempt to stream leads and the others are cancelled.
+        ``best_of_n`` streams nothing until the answers are ranked."""
+        attempt = self.attempts.get(task_id)
+        if not self.stream or self.finished or attempt is None or attempt.state is not AttemptState.ASSIGNED:
+            return False, []
+        if self.strategy != "race":
+            return False, []
+        if self.leader is None:
+            self.leader = task_id
+            others = [a for a in self.active() if a.task_id != task_id]
+            for other in others:
+                other.move(AttemptState.CANCELLED)
+            return True, [Cancel(a.task_id, a.node_id, "another node streamed first") for a in others]
+        return self.leader == task_id, []
+
+    def on_cancel(self, reason: str, now: float) -> list[Action]:
+        """The client gave up on the request: stop every attempt, and fail it as ``cancelled``."""
+        if self.finished:
+            return []
+        cancels = self._cancel_active(reason)
+        return cancels + self._fail(ErrorInfo(code=ErrorCode.CANCELLED, message=reason))
+
     def on_node_lost(self, node_id: str, reason: str, now: float) -> list[Action]:
         if self.finished:
             return []
@@ -216,6 +249,11 @@ class RequestMachine:
     # ------------------------------------------------------------ internals
 
     def _settle(self, now: float, *, dispatch: bool = True) -> list[Action]:
+        if self.leader is not None and self.attempts[self.leader].state not in (
+            AttemptState.ASSIGNED,
+            AttemptState.DONE,
+        ):
+            self.leader = None  # the next attempt to stream leads
         if len(self.answers) >= self.want:
             return self._cancel_active("another node answered first") + self._succeed()
         active = len(self.active())

@@ -162,20 +162,30 @@ class Registry:
                 gone.append(rec.node_id)
         return gone
 
-    def eligible(self, *, model: str | None, exclude: frozenset[str], now: float) -> list[NodeRecord]:
-        return self._matching(model, exclude, lambda rec: rec.available(now, self.heartbeat_timeout_s))
+    def eligible(
+        self, *, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str] = frozenset()
+    ) -> list[NodeRecord]:
+        """Online nodes that may take work: serving ``model`` (any when None) and able to do
+        ``needs`` (announced capabilities such as ``embed``)."""
+        return self._matching(model, exclude, needs, lambda rec: rec.available(now, self.heartbeat_timeout_s))
 
-    def resting(self, *, model: str | None, exclude: frozenset[str], now: float) -> list[NodeRecord]:
+    def resting(
+        self, *, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str] = frozenset()
+    ) -> list[NodeRecord]:
         """Nodes that are paused but alive (their guard, or a model switch): work can wait for them."""
 
         def paused_and_alive(rec: NodeRecord) -> bool:
             heard = rec.last_seen is not None and now - rec.last_seen <= self.heartbeat_timeout_s
             return rec.state is NodeState.PAUSED and heard
 
-        return self._matching(model, exclude, paused_and_alive)
+        return self._matching(model, exclude, needs, paused_and_alive)
 
     def _matching(
-        self, model: str | None, exclude: frozenset[str], state_ok: Callable[[NodeRecord], bool]
+        self,
+        model: str | None,
+        exclude: frozenset[str],
+        needs: frozenset[str],
+        state_ok: Callable[[NodeRecord], bool],
     ) -> list[NodeRecord]:
         return [
             rec
@@ -183,6 +193,7 @@ class Registry:
             if rec.node_id not in exclude
             and state_ok(rec)
             and (model is None or (rec.announce is not None and rec.announce.model.name == model))
+            and (not needs or (rec.announce is not None and needs <= set(rec.announce.capabilities)))
         ]
 
     def known_models(self) -> set[str]:

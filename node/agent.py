@@ -19,8 +19,10 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import structlog
 
@@ -29,15 +31,18 @@ from nova_swarm.broker.errors import ConfigError, EngineError, ErrorCode, Protoc
 from nova_swarm.broker.messages import (
     Announce,
     Cancel,
+    Capability,
     ErrorInfo,
     Heartbeat,
     HubStatus,
     ModelInfo,
+    NodeChunk,
     NodeState,
     Status,
     Task,
     TaskResult,
     Timings,
+    ToolCallDelta,
     Usage,
     decode,
 )
@@ -45,7 +50,7 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import homeassistant, sensors
+from . import homeassistant, sensors, tools
 from .config import NodeConfig
 from .engine import Engine, Generation, Sampling
 from .guard import Guard, Pause, Resume
@@ -54,6 +59,10 @@ from .updater import Updater, UpdateSetup
 log = structlog.get_logger("nova_swarm.node")
 
 PROFILE_PROMPT = [{"role": "user", "content": "Count from one to twenty."}]
+
+
+#: what a node may announce (``messages.Capability``); an engine's other claims are not ours to pass on
+CAPABILITIES = frozenset(get_args(Capability))
 
 
 @dataclass(eq=False)
@@ -494,9 +503,21 @@ class Node:
             def should_stop() -> bool:
                 return job.cancel.is_set() or time.monotonic() > job.deadline
 
-            messages = [m.model_dump() for m in task.messages]
+            if task.kind == "embed":
+                return await self._embed(job, started)
+            plan = tools.plan(
+                [m.engine_dict() for m in task.messages],
+                tools=task.tools,
+                tool_choice=task.tool_choice,
+                response_schema=task.response_format.answer_schema() if task.response_format else None,
+            )
+            decoder = plan.decoder()
+            chunks = _ChunkSender(self, task.task_id) if task.stream else None
+            on_text = chunks.from_thread(decoder) if chunks is not None else None
             try:
-                gen = await asyncio.to_thread(self.engine.generate, messages, job.sampling, should_stop)
+                gen = await asyncio.to_thread(
+                    self.engine.generate, plan.messages, job.sampling, should_stop, schema=plan.schema, on_text=on_text
+                )
             except EngineError as exc:
                 self.tasks_failed += 1
                 log.error("engine failed", error=exc.message)
@@ -505,6 +526,9 @@ class Node:
                 self.tasks_failed += 1
                 log.exception("engine crashed")
                 return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
+            finally:
+                if chunks is not None:
+                    await chunks.close()
             if gen.stopped:
                 if job.cancel.is_set():
                     return self._failure(job, job.cancel_reason, "generation stopped before it finished")
@@ -514,17 +538,52 @@ class Node:
             if gen.completion_tokens and gen.generate_s > 0:
                 self._recent_tokens_per_s = gen.completion_tokens / gen.generate_s
             log.info("answered", tokens=gen.completion_tokens, ms=round(gen.generate_s * 1000, 1))
-            return self._success(job, gen, queue_s=started - job.received)
+            outcome = decoder.finish(gen.text, finish_reason=gen.finish_reason)
+            tail_text, tail_calls = outcome.tail
+            if chunks is not None and (tail_text or tail_calls):
+                # What the decoder held back (text that might have begun a tool call) goes out
+                # before the result, so the stream adds up to the answer.
+                chunks.push(tail_text, tail_calls)
+                await chunks.close()
+            return self._success(job, gen, outcome, queue_s=started - job.received)
 
-    def _success(self, job: _Job, gen: Generation, *, queue_s: float) -> TaskResult:
+    async def _embed(self, job: _Job, started: float) -> TaskResult:
+        task = job.task
+        try:
+            embedding = await asyncio.to_thread(self.engine.embed, task.input or [])
+        except EngineError as exc:
+            self.tasks_failed += 1
+            log.error("embedding failed", error=exc.message)
+            return self._failure(job, ErrorCode.ENGINE_ERROR, exc.message)
+        except Exception as exc:  # the engine boundary, as in _execute
+            self.tasks_failed += 1
+            log.exception("engine crashed while embedding")
+            return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
+        self.tasks_done += 1
+        return TaskResult(
+            task_id=task.task_id,
+            request_id=task.request_id,
+            node_id=self.config.node_id,
+            ok=True,
+            model=self.engine.info.name,
+            finish_reason="stop",
+            embeddings=embedding.vectors,
+            usage=Usage(
+                prompt_tokens=embedding.prompt_tokens, completion_tokens=0, total_tokens=embedding.prompt_tokens
+            ),
+            timings=Timings(queue_ms=(started - job.received) * 1000, generate_ms=embedding.embed_s * 1000),
+        )
+
+    def _success(self, job: _Job, gen: Generation, outcome: tools.Outcome, *, queue_s: float) -> TaskResult:
         return TaskResult(
             task_id=job.task.task_id,
             request_id=job.task.request_id,
             node_id=self.config.node_id,
             ok=True,
-            text=gen.text,
+            text=outcome.content,
+            tool_calls=outcome.tool_calls or None,
             model=self.engine.info.name,
-            finish_reason=gen.finish_reason,
+            finish_reason=outcome.finish_reason,
             usage=Usage(
                 prompt_tokens=gen.prompt_tokens,
                 completion_tokens=gen.completion_tokens,
@@ -604,6 +663,7 @@ class Node:
             max_tokens=self.config.max_tokens,
             max_temperature=self.config.max_temperature,
             ts=time.time(),
+            capabilities=sorted(c for c in info.capabilities if c in CAPABILITIES),  # type: ignore[misc]
         )
 
     def _status(self, state: NodeState, reason: str | None = None) -> Status:
@@ -636,3 +696,67 @@ class Node:
             paused=not self._accepting(),
             pauses=self.guard.pauses,
         )
+
+
+class _ChunkSender:
+    """Publishes a streamed task's pieces as they come, on the node's stream topic.
+
+    The engine produces text in its worker thread; pieces are handed to the loop and sent in
+    order, each publish carrying whatever piled up meanwhile, so a slow broker costs fewer,
+    bigger chunks rather than a growing backlog. Chunks are not kept while the broker is away:
+    the result carries the whole answer, and the hub makes the stream whole from it."""
+
+    def __init__(self, node: Node, task_id: str) -> None:
+        self._node = node
+        self._task_id = task_id
+        self._loop = asyncio.get_running_loop()
+        self._text: list[str] = []
+        self._calls: list[ToolCallDelta] = []
+        self._more = asyncio.Event()
+        self._closing = False
+        self._seq = 0
+        self._sender = asyncio.create_task(self._run())
+
+    def from_thread(self, decoder: tools.Decoder) -> Callable[[str], None]:
+        """``on_text`` for the engine: decode in the engine's thread, send from the loop."""
+
+        def on_text(piece: str) -> None:
+            text, calls = decoder.feed(piece)
+            if text or calls:
+                self._loop.call_soon_threadsafe(self.push, text, calls)
+
+        return on_text
+
+    def push(self, text: str, calls: list[ToolCallDelta]) -> None:
+        self._text.append(text)
+        self._calls.extend(calls)
+        self._more.set()
+
+    async def close(self) -> None:
+        """Send what is pending, then stop (before the task's result goes out)."""
+        self._closing = True
+        self._more.set()
+        await self._sender
+        if self._text or self._calls:  # pushed after the sender stopped: the decoder's tail
+            self._sender = asyncio.create_task(self._run())
+            self._more.set()
+            await self._sender
+
+    async def _run(self) -> None:
+        topic = self._node.topics.node_stream(self._node.config.node_id)
+        while True:
+            await self._more.wait()
+            self._more.clear()
+            if self._text or self._calls:
+                text, self._text = "".join(self._text), []
+                calls, self._calls = tools.merge_deltas(self._calls), []
+                chunk = NodeChunk(task_id=self._task_id, seq=self._seq, text=text, tool_calls=calls or None)
+                self._seq += 1
+                conn = self._node._conn
+                if conn is not None:
+                    try:
+                        await conn.publish(topic, chunk.encode(), qos=1)
+                    except ConnectionLost:
+                        log.debug("stream chunk dropped: no broker; the result carries it")
+            if self._closing and not self._text and not self._calls:
+                return

@@ -281,7 +281,7 @@ def wrong_values(field: str, text: st.SearchStrategy[str]) -> st.SearchStrategy[
     (``"fanout": true`` is read as 1), which the contract neither promises nor forbids.
     """
     containers = st.lists(st.integers(), max_size=3) | st.dictionaries(text, st.integers(), max_size=3)
-    bad_roles = text.filter(lambda r: r not in ("system", "user", "assistant"))
+    bad_roles = text.filter(lambda r: r not in ("system", "user", "assistant", "tool"))
     return {
         "id": not_a_string(text) | st.text(min_size=1).map(lambda s: s + " "),  # a space is never allowed
         "prompt": not_a_string(text) | st.text(" \t\n\r", max_size=5),
@@ -319,6 +319,21 @@ def wrong_values(field: str, text: st.SearchStrategy[str]) -> st.SearchStrategy[
             st.floats(min_value=3600, exclude_min=True),
         ),
         "private": st.one_of(st.integers(), text, containers, st.none()),
+        "kind": json_values(text).filter(lambda v: v not in ("chat", "embed")),
+        # a chat request (these all are) takes no input, whatever it holds
+        "input": st.one_of(not_a_string(text), st.lists(text, min_size=1, max_size=2)),
+        "stream": st.one_of(st.integers(), text, containers, st.none()),
+        "retrieval": st.one_of(st.integers(), text, containers),
+        "response_format": st.one_of(
+            text,
+            st.integers(),
+            st.just({"type": "xml"}),
+            st.just({"type": "json_schema"}),
+            st.just({"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}),
+        ),
+        "tools": st.one_of(st.just([]), text, st.integers(), st.just([{"type": "function"}])),
+        # without tools, only "none" is a valid choice
+        "tool_choice": st.one_of(st.integers(), text.filter(lambda v: v != "none"), st.just({"type": "function"})),
     }[field]
 
 
@@ -576,6 +591,12 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "tags": ["x"],
     }
     report = {"wanted": "0.2.0", "outcome": "refused", "reason": "older than the running 0.3.0", "ts": 1.0}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": None}}  # fmt: skip
+    shape = {"type": "json_schema", "json_schema": {"name": "person", "description": None,
+             "schema": {"type": "object"}, "strict": True}}  # fmt: skip
+    delta = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
     seeds: dict[str, dict[str, Any]] = {
         "ChatMessage": chat,
         "GenParams": params,
@@ -616,6 +637,22 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "ModelPin": {"kind": "model", "swarm": "main", "name": "gemma-3-270m-q4_k_m", "sha256": "a5" * 32,
                      "size_bytes": 253113024, "url": "http://127.0.0.1:8000/g.gguf", "tags": ["big"],
                      "serial": 1795450000123456, "created": 1.5},
+        "FunctionCall": call["function"],
+        "ToolCall": call,
+        "FunctionDef": tool["function"],
+        "Tool": tool,
+        "NamedFunction": {"name": "get_weather"},
+        "NamedToolChoice": {"type": "function", "function": {"name": "get_weather"}},
+        "JsonSchemaFormat": shape["json_schema"],
+        "ResponseFormat": shape,
+        "FunctionDelta": delta["function"],
+        "ToolCallDelta": delta,
+        "NodeChunk": {"task_id": "9f2c", "seq": 0, "text": "The sea", "tool_calls": [delta]},
+        "StreamChunk": {"id": "req-42", "seq": 0, "done": False, "node_id": "pixel7", "text": "The sea",
+                        "tool_calls": None, "restart": False},
+        "StreamEnd": {"id": "req-42", "seq": 3, "done": True, "ok": True, "node_id": "pixel7", "model": "m",
+                      "finish_reason": "stop", "usage": usage, "timings": timings, "error": None},
+        "CancelRequest": {"id": "req-42", "reason": "user pressed stop"},
     }  # fmt: skip
     return {m: seeds[m.__name__] for m in WIRE_MODELS if m.__name__ in seeds}
 

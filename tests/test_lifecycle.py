@@ -152,3 +152,52 @@ def test_a_spent_deadline_fails_at_once() -> None:
     m = machine(deadline=0)
     actions = m.begin(0)
     assert isinstance(actions[0], Fail) and actions[0].error.code is ErrorCode.DEADLINE_EXCEEDED
+
+
+def streamed(strategy: str = "race", fanout: int = 2) -> RequestMachine:
+    m = machine(strategy, fanout)
+    m.stream = True
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=50)
+    m.assigned(task_id="t2", node_id="b", deadline=50)
+    return m
+
+
+def test_a_streamed_race_is_led_by_the_first_to_stream_and_the_others_are_cancelled() -> None:
+    m = streamed()
+    forward, actions = m.on_chunk("t2", 1)
+    assert forward and actions == [Cancel("t1", "a", "another node streamed first")]
+    assert m.leader == "t2" and m.attempts["t1"].state is AttemptState.CANCELLED
+    assert m.on_chunk("t2", 2) == (True, [])
+    assert m.on_chunk("t1", 2) == (False, []), "a cancelled racer's late pieces go nowhere"
+    actions = m.on_result(ok("t2", "b"), 3)
+    assert isinstance(actions[-1], Succeed) and actions[-1].losers == ("a",)
+
+
+def test_when_the_stream_leader_fails_the_next_attempt_leads() -> None:
+    m = streamed(fanout=1)
+    m.on_result(err("t1", "a"), 0.5)  # t1 failed before streaming anything; t2 is still racing
+    assert m.on_chunk("t2", 1) == (True, [])
+    actions = m.on_node_lost("b", "went offline", 2)
+    assert m.leader is None and actions == [Dispatch(1, frozenset({"a", "b"}))]
+    m.assigned(task_id="t3", node_id="c", deadline=50)
+    assert m.on_chunk("t3", 3) == (True, []) and m.leader == "t3"
+
+
+def test_best_of_n_and_unstreamed_requests_forward_no_pieces() -> None:
+    assert streamed("best_of_n").on_chunk("t1", 1) == (False, [])
+    m = machine()
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=50)
+    assert m.on_chunk("t1", 1) == (False, [])
+
+
+def test_a_client_cancel_stops_every_attempt_and_fails_the_request() -> None:
+    m = streamed()
+    actions = m.on_cancel("cancelled by the client: bored", 1)
+    assert actions[:2] == [
+        Cancel("t1", "a", "cancelled by the client: bored"),
+        Cancel("t2", "b", "cancelled by the client: bored"),
+    ]
+    assert isinstance(actions[2], Fail) and actions[2].error.code is ErrorCode.CANCELLED
+    assert m.state is RequestState.FAILED and m.on_cancel("again", 2) == []

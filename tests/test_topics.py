@@ -47,12 +47,20 @@ def builder_patterns() -> set[str]:
         if name.startswith("_") or name in skip or name.startswith("parse_"):
             continue
         params = [p for p in inspect.signature(member).parameters if p != "self"]
-        args: dict[str, object] = {"node_id": "nidx", "name": "namex", "index": 7, "metric": "metricx", "tag": "tagx"}
+        args: dict[str, object] = {
+            "node_id": "nidx",
+            "name": "namex",
+            "index": 7,
+            "metric": "metricx",
+            "tag": "tagx",
+            "reply_topic": t.reply("namex"),
+            "request_id": "ridx",
+        }
         topic = getattr(t, name)(*[args[p] for p in params])
         if name == "reply_filter":
             continue
         topic = topic.replace("sidx", "{sid}").replace("nidx", "{node_id}").replace("namex", "{name}")
-        topic = topic.replace("metricx", "{metric}").replace("tagx", "{tag}")
+        topic = topic.replace("metricx", "{metric}").replace("tagx", "{tag}").replace("ridx", "{request_id}")
         out.add(topic.replace("/chunk/7", "/chunk/{index}"))
     out.add(t.reply().replace("sidx", "{sid}").replace("default", "{name}"))
     return out

@@ -1,0 +1,179 @@
+"""How the hub schedules streamed, structured and cancelled requests, with scripted engines on a
+real broker (the fakes stand in for inference only: test_streaming.py and the gateway tests use
+the real llama-cpp engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.home import Role
+from nova_swarm.broker.messages import (
+    Cancel,
+    ErrorReply,
+    GenParams,
+    JsonSchemaFormat,
+    PromptRequest,
+    ResponseFormat,
+    decode,
+)
+from nova_swarm.hub import SwarmClient
+from nova_swarm.node import FakeEngine
+from nova_swarm.node.engine import STREAM
+
+from .conftest import RunningBroker, hub_config, nodes_available, running_hub, running_node, within
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+
+
+def json_answer() -> ResponseFormat:
+    return ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=SCHEMA))
+
+
+async def watch_cancels(broker: RunningBroker, node_id: str) -> tuple[Connection, asyncio.Queue[Cancel]]:
+    """What the hub tells ``node_id`` to cancel, seen from the side (the hub's login reads all)."""
+    conn = Connection(broker.url(Role.HUB), client_id=f"watch-{node_id}")
+    await conn.__aenter__()
+    await conn.subscribe(f"swarm/main/node/{node_id}/cancel", qos=1)
+    seen: asyncio.Queue[Cancel] = asyncio.Queue()
+
+    async def read() -> None:
+        async for message in conn.messages():
+            seen.put_nowait(decode(Cancel, message.payload))
+
+    asyncio.get_running_loop().create_task(read())
+    return conn, seen
+
+
+async def test_a_streamed_race_forwards_only_the_first_streamer_and_cancels_the_rest(
+    amqtt: RunningBroker, tmp_path: Path
+) -> None:
+    words = " ".join(f"word{i}" for i in range(40))
+    async with (
+        running_hub(amqtt, hub_config(tmp_path)) as hub,
+        running_node(amqtt, FakeEngine(reply=words), "quick"),
+        running_node(amqtt, FakeEngine(reply="the slow answer", delay_s=20.0), "slow"),
+    ):
+        await nodes_available(hub, 2)
+        watcher, cancels = await watch_cancels(amqtt, "slow")
+        try:
+            async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+                request = PromptRequest(prompt="go", fanout=2, params=GenParams(max_tokens=64))
+                async with client.streaming(request, timeout=30) as stream:
+                    chunks = [chunk async for chunk in stream]
+                    answer = await stream.answer()
+            assert answer.node_id == "quick" and answer.attempts == 2
+            assert {c.node_id for c in chunks} == {"quick"}
+            assert "".join(c.text for c in chunks) == answer.text == words
+            assert stream.ended is not None and stream.ended.ok and stream.ended.usage is not None
+            assert stream.duplicates == 0 and stream.gaps == 0
+            cancel = await within(cancels.get(), 10)
+            assert cancel.reason == "another node streamed first"
+        finally:
+            await watcher.__aexit__(None, None, None)
+
+
+async def test_best_of_n_streams_the_ranked_winner_once_it_is_known(amqtt: RunningBroker, tmp_path: Path) -> None:
+    async with (
+        running_hub(amqtt, hub_config(tmp_path)) as hub,
+        running_node(amqtt, FakeEngine(reply="a fine and complete answer."), "good"),
+        running_node(amqtt, FakeEngine(reply="meh"), "terse"),
+    ):
+        await nodes_available(hub, 2)
+        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+            request = PromptRequest(prompt="go", strategy="best_of_n", fanout=2)
+            async with client.streaming(request, timeout=30) as stream:
+                chunks = [chunk async for chunk in stream]
+                answer = await stream.answer()
+    assert len(answer.candidates) == 2
+    assert [c.text for c in chunks] == [answer.text] and chunks[0].node_id == answer.node_id
+    assert not chunks[0].restart
+
+
+async def test_an_answer_that_breaks_the_schema_is_retried_on_another_node(
+    amqtt: RunningBroker, tmp_path: Path
+) -> None:
+    async with (
+        running_hub(amqtt, hub_config(tmp_path, retries=2)) as hub,
+        running_node(amqtt, FakeEngine(reply="sure! the answer is four"), "sloppy"),
+        running_node(amqtt, FakeEngine(reply='{"answer": 4}'), "careful"),
+    ):
+        await nodes_available(hub, 2)
+        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+            retried = []
+            for _ in range(8):  # until the scheduler has tried the sloppy node first at least once
+                answer = await client.ask(PromptRequest(prompt="2+2?", response_format=json_answer()), timeout=30)
+                assert answer.node_id == "careful" and json.loads(answer.text) == {"answer": 4}
+                if answer.attempts == 2:
+                    retried.append(answer)
+                    break
+            assert retried, "the sloppy node was never tried first"
+
+
+async def test_when_every_node_breaks_the_schema_the_error_says_what_failed(
+    amqtt: RunningBroker, tmp_path: Path
+) -> None:
+    async with (
+        running_hub(amqtt, hub_config(tmp_path, retries=1)) as hub,
+        running_node(amqtt, FakeEngine(reply="four"), "sloppy"),
+        running_node(amqtt, FakeEngine(reply='{"answer": "four"}'), "stringy"),
+    ):
+        await nodes_available(hub, 2)
+        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+            with pytest.raises(RequestFailed) as failed:
+                await client.ask(PromptRequest(prompt="2+2?", response_format=json_answer()), timeout=30)
+    assert failed.value.code is ErrorCode.INVALID_OUTPUT
+    message = failed.value.message
+    assert (
+        "is not JSON" in message or "does not match the schema: at answer: 'four' is not of type 'integer'" in message
+    )
+
+
+async def test_a_client_cancel_stops_the_node(amqtt: RunningBroker, tmp_path: Path) -> None:
+    async with (
+        running_hub(amqtt, hub_config(tmp_path)) as hub,
+        running_node(amqtt, FakeEngine(reply="never", delay_s=60.0), "busy") as node,
+    ):
+        await nodes_available(hub, 1)
+        watcher, cancels = await watch_cancels(amqtt, "busy")
+        try:
+            async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+                # By id, as any MQTT client can:
+                reply = await client.send(PromptRequest(id="long-1", prompt="take your time"))
+                await asyncio.sleep(0.5)
+                await client.cancel("long-1", "changed my mind")
+                got = await within(reply, 10)
+                assert isinstance(got, ErrorReply) and got.error.code is ErrorCode.CANCELLED
+                assert "changed my mind" in got.error.message
+                assert (await within(cancels.get(), 10)).task_id
+                # By walking away from a stream:
+                async with client.streaming(PromptRequest(prompt="take your time again"), timeout=30):
+                    await asyncio.sleep(0.5)
+                assert (await within(cancels.get(), 10)).reason.endswith("the client stopped reading the stream")
+            await within(_idle(node), 10)
+        finally:
+            await watcher.__aexit__(None, None, None)
+
+
+async def _idle(node: object) -> None:
+    while getattr(node, "_running", None) or getattr(node, "_queued", None):
+        await asyncio.sleep(0.05)
+
+
+async def test_embeddings_go_only_to_nodes_that_can_make_them(amqtt: RunningBroker, tmp_path: Path) -> None:
+    chat_only = FakeEngine(reply="hi", capabilities=frozenset({STREAM}))
+    async with running_hub(amqtt, hub_config(tmp_path)) as hub, running_node(amqtt, chat_only, "chatty"):
+        await nodes_available(hub, 1)
+        async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+            with pytest.raises(RequestFailed) as refused:
+                await client.ask(PromptRequest(kind="embed", input=["x"]), timeout=30)
+            assert refused.value.code is ErrorCode.UNSUPPORTED and "embed" in refused.value.message
+            async with running_node(amqtt, FakeEngine(name="fake"), "embedder"):
+                await nodes_available(hub, 2)
+                answer = await client.ask(PromptRequest(kind="embed", input=["x", "y"]), timeout=30)
+    assert answer.node_id == "embedder" and answer.embeddings is not None and len(answer.embeddings) == 2
