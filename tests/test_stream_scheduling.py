@@ -20,9 +20,11 @@ from nova_swarm.broker.messages import (
     JsonSchemaFormat,
     PromptRequest,
     ResponseFormat,
+    Task,
     decode,
 )
 from nova_swarm.hub import SwarmClient
+from nova_swarm.hub.retrieval import RetrievalConfig
 from nova_swarm.node import FakeEngine
 from nova_swarm.node.engine import STREAM
 
@@ -177,3 +179,45 @@ async def test_embeddings_go_only_to_nodes_that_can_make_them(amqtt: RunningBrok
                 await nodes_available(hub, 2)
                 answer = await client.ask(PromptRequest(kind="embed", input=["x", "y"]), timeout=30)
     assert answer.node_id == "embedder" and answer.embeddings is not None and len(answer.embeddings) == 2
+
+
+async def watch_tasks(broker: RunningBroker, node_id: str) -> tuple[Connection, asyncio.Queue[Task]]:
+    conn = Connection(broker.url(Role.HUB), client_id=f"tasks-{node_id}")
+    await conn.__aenter__()
+    await conn.subscribe(f"swarm/main/node/{node_id}/task", qos=1)
+    seen: asyncio.Queue[Task] = asyncio.Queue()
+
+    async def read() -> None:
+        async for message in conn.messages():
+            seen.put_nowait(decode(Task, message.payload))
+
+    asyncio.get_running_loop().create_task(read())
+    return conn, seen
+
+
+async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: RunningBroker, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "garden.md").write_text("Tomatoes need six hours of sun and deep watering twice a week.")
+    (docs / "bikes.txt").write_text("Inflate road bike tyres to about 80 psi before every long ride.")
+    (docs / "tea.md").write_text("Green tea brews best at 80 degrees for two minutes.")
+    config = hub_config(tmp_path, retrieval=RetrievalConfig(docs, top_k=1))
+    # A node that cannot embed: the hub ranks with TF-IDF.
+    chat_only = FakeEngine(reply="ok", capabilities=frozenset({STREAM}))
+    async with running_hub(amqtt, config) as hub, running_node(amqtt, chat_only, "n1"):
+        await nodes_available(hub, 1)
+        watcher, tasks = await watch_tasks(amqtt, "n1")
+        try:
+            async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
+                await client.ask(PromptRequest(prompt="How much sun do my tomatoes need?"), timeout=30)
+                task = await within(tasks.get(), 10)
+                system, user = task.messages
+                assert system.role == "system" and "source: garden.md" in system.content
+                assert "six hours of sun" in system.content and "psi" not in system.content
+                assert user.content == "How much sun do my tomatoes need?"
+
+                await client.ask(PromptRequest(prompt="Tyre pressure?", retrieval=False), timeout=30)
+                assert [m.role for m in (await within(tasks.get(), 10)).messages] == ["user"]
+        finally:
+            await watcher.__aexit__(None, None, None)
+    assert hub._index is not None and hub._index.mode == "tfidf"

@@ -132,3 +132,23 @@ async def test_swarm_hub_ask_stream_prints_tokens_and_embed_prints_vectors(procs
     refused = await asyncio.to_thread(procs.swarm_hub, "ask", "hi", "--schema", str(bad))
     assert refused.returncode == 1
     assert "invalid_request" in refused.stderr and "not a valid JSON Schema" in refused.stderr
+
+
+async def test_retrieval_ranks_a_folder_with_the_nodes_embeddings(procs: Processes, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "garden.md").write_text("Tomatoes need six hours of sun and deep watering twice a week.")
+    (docs / "bikes.txt").write_text("Inflate road bike tyres to about 80 psi before every long ride.")
+    procs.hub("--retrieval", str(docs), "--retrieval-top-k", "1")
+    procs.node("alpha")
+    await wait_online(procs, 1)
+    asked = await asyncio.to_thread(
+        procs.swarm_hub, "ask", "How much sun do tomatoes need?", "--max-tokens", "32", "--json"
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["text"].strip()
+    # The hub indexed the folder with embeddings from the node, and gave the prompt context.
+    hub_log = procs.log("hub")
+    indexed = [line for line in hub_log.splitlines() if "indexed documents" in line]
+    assert indexed and "embeddings" in indexed[0], hub_log[-3000:]
+    assert "retrieved context" in hub_log
