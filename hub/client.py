@@ -157,6 +157,11 @@ class SwarmClient:
                 pass
         await self._conn.__aexit__(exc_type, exc, tb)
 
+    async def wait_closed(self) -> None:
+        """Until the connection ends (the broker went away): for owners that reconnect."""
+        if self._reader is not None:
+            await asyncio.wait([self._reader])
+
     async def _read(self) -> None:
         stream_prefix = f"{self.reply_topic}/stream/"
         try:

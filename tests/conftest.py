@@ -255,7 +255,10 @@ class Processes:
         return ["--config-dir", str(self.broker.home.path), "--port", str(self.broker.port)]
 
     def hub(self, *extra: str) -> subprocess.Popen[bytes]:
-        return self.spawn("hub", [str(BIN / "swarm-hub"), "serve", *self.common(), "--heartbeat-timeout", "3", *extra])
+        # No HTTP gateway unless the test asks for one (--http): port 8080 is not ours to take.
+        http = [] if "--http" in extra else ["--no-http"]
+        argv = [str(BIN / "swarm-hub"), "serve", *self.common(), "--heartbeat-timeout", "3", *http, *extra]
+        return self.spawn("hub", argv)
 
     def node(self, node_id: str, *extra: str) -> subprocess.Popen[bytes]:
         argv = [str(BIN / "swarm-node"), "run", *self.common(), "--node-id", node_id, "--heartbeat", "1"]

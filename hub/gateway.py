@@ -1,0 +1,541 @@
+"""The OpenAI-compatible HTTP gateway: any OpenAI client, and the chat page, talk to the swarm.
+
+    async with Gateway(GatewayConfig(token=home.gateway_token()), home.url(Role.CLIENT)) as gateway:
+        print(gateway.chat_url)        # http://127.0.0.1:8080/#token=...
+        ...                            # serving until the block ends
+
+or ``await gateway.run()`` in the caller's task group until ``gateway.stop()``.
+
+The gateway is one more MQTT client of the swarm (a ``SwarmClient`` with the client login,
+following the hub's status and node table), so every request takes the same path as one from
+``mosquitto_pub``: the hub validates, schedules, retries and journals it. ``openai_api.py``
+translates the shapes; this module does the HTTP (Starlette on uvicorn), authentication and the
+connection to the broker, which it keeps up across broker restarts.
+
+    GET  /                      the chat page (hub/static/index.html)      no auth
+    GET  /health                {"status", "hub", "nodes_online"}           no auth
+    GET  /v1/models[/{id}]      models of the nodes online or paused
+    POST /v1/chat/completions   chat, streamed (SSE) or not; JSON schema; tool calls
+    POST /v1/embeddings         one vector per input text
+    GET  /v1/swarm/nodes        the hub's node table, as on the wire
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mimetypes
+import re
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nova_swarm.broker.connection import Backoff
+from nova_swarm.broker.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
+from nova_swarm.broker.messages import Answer, PromptRequest
+from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker.url import BrokerURL
+
+from . import openai_api
+from .client import SwarmClient
+from .openai_api import ApiError, ChatChunks
+
+log = structlog.get_logger("nova_swarm.gateway")
+
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    #: the bearer token clients send (``SwarmHome.gateway_token()``)
+    token: str
+    host: str = DEFAULT_HTTP_HOST
+    #: 0 picks a free port (see ``Gateway.port`` once ready)
+    port: int = DEFAULT_HTTP_PORT
+    swarm: str = DEFAULT_SWARM
+    #: how long the gateway waits for a reply when the request gives no ``timeout_s``
+    request_timeout_s: float = 300.0
+    #: larger bodies get 413 (the hub's own limit, for MQTT payloads, is 256 KiB)
+    max_body_bytes: int = 1024 * 1024
+    #: how long a request waits for the gateway's broker connection when it is down
+    connect_wait_s: float = 5.0
+    #: on shutdown, how long open responses (streams) may finish before they are cut
+    shutdown_grace_s: int = 5
+
+    def __post_init__(self) -> None:
+        check_id(self.swarm, what="swarm id")
+        if len(self.token) < 16:
+            raise ConfigError("the gateway token is too short (16 characters at least)")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"HTTP port {self.port} is out of range")
+        if self.request_timeout_s <= 0 or self.max_body_bytes < 1024:
+            raise ConfigError("request_timeout_s must be positive and max_body_bytes at least 1024")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[v6]:PORT`` as (host, port); the host defaults to loopback."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # a bare IPv6 address needs brackets: [::1]:8080
+        sep = "?"
+    if (
+        not port.isdigit()
+        or not 0 <= int(port) <= 65535
+        or sep not in ("", ":")
+        or (sep and not host and text[0] != ":")
+    ):
+        raise ConfigError(f"--http {text!r}: expected HOST:PORT, like 127.0.0.1:8080 or 0.0.0.0:8080")
+    return host or DEFAULT_HTTP_HOST, int(port)
+
+
+def browser_host(host: str) -> str:
+    """The address to put in a URL for a browser on this machine."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handlers: signals belong to whoever owns the gateway."""
+
+    def __init__(self, config: uvicorn.Config, started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._started = started
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._started()
+
+
+class _EventStream(StreamingResponse):
+    """A streaming response that always closes its generator, however the response ended.
+
+    A client that goes away cancels the response while its generator may sit at a ``yield``;
+    closing it here runs its ``finally`` at once, which cancels the request at the hub."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            body = self.body_iterator
+            if hasattr(body, "aclose"):
+                with anyio.CancelScope(shield=True):
+                    await body.aclose()
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its answer came."""
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, url: BrokerURL, *, ca_file: Path | None = None) -> None:
+        self.config = config
+        self._url = url
+        self._ca_file = ca_file
+        self._client: SwarmClient | None = None
+        self._linked = asyncio.Event()
+        self._socket: socket.socket | None = None
+        self._started = int(time.time())
+        #: set once the HTTP server accepts connections (``port`` is then the real one)
+        self.ready = asyncio.Event()
+        self.port = config.port
+        self._server = _Server(
+            uvicorn.Config(
+                _AccessLog(self.app()),
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                http="h11",
+                ws="none",
+                timeout_graceful_shutdown=config.shutdown_grace_s,
+            ),
+            started=self.ready.set,
+        )
+        self._group: asyncio.TaskGroup | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{browser_host(self.config.host)}:{self.port}"
+
+    @property
+    def chat_url(self) -> str:
+        """The chat page, with the token in the fragment (which browsers never send to a server)."""
+        return f"{self.base_url}/#token={self.config.token}"
+
+    def bind(self) -> None:
+        """Take the listening socket now, so a port in use is a clear error before anything starts."""
+        if self._socket is not None:
+            return
+        host, port = self.config.host, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"the HTTP gateway cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; the broker connection is kept up (reconnecting) meanwhile."""
+        self.bind()
+        assert self._socket is not None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                link = tg.create_task(self._keep_linked())
+                serving = tg.create_task(self._server.serve(sockets=[self._socket]))
+                started = tg.create_task(self.ready.wait())
+                await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+                if self.ready.is_set():
+                    log.info("gateway listening", url=self.base_url)
+                await serving
+                started.cancel()
+                link.cancel()
+        finally:
+            self._socket.close()
+            self._socket = None
+            log.info("gateway stopped")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+
+    async def __aenter__(self) -> Gateway:
+        self.bind()
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        task = self._group.create_task(self.run())
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError as exc:
+            # run() failed at once and its task group cancelled us: raise its error instead.
+            await self._group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            ready.cancel()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        assert self._group is not None
+        await self._group.__aexit__(exc_type, exc, tb)
+
+    async def _keep_linked(self) -> None:
+        backoff = Backoff()
+        attempt = 0
+        while True:
+            try:
+                async with SwarmClient(self._url, swarm=self.config.swarm, ca_file=self._ca_file, watch=True) as client:
+                    attempt = 0
+                    self._client = client
+                    self._linked.set()
+                    log.info("gateway connected to the broker", broker=self._url.redacted())
+                    await client.wait_closed()
+                    error = "the connection ended"
+            except ConnectionLost as exc:
+                error = str(exc)
+            finally:
+                self._client = None
+                self._linked.clear()
+            delay = backoff.delay(attempt)
+            attempt += 1
+            log.warning("gateway lost the broker, reconnecting", error=error, retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    async def _swarm(self) -> SwarmClient:
+        if self._client is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.connect_wait_s):
+                    await self._linked.wait()
+        if self._client is None:
+            raise ApiError(503, "the gateway cannot reach the swarm's broker right now", code="broker_unreachable")
+        return self._client
+
+    # ---------------------------------------------------------------- HTTP
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/", self._index, methods=["GET"]),
+                Route("/static/{name}", self._static, methods=["GET"]),
+                Route("/health", self._health, methods=["GET"]),
+                Route("/v1/models", self._guarded(self._models), methods=["GET"]),
+                Route("/v1/models/{model:path}", self._guarded(self._model), methods=["GET"]),
+                Route("/v1/chat/completions", self._guarded(self._chat), methods=["POST"]),
+                Route("/v1/embeddings", self._guarded(self._embeddings), methods=["POST"]),
+                Route("/v1/swarm/nodes", self._guarded(self._nodes), methods=["GET"]),
+            ],
+            exception_handlers={404: self._not_found, 405: self._not_allowed},
+        )
+
+    def _guarded(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Bearer authentication, and every refusal in OpenAI's error shape."""
+
+        async def guarded(request: Request) -> Response:
+            try:
+                self._authenticate(request)
+                return await endpoint(request)
+            except ApiError as exc:
+                return _error(exc)
+            except RequestFailed as exc:
+                return _error(openai_api.error_from(exc))
+            except ConnectionLost:
+                return _error(
+                    ApiError(503, "the gateway lost the swarm's broker; try again", code="broker_unreachable")
+                )
+            except _ClientGone:
+                return Response(status_code=499)  # nobody reads it
+            except Exception:
+                log.exception("gateway error", path=request.url.path)
+                return _error(ApiError(500, "the gateway hit an internal error", code=ErrorCode.INTERNAL_ERROR.value))
+
+        return guarded
+
+    def _authenticate(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise openai_api.unauthorized("no API key: send 'Authorization: Bearer <token>' (`swarm-hub token`)")
+        if not secrets.compare_digest(token.strip().encode(), self.config.token.encode()):
+            raise openai_api.unauthorized("incorrect API key (`swarm-hub token` prints the right one)")
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return _error(ApiError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found"))
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return _error(
+            ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+        )
+
+    async def _body(self, request: Request) -> Any:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise _too_large(limit)
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise openai_api.bad_request(f"the body is not valid JSON: {exc}", code=ErrorCode.BAD_JSON) from exc
+
+    async def _index(self, request: Request) -> Response:
+        return self._static_file("index.html")
+
+    async def _static(self, request: Request) -> Response:
+        return self._static_file(request.path_params["name"])
+
+    def _static_file(self, name: str) -> Response:
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}", name):
+            return _error(ApiError(404, "no such file", code="not_found"))
+        try:
+            content = (resources.files("nova_swarm.hub") / "static" / name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return _error(ApiError(404, f"no such file: {name}", code="not_found"))
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        # The page holds no secret (its token comes in the URL fragment); no caching keeps it fresh.
+        return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    async def _health(self, request: Request) -> Response:
+        client = self._client
+        return JSONResponse(openai_api.health(client.hub if client else None, client.fleet if client else None))
+
+    async def _models(self, request: Request) -> Response:
+        client = await self._swarm()
+        return JSONResponse(openai_api.models(client.fleet, created=self._started))
+
+    async def _model(self, request: Request) -> Response:
+        client = await self._swarm()
+        return JSONResponse(openai_api.model(client.fleet, request.path_params["model"], created=self._started))
+
+    async def _nodes(self, request: Request) -> Response:
+        client = await self._swarm()
+        return JSONResponse(openai_api.nodes(client.fleet))
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        call = openai_api.embed_request(body, known_models=openai_api.known_models(client.fleet))
+        answer = await self._ask(request, client, call.request)
+        return JSONResponse(openai_api.embeddings(answer, encoding_format=call.encoding_format))
+
+    async def _chat(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        call = openai_api.chat_request(body, known_models=openai_api.known_models(client.fleet))
+        if call.request.stream:
+            return await self._chat_stream(request, client, call)
+        answer = await self._ask(request, client, call.request)
+        return JSONResponse(openai_api.chat_completion(answer, created=int(time.time())))
+
+    def _wait_s(self, prompt: PromptRequest) -> float:
+        # The hub answers deadline_exceeded at the request's deadline; our own limit is a backstop.
+        return (prompt.timeout_s or self.config.request_timeout_s) + 5.0
+
+    async def _ask(self, request: Request, client: SwarmClient, prompt: PromptRequest) -> Answer:
+        prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
+        assert prompt.id is not None
+        try:
+            return await _unless_gone(request, client.ask(prompt, timeout=self._wait_s(prompt)))
+        except _ClientGone:
+            log.info("client went away; cancelling its request", request_id=prompt.id)
+            with contextlib.suppress(ConnectionLost):
+                await client.cancel(prompt.id, "the HTTP client disconnected")
+            raise
+
+    async def _chat_stream(self, request: Request, client: SwarmClient, call: openai_api.ChatCall) -> Response:
+        prompt = call.request.model_copy(update={"id": uuid.uuid4().hex})
+        assert prompt.id is not None
+        stack = AsyncExitStack()
+        stream = await stack.enter_async_context(client.streaming(prompt, timeout=self._wait_s(prompt)))
+        chunks = stream.__aiter__()
+        answer: Answer | None = None
+        try:
+            # Wait for the first piece before answering 200, so that a request the hub refuses
+            # (no node, unknown model, busy) gets its real HTTP status.
+            first = await _unless_gone(request, anext(chunks, None))
+            if first is None:
+                answer = await stream.answer()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        model = prompt.model or _model_of(client, first.node_id if first else None) or "unknown"
+        writer = ChatChunks(prompt.id, model=model, created=int(time.time()), include_usage=call.include_usage)
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield openai_api.sse(writer.opening())
+                if first is not None:
+                    for event in writer.piece(first):
+                        yield openai_api.sse(event)
+                    async for piece in chunks:
+                        for event in writer.piece(piece):
+                            yield openai_api.sse(event)
+                for event in writer.closing(answer or await stream.answer()):
+                    yield openai_api.sse(event)
+                yield openai_api.DONE
+            except ApiError as exc:
+                yield openai_api.sse(exc.body())
+            except RequestFailed as exc:
+                yield openai_api.sse(openai_api.error_from(exc).body())
+            except ConnectionLost:
+                yield openai_api.sse(ApiError(503, "the gateway lost the broker", code="broker_unreachable").body())
+            finally:
+                # Leaving the streaming block before the answer came cancels the request at the hub.
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
+
+        return _EventStream(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+
+def _model_of(client: SwarmClient, node_id: str | None) -> str | None:
+    if node_id is None or client.fleet is None:
+        return None
+    return next((row.model for row in client.fleet.nodes if row.node_id == node_id), None)
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="payload_too_large")
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or _ClientGone (and ``work`` cancelled) if the client disconnects first."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def run() -> T:
+        return await work
+
+    working = asyncio.ensure_future(run())
+    watching = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait([working, watching], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not working.done():
+            working.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await working
+    if working.cancelled():
+        raise _ClientGone
+    return working.result()
+
+
+class _AccessLog:
+    """One structured log line per HTTP request (uvicorn's own access log is off)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            quiet = scope["path"] in ("/health", "/v1/swarm/nodes")  # polled by the chat page
+            (log.debug if quiet else log.info)(
+                "http",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )

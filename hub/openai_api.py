@@ -1,0 +1,580 @@
+"""OpenAI's HTTP shapes, translated to the swarm's wire messages and back. No I/O.
+
+    body (dict) --chat_request--> ChatCall(PromptRequest)   --SwarmClient-->   Answer
+    Answer --chat_completion--> ChatCompletion (dict)
+    StreamChunk... + Answer --ChatChunks--> chat.completion.chunk dicts (SSE: ``sse``/``DONE``)
+
+Every refusal is an :class:`ApiError`: an HTTP status plus OpenAI's error body
+``{"error": {"message", "type", "param", "code"}}``. ``code`` is the swarm's stable
+:class:`ErrorCode` value, except where OpenAI's clients know a code of their own
+(``invalid_api_key``, ``model_not_found``). ``gateway.py`` does the HTTP; this module is
+tested on its own against the ``openai`` package's response types.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from nova_swarm.broker.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.messages import (
+    Answer,
+    HubStatus,
+    NodeState,
+    NodeTable,
+    PromptRequest,
+    StreamChunk,
+    ToolCall,
+    Usage,
+    describe,
+)
+
+#: the ``model`` a client may send to let any node answer (as it may leave ``model`` out)
+ANY_MODEL = "auto"
+OWNED_BY = "nova-swarm"
+#: Retry-After when the hub gives no hint
+DEFAULT_RETRY_AFTER_S = 5.0
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A refusal in OpenAI's shape: ``status`` for HTTP, ``body()`` for the JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    @property
+    def type(self) -> str:
+        return _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if self.status in (429, 503):
+            wait = self.retry_after_s if self.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
+            headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return headers
+
+
+_ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+
+#: The swarm's error codes as HTTP statuses; any code not here is a 500.
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_JSON: 400,
+    ErrorCode.BAD_ENCODING: 400,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.UNKNOWN_FIELD: 400,
+    ErrorCode.EMPTY_PROMPT: 400,
+    ErrorCode.PROMPT_TOO_LARGE: 400,
+    ErrorCode.PAYLOAD_TOO_LARGE: 400,
+    ErrorCode.MAX_TOKENS_TOO_LARGE: 400,
+    ErrorCode.FANOUT_TOO_LARGE: 400,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.NO_ELIGIBLE_NODES: 503,
+    ErrorCode.UNSUPPORTED: 503,
+    ErrorCode.HUB_BUSY: 503,
+    ErrorCode.HUB_STOPPING: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.INVALID_OUTPUT: 502,
+}
+
+
+def error_for(code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> ApiError:
+    """The HTTP error for an error reply of the hub's."""
+    status = STATUS.get(code, 500)
+    if code is ErrorCode.UNKNOWN_MODEL:
+        return model_not_found(message)
+    return ApiError(status, message, code=code.value, retry_after_s=retry_after_s)
+
+
+def error_from(exc: RequestFailed) -> ApiError:
+    return error_for(exc.code, exc.message, retry_after_s=exc.retry_after_s)
+
+
+def bad_request(message: str, *, param: str | None = None, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> ApiError:
+    return ApiError(400, message, code=code.value, param=param)
+
+
+def model_not_found(message: str) -> ApiError:
+    return ApiError(404, message, code="model_not_found", param="model")
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key")
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    request: PromptRequest
+    #: ``stream_options.include_usage``: a last chunk with the usage and no choices
+    include_usage: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedCall:
+    request: PromptRequest
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+#: OpenAI fields we accept and ignore: they change nothing a client could notice here.
+_IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "parallel_tool_calls",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "reasoning_effort",
+        "verbosity",
+    }
+)
+
+#: OpenAI fields we accept only at the value that asks for nothing we lack.
+_HARMLESS: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "functions": (None,),
+    "function_call": (None,),
+    "moderation": (None,),
+}
+
+#: The swarm's own options, sent as extra body fields (``extra_body`` in the openai package).
+SWARM_FIELDS = ("strategy", "fanout", "tags", "timeout_s", "private", "retrieval")
+
+_CHAT_FIELDS = frozenset(
+    {
+        "messages",
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "response_format",
+        "tools",
+        "tool_choice",
+        *SWARM_FIELDS,
+    }
+)
+_EMBED_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user", "tags", "timeout_s", "private"})
+
+#: keys an OpenAI client echoes back in an assistant message it got from us; empty, they say nothing
+_ECHOED_MESSAGE_KEYS = frozenset({"refusal", "annotations", "audio", "function_call"})
+
+
+def requested_model(body: dict[str, Any], known_models: set[str] | None) -> str | None:
+    """The model to route to (None: any node), or 404 when no node ever announced it.
+
+    ``known_models`` is every model in the hub's node table; None when the table has not been
+    seen yet, and then the hub decides (it answers ``unknown_model``)."""
+    model = body.get("model")
+    if model is None or model == "" or model == ANY_MODEL:
+        return None
+    if not isinstance(model, str):
+        raise bad_request("'model' must be a string", param="model")
+    if known_models is not None and model not in known_models:
+        known = ", ".join(sorted(known_models)) or "none yet"
+        raise model_not_found(f"the model {model!r} does not exist in this swarm (known: {known})")
+    return model
+
+
+def chat_request(body: Any, *, known_models: set[str] | None = None) -> ChatCall:
+    """An OpenAI chat completion request as a PromptRequest (without id: the gateway sets it)."""
+    body = _object(body)
+    _check_fields(body, _CHAT_FIELDS)
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad_request("'messages' must be a non-empty list of messages", param="messages")
+    messages = [_message(i, m) for i, m in enumerate(raw_messages)]
+    params: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "seed"):
+        if body.get(name) is not None:
+            params[name] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        params["stop"] = [stop] if isinstance(stop, str) else stop
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object", param="stream_options")
+        include_usage = options.get("include_usage") is True
+    fields: dict[str, Any] = {
+        "messages": messages,
+        "params": params,
+        "model": requested_model(body, known_models),
+        "stream": body.get("stream") or False,
+        **{name: body[name] for name in ("response_format", "tools", "tool_choice") if body.get(name) is not None},
+        **_swarm_options(body),
+    }
+    return ChatCall(_validate(fields), include_usage=include_usage)
+
+
+def embed_request(body: Any, *, known_models: set[str] | None = None) -> EmbedCall:
+    body = _object(body)
+    _check_fields(body, _EMBED_FIELDS)
+    raw = body.get("input")
+    texts: list[Any]
+    if isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list) and raw:
+        texts = raw
+    else:
+        raise bad_request("'input' must be a string or a non-empty list of strings", param="input")
+    if not all(isinstance(t, str) for t in texts):
+        raise bad_request("'input' must be text: token arrays are not supported", param="input")
+    encoding: Literal["float", "base64"]
+    match body.get("encoding_format"):
+        case None | "float":
+            encoding = "float"
+        case "base64":
+            encoding = "base64"
+        case _:
+            raise bad_request("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    if body.get("dimensions") is not None:
+        raise bad_request("'dimensions' is not supported: the vectors have the model's own size", param="dimensions")
+    fields = {"kind": "embed", "input": texts, "model": requested_model(body, known_models)}
+    fields.update({k: body[k] for k in ("tags", "timeout_s", "private") if body.get(k) is not None})
+    return EmbedCall(_validate(fields), encoding_format=encoding)
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in _IGNORED:
+            continue
+        if name in _HARMLESS:
+            if value not in _HARMLESS[name]:
+                raise bad_request(f"{name}={json.dumps(value)[:60]} is not supported by this swarm", param=name)
+            continue
+        raise bad_request(f"unknown field {name!r}", param=name, code=ErrorCode.UNKNOWN_FIELD)
+
+
+def _swarm_options(body: dict[str, Any]) -> dict[str, Any]:
+    return {name: body[name] for name in SWARM_FIELDS if body.get(name) is not None}
+
+
+def _message(index: int, raw: Any) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise bad_request(f"{where} must be an object", param=where)
+    role = raw.get("role")
+    if role == "developer":
+        role = "system"  # OpenAI's newer name for the system prompt
+    if role not in ("system", "user", "assistant", "tool"):
+        raise bad_request(f"{where}.role must be system, developer, user, assistant or tool", param=f"{where}.role")
+    message: dict[str, Any] = {"role": role, "content": _content(where, raw.get("content"))}
+    for key, value in raw.items():
+        if key in ("role", "content"):
+            continue
+        if key in ("name", "tool_call_id"):
+            if value is not None:
+                message[key] = value
+        elif key == "tool_calls":
+            if value:  # an empty list or null: no calls
+                message[key] = [_tool_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(_list(where, value))]
+        elif key in _ECHOED_MESSAGE_KEYS and not value:
+            continue
+        else:
+            raise bad_request(f"unknown field {key!r} in {where}", param=f"{where}.{key}", code=ErrorCode.UNKNOWN_FIELD)
+    return message
+
+
+def _content(where: str, content: Any) -> str:
+    if content is None:
+        return ""  # an assistant turn that only called tools
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or a list of parts", param=f"{where}.content")
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        else:
+            raise bad_request(
+                f"{where}.content[{i}] is a {kind or 'malformed'!s} part; this swarm's models read text only",
+                param=f"{where}.content",
+            )
+    return "\n".join(texts)
+
+
+def _list(where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise bad_request(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+    return value
+
+
+def _tool_call(where: str, raw: Any) -> Any:
+    if isinstance(raw, dict) and isinstance(raw.get("function"), dict):
+        arguments = raw["function"].get("arguments")
+        if isinstance(arguments, dict):  # lenient: some clients send the object, not its JSON text
+            raw = {**raw, "function": {**raw["function"], "arguments": json.dumps(arguments)}}
+    return raw
+
+
+def _validate(fields: dict[str, Any]) -> PromptRequest:
+    try:
+        return PromptRequest.model_validate(fields)
+    except ValidationError as exc:
+        unknown = [".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            raise bad_request(
+                f"unknown field(s): {', '.join(unknown)}", param=unknown[0], code=ErrorCode.UNKNOWN_FIELD
+            ) from exc
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        raise bad_request(describe(exc), param=".".join(str(p) for p in first) or None) from exc
+
+
+# ---------------------------------------------------------------- responses
+
+
+def swarm_info(answer: Answer) -> dict[str, Any]:
+    """What the swarm adds to OpenAI's response: who answered, how fast, how."""
+    return {
+        "node_id": answer.node_id,
+        "tokens_per_s": answer.timings.tokens_per_s if answer.timings else None,
+        "latency_ms": answer.latency_ms,
+        "strategy": answer.strategy,
+        "attempts": answer.attempts,
+    }
+
+
+def finish_reason(answer: Answer) -> str:
+    """OpenAI's finish reasons are a closed set; the node's may say more (``cancelled``...)."""
+    if answer.tool_calls:
+        return "tool_calls"
+    if answer.finish_reason in ("length", "content_filter"):
+        return answer.finish_reason
+    return "stop"
+
+
+def usage(usage: Usage | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [call.model_dump() for call in calls]
+
+
+def chat_completion(answer: Answer, *, created: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
+    if answer.tool_calls:
+        message["content"] = None
+        message["tool_calls"] = _tool_calls(answer.tool_calls)
+    return {
+        "id": f"chatcmpl-{answer.id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": answer.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(answer), "logprobs": None}],
+        "usage": usage(answer.usage),
+        "system_fingerprint": None,
+        "swarm": swarm_info(answer),
+    }
+
+
+class ChatChunks:
+    """The chunks of one streamed chat completion, in OpenAI's order:
+
+    an opening delta (``role``), content or ``tool_calls`` deltas, whatever the full answer has
+    that the stream missed, a closing chunk (empty delta, ``finish_reason``, ``swarm``), and a
+    usage chunk when asked for. ``gateway.py`` frames each with :func:`sse` and ends with DONE.
+    """
+
+    def __init__(self, request_id: str, *, model: str, created: int, include_usage: bool = False) -> None:
+        self.id = f"chatcmpl-{request_id}"
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+        self.text = ""
+        self.streamed_tools = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    def opening(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def piece(self, chunk: StreamChunk) -> list[dict[str, Any]]:
+        """The chunks for one StreamChunk; ApiError for a restart that OpenAI's format cannot say."""
+        if chunk.restart:
+            if self.text or self.streamed_tools:
+                raise ApiError(
+                    502,
+                    "the node streaming this answer was lost after part of it was sent, and another node "
+                    "started over, which a stream in OpenAI's format cannot express: ask again, or without stream",
+                    code=ErrorCode.NODE_LOST.value,
+                )
+        out = []
+        if chunk.text:
+            self.text += chunk.text
+            out.append(self._chunk({"content": chunk.text}))
+        if chunk.tool_calls:
+            self.streamed_tools = True
+            out.append(self._chunk({"tool_calls": [d.model_dump(exclude_none=True) for d in chunk.tool_calls]}))
+        return out
+
+    def closing(self, answer: Answer) -> list[dict[str, Any]]:
+        """The rest, from the full answer: the reply topic has all of it even if stream messages were lost."""
+        self.model = answer.model
+        out = []
+        if answer.tool_calls and not self.streamed_tools:
+            deltas = [{"index": i, **call.model_dump()} for i, call in enumerate(answer.tool_calls)]
+            out.append(self._chunk({"tool_calls": deltas}))
+        elif not answer.tool_calls and answer.text.startswith(self.text) and len(answer.text) > len(self.text):
+            out.append(self._chunk({"content": answer.text[len(self.text) :]}))
+            self.text = answer.text
+        closing = self._chunk({}, finish_reason(answer))
+        closing["swarm"] = swarm_info(answer)
+        out.append(closing)
+        if self.include_usage:
+            last = self._chunk({})
+            last["choices"] = []
+            last["usage"] = usage(answer.usage)
+            out.append(last)
+        return out
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    """One server-sent event, as OpenAI frames them."""
+    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def embeddings(answer: Answer, *, encoding_format: Literal["float", "base64"] = "float") -> dict[str, Any]:
+    vectors = answer.embeddings or []
+    data = [
+        {"object": "embedding", "index": i, "embedding": _b64(v) if encoding_format == "base64" else v}
+        for i, v in enumerate(vectors)
+    ]
+    prompt_tokens = answer.usage.prompt_tokens if answer.usage else 0
+    return {
+        "object": "list",
+        "data": data,
+        "model": answer.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        "swarm": swarm_info(answer),
+    }
+
+
+def _b64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: the vector as little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+# ---------------------------------------------------------------- models, health, nodes
+
+#: nodes that serve requests now, or will once their guard lets them
+_SERVING = (NodeState.ONLINE, NodeState.PAUSED)
+
+
+def known_models(fleet: NodeTable | None) -> set[str] | None:
+    """Every model a node ever announced (the hub's test for ``unknown_model``); None: not seen yet."""
+    if fleet is None:
+        return None
+    return {row.model for row in fleet.nodes if row.model}
+
+
+def model_card(name: str, nodes: int, *, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY, "nodes": nodes}
+
+
+def models(fleet: NodeTable | None, *, created: int) -> dict[str, Any]:
+    """``/v1/models``: the models of nodes online or paused, each with how many serve it."""
+    counts = Counter(row.model for row in (fleet.nodes if fleet else []) if row.model and row.state in _SERVING)
+    return {"object": "list", "data": [model_card(name, n, created=created) for name, n in sorted(counts.items())]}
+
+
+def model(fleet: NodeTable | None, name: str, *, created: int) -> dict[str, Any]:
+    for card in models(fleet, created=created)["data"]:
+        if card["id"] == name:
+            return card
+    raise model_not_found(f"the model {name!r} is not served by any node online")
+
+
+def health(hub: HubStatus | None, fleet: NodeTable | None) -> dict[str, Any]:
+    if hub is not None:
+        online = hub.nodes_online
+    else:
+        online = sum(1 for row in fleet.nodes if row.state is NodeState.ONLINE) if fleet else 0
+    return {"status": "ok", "hub": hub.state if hub is not None else "unknown", "nodes_online": online}
+
+
+def nodes(fleet: NodeTable | None) -> dict[str, Any]:
+    """``/v1/swarm/nodes``: the hub's node table as it is on the wire."""
+    if fleet is None:
+        return {"ts": None, "nodes": []}
+    result: dict[str, Any] = fleet.model_dump(mode="json")
+    return result
