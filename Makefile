@@ -7,7 +7,7 @@ ARGS   ?=
 # apt-get needs root; use sudo when we are not.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test chaos fuzz install install-node package build-deps test-deps clean
+.PHONY: run test bench chaos fuzz install install-node package build-deps test-deps clean
 
 # Debian packages the install needs: a C++ toolchain (llama-cpp-python compiles from source)
 # and venv support. Only what is missing is installed.
@@ -18,13 +18,17 @@ build-deps:
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 
-# The tests run the real Mosquitto broker and mosquitto_pub/mosquitto_sub, and shellcheck the
-# installers in deploy/.
+# The tests run the real Mosquitto broker and mosquitto_pub/mosquitto_sub, shellcheck the
+# installers in deploy/, drive the gateway's chat page in headless Chromium, and the benchmark
+# compares the swarm with Celery on Redis.
 test-deps:
 	@missing=""; \
 	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 
 $(BIN)/python:
@@ -58,6 +62,12 @@ test: install test-deps
 # The full chaos run: 500 prompts while nodes, the hub and the broker are killed (about 3 minutes).
 chaos: install
 	$(BIN)/python -m tests.chaos --prompts 500 --duration 150 $(ARGS)
+
+# The benchmark suite (about 10 minutes on 2 cores; ARGS=--quick for under 90 s): overhead against
+# direct llama-cpp, dispatch against Celery + Redis, scaling, race tails, recovery and memory.
+# Results, tables and plots go to bench/results/.
+bench: install test-deps
+	$(BIN)/swarm-hub bench $(ARGS)
 
 # Property-based fuzzing of every parser and of the live prompt topic, with many more examples.
 fuzz: install

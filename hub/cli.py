@@ -2,7 +2,8 @@
 
 swarm-hub up                     broker + hub + a local node on the bundled model
 swarm-hub serve --broker URL     the hub alone, against any broker
-swarm-hub ask "What is 2+2?"     ask the swarm; prints the answer, its node and timings
+swarm-hub ask "What is 2+2?"     ask the swarm; prints the answer, its node and timings (--stream: as it comes)
+swarm-hub embed "text" ...       embedding vectors from the nodes that can make them
 swarm-hub nodes | status         what the hub sees
 swarm-hub top                    a live view of the hub, its nodes and recent errors (Ctrl-C quits)
 swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto_sub
@@ -10,6 +11,8 @@ swarm-hub enroll NODE            a node's own login, as a one-line join command
 swarm-hub bundle publish         sign this hub's node code and roll it out to every node
 swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained)
 swarm-hub ledger [verify|export] what each node gave, from signed, hash-chained receipts
+swarm-hub gateway --http H:P     the OpenAI-compatible HTTP API and chat page alone (up and serve run it too)
+swarm-hub token                  the HTTP gateway's bearer token
 """
 
 from __future__ import annotations
@@ -27,13 +30,26 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+# Only its flags load with the CLI; a run imports the hub and node parts it measures.
+from nova_swarm.bench import add_arguments as add_bench_arguments
+from nova_swarm.bench import run as run_bench
 from nova_swarm.broker import logs, tls
 from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
 from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
 from nova_swarm.broker.homeassistant import HomeAssistantTopics
-from nova_swarm.broker.messages import MAX_FANOUT, GenParams, HubStatus, NodeTable, PromptRequest, decode
+from nova_swarm.broker.messages import (
+    MAX_FANOUT,
+    Answer,
+    GenParams,
+    HubStatus,
+    JsonSchemaFormat,
+    NodeTable,
+    PromptRequest,
+    ResponseFormat,
+    decode,
+)
 from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import DEFAULT_SWARM, Topics
 from nova_swarm.broker.url import BrokerURL
@@ -43,8 +59,10 @@ from . import credits, ledger, pins
 from .client import SwarmClient
 from .config import HubConfig
 from .credits import CreditRates
+from .gateway import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, Gateway, GatewayConfig, parse_listen
 from .hub import Hub
 from .intake import Limits
+from .retrieval import RetrievalConfig
 from .top import run_top
 
 
@@ -82,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--config-dir", type=Path)
     _hub_arguments(up)
+    _http_arguments(up)
     logs.add_arguments(up)
 
     serve = sub.add_parser("serve", help="run the hub against a broker")
     common(serve, broker_role="hub")
     _hub_arguments(serve)
+    _http_arguments(serve)
     serve.add_argument("--db", type=Path, help="SQLite file (default: hub.sqlite in the config dir)")
     serve.add_argument(
         "--mqtt-version",
@@ -109,7 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int)
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     ask.add_argument("--json", action="store_true", help="print the hub's whole reply as JSON")
+    ask.add_argument("--stream", action="store_true", help="print tokens as the node generates them")
+    ask.add_argument("--schema", type=Path, help="a JSON Schema file: the answer is JSON that matches it")
+    ask.add_argument(
+        "--no-retrieval", action="store_true", help="no document context, even when the hub adds it by default"
+    )
     common(ask)
+
+    embed = sub.add_parser("embed", help="embedding vectors for texts, from nodes that can make them")
+    embed.add_argument("texts", nargs="+", help="one or more texts")
+    embed.add_argument("--model", help="only nodes serving this model")
+    embed.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the vectors")
+    common(embed)
 
     for name, helptext in (("nodes", "list the nodes the hub knows"), ("status", "the hub's status")):
         p = sub.add_parser(name, help=helptext)
@@ -177,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--key", help="verify: the hub's public key (default: this machine's hub)")
     _credit_arguments(ledger)
     ledger.add_argument("--config-dir", type=Path)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: overhead, dispatch vs Celery, scaling, race, recovery, memory (make bench)"
+    )
+    add_bench_arguments(bench)
+    gateway = sub.add_parser("gateway", help="the OpenAI-compatible HTTP API and chat page, without a hub")
+    common(gateway)
+    _http_arguments(gateway, optional=False)
+    logs.add_arguments(gateway)
+    token = sub.add_parser("token", help="print the HTTP gateway's bearer token (the API key for OpenAI clients)")
+    token.add_argument("--config-dir", type=Path)
     key = sub.add_parser("key", help="print the hub's public signing key (for `swarm-node run --hub-key`)")
     key.add_argument("--config-dir", type=Path)
     return parser
@@ -197,6 +238,13 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-interval", type=float, default=5.0, help="seconds between metrics for dashboards (0: none)"
     )
+    p.add_argument(
+        "--retrieval",
+        type=Path,
+        metavar="DIR",
+        help="add the best-matching snippets of the text files in DIR to every chat prompt (off by default)",
+    )
+    p.add_argument("--retrieval-top-k", type=int, default=3, help="snippets added per prompt (with --retrieval)")
     _credit_arguments(p)
 
 
@@ -247,6 +295,7 @@ def _hub_config(
         nodes_file=home.nodes_file,
         credit_rates=_credit_rates(args),
         signing_key_file=home.signing_key_file,
+        retrieval=RetrievalConfig(args.retrieval, top_k=args.retrieval_top_k) if args.retrieval else None,
         limits=Limits(
             max_inflight=args.max_inflight,
             max_queued=args.max_queued,
@@ -257,21 +306,98 @@ def _hub_config(
     )
 
 
+def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> None:
+    http = p.add_mutually_exclusive_group()
+    http.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help=f"where the OpenAI-compatible API and chat page listen (default: {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT})",
+    )
+    if optional:
+        http.add_argument("--no-http", action="store_true", help="no HTTP gateway")
+
+
+def _gateway(
+    args: argparse.Namespace, home: SwarmHome, swarm: str, url: BrokerURL, ca_file: Path | None = None
+) -> Gateway | None:
+    """The HTTP gateway the flags ask for, its port already taken (so a port in use fails early)."""
+    if getattr(args, "no_http", False):
+        return None
+    host, port = parse_listen(args.http or f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}")
+    if not home.gateway_token_file.exists():
+        home.ensure()  # a config dir made before the gateway existed
+    gateway = Gateway(
+        GatewayConfig(token=home.gateway_token(), host=host, port=port, swarm=swarm), url, ca_file=ca_file
+    )
+    try:
+        gateway.bind()
+    except ConfigError as exc:
+        if args.http is not None or args.command == "gateway":
+            raise
+        # Only the default port is taken (another hub's gateway, another server): the hub matters more.
+        print(f"swarm-hub: {exc}; running without it (choose a port with --http HOST:PORT)", file=sys.stderr)
+        return None
+    return gateway
+
+
 # ---------------------------------------------------------------- up / serve
 
 
-async def _run_hub(hub: Hub) -> None:
+async def _run_hub(hub: Hub, gateway: Gateway | None = None) -> None:
+    """The hub, and the HTTP gateway beside it in one task group, until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        hub.stop()
+        if gateway is not None:
+            gateway.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, hub.stop)
-    await hub.run()
+        loop.add_signal_handler(sig, stop)
+    if gateway is None:
+        await hub.run()
+        return
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(gateway.run())
+            await hub.run()
+            gateway.stop()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None  # what main() reports, not a group
+        raise
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     home = _home(args)
-    config = _hub_config(args, home, _swarm(args, home), args.db, protocol=args.mqtt_version)
+    swarm = _swarm(args, home)
+    config = _hub_config(args, home, swarm, args.db, protocol=args.mqtt_version)
     hub = Hub(config, _url(args, home, Role.HUB), ca_file=args.ca_file)
-    await _run_hub(hub)
+    # The gateway logs in as a client; with --broker it uses the hub's login (which may do all a client does).
+    gateway_url = (
+        BrokerURL.parse(args.broker, ca_file=args.ca_file) if args.broker else home.url(Role.CLIENT, port=args.port)
+    )
+    gateway = _gateway(args, home, swarm, gateway_url, ca_file=args.ca_file)
+    if gateway is not None:
+        print(f"chat page and OpenAI API: {gateway.chat_url}", file=sys.stderr)
+    await _run_hub(hub, gateway)
+    return 0
+
+
+async def cmd_gateway(args: argparse.Namespace) -> int:
+    home = _home(args)
+    gateway = _gateway(args, home, _swarm(args, home), _url(args, home, Role.CLIENT), ca_file=args.ca_file)
+    assert gateway is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, gateway.stop)
+    print(f"chat page and OpenAI API: {gateway.chat_url}  (base_url {gateway.base_url}/v1)", file=sys.stderr)
+    await gateway.run()
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    print(_home(args).gateway_token())
     return 0
 
 
@@ -317,7 +443,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
         # We know the broker we started: Mosquitto speaks MQTT 5, amqtt only 3.1.1.
         protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
         hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
-        hub_task = asyncio.create_task(_run_hub(hub))
+        gateway = _gateway(args, home, local.swarm, home.url(Role.CLIENT))
+        hub_task = asyncio.create_task(_run_hub(hub, gateway))
         await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not args.no_node and not hub_task.done():
             node_cmd = [sys.executable, "-m", "nova_swarm.node", "run", "--port", str(local.port)]
@@ -333,6 +460,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
             f"Try: swarm-hub ask 'What is 2+2?'   (Ctrl-C stops everything)",
             file=sys.stderr,
         )
+        if gateway is not None:
+            print(f"chat page: {gateway.chat_url}   OpenAI API: {gateway.base_url}/v1", file=sys.stderr)
         await hub_task
     finally:
         for child in reversed(children):
@@ -366,10 +495,16 @@ async def cmd_ask(args: argparse.Namespace) -> int:
         model=args.model,
         timeout_s=args.timeout,
         params=GenParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
+        stream=args.stream,
+        response_format=_schema_format(args.schema) if args.schema else None,
+        retrieval=False if args.no_retrieval else None,
     )
     async with SwarmClient(_url(args, home, Role.CLIENT), swarm=_swarm(args, home), ca_file=args.ca_file) as client:
         try:
-            answer = await client.ask(request, timeout=args.timeout + 5)
+            if args.stream:
+                answer = await _ask_streaming(client, request, args.timeout + 5, echo=not args.json)
+            else:
+                answer = await client.ask(request, timeout=args.timeout + 5)
         except RequestFailed as exc:
             if args.json:
                 print(json.dumps({"ok": False, "error": {"code": exc.code.value, "message": exc.message}}))
@@ -379,7 +514,8 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     if args.json:
         print(answer.model_dump_json(indent=2))
         return 0
-    print(answer.text)
+    if not args.stream:
+        print(answer.text)
     t = answer.timings
     usage = answer.usage
     details = [f"node {answer.node_id}", answer.model]
@@ -394,6 +530,47 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     print("-- " + " · ".join(details), file=sys.stderr)
     for i, cand in enumerate(answer.candidates, 1):
         print(f"   #{i} score {cand.score:+.3f} from {cand.node_id}: {cand.text[:100]!r}", file=sys.stderr)
+    return 0
+
+
+async def _ask_streaming(client: SwarmClient, request: PromptRequest, timeout: float, *, echo: bool) -> Answer:
+    """Print the answer as it comes; a restart (the streaming node was lost) starts a new line."""
+    async with client.streaming(request, timeout=timeout) as stream:
+        async for chunk in stream:
+            if not echo:
+                continue
+            if chunk.restart:
+                print("\n[the node streaming this answer was lost; another starts over]", file=sys.stderr)
+            print(chunk.text, end="", flush=True)
+        answer = await stream.answer()
+    if echo:
+        print()
+    return answer
+
+
+def _schema_format(path: Path) -> ResponseFormat:
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--schema {path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(schema, dict):
+        raise ConfigError(f"--schema {path}: a JSON Schema is a JSON object")
+    return ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=schema))
+
+
+async def cmd_embed(args: argparse.Namespace) -> int:
+    home = _home(args)
+    request = PromptRequest(kind="embed", input=list(args.texts), model=args.model, timeout_s=args.timeout)
+    async with SwarmClient(_url(args, home, Role.CLIENT), swarm=_swarm(args, home), ca_file=args.ca_file) as client:
+        try:
+            answer = await client.ask(request, timeout=args.timeout + 5)
+        except RequestFailed as exc:
+            print(f"error ({exc.code.value}): {exc.message}", file=sys.stderr)
+            return 1
+    # One JSON line per text: easy to pipe into anything.
+    for text, vector in zip(args.texts, answer.embeddings or [], strict=True):
+        print(json.dumps({"text": text, "embedding": vector}))
+    print(f"-- node {answer.node_id} · {answer.model} · {len(answer.embeddings or [[]])} vectors", file=sys.stderr)
     return 0
 
 
@@ -707,14 +884,18 @@ SYNC_COMMANDS = {
     "revoke": cmd_revoke,
     "enrolled": cmd_enrolled,
     "key": cmd_key,
+    "token": cmd_token,
     "ledger": cmd_ledger,
+    "bench": run_bench,
 }
 
 
 COMMANDS = {
     "up": cmd_up,
     "serve": cmd_serve,
+    "gateway": cmd_gateway,
     "ask": cmd_ask,
+    "embed": cmd_embed,
     "nodes": cmd_nodes,
     "status": cmd_status,
     "top": cmd_top,
@@ -727,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "log_level"):
         # Only the long-running hub writes a log file; one-shot commands log to stderr.
-        default = _home(args).log_file("hub") if args.command in ("up", "serve") else None
+        default = _home(args).log_file(args.command if args.command == "gateway" else "hub")
+        default = default if args.command in ("up", "serve", "gateway") else None
         logs.configure(level=args.log_level, json=args.log_json, file=logs.file_for(args, default))
     else:
         logs.configure(level="warning")

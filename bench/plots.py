@@ -1,0 +1,164 @@
+"""PNG plots of a run (matplotlib, headless): one per section and a summary of all six."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .results import SectionResult
+
+COLOURS = {"amqtt": "#1f77b4", "mosquitto": "#2ca02c", "celery": "#d62728", "direct": "#7f7f7f"}
+
+
+def _overhead(ax: Any, s: SectionResult) -> None:
+    labels, direct, swarm, colours = [], [], [], []
+    for broker, d in s.data.items():
+        for kind in ("warm", "cold"):
+            if kind in d:
+                labels.append(f"{broker}\n{kind}")
+                direct.append(d[kind]["direct_ms"]["p50"])
+                swarm.append(d[kind]["swarm_ms"]["p50"])
+                colours.append(COLOURS.get(broker, "#333"))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], direct, 0.4, label="direct llama-cpp", color=COLOURS["direct"])
+    ax.bar([i + 0.2 for i in x], swarm, 0.4, label="through the swarm", color=colours)
+    for i, (a, b) in enumerate(zip(direct, swarm, strict=True)):
+        ax.annotate(f"{b - a:+.1f} ms", (i + 0.2, b), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("p50 latency, ms")
+    ax.set_title("1. Overhead (p50, full answer)")
+    ax.legend(fontsize=8)
+
+
+def _dispatch(ax: Any, s: SectionResult) -> None:
+    for system, d in s.data.items():
+        pts = sorted(d["points"], key=lambda p: p["concurrency"])
+        label = system if system == "celery" else f"swarm / {system}"
+        ax.plot([p["concurrency"] for p in pts], [p["throughput"] for p in pts], "o-", label=label,
+                color=COLOURS.get(system))  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("tasks/s")
+    ax.set_title("2. Dispatch capacity: swarm vs Celery + Redis")
+    ax.legend(fontsize=8)
+
+
+def _scaling(ax: Any, s: SectionResult) -> None:
+    for broker, d in s.data.items():
+        fake = d.get("fake")
+        if not fake:
+            continue
+        pts = fake["points"]
+        ax.plot([p["nodes"] for p in pts], [p["efficiency"] or 0 for p in pts], "o-", label=broker,
+                color=COLOURS.get(broker))  # fmt: skip
+    ax.axhline(0.95, color=COLOURS["mosquitto"], ls=":", lw=1, label="target, mosquitto")
+    ax.axhline(0.9, color=COLOURS["amqtt"], ls=":", lw=1, label="target, amqtt")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("nodes (100 ms per task)")
+    ax.set_ylabel("efficiency")
+    ax.set_title("3. Scaling efficiency")
+    ax.legend(fontsize=8)
+
+
+def _race(ax: Any, s: SectionResult) -> None:
+    width = 0.8 / max(1, len(s.data))
+    for i, (broker, d) in enumerate(s.data.items()):
+        pts = [p for p in d["points"] if "latency_ms" in p]
+        for j, q in enumerate(("p50", "p95", "p99")):
+            xs = [p["fanout"] + (i - (len(s.data) - 1) / 2) * width for p in pts]
+            ax.scatter(xs, [p["latency_ms"][q] for p in pts], marker="o^s"[j], color=COLOURS.get(broker),
+                       label=f"{broker} {q}")  # fmt: skip
+    ax.set_xticks([1, 2, 3])
+    ax.set_xlabel("race fanout")
+    ax.set_ylabel("latency, ms")
+    ax.set_title("4. Race: log-normal nodes, tail vs fanout")
+    ax.legend(fontsize=7, ncol=2)
+
+
+def _recovery(ax: Any, s: SectionResult) -> None:
+    from .recovery import PEERS_S
+
+    names, values, colours = [], [], []
+    for broker, d in s.data.items():
+        names.append(f"nova-swarm\n{broker}")
+        values.append(d["restart_s"]["p50"])
+        colours.append(COLOURS.get(broker, "#333"))
+    for peer, secs in PEERS_S.items():
+        names.append(peer)
+        values.append(secs)
+        colours.append("#bbbbbb")
+    ax.barh(names, values, color=colours)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds until a killed node's task restarts (log)")
+    ax.set_title("5. Recovery after SIGKILL (p50)")
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.2g} s", (v, i), va="center", fontsize=8)
+
+
+def _memory(ax: Any, s: SectionResult) -> None:
+    names, values = [], []
+    for broker, d in s.data.get("brokers", {}).items():
+        names += [f"hub\n{broker}", f"broker\n{broker}"]
+        values += [d["loaded"]["hub_mb"] or 0, d["loaded"]["broker_mb"] or 0]
+    node = s.data.get("node")
+    if node and node.get("overhead_mb") is not None:
+        names.append("node\noverhead")
+        values.append(node["overhead_mb"])
+    ax.bar(names, values, color="#9467bd")
+    ax.axhline(150, color="k", ls=":", lw=1, label="hub target 150 MB")
+    ax.axhline(60, color="grey", ls="--", lw=1, label="node target 60 MB")
+    ax.set_ylabel("RSS, MB")
+    ax.set_title("6. Memory with 1,000 simulated nodes")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=8)
+
+
+DRAW: dict[str, Callable[[Any, SectionResult], None]] = {
+    "overhead": _overhead,
+    "dispatch": _dispatch,
+    "scaling": _scaling,
+    "race": _race,
+    "recovery": _recovery,
+    "memory": _memory,
+}
+
+
+def draw(sections: list[SectionResult], out_dir: Path, stem: str, caption: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    drawable = [s for s in sections if s.key in DRAW and s.data]
+    for s in drawable:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        try:
+            DRAW[s.key](ax, s)
+        except (KeyError, TypeError, ValueError) as exc:  # a part that did not run: say so on the plot
+            ax.clear()
+            ax.text(0.5, 0.5, f"{s.title}\nnot plotted: {exc}", ha="center", va="center")
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{s.key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if drawable:
+        fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+        for ax, s in zip(axes.flat, drawable, strict=False):
+            try:
+                DRAW[s.key](ax, s)
+            except (KeyError, TypeError, ValueError) as exc:
+                ax.clear()
+                ax.text(0.5, 0.5, f"not plotted: {exc}", ha="center", va="center")
+        for ax in list(axes.flat)[len(drawable) :]:
+            ax.axis("off")
+        fig.suptitle(caption, fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-summary.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
