@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -37,19 +39,27 @@ def json_answer() -> ResponseFormat:
     return ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=SCHEMA))
 
 
-async def watch_cancels(broker: RunningBroker, node_id: str) -> tuple[Connection, asyncio.Queue[Cancel]]:
-    """What the hub tells ``node_id`` to cancel, seen from the side (the hub's login reads all)."""
-    conn = Connection(broker.url(Role.HUB), client_id=f"watch-{node_id}")
+M = TypeVar("M", Cancel, Task)
+
+
+async def watch(broker: RunningBroker, node_id: str, kind: str, model: type[M]) -> tuple[Connection, asyncio.Queue[M]]:
+    """What the hub sends ``node_id`` on its ``kind`` topic (task, cancel), seen from the side
+    (the hub's login reads everything)."""
+    conn = Connection(broker.url(Role.HUB), client_id=f"watch-{kind}-{node_id}")
     await conn.__aenter__()
-    await conn.subscribe(f"swarm/main/node/{node_id}/cancel", qos=1)
-    seen: asyncio.Queue[Cancel] = asyncio.Queue()
+    await conn.subscribe(f"swarm/main/node/{node_id}/{kind}", qos=1)
+    seen: asyncio.Queue[M] = asyncio.Queue()
 
     async def read() -> None:
         async for message in conn.messages():
-            seen.put_nowait(decode(Cancel, message.payload))
+            seen.put_nowait(decode(model, message.payload))
 
     asyncio.get_running_loop().create_task(read())
     return conn, seen
+
+
+def watch_cancels(broker: RunningBroker, node_id: str) -> Awaitable[tuple[Connection, asyncio.Queue[Cancel]]]:
+    return watch(broker, node_id, "cancel", Cancel)
 
 
 async def test_a_streamed_race_forwards_only_the_first_streamer_and_cancels_the_rest(
@@ -181,20 +191,6 @@ async def test_embeddings_go_only_to_nodes_that_can_make_them(amqtt: RunningBrok
     assert answer.node_id == "embedder" and answer.embeddings is not None and len(answer.embeddings) == 2
 
 
-async def watch_tasks(broker: RunningBroker, node_id: str) -> tuple[Connection, asyncio.Queue[Task]]:
-    conn = Connection(broker.url(Role.HUB), client_id=f"tasks-{node_id}")
-    await conn.__aenter__()
-    await conn.subscribe(f"swarm/main/node/{node_id}/task", qos=1)
-    seen: asyncio.Queue[Task] = asyncio.Queue()
-
-    async def read() -> None:
-        async for message in conn.messages():
-            seen.put_nowait(decode(Task, message.payload))
-
-    asyncio.get_running_loop().create_task(read())
-    return conn, seen
-
-
 async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: RunningBroker, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -206,7 +202,7 @@ async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: Ru
     chat_only = FakeEngine(reply="ok", capabilities=frozenset({STREAM}))
     async with running_hub(amqtt, config) as hub, running_node(amqtt, chat_only, "n1"):
         await nodes_available(hub, 1)
-        watcher, tasks = await watch_tasks(amqtt, "n1")
+        watcher, tasks = await watch(amqtt, "n1", "task", Task)
         try:
             async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
                 await client.ask(PromptRequest(prompt="How much sun do my tomatoes need?"), timeout=30)
