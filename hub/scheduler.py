@@ -10,6 +10,8 @@ Distrusted nodes are marked down too (``trust.py``: late, crashing or always-out
 
     score = Beta(wins + 1, losses + 1) draw − 0.5 × load − heat and battery penalty (≤ 0.5)
             − 0.4 × (1 − trust)
+
+``load`` is the node's tasks in flight (running and queued) per slot.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .registry import NodeRecord
 from .trust import Trust
 from .winrate import WinRates
 
-#: how much a fully busy node's score drops; one full slot of load costs this much
+#: what one slot's worth of tasks in flight (running or queued) costs a node's score
 LOAD_WEIGHT = 0.5
 #: how much heat costs, rising from nothing at COOL_C to all of it at the guard's default limit
 HEAT_WEIGHT = 0.3
@@ -61,7 +63,10 @@ class Scheduler:
         scored = []
         for node in free:
             alpha, beta = self.winrates.posterior(node.node_id, tags, now)
-            load = min(1.0, node.inflight / node.slots)
+            # Work waiting in a node's queue counts too: a node with two tasks queued behind a
+            # full slot must look busier than one with its slot just taken, or queues pile up
+            # on a few nodes while others idle.
+            load = node.inflight / node.slots
             score = self.rng.betavariate(alpha, beta) - LOAD_WEIGHT * load - comfort_penalty(node)
             score -= TRUST_WEIGHT * (1.0 - self.trust.score(node.node_id))
             scored.append((score, node.node_id, node))

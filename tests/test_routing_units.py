@@ -134,3 +134,13 @@ def test_scheduler_prefers_cool_charging_nodes_when_it_has_a_choice() -> None:
     unknown = with_heartbeat("desktop", None, None, None)  # no sensors: no penalty
     picks = Counter(sched.pick([cool, unknown], 1, tags=[], now=0.0)[0].node_id for _ in range(500))
     assert 150 < picks["desktop"] < 350
+
+
+def test_queued_work_counts_so_queues_do_not_pile_up_on_a_few_nodes() -> None:
+    sched = Scheduler(WinRates(half_life_s=3600), random.Random(3))
+    one_slot_queues = [NodeRecord(f"q{i}", announce(f"q{i}", queue_max=8), NodeState.ONLINE, 0.0) for i in range(2)]
+    one_slot_queues[0].inflight = 1  # running one
+    one_slot_queues[1].inflight = 4  # running one, three waiting
+    picks = Counter(sched.pick(one_slot_queues, 1, tags=[], now=0.0)[0].node_id for _ in range(300))
+    # with equal (unknown) win rates, the node with three tasks waiting gets almost nothing
+    assert picks["q0"] > 290
