@@ -535,16 +535,20 @@ async def cmd_ask(args: argparse.Namespace) -> int:
 
 async def _ask_streaming(client: SwarmClient, request: PromptRequest, timeout: float, *, echo: bool) -> Answer:
     """Print the answer as it comes; a restart (the streaming node was lost) starts a new line."""
+    shown = ""
     async with client.streaming(request, timeout=timeout) as stream:
         async for chunk in stream:
-            if not echo:
-                continue
             if chunk.restart:
-                print("\n[the node streaming this answer was lost; another starts over]", file=sys.stderr)
-            print(chunk.text, end="", flush=True)
+                shown = ""
+                if echo:
+                    print("\n[the node streaming this answer was lost; another starts over]", file=sys.stderr)
+            shown += chunk.text
+            if echo:
+                print(chunk.text, end="", flush=True)
         answer = await stream.answer()
     if echo:
-        print()
+        # A retry of a settled request id gets its reply again but no stream: show what is missing.
+        print(answer.text.removeprefix(shown) if answer.text.startswith(shown) else f"\n{answer.text}")
     return answer
 
 

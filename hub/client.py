@@ -67,6 +67,11 @@ class Stream:
         self.gaps = 0
 
     def _deliver(self, message: StreamChunk | StreamEnd) -> None:
+        if isinstance(message, StreamChunk) and message.restart and message.seq > self._next:
+            # A new start past what we expected (a hub that restarted numbers its resumed
+            # streams from far ahead): nothing before it counts any more.
+            self._early = {seq: m for seq, m in self._early.items() if seq > message.seq}
+            self._next = message.seq
         if message.seq < self._next or message.seq in self._early:
             self.duplicates += 1
             return

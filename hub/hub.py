@@ -568,6 +568,10 @@ class Hub:
                     log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
                 else:
                     log.info("resumed request", strategy=req.strategy, fanout=req.fanout)
+                    if req.stream:
+                        # What the previous run streamed is unknown: start over, numbered past
+                        # anything it can have sent, so readers drop it rather than splice.
+                        run.stream_seq, run.streamed_from = int(time.time() * 1000), ""
                 if self._retrieval_wanted(req):
                     run.messages = await self._with_retrieved_context(run.messages, private=req.private)
                 await self._drive(run)

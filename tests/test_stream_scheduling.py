@@ -16,16 +16,20 @@ from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.errors import ErrorCode, RequestFailed
 from nova_swarm.broker.home import Role
 from nova_swarm.broker.messages import (
+    Answer,
     Cancel,
     ErrorReply,
     GenParams,
     JsonSchemaFormat,
     PromptRequest,
     ResponseFormat,
+    StreamChunk,
+    StreamEnd,
     Task,
     decode,
 )
 from nova_swarm.hub import SwarmClient
+from nova_swarm.hub.client import Stream
 from nova_swarm.hub.retrieval import RetrievalConfig
 from nova_swarm.node import FakeEngine
 from nova_swarm.node.engine import STREAM
@@ -217,3 +221,24 @@ async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: Ru
         finally:
             await watcher.__aexit__(None, None, None)
     assert hub._index is not None and hub._index.mode == "tfidf"
+
+
+async def test_a_stream_reader_drops_duplicates_waits_for_gaps_and_follows_a_restart() -> None:
+    reply: asyncio.Future[Answer | ErrorReply] = asyncio.get_running_loop().create_future()
+    stream = Stream("r1", reply)
+
+    def piece(seq: int, text: str, *, restart: bool = False) -> StreamChunk:
+        return StreamChunk(id="r1", seq=seq, node_id="n", text=text, restart=restart)
+
+    stream._deliver(piece(0, "a"))
+    stream._deliver(piece(0, "a"))  # QoS 1 delivered it twice
+    stream._deliver(piece(2, "c"))  # early: 1 is still on its way
+    stream._deliver(piece(1, "b"))
+    # the hub restarted and resumed the request: a new start numbered far ahead
+    stream._deliver(piece(5_000, "X", restart=True))
+    stream._deliver(piece(3, "stale"))  # from before the restart, late: dropped
+    stream._deliver(piece(5_001, "Y"))
+    stream._deliver(StreamEnd(id="r1", seq=5_002, ok=True, node_id="n"))
+    got = [(c.text, c.restart) async for c in stream]
+    assert got == [("a", False), ("b", False), ("c", False), ("X", True), ("Y", False)]
+    assert stream.duplicates == 2 and stream.ended is not None
