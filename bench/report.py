@@ -44,8 +44,10 @@ def print_summary(targets: Sequence[Target], out: TextIO) -> None:
     print("\n== Targets ==", file=out)
     for t in targets:
         print(f"  [{t.verdict:>12}] {t.describe()}", file=out)
-    gone = missed(targets)
-    print(f"  {len(targets) - len(gone)} of {len(targets)} targets not missed; {len(gone)} missed.", file=out)
+    met = sum(1 for t in targets if t.met)
+    unmeasured = sum(1 for t in targets if t.met is None)
+    line = f"  {met} of {len(targets)} targets met, {len(missed(targets))} missed"
+    print(line + (f", {unmeasured} not measured." if unmeasured else "."), file=out)
 
 
 def write_json(path: Path, meta: dict[str, Any], sections: Sequence[SectionResult]) -> None:
