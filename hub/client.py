@@ -156,10 +156,11 @@ class SwarmClient:
     ) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+            # wait, not await: the reader's own end (cancelled, or the broker gone) is not ours
+            # to raise, but a cancel of whoever is closing us must still get through.
+            await asyncio.wait([self._reader])
+            if not self._reader.cancelled():
+                self._reader.exception()  # retrieved, so asyncio does not log it as lost
         await self._conn.__aexit__(exc_type, exc, tb)
 
     async def wait_closed(self) -> None:
