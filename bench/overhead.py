@@ -73,27 +73,25 @@ class Direct:
         t = cfg.llama_threads
         self.llm = Llama(model_path=bundled_model(), n_ctx=2048, n_threads=t, n_threads_batch=t, verbose=False)
 
-    def call(self, prompt: str) -> tuple[float, str]:
-        started = time.perf_counter()
-        out: Any = self.llm.create_chat_completion(
+    def _complete(self, prompt: str, *, stream: bool) -> Any:
+        """The same sampling settings the swarm's nodes use for the benchmark's requests."""
+        return self.llm.create_chat_completion(
             messages=[{"role": "user", "content": prompt}],
             max_tokens=self.cfg.max_tokens,
             temperature=0.0,
             top_p=0.95,
             seed=self.cfg.seed,
+            stream=stream,
         )
+
+    def call(self, prompt: str) -> tuple[float, str]:
+        started = time.perf_counter()
+        out = self._complete(prompt, stream=False)
         return (time.perf_counter() - started) * 1000, str(out["choices"][0]["message"]["content"] or "")
 
     def first_token(self, prompt: str) -> float:
         started = time.perf_counter()
-        stream: Any = self.llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=self.cfg.max_tokens,
-            temperature=0.0,
-            top_p=0.95,
-            seed=self.cfg.seed,
-            stream=True,
-        )
+        stream = self._complete(prompt, stream=True)
         first = None
         for chunk in stream:
             if first is None and chunk["choices"][0]["delta"].get("content"):
