@@ -103,37 +103,28 @@ async def run_fleet(config: FleetConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nova_swarm.bench.fleet", description=__doc__)
+    # Each flag's dest is a FleetConfig field and a flag left out keeps the field's default, so
+    # the parsed namespace is the config.
+    parser = argparse.ArgumentParser(
+        prog="python -m nova_swarm.bench.fleet", description=__doc__, argument_default=argparse.SUPPRESS
+    )
     parser.add_argument("--config-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--node-ids", required=True, help="comma-separated, already enrolled")
-    parser.add_argument("--delay", choices=["fixed", "lognormal"], default="fixed")
-    parser.add_argument("--delay-s", type=float, default=0.0)
-    parser.add_argument("--sigma", type=float, default=1.0)
-    parser.add_argument("--slots", type=int, default=1)
-    parser.add_argument("--queue-max", type=int, default=4)
-    parser.add_argument("--heartbeat", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--node-ids", type=lambda s: tuple(s.split(",")), required=True, help="comma-separated, already enrolled"
+    )
+    parser.add_argument("--delay", choices=["fixed", "lognormal"])
+    parser.add_argument("--delay-s", type=float)
+    parser.add_argument("--sigma", type=float)
+    parser.add_argument("--slots", type=int)
+    parser.add_argument("--queue-max", type=int)
+    parser.add_argument("--heartbeat", dest="heartbeat_s", type=float)
+    parser.add_argument("--seed", type=int)
+    config = FleetConfig(**vars(parser.parse_args(argv)))
     # One process stands for many devices: per-task logging at info would be this harness's
     # cost, not a node's (each real node logs in its own process).
     logs.configure(level="warning")
-    asyncio.run(
-        run_fleet(
-            FleetConfig(
-                config_dir=args.config_dir,
-                port=args.port,
-                node_ids=tuple(args.node_ids.split(",")),
-                delay=args.delay,
-                delay_s=args.delay_s,
-                sigma=args.sigma,
-                slots=args.slots,
-                queue_max=args.queue_max,
-                heartbeat_s=args.heartbeat,
-                seed=args.seed,
-            )
-        )
-    )
+    asyncio.run(run_fleet(config))
     return 0
 
 
@@ -168,13 +159,7 @@ class Fleet:
         before = self._before = self.stack.watch.hub.nodes_online if self.stack.watch.hub else 0
         self.proc = self.stack.procs.spawn(self.name, self.argv())
         try:
-            await self.stack.watch.until(
-                f"fleet {self.name} to connect",
-                lambda: "ready" in self.stack.procs.log(self.name) or self.proc is None or self.proc.poll() is not None,
-                timeout=120,
-            )
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fleet {self.name} exited: {self.stack.procs.log(self.name)[-2000:]}")
+            await self.stack.printed_ready(self.name, self.proc, timeout=120)
             await self.stack.watch.nodes_online(before + len(self.config.node_ids), timeout=120)
         except BaseException:
             await self.stack.procs.stop(self.proc)

@@ -55,11 +55,7 @@ async def hub_and_broker(broker: str, cfg: BenchConfig, workdir: Path) -> dict[s
              "--count", str(cfg.memory_nodes), "--interval", str(cfg.memory_heartbeat_s)],
             extra_env={"NOVA_BENCH_PASSWORD": password},
         )  # fmt: skip
-        await stack.watch.until("the simulated nodes to connect",
-                                lambda: "ready" in stack.procs.log("simnodes") or sim.poll() is not None,
-                                timeout=180)  # fmt: skip
-        if sim.poll() is not None:
-            raise RuntimeError(f"simnodes exited: {stack.procs.log('simnodes')[-2000:]}")
+        await stack.printed_ready("simnodes", sim, timeout=180)
         connected_s = time.perf_counter() - started
         await stack.watch.nodes_online(cfg.memory_nodes, timeout=120)
         online_s = time.perf_counter() - started
@@ -82,10 +78,7 @@ async def node_overhead(stack: Stack, node_pid: int, cfg: BenchConfig) -> dict[s
         [PYTHON, "-m", "nova_swarm.bench.bare_llama", bundled_model(), str(cfg.llama_threads), "16"],
     )
     try:
-        await stack.watch.until("the bare llama process", lambda: "ready" in stack.procs.log("bare-llama")
-                                or bare.poll() is not None, timeout=120)  # fmt: skip
-        if bare.poll() is not None:
-            raise RuntimeError(f"bare llama process exited: {stack.procs.log('bare-llama')[-2000:]}")
+        await stack.printed_ready("bare-llama", bare, timeout=120)
         await asyncio.sleep(0.5)
         peak = await _sample({"node_mb": lambda: rss_mb(node_pid), "bare_mb": lambda: rss_mb(bare.pid)}, 2.0)
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -213,6 +214,13 @@ class Stack:
 
     def hub_rss_mb(self) -> float | None:
         return rss_mb(self.hub_pid)
+
+    async def printed_ready(self, name: str, proc: subprocess.Popen[bytes], *, timeout: float) -> None:
+        """Until the child ``name`` prints ``ready`` in its log; an error with its log if it exits first."""
+        printed = lambda: "ready" in self.procs.log(name) or proc.poll() is not None  # noqa: E731
+        await self.watch.until(f"{name} to be ready", printed, timeout=timeout)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: {self.procs.log(name)[-2000:]}")
 
     def node_argv(self, node_id: str, *extra: str) -> list[str]:
         """``swarm-node run`` in this process (no update supervisor), so its pid is the node."""

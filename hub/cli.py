@@ -374,10 +374,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     config = _hub_config(args, home, swarm, args.db, protocol=args.mqtt_version)
     hub = Hub(config, _url(args, home, Role.HUB), ca_file=args.ca_file)
     # The gateway logs in as a client; with --broker it uses the hub's login (which may do all a client does).
-    gateway_url = (
-        BrokerURL.parse(args.broker, ca_file=args.ca_file) if args.broker else home.url(Role.CLIENT, port=args.port)
-    )
-    gateway = _gateway(args, home, swarm, gateway_url, ca_file=args.ca_file)
+    gateway = _gateway(args, home, swarm, _url(args, home, Role.CLIENT), ca_file=args.ca_file)
     if gateway is not None:
         print(f"chat page and OpenAI API: {gateway.chat_url}", file=sys.stderr)
     await _run_hub(hub, gateway)
@@ -911,9 +908,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "log_level"):
-        # Only the long-running hub writes a log file; one-shot commands log to stderr.
-        default = _home(args).log_file(args.command if args.command == "gateway" else "hub")
-        default = default if args.command in ("up", "serve", "gateway") else None
+        # Only the long-running commands (up, serve, gateway) take log flags and write a log
+        # file; one-shot commands log to stderr.
+        default = _home(args).log_file("gateway" if args.command == "gateway" else "hub")
         logs.configure(level=args.log_level, json=args.log_json, file=logs.file_for(args, default))
     else:
         logs.configure(level="warning")

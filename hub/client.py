@@ -197,17 +197,23 @@ class SwarmClient:
 
     async def send(self, request: PromptRequest) -> asyncio.Future[Answer | ErrorReply]:
         """Publish a request (an id and our reply topic are filled in); await the future for its reply."""
-        request = request.model_copy(update={"id": request.id or uuid.uuid4().hex, "reply_to": self.reply_topic})
+        _, future = await self._send(request, stream=False)
+        return future
+
+    async def _send(self, request: PromptRequest, *, stream: bool) -> tuple[str, asyncio.Future[Answer | ErrorReply]]:
+        """``send``, and the id it gave the request. With ``stream``, a Stream in ``_streams``
+        takes the request's chunks from before it leaves, so none is missed; whoever asked for
+        it removes it."""
+        request_id = request.id or uuid.uuid4().hex
+        request = request.model_copy(update={"id": request_id, "reply_to": self.reply_topic})
         future: asyncio.Future[Answer | ErrorReply] = asyncio.get_running_loop().create_future()
-        assert request.id is not None
-        request_id = request.id
         self._waiting[request_id] = future
 
         def forget(_: asyncio.Future[Answer | ErrorReply]) -> None:
             self._waiting.pop(request_id, None)
 
         future.add_done_callback(forget)
-        if request.stream:
+        if stream:
             self._streams[request_id] = Stream(request_id, future)
         try:
             await self._conn.publish(self.topics.prompt(), request.encode(), qos=1)
@@ -215,15 +221,11 @@ class SwarmClient:
             self._streams.pop(request_id, None)
             future.cancel()
             raise
-        return future
+        return request_id, future
 
     async def ask(self, request: PromptRequest, *, timeout: float) -> Answer:
         """The answer, or RequestFailed with the hub's error code (or a local timeout)."""
-        future = await self.send(request)
-        try:
-            reply = await self._wait(future, timeout)
-        finally:
-            self._streams.pop(request.id or "", None)
+        reply = await self._wait(await self.send(request), timeout)
         if isinstance(reply, ErrorReply):
             raise RequestFailed(reply.error.code, reply.error.message, retry_after_s=reply.error.retry_after_s)
         return reply
@@ -234,20 +236,18 @@ class SwarmClient:
 
         Leaving the block before the reply came (an error, a cancel, a client gone away)
         cancels the request at the hub, which stops the node generating it."""
-        request = request.model_copy(update={"id": request.id or uuid.uuid4().hex, "stream": True})
-        assert request.id is not None
-        future = await self.send(request)
-        stream = self._streams[request.id]
+        request_id, future = await self._send(request.model_copy(update={"stream": True}), stream=True)
+        stream = self._streams[request_id]
         give_up = asyncio.get_running_loop().call_later(timeout, self._time_out, future, timeout)
         try:
             yield stream
         finally:
             give_up.cancel()
-            self._streams.pop(request.id, None)
+            self._streams.pop(request_id, None)
             if not future.done():
                 future.cancel()
                 try:
-                    await asyncio.shield(self.cancel(request.id, "the client stopped reading the stream"))
+                    await asyncio.shield(self.cancel(request_id, "the client stopped reading the stream"))
                 except ConnectionLost:
                     pass  # the hub times the request out on its own
 

@@ -15,6 +15,7 @@ what it had accepted, and a client that sends the same request id again gets the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -171,9 +172,7 @@ class Hub:
         self._stop_requested = asyncio.Event()
         self._status_changed = asyncio.Event()
         self.ready = asyncio.Event()
-        self.answered = 0
-        self.failed = 0
-        #: the last minute of settled requests, for the metrics
+        #: the last minute of settled requests, for the metrics (and the totals since start)
         self.window = metrics.Window()
         self.started_at = time.time()
         #: retrieval (``config.retrieval``): the document index, and the hub's own swarm client
@@ -183,6 +182,16 @@ class Hub:
         self._embedder: SwarmClient | None = None
         self._embed_model: str | None = None
         self._exits = AsyncExitStack()
+
+    @property
+    def answered(self) -> int:
+        """Requests answered since the hub started."""
+        return self.window.answered_total
+
+    @property
+    def failed(self) -> int:
+        """Requests refused or failed since the hub started."""
+        return self.window.failed_total
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -874,7 +883,6 @@ class Hub:
             embeddings=winner.embeddings,
         )
         await self._end_stream(run, winner=winner)
-        self.answered += 1
         self.window.answered(loop.time(), answer.latency_ms)
         log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
         await self._settle(run, answer)
@@ -1012,12 +1020,18 @@ class Hub:
             self._embedder = await self._exits.enter_async_context(
                 SwarmClient(self.url, swarm=self.config.swarm, ca_file=self._ca_file)
             )
-        answer = await self._embedder.ask(
-            PromptRequest(kind="embed", input=texts, model=self._embed_model), timeout=self.config.default_timeout_s
-        )
-        if answer.embeddings is None or len(answer.embeddings) != len(texts):
-            raise RequestFailed(ErrorCode.ENGINE_ERROR, "the swarm's embedding answer is incomplete")
-        return answer.embeddings
+        try:
+            answer = await self._embedder.ask(
+                PromptRequest(kind="embed", input=texts, model=self._embed_model), timeout=self.config.default_timeout_s
+            )
+        except ConnectionLost:
+            # The broker went away under it: the next call connects afresh (the stack holds
+            # only this client).
+            self._embedder = None
+            with contextlib.suppress(ConnectionLost):
+                await self._exits.aclose()
+            raise
+        return answer.embeddings or []  # the retriever checks the count and the sizes
 
     def _release(self, run: _Run, task_id: str) -> None:
         """The hub no longer counts this attempt against its node's capacity."""
@@ -1139,7 +1153,6 @@ class Hub:
             await asyncio.sleep(0.5)  # at most two status publishes a second, however busy
 
     def _count_failure(self, code: ErrorCode) -> None:
-        self.failed += 1
         self.window.failed(asyncio.get_running_loop().time(), code)
 
     async def _metrics_loop(self) -> None:

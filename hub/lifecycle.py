@@ -196,16 +196,13 @@ class RequestMachine:
         In a streamed race, the first attempt to stream leads and the others are cancelled.
         ``best_of_n`` streams nothing until the answers are ranked."""
         attempt = self.attempts.get(task_id)
-        if not self.stream or self.finished or attempt is None or attempt.state is not AttemptState.ASSIGNED:
+        if not self.stream or self.strategy != "race" or self.finished:
             return False, []
-        if self.strategy != "race":
+        if attempt is None or attempt.state is not AttemptState.ASSIGNED:
             return False, []
         if self.leader is None:
             self.leader = task_id
-            others = [a for a in self.active() if a.task_id != task_id]
-            for other in others:
-                other.move(AttemptState.CANCELLED)
-            return True, [Cancel(a.task_id, a.node_id, "another node streamed first") for a in others]
+            return True, self._cancel_active("another node streamed first", keep=task_id)
         return self.leader == task_id, []
 
     def on_cancel(self, reason: str, now: float) -> list[Action]:
@@ -269,9 +266,12 @@ class RequestMachine:
             )
         return []
 
-    def _cancel_active(self, reason: str) -> list[Action]:
+    def _cancel_active(self, reason: str, *, keep: str | None = None) -> list[Action]:
+        """Cancel every attempt still running, except the one ``keep`` names."""
         cancels: list[Action] = []
         for attempt in self.active():
+            if attempt.task_id == keep:
+                continue
             attempt.move(AttemptState.CANCELLED)
             cancels.append(Cancel(attempt.task_id, attempt.node_id, reason))
         return cancels

@@ -518,14 +518,8 @@ class Node:
                 gen = await asyncio.to_thread(
                     self.engine.generate, plan.messages, job.sampling, should_stop, schema=plan.schema, on_text=on_text
                 )
-            except EngineError as exc:
-                self.tasks_failed += 1
-                log.error("engine failed", error=exc.message)
-                return self._failure(job, ErrorCode.ENGINE_ERROR, exc.message)
             except Exception as exc:  # the engine boundary: a crash must become a reply, not a dead node
-                self.tasks_failed += 1
-                log.exception("engine crashed")
-                return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
+                return self._engine_failed(job, exc, "engine")
             finally:
                 if chunks is not None:
                     await chunks.close()
@@ -539,11 +533,10 @@ class Node:
                 self._recent_tokens_per_s = gen.completion_tokens / gen.generate_s
             log.info("answered", tokens=gen.completion_tokens, ms=round(gen.generate_s * 1000, 1))
             outcome = decoder.finish(gen.text, finish_reason=gen.finish_reason)
-            tail_text, tail_calls = outcome.tail
-            if chunks is not None and (tail_text or tail_calls):
+            if chunks is not None and (outcome.tail_text or outcome.tail_calls):
                 # What the decoder held back (text that might have begun a tool call) goes out
                 # before the result, so the stream adds up to the answer.
-                chunks.push(tail_text, tail_calls)
+                chunks.push(outcome.tail_text, outcome.tail_calls)
                 await chunks.close()
             return self._success(job, gen, outcome, queue_s=started - job.received)
 
@@ -551,14 +544,8 @@ class Node:
         task = job.task
         try:
             embedding = await asyncio.to_thread(self.engine.embed, task.input or [])
-        except EngineError as exc:
-            self.tasks_failed += 1
-            log.error("embedding failed", error=exc.message)
-            return self._failure(job, ErrorCode.ENGINE_ERROR, exc.message)
         except Exception as exc:  # the engine boundary, as in _execute
-            self.tasks_failed += 1
-            log.exception("engine crashed while embedding")
-            return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
+            return self._engine_failed(job, exc, "embedding")
         self.tasks_done += 1
         return TaskResult(
             task_id=task.task_id,
@@ -573,6 +560,15 @@ class Node:
             ),
             timings=Timings(queue_ms=(started - job.received) * 1000, generate_ms=embedding.embed_s * 1000),
         )
+
+    def _engine_failed(self, job: _Job, exc: Exception, what: str) -> TaskResult:
+        """The engine raised: its own ``EngineError`` is reported as it is, anything else as a crash."""
+        self.tasks_failed += 1
+        if isinstance(exc, EngineError):
+            log.error(f"{what} failed", error=exc.message)
+            return self._failure(job, ErrorCode.ENGINE_ERROR, exc.message)
+        log.exception(f"{what} crashed")
+        return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
 
     def _success(self, job: _Job, gen: Generation, outcome: tools.Outcome, *, queue_s: float) -> TaskResult:
         return TaskResult(
@@ -709,6 +705,7 @@ class _ChunkSender:
     def __init__(self, node: Node, task_id: str) -> None:
         self._node = node
         self._task_id = task_id
+        self._topic = node.topics.node_stream(node.config.node_id)
         self._loop = asyncio.get_running_loop()
         self._text: list[str] = []
         self._calls: list[ToolCallDelta] = []
@@ -733,30 +730,32 @@ class _ChunkSender:
         self._more.set()
 
     async def close(self) -> None:
-        """Send what is pending, then stop (before the task's result goes out)."""
+        """Send what is pending, then stop (before the task's result goes out). Safe to call
+        again after a last ``push`` (the decoder's tail): that is sent at once."""
         self._closing = True
         self._more.set()
         await self._sender
-        if self._text or self._calls:  # pushed after the sender stopped: the decoder's tail
-            self._sender = asyncio.create_task(self._run())
-            self._more.set()
-            await self._sender
+        await self._flush()
 
     async def _run(self) -> None:
-        topic = self._node.topics.node_stream(self._node.config.node_id)
         while True:
             await self._more.wait()
             self._more.clear()
-            if self._text or self._calls:
-                text, self._text = "".join(self._text), []
-                calls, self._calls = tools.merge_deltas(self._calls), []
-                chunk = NodeChunk(task_id=self._task_id, seq=self._seq, text=text, tool_calls=calls or None)
-                self._seq += 1
-                conn = self._node._conn
-                if conn is not None:
-                    try:
-                        await conn.publish(topic, chunk.encode(), qos=1)
-                    except ConnectionLost:
-                        log.debug("stream chunk dropped: no broker; the result carries it")
+            await self._flush()
             if self._closing and not self._text and not self._calls:
                 return
+
+    async def _flush(self) -> None:
+        """Send what piled up as one chunk, if anything did."""
+        if not self._text and not self._calls:
+            return
+        text, self._text = "".join(self._text), []
+        calls, self._calls = tools.merge_deltas(self._calls), []
+        chunk = NodeChunk(task_id=self._task_id, seq=self._seq, text=text, tool_calls=calls or None)
+        self._seq += 1
+        conn = self._node._conn
+        if conn is not None:
+            try:
+                await conn.publish(self._topic, chunk.encode(), qos=1)
+            except ConnectionLost:
+                log.debug("stream chunk dropped: no broker; the result carries it")

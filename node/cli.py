@@ -15,8 +15,9 @@ from pathlib import Path
 import structlog
 
 from nova_swarm.broker import logs
+from nova_swarm.broker.cli import home_from
 from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.home import SwarmHome, parse_join_token
+from nova_swarm.broker.home import Joined, SwarmHome, parse_join_token
 from nova_swarm.broker.homeassistant import DEFAULT_PREFIX
 from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import check_node_id
@@ -160,7 +161,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    home = home_from(args)
     joined = parse_join_token(args.token)
     home.save_joined(joined)
     url = BrokerURL.parse(joined.url)
@@ -169,20 +170,28 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_id_from(args: argparse.Namespace, joined: tuple[Joined, BrokerURL] | None) -> str:
+    """``--node-id``, else the login of ``--broker``, else what ``swarm-node join`` saved (when no
+    ``--broker`` is given), else this machine's name."""
+    if args.node_id:
+        return str(args.node_id)
+    if args.broker:
+        return BrokerURL.parse(args.broker).username or default_node_id()
+    return joined[0].node_id if joined is not None else default_node_id()
+
+
 def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, BrokerURL]:
     """Where to connect: ``--broker``, else what ``swarm-node join`` saved, else this machine's
     own swarm (a node next to the hub enrols itself: it can read the hub's config dir anyway)."""
     joined = home.joined()
+    node_id = node_id_from(args, joined)
     if args.broker:
         url = BrokerURL.parse(args.broker, ca_file=args.ca_file)
         swarm = args.swarm or "main"
-        node_id = args.node_id or url.username or default_node_id()
     elif joined is not None:
         saved, url = joined
         swarm = args.swarm or saved.swarm
-        node_id = args.node_id or saved.node_id
     else:
-        node_id = args.node_id or default_node_id()
         url = home.node_url(check_node_id(node_id), port=args.port)
         swarm = args.swarm or home.local().swarm
     if url.username is not None and url.username != node_id:
@@ -251,7 +260,7 @@ async def run_node(args: argparse.Namespace) -> bool:
     """Run until stopped; True when the node installed a bundle and wants a restart into it."""
     from .agent import Node
 
-    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    home = home_from(args)
     config, url = config_from(args, home)
     structlog.contextvars.bind_contextvars(node_id=config.node_id)
     cache = ModelCache(args.cache_dir)
@@ -292,7 +301,7 @@ async def run_node(args: argparse.Namespace) -> bool:
 
 def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     """``swarm-node run`` without --no-updates: run the node under the bundle supervisor."""
-    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+    home = home_from(args)
     config, _ = config_from(args, home)  # fail here, once, on bad flags
     store = BundleStore((args.state_dir or default_state_dir(config.node_id)) / "bundles")
     return Supervisor(store, argv, SupervisorConfig(health_timeout_s=args.update_timeout)).run()
@@ -302,10 +311,8 @@ def _log_file(args: argparse.Namespace) -> Path | None:
     """``logs/node-<id>.log`` for the node, ``node-<id>.supervisor.log`` for its supervisor."""
     if args.command != "run":
         return None
-    home = SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
-    joined = home.joined()
-    from_url = BrokerURL.parse(args.broker).username if args.broker else None
-    node_id = args.node_id or from_url or (joined[0].node_id if joined else None) or default_node_id()
+    home = home_from(args)
+    node_id = node_id_from(args, home.joined())
     supervising = not args.no_updates and os.environ.get(CHILD_ENV) != "1"
     return home.log_file(f"node-{node_id}" + (".supervisor" if supervising else ""))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nova_swarm.broker.homeassistant import BIRTH, DEFAULT_PREFIX, HomeAssistantTopics
@@ -40,13 +40,12 @@ class HomeAssistantConfig:
 
     enabled: bool = False
     prefix: str = DEFAULT_PREFIX
+    #: built once from ``prefix`` (a bad prefix fails here, at start-up): the node compares every
+    #: incoming topic with ``topics.status()``
+    topics: HomeAssistantTopics = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        HomeAssistantTopics(self.prefix)  # a bad prefix fails here, at start-up
-
-    @property
-    def topics(self) -> HomeAssistantTopics:
-        return HomeAssistantTopics(self.prefix)
+        object.__setattr__(self, "topics", HomeAssistantTopics(self.prefix))
 
 
 def is_birth(payload: bytes) -> bool:

@@ -246,10 +246,6 @@ class Outcome:
     #: function...), or None; the hub checks answers anyway, this is for logs
     problem: str | None = None
 
-    @property
-    def tail(self) -> Piece:
-        return self.tail_text, self.tail_calls
-
 
 def merge_deltas(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
     """Consecutive deltas of the same call as one (what piled up while a chunk was being sent):
@@ -447,12 +443,13 @@ class AutoDecoder(_CallsDecoder):
         if hold.state == "text":
             self._released += len(piece)
             return piece, []
-        hold.buffer.append(piece)
-        if hold.state == "held":
+        if hold.state == "held":  # kept whole by the engine: ``finish`` gets all of it
             return "", []
+        hold.buffer.append(piece)
         start = "".join(hold.buffer).lstrip()
         if start.startswith(("{", CALL_OPEN)):
             hold.state = "held"
+            hold.buffer.clear()
             return "", []
         if CALL_OPEN.startswith(start):  # nothing but whitespace yet, or the start of the tag
             return "", []

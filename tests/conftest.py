@@ -291,19 +291,29 @@ def procs(broker: RunningBroker, tmp_path: Path) -> Any:
     p.close()
 
 
-async def wait_online(procs: Processes, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
-    """Poll `swarm-hub nodes --json` until ``count`` nodes are online."""
+async def nodes_until(
+    procs: Processes, check: Callable[[list[dict[str, Any]]], bool], what: str, *, timeout: float = 180.0
+) -> list[dict[str, Any]]:
+    """Poll `swarm-hub nodes --json` until its rows pass ``check``; they are returned."""
     import json
 
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     while True:
         out = await asyncio.to_thread(procs.swarm_hub, "nodes", "--json", "--wait", "2")
-        if out.returncode == 0:
-            nodes = json.loads(out.stdout)["nodes"]
-            online = [n for n in nodes if n["state"] == "online"]
-            if len(online) >= count:
-                return online
+        rows = json.loads(out.stdout)["nodes"] if out.returncode == 0 else []
+        if check(rows):
+            return rows
         if loop.time() > give_up:
-            raise AssertionError(f"{count} nodes never came online: {out.stdout} {out.stderr}")
+            raise AssertionError(f"never {what}: {rows} {out.stderr}")
         await asyncio.sleep(0.5)
+
+
+async def wait_online(procs: Processes, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
+    """Until ``count`` nodes are online; those are returned."""
+
+    def online(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [n for n in rows if n["state"] == "online"]
+
+    rows = await nodes_until(procs, lambda rows: len(online(rows)) >= count, f"{count} nodes online", timeout=timeout)
+    return online(rows)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +29,7 @@ from nova_swarm.broker.messages import (
     Task,
     decode,
 )
+from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.hub import SwarmClient
 from nova_swarm.hub.client import Stream
 from nova_swarm.hub.retrieval import RetrievalConfig
@@ -44,26 +46,33 @@ def json_answer() -> ResponseFormat:
 
 
 M = TypeVar("M", Cancel, Task)
+T = Topics("main")
 
 
-async def watch(broker: RunningBroker, node_id: str, kind: str, model: type[M]) -> tuple[Connection, asyncio.Queue[M]]:
+@asynccontextmanager
+async def watch(
+    broker: RunningBroker, node_id: str, kind: NodeTopic, model: type[M]
+) -> AsyncIterator[asyncio.Queue[M]]:
     """What the hub sends ``node_id`` on its ``kind`` topic (task, cancel), seen from the side
     (the hub's login reads everything)."""
-    conn = Connection(broker.url(Role.HUB), client_id=f"watch-{kind}-{node_id}")
-    await conn.__aenter__()
-    await conn.subscribe(f"swarm/main/node/{node_id}/{kind}", qos=1)
     seen: asyncio.Queue[M] = asyncio.Queue()
+    async with Connection(broker.url(Role.HUB), client_id=f"watch-{kind}-{node_id}") as conn:
+        await conn.subscribe(T.node(node_id, kind), qos=1)
 
-    async def read() -> None:
-        async for message in conn.messages():
-            seen.put_nowait(decode(model, message.payload))
+        async def read() -> None:
+            async for message in conn.messages():
+                seen.put_nowait(decode(model, message.payload))
 
-    asyncio.get_running_loop().create_task(read())
-    return conn, seen
+        reader = asyncio.create_task(read())
+        try:
+            yield seen
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
 
-def watch_cancels(broker: RunningBroker, node_id: str) -> Awaitable[tuple[Connection, asyncio.Queue[Cancel]]]:
-    return watch(broker, node_id, "cancel", Cancel)
+def watch_cancels(broker: RunningBroker, node_id: str) -> AbstractAsyncContextManager[asyncio.Queue[Cancel]]:
+    return watch(broker, node_id, NodeTopic.CANCEL, Cancel)
 
 
 async def test_a_streamed_race_forwards_only_the_first_streamer_and_cancels_the_rest(
@@ -76,8 +85,7 @@ async def test_a_streamed_race_forwards_only_the_first_streamer_and_cancels_the_
         running_node(amqtt, FakeEngine(reply="the slow answer", delay_s=20.0), "slow"),
     ):
         await nodes_available(hub, 2)
-        watcher, cancels = await watch_cancels(amqtt, "slow")
-        try:
+        async with watch_cancels(amqtt, "slow") as cancels:
             async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
                 request = PromptRequest(prompt="go", fanout=2, params=GenParams(max_tokens=64))
                 async with client.streaming(request, timeout=30) as stream:
@@ -90,8 +98,6 @@ async def test_a_streamed_race_forwards_only_the_first_streamer_and_cancels_the_
             assert stream.duplicates == 0 and stream.gaps == 0
             cancel = await within(cancels.get(), 10)
             assert cancel.reason == "another node streamed first"
-        finally:
-            await watcher.__aexit__(None, None, None)
 
 
 async def test_best_of_n_streams_the_ranked_winner_once_it_is_known(amqtt: RunningBroker, tmp_path: Path) -> None:
@@ -156,8 +162,7 @@ async def test_a_client_cancel_stops_the_node(amqtt: RunningBroker, tmp_path: Pa
         running_node(amqtt, FakeEngine(reply="never", delay_s=60.0), "busy") as node,
     ):
         await nodes_available(hub, 1)
-        watcher, cancels = await watch_cancels(amqtt, "busy")
-        try:
+        async with watch_cancels(amqtt, "busy") as cancels:
             async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
                 # By id, as any MQTT client can:
                 reply = await client.send(PromptRequest(id="long-1", prompt="take your time"))
@@ -172,8 +177,6 @@ async def test_a_client_cancel_stops_the_node(amqtt: RunningBroker, tmp_path: Pa
                     await asyncio.sleep(0.5)
                 assert (await within(cancels.get(), 10)).reason.endswith("the client stopped reading the stream")
             await within(_idle(node), 10)
-        finally:
-            await watcher.__aexit__(None, None, None)
 
 
 async def _idle(node: object) -> None:
@@ -206,8 +209,7 @@ async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: Ru
     chat_only = FakeEngine(reply="ok", capabilities=frozenset({STREAM}))
     async with running_hub(amqtt, config) as hub, running_node(amqtt, chat_only, "n1"):
         await nodes_available(hub, 1)
-        watcher, tasks = await watch(amqtt, "n1", "task", Task)
-        try:
+        async with watch(amqtt, "n1", NodeTopic.TASK, Task) as tasks:
             async with SwarmClient(amqtt.url(Role.CLIENT)) as client:
                 await client.ask(PromptRequest(prompt="How much sun do my tomatoes need?"), timeout=30)
                 task = await within(tasks.get(), 10)
@@ -218,8 +220,6 @@ async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: Ru
 
                 await client.ask(PromptRequest(prompt="Tyre pressure?", retrieval=False), timeout=30)
                 assert [m.role for m in (await within(tasks.get(), 10)).messages] == ["user"]
-        finally:
-            await watcher.__aexit__(None, None, None)
     assert hub._index is not None and hub._index.mode == "tfidf"
 
 

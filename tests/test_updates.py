@@ -32,7 +32,7 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.version import __version__
 from nova_swarm.hub import SwarmClient, pins
 
-from .conftest import Processes, RunningBroker, bundled_model_path, wait_online
+from .conftest import Processes, RunningBroker, bundled_model_path, nodes_until, wait_online
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(600)]
 
@@ -83,21 +83,6 @@ async def statuses(amqtt: RunningBroker) -> AsyncIterator[StatusWatch]:
     yield watch
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-
-
-async def nodes_until(
-    procs: Processes, check: Callable[[list[dict[str, Any]]], bool], what: str
-) -> list[dict[str, Any]]:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 180
-    while True:
-        out = await asyncio.to_thread(procs.swarm_hub, "nodes", "--json", "--wait", "2")
-        rows = json.loads(out.stdout)["nodes"] if out.returncode == 0 else []
-        if check(rows):
-            return rows
-        if loop.time() > give_up:
-            raise AssertionError(f"never {what}: {rows}")
-        await asyncio.sleep(0.5)
 
 
 def ask_ok(procs: Processes, prompt: str = "Name a colour.") -> dict[str, Any]:
