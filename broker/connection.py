@@ -24,10 +24,11 @@ import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import aiomqtt
 import structlog
@@ -272,14 +273,21 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+#: what ``reconnecting`` keeps up: a Connection, or something that owns one (a SwarmClient)
+Link = TypeVar("Link")
+
+
 async def reconnecting(
-    connect: Callable[[], Connection],
-    session: Callable[[Connection], Awaitable[None]],
+    connect: Callable[[], AbstractAsyncContextManager[Link]],
+    session: Callable[[Link], Awaitable[None]],
     *,
     name: str,
     backoff: Backoff = Backoff(),
 ) -> None:
-    """Run ``session`` on a fresh connection, again and again, until it returns or is cancelled."""
+    """Run ``session`` on a fresh connection, again and again, until it returns or is cancelled.
+
+    A session ends its connection by raising ``ConnectionLost``; ``connect`` makes a
+    ``Connection`` or anything that owns one and raises ``ConnectionLost`` when it cannot."""
     attempt = 0
     while True:
         try:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 import structlog
 
@@ -163,10 +164,14 @@ class SwarmClient:
                 self._reader.exception()  # retrieved, so asyncio does not log it as lost
         await self._conn.__aexit__(exc_type, exc, tb)
 
-    async def wait_closed(self) -> None:
-        """Until the connection ends (the broker went away): for owners that reconnect."""
+    async def wait_closed(self) -> NoReturn:
+        """Until the connection ends, then ``ConnectionLost`` saying why: for owners that
+        reconnect (``broker.connection.reconnecting``)."""
+        error: BaseException | None = None
         if self._reader is not None:
             await asyncio.wait([self._reader])
+            error = None if self._reader.cancelled() else self._reader.exception()
+        raise ConnectionLost(str(error) if error is not None else "the connection ended")
 
     async def _read(self) -> None:
         stream_prefix = f"{self.reply_topic}/stream/"

@@ -48,7 +48,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nova_swarm.broker.connection import Backoff
+from nova_swarm.broker.connection import reconnecting
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from nova_swarm.broker.messages import Answer, PromptRequest
 from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
@@ -161,7 +161,7 @@ class Gateway:
         self._url = url
         self._ca_file = ca_file
         self._client: SwarmClient | None = None
-        self._linked = asyncio.Event()
+        self._link_up = asyncio.Event()
         self._socket: socket.socket | None = None
         self._started = int(time.time())
         #: set once the HTTP server accepts connections (``port`` is then the real one)
@@ -257,32 +257,27 @@ class Gateway:
         await self._group.__aexit__(exc_type, exc, tb)
 
     async def _keep_linked(self) -> None:
-        backoff = Backoff()
-        attempt = 0
-        while True:
-            try:
-                async with SwarmClient(self._url, swarm=self.config.swarm, ca_file=self._ca_file, watch=True) as client:
-                    attempt = 0
-                    self._client = client
-                    self._linked.set()
-                    log.info("gateway connected to the broker", broker=self._url.redacted())
-                    await client.wait_closed()
-                    error = "the connection ended"
-            except ConnectionLost as exc:
-                error = str(exc)
-            finally:
-                self._client = None
-                self._linked.clear()
-            delay = backoff.delay(attempt)
-            attempt += 1
-            log.warning("gateway lost the broker, reconnecting", error=error, retry_in_s=round(delay, 2))
-            await asyncio.sleep(delay)
+        def connect() -> SwarmClient:
+            return SwarmClient(self._url, swarm=self.config.swarm, ca_file=self._ca_file, watch=True)
+
+        await reconnecting(connect, self._linked, name="gateway")
+
+    async def _linked(self, client: SwarmClient) -> None:
+        """One connection's life: requests use ``client`` until the broker drops it."""
+        self._client = client
+        self._link_up.set()
+        log.info("gateway connected to the broker", broker=self._url.redacted())
+        try:
+            await client.wait_closed()
+        finally:
+            self._client = None
+            self._link_up.clear()
 
     async def _swarm(self) -> SwarmClient:
         if self._client is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.connect_wait_s):
-                    await self._linked.wait()
+                    await self._link_up.wait()
         if self._client is None:
             raise ApiError(503, "the gateway cannot reach the swarm's broker right now", code="broker_unreachable")
         return self._client
@@ -345,14 +340,19 @@ class Gateway:
 
     async def _body(self, request: Request) -> Any:
         limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
         body = bytearray()
+        seen = 0
         async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise _too_large(limit)
+            seen += len(part)
+            if seen <= limit:
+                body += part
+            elif seen > _DRAIN_FACTOR * limit:
+                break  # past any honest mistake: stop reading, the connection is dropped
+        # An oversized body is read to its end (and thrown away) before the 413: a server that
+        # answers while the client is still sending resets the connection, and most clients
+        # then report the reset instead of our answer.
+        if seen > limit:
+            raise _too_large(limit)
         try:
             return json.loads(body)
         except (ValueError, RecursionError) as exc:
@@ -478,6 +478,10 @@ def _model_of(client: SwarmClient, node_id: str | None) -> str | None:
 
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+#: how far past the limit an oversized body is still read, so its sender gets the 413
+_DRAIN_FACTOR = 16
 
 
 def _too_large(limit: int) -> ApiError:

@@ -35,7 +35,7 @@ async def test_cancelling_a_session_whose_connection_fails_meanwhile_stops_the_l
             tg.create_task(reader())
             await asyncio.sleep(100)
 
-    task = asyncio.create_task(reconnecting(connect, session, name="t", backoff=Backoff(first=0.01, cap=0.01)))  # type: ignore[arg-type]
+    task = asyncio.create_task(reconnecting(connect, session, name="t", backoff=Backoff(first=0.01, cap=0.01)))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -57,5 +57,5 @@ async def test_a_lost_connection_is_retried() -> None:
     async def session(_conn: object) -> None:
         return None
 
-    await asyncio.wait_for(reconnecting(connect, session, name="t", backoff=Backoff(first=0.01, cap=0.01)), 5)  # type: ignore[arg-type]
+    await asyncio.wait_for(reconnecting(connect, session, name="t", backoff=Backoff(first=0.01, cap=0.01)), 5)
     assert connects == 3
