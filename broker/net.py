@@ -1,10 +1,15 @@
-"""Small socket helpers for starting servers: a free loopback port, and waiting for a listener."""
+"""Small socket helpers: a free loopback port, waiting for a listener, and this machine's LAN
+addresses (what join tokens and the broker's certificate name)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import struct
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -38,3 +43,129 @@ async def wait_listening(
         await writer.wait_closed()
         return
     raise ConfigError(f"nothing listened on {host}:{port} within {timeout:.0f} s")
+
+
+# ------------------------------------------------------------------ LAN interface addresses
+
+_SIOCGIFFLAGS = 0x8913  # Linux ioctl numbers (linux/sockios.h)
+_SIOCGIFADDR = 0x8915
+_IFF_UP = 0x1
+_IFF_LOOPBACK = 0x8
+# IPv6 address flags in /proc/net/if_inet6 (linux/if_addr.h): not yet usable, or on its way out.
+_IFA_F_DADFAILED = 0x08
+_IFA_F_DEPRECATED = 0x20
+_IFA_F_TENTATIVE = 0x40
+
+
+def _reachable_from_lan(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
+
+
+def _linux_ipv4() -> list[str]:
+    """Each up, non-loopback interface's IPv4 address, by ioctl (what ``ip addr`` reads too)."""
+    import fcntl
+
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("16s16x", name.encode()[:15])
+            try:
+                flags = struct.unpack("16sH", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request)[:18])[1]
+                if not flags & _IFF_UP or flags & _IFF_LOOPBACK:
+                    continue
+                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+            except OSError:
+                continue  # gone since we listed it, or no IPv4 address (EADDRNOTAVAIL)
+            found.append(socket.inet_ntoa(reply[20:24]))
+    return found
+
+
+def _linux_ipv6() -> list[str]:
+    """IPv6 addresses of up interfaces, from /proc/net/if_inet6 (the kernel's own table)."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return []  # IPv6 disabled
+    up = set(_up_interfaces())
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 6 or fields[5] not in up:
+            continue
+        if int(fields[4], 16) & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED | _IFA_F_DEPRECATED):
+            continue
+        found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    return found
+
+
+def _up_interfaces() -> list[str]:
+    import fcntl
+
+    up = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("16s16x", name.encode()[:15])
+            try:
+                flags = struct.unpack("16sH", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request)[:18])[1]
+            except OSError:
+                continue
+            if flags & _IFF_UP:
+                up.append(name)
+    return up
+
+
+def _psutil_addresses() -> list[str] | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    stats = psutil.net_if_stats()
+    return [
+        str(a.address).split("%")[0]
+        for name, addrs in psutil.net_if_addrs().items()
+        if name in stats and stats[name].isup
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    ]
+
+
+def _default_route_source() -> str | None:
+    """The address this machine sends from on its default route. A UDP connect only looks the
+    route up; no packet leaves. None when there is no default route (an isolated LAN)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: never a real peer
+        except OSError:
+            return None
+        return str(sock.getsockname()[0])
+
+
+def lan_addresses() -> list[str]:
+    """This machine's addresses that other devices on the LAN can reach, best first.
+
+    Never loopback or link-local, and only from interfaces that are up. The source address of
+    the default route comes first (on a laptop with Docker that is Wi-Fi, not docker0), then
+    private IPv4 (home networks), then other IPv4, then IPv6.
+    """
+    if sys.platform.startswith("linux"):
+        found = _linux_ipv4() + _linux_ipv6()
+    else:
+        found = _psutil_addresses() or []
+        route = _default_route_source()
+        found += [route] if route else []
+    found = [a for a in dict.fromkeys(found) if _reachable_from_lan(a)]
+    preferred = _default_route_source()
+
+    def rank(address: str) -> tuple[int, int]:
+        ip = ipaddress.ip_address(address)
+        if address == preferred:
+            return (0, 0)
+        return (1, 0 if ip.version == 4 and ip.is_private else 1 if ip.version == 4 else 2)
+
+    return sorted(found, key=rank)
+
+
+def mdns_name() -> str:
+    """The name this machine is announced by on the LAN (mDNS/DNS-SD): ``<hostname>.local``."""
+    return socket.gethostname().split(".")[0] + ".local"

@@ -8,7 +8,9 @@
     server-key.pem  its private key (0600)
 
 The broker certificate is reissued, by the same CA, when it does not cover a name the broker
-is now reached by, so pinned CAs stay valid.
+is now reached by, so pinned CAs stay valid. That is checked each time the broker starts, and
+while it runs (``watch``): a laptop that moves to another Wi-Fi gets a new address, and the
+broker then serves a certificate for it without dropping the phones already connected.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import net
 from .errors import ConfigError
-from .passwords import write_private
+from .private import write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -34,15 +37,20 @@ class TLSFiles:
 
 
 def broker_names(listen_host: str) -> list[str]:
-    """Names a broker listening on ``listen_host`` is reached by, from here or from the LAN."""
-    names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
-    if listen_host not in ("", "0.0.0.0", "::"):
-        names.append(listen_host)
+    """Every name and address a broker listening on ``listen_host`` is reached by, here or on the LAN.
+
+    Loopback, the host name and its mDNS name (``<hostname>.local``, what discovery announces)
+    always; then the listen address itself, or for a wildcard listener every LAN interface
+    address, so a phone that joins by IP verifies the certificate too.
+    """
+    host = socket.gethostname()
+    names = ["localhost", "127.0.0.1", "::1", host, net.mdns_name(), f"{host}.local"]
+    if listen_host in ("", "0.0.0.0"):
+        names += [a for a in net.lan_addresses() if ipaddress.ip_address(a).version == 4]
+    elif listen_host == "::":  # a dual-stack listener: reached over both
+        names += net.lan_addresses()
     else:
-        try:
-            names += sorted({str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)})
-        except OSError:
-            pass  # no resolvable host name: loopback and the name itself still work
+        names.append(listen_host)
     return list(dict.fromkeys(names))
 
 

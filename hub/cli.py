@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 # Only its flags load with the CLI; a run imports the hub and node parts it measures.
 from nova_swarm.bench import add_arguments as add_bench_arguments
 from nova_swarm.bench import run as run_bench
-from nova_swarm.broker import logs, tls
+from nova_swarm.broker import logs, net, tls
 from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
@@ -689,13 +688,10 @@ def cmd_creds(args: argparse.Namespace) -> int:
 
 
 def _lan_host() -> str:
-    """This machine's address as other devices would use it (no packet is sent to find it)."""
-    name = socket.gethostname()
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        return name
-    return name if address.startswith("127.") else address
+    """This machine's address as other devices would use it: its best LAN interface address
+    (never loopback), else its mDNS name, which discovery announces and the certificate names."""
+    addresses = net.lan_addresses()
+    return addresses[0] if addresses else net.mdns_name()
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
