@@ -42,6 +42,8 @@ PREFIX = "nslan"
 #: a private range nothing else here uses; it exists only inside the namespaces
 SUBNET = "10.213.0"
 HUB_ADDRESS = f"{SUBNET}.1"
+#: per-namespace files `ip netns exec` mounts over /etc (see ``Lan.resolve``)
+NETNS_ETC = Path("/etc/netns")
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-")
 
 
@@ -103,6 +105,10 @@ def sweep() -> list[str]:
             continue
         _delete_namespace(name)
         removed.append(name)
+    for etc in NETNS_ETC.glob(f"{PREFIX}-*") if NETNS_ETC.is_dir() else []:
+        match = _NAME.match(etc.name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            shutil.rmtree(etc, ignore_errors=True)
     return removed
 
 
@@ -294,6 +300,15 @@ class Lan:
         assert phone.port is not None
         _ip("-n", self.hub.ns, "link", "set", phone.port, "up")
 
+    def resolve(self, host: Host, name: str, address: str) -> None:
+        """Let ``host`` resolve ``name`` to ``address``, as mDNS would: `ip netns exec` mounts
+        /etc/netns/<ns>/hosts over /etc/hosts for whatever runs in that namespace."""
+        etc = NETNS_ETC / host.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        hosts = etc / "hosts"
+        base = hosts.read_text() if hosts.exists() else Path("/etc/hosts").read_text()
+        hosts.write_text(f"{base.rstrip()}\n{address} {name}\n")
+
     def close(self) -> None:
         """Stop every process, then remove every namespace (and so every veth and the bridge)."""
         for host in self.hosts:
@@ -303,4 +318,5 @@ class Lan:
                 pass  # whatever survives is killed with its namespace below
         for ns in reversed(self._made):
             _delete_namespace(ns)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         self._made.clear()

@@ -1,0 +1,278 @@
+"""Phones on a real (virtual) LAN: network namespaces on a bridge (tests/lan.py), a hub on the
+bridge address with TLS, and `swarm-node` in every phone namespace.
+
+Needs root (CI runs as root); skipped with the reason otherwise. The phones run the fake engine:
+these tests are about the network, enrolment and scheduling, not inference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nova_swarm.broker.home import parse_join_token
+from nova_swarm.broker.url import BrokerURL
+
+from .lan import Host, Lan, LanUnavailable, check_available
+
+pytestmark = pytest.mark.timeout(600)
+
+BIN = Path(sys.executable).parent
+PORT = 8883  # the namespaces have ports of their own: no clash with anything on the machine
+
+
+def _bin(name: str) -> str:
+    return str(BIN / name)
+
+
+def _lan(tmp_path: Path, phones: int) -> Lan:
+    try:
+        check_available()
+    except LanUnavailable as exc:
+        pytest.skip(str(exc))
+    return Lan(phones, tmp_path)
+
+
+@pytest.fixture
+def lan(tmp_path: Path) -> Iterator[Lan]:
+    with _lan(tmp_path, 3) as lan:
+        yield lan
+
+
+def _python_in(host: Host, code: str) -> Any:
+    """Run ``code`` (which prints JSON) with this interpreter inside the host's namespace."""
+    return json.loads(host.run([sys.executable, "-c", code]).stdout)
+
+
+# ---------------------------------------------------------------- addresses and names
+
+
+def test_lan_addresses_here_are_never_loopback_or_link_local() -> None:
+    from nova_swarm.broker import net
+
+    found = net.lan_addresses()
+    listed = subprocess.run(["ip", "-o", "addr", "show", "up"], capture_output=True, text=True, check=True).stdout
+    for address in found:
+        assert not address.startswith(("127.", "fe80:", "169.254.")) and address != "::1"
+        assert f" {address}/" in listed, f"{address} is not an address of an interface that is up"
+
+
+def test_lan_addresses_and_certificate_names_inside_the_lan(tmp_path: Path) -> None:
+    with _lan(tmp_path, 1) as lan:
+        phone = lan.phones[0]
+        code = (
+            "import json; from nova_swarm.broker import net, tls; "
+            "print(json.dumps([net.lan_addresses(), net.mdns_name(), tls.broker_names('0.0.0.0')]))"
+        )
+        hub_addresses, mdns, names = _python_in(lan.hub, code)
+        assert hub_addresses == [lan.hub.address]  # the bridge, and not the machine's own eth0
+        assert lan.hub.address in names and mdns in names and mdns.endswith(".local")
+        addresses = [n for n in names if n[0].isdigit() or ":" in n]
+        assert set(addresses) == {"127.0.0.1", "::1", lan.hub.address}  # nothing from outside the LAN
+        assert _python_in(phone, code)[0] == [phone.address]
+
+        # An interface that is down gives no address; with none left, enroll falls back to the
+        # mDNS name (which the certificate names) rather than to a loopback address.
+        phone.run(["ip", "link", "set", "eth0", "down"])
+        none, mdns, names = _python_in(phone, code)
+        assert none == [] and phone.address not in names
+        host = _python_in(phone, "import json; from nova_swarm.hub.cli import _lan_host; print(json.dumps(_lan_host()))")
+        assert host == mdns
+
+
+# ---------------------------------------------------------------- a swarm on the LAN
+
+
+@dataclass
+class Swarm:
+    lan: Lan
+    hub_log: Path
+    hub: subprocess.Popen[bytes]
+    nodes: dict[str, subprocess.Popen[bytes]]
+
+    def hub_cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.lan.hub.run([_bin("swarm-hub"), *args], timeout=timeout, check=check)
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        out = self.hub_cli("nodes", "--json", "--wait", "2", check=False)
+        return list(json.loads(out.stdout)["nodes"]) if out.returncode == 0 else []
+
+    def until(self, check: Callable[[list[dict[str, Any]]], bool], what: str, timeout: float = 90) -> None:
+        give_up = time.monotonic() + timeout
+        while True:
+            rows = self.node_rows()
+            if check(rows):
+                return
+            if time.monotonic() > give_up:
+                raise AssertionError(f"never {what}: {rows}\n{self.hub_log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def online(self, rows: list[dict[str, Any]]) -> set[str]:
+        return {r["node_id"] for r in rows if r["state"] == "online"}
+
+    def ask_all(self, prompts: list[str], timeout: float = 90) -> list[dict[str, Any]]:
+        """Ask every prompt at once, each from its own `swarm-hub ask` in the hub's namespace."""
+        answers: list[dict[str, Any] | str] = [""] * len(prompts)
+
+        def ask(i: int) -> None:
+            out = self.hub_cli("ask", prompts[i], "--json", "--timeout", str(timeout), timeout=timeout + 30, check=False)
+            answers[i] = json.loads(out.stdout) if out.returncode == 0 else f"{out.stdout}\n{out.stderr}"
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lost = [(p, a) for p, a in zip(prompts, answers, strict=True) if not isinstance(a, dict)]
+        assert not lost, f"prompts without an answer: {lost}\n{self.hub_log.read_text()[-3000:]}"
+        return [a for a in answers if isinstance(a, dict)]
+
+    def hub_events(self, event: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.hub_log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == event:
+                    found.append(record)
+        return found
+
+
+def _wait_for_line(log: Path, proc: subprocess.Popen[bytes], text: str, timeout: float = 60) -> None:
+    give_up = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {text!r}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > give_up:
+            raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _token(enroll_output: str) -> str:
+    match = re.search(r"nova1\.[A-Za-z0-9_-]+", enroll_output)
+    assert match, f"no join token in enroll's output:\n{enroll_output}"
+    return match.group(0)
+
+
+def _start_swarm(lan: Lan, tmp_path: Path, *, delay_s: float, enroll_host: dict[str, str] | None = None) -> Swarm:
+    """`swarm-hub up --host <bridge> --tls` in the hub namespace, and each phone enrolled,
+    joined and running `swarm-node run` in its own."""
+    hub_log = tmp_path / "hub.log"
+    hub = lan.hub.popen(
+        [_bin("swarm-hub"), "up", "--host", lan.hub.address, "--port", str(PORT), "--tls", "--no-node", "--no-http"]
+        + ["--log-json"],
+        log=hub_log,
+    )
+    _wait_for_line(hub_log, hub, "swarm up:")
+    swarm = Swarm(lan, hub_log, hub, {})
+    for phone in lan.phones:
+        host_flag = ["--host", enroll_host[phone.name]] if enroll_host and phone.name in enroll_host else []
+        enrolled = swarm.hub_cli("enroll", phone.name, *host_flag)
+        token = _token(enrolled.stdout)
+        url = BrokerURL.parse(parse_join_token(token).url)
+        assert url.tls and not url.host.startswith("127."), url.redacted()
+        joined = phone.run([_bin("swarm-node"), "join", token])
+        assert phone.name in joined.stdout
+        node_log = tmp_path / f"{phone.name}.log"
+        swarm.nodes[phone.name] = phone.popen(
+            [_bin("swarm-node"), "run", "--engine", "fake", "--engine-option", f"delay_s={delay_s}"]
+            + ["--no-guard", "--log-json", "--drain", "1"],
+            log=node_log,
+        )
+    names = {p.name for p in lan.phones}
+    swarm.until(lambda rows: names <= swarm.online(rows), f"all phones online ({sorted(names)})")
+    return swarm
+
+
+def test_phones_answer_over_tls_and_plaintext_is_refused(lan: Lan, tmp_path: Path) -> None:
+    # The last phone joins by the hub's mDNS name: its resolver has the name (mDNS itself is
+    # discovery's business), and the certificate must name it for TLS to verify.
+    mdns = _python_in(lan.hub, "import json; from nova_swarm.broker import net; print(json.dumps(net.mdns_name()))")
+    by_name = lan.phones[-1]
+    lan.resolve(by_name, mdns, lan.hub.address)
+    swarm = _start_swarm(lan, tmp_path, delay_s=1.0, enroll_host={by_name.name: mdns})
+
+    answers = swarm.ask_all([f"question {i}" for i in range(6)])
+    answered_by = {a["node_id"] for a in answers}
+    assert answered_by == {p.name for p in lan.phones}, answered_by  # every phone, and only phones
+
+    # The same login over plaintext is refused: the broker speaks only TLS.
+    phone = lan.phones[0]
+    url = BrokerURL.parse(parse_join_token(_token(swarm.hub_cli("enroll", "plain").stdout)).url)
+    code = (
+        "import sys\n"
+        "import paho.mqtt.client as mqtt\n"
+        "c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id='plain', protocol=mqtt.MQTTv311)\n"
+        f"c.username_pw_set({url.username!r}, {url.password!r})\n"
+        "try:\n"
+        f"    c.connect({url.host!r}, {url.port}, keepalive=5)\n"
+        "    for _ in range(50):\n"
+        "        c.loop(0.1)\n"
+        "        if c.is_connected(): print('CONNECTED'); sys.exit(0)\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc); sys.exit(1)\n"
+        "print('no CONNACK'); sys.exit(1)\n"
+    )
+    plain = phone.run([sys.executable, "-c", code], check=False)
+    assert plain.returncode == 1 and "CONNECTED" not in plain.stdout, plain.stdout + plain.stderr
+    if shutil.which("mosquitto_pub"):
+        pub = phone.run(
+            ["mosquitto_pub", "-h", url.host, "-p", str(url.port), "-u", url.username or "", "-P", url.password or ""]
+            + ["-V", "mqttv311", "-i", "plain", "-t", "swarm/x", "-m", "hi"],
+            timeout=30,
+            check=False,
+        )
+        assert pub.returncode != 0, pub.stdout + pub.stderr
+
+
+def _utc(ts: str) -> float:
+    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_busy_phone_drops_off_the_lan_and_comes_back(lan: Lan, tmp_path: Path) -> None:
+    swarm = _start_swarm(lan, tmp_path, delay_s=5.0)
+    answers: list[dict[str, Any]] = []
+    asking = threading.Thread(target=lambda: answers.extend(swarm.ask_all([f"task {i}" for i in range(3)], timeout=120)))
+    asking.start()
+    try:
+        # Every phone busy with one task; then the first one walks out of Wi-Fi range.
+        give_up = time.monotonic() + 60
+        while len({e["node_id"] for e in swarm.hub_events("dispatched")}) < 3:
+            assert time.monotonic() < give_up, f"not all phones got a task:\n{swarm.hub_log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        lost = lan.phones[0]
+        before = len(swarm.hub_events("dispatched"))
+        lan.link_down(lost)
+        down_at = time.time()
+        asking.join(180)
+    finally:
+        asking.join(200)
+    assert len(answers) == 3, "a prompt was lost"
+    assert lost.name not in {a["node_id"] for a in answers}
+    redispatched = [e for e in swarm.hub_events("dispatched")[before:] if e["node_id"] != lost.name]
+    assert redispatched, f"the lost phone's task was never sent elsewhere:\n{swarm.hub_log.read_text()[-3000:]}"
+    took = _utc(redispatched[0]["timestamp"]) - down_at
+    print(f"\nlink down -> task re-dispatched to {redispatched[0]['node_id']} in {took:.2f} s")
+    assert took < 15, f"re-dispatch took {took:.1f} s after the link went down"
+
+    # Back in range: the same node process reconnects by itself and answers again.
+    lan.link_up(lost)
+    swarm.until(lambda rows: lost.name in swarm.online(rows), f"{lost.name} back online", timeout=120)
+    assert swarm.nodes[lost.name].poll() is None, "the node process died instead of reconnecting"
+    give_up = time.monotonic() + 120
+    while lost.name not in {a["node_id"] for a in swarm.ask_all([f"again {i}" for i in range(3)])}:
+        assert time.monotonic() < give_up, f"{lost.name} is online but never answered again"
