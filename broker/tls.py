@@ -8,9 +8,10 @@
     server-key.pem  its private key (0600)
 
 The broker certificate is reissued, by the same CA, when it does not cover a name the broker
-is now reached by, so pinned CAs stay valid. That is checked each time the broker starts, and
-while it runs (``watch``): a laptop that moves to another Wi-Fi gets a new address, and the
-broker then serves a certificate for it without dropping the phones already connected.
+is now reached by, so pinned CAs stay valid. That is checked each time the broker (or
+``swarm-hub up``) starts: a laptop that moved to another network gets a certificate for its new
+address when its swarm is restarted. The reissued certificate keeps the broker's key, so the
+key pin in join lines already handed out stays valid.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import net
 from .errors import ConfigError
 from .private import write_private
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -52,6 +57,18 @@ def broker_names(listen_host: str) -> list[str]:
     else:
         names.append(listen_host)
     return list(dict.fromkeys(names))
+
+
+def _kept_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    """The broker's existing EC key, or None when there is none (or it is unreadable)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
 
 
 def ensure(tls_dir: Path, names: list[str]) -> TLSFiles:
@@ -124,7 +141,9 @@ def ensure(tls_dir: Path, names: list[str]) -> TLSFiles:
         if fresh and set(wanted) <= covered and current.issuer == ca_cert.subject:
             return files
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    # A new certificate keeps the broker's key: the join one-liner pins that key's hash, and
+    # lines already handed out keep working when the certificate is reissued for a new address.
+    key = _kept_key(files.key) or ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))

@@ -92,6 +92,24 @@ def test_lan_addresses_and_certificate_names_inside_the_lan(tmp_path: Path) -> N
         assert host == mdns
 
 
+def test_certificate_is_reissued_for_a_new_address_with_the_same_ca_and_key(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from nova_swarm.broker import tls
+
+    def san(files: tls.TLSFiles) -> set[str]:
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(getattr(n, "value", n)) for n in names}
+
+    first = tls.ensure(tmp_path, ["localhost", "10.213.9.1", "box.local"])
+    ca, key, cert = first.ca.read_bytes(), first.key.read_bytes(), first.cert.read_bytes()
+    assert tls.ensure(tmp_path, ["localhost", "10.213.9.1"]).cert.read_bytes() == cert  # covered: kept
+    moved = tls.ensure(tmp_path, ["localhost", "10.213.7.1", "box.local"])  # the laptop changed networks
+    assert "10.213.7.1" in san(moved) and moved.cert.read_bytes() != cert
+    assert moved.ca.read_bytes() == ca and moved.key.read_bytes() == key  # pinned CA and key pin still hold
+
+
 # ---------------------------------------------------------------- a swarm on the LAN
 
 
