@@ -3,6 +3,7 @@
     SwarmError
     ├── ConfigError          bad flags, a missing config directory, a malformed broker URL
     ├── ConnectionLost       the broker refused us or went away (translated from aiomqtt/paho)
+    ├── DiscoveryError       mDNS found no matching swarm, or could not run (translated from zeroconf)
     ├── ProtocolError        a message on the wire that breaks the contract
     ├── RequestFailed        a request ended in an error reply; carries its ErrorCode
     │   └── EngineError      the inference engine failed (translated from llama-cpp)
@@ -10,7 +11,8 @@
         └── SignatureError   unsigned, or not signed by the hub key the node trusts
 
 Foreign exceptions are translated at one boundary each: ``connection.py`` for MQTT,
-``messages.py`` for pydantic, ``node/llama.py`` for llama-cpp, ``signing.py`` for cryptography.
+``messages.py`` for pydantic, ``discovery.py`` for zeroconf, ``node/llama.py`` for llama-cpp,
+``signing.py`` for cryptography.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class ConfigError(SwarmError):
 
 class ConnectionLost(SwarmError):
     """The broker refused the connection or dropped it."""
+
+
+class DiscoveryError(SwarmError):
+    """No swarm by that name and key answered on the LAN, or mDNS could not run here."""
 
 
 class ProtocolError(SwarmError):

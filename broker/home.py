@@ -90,6 +90,9 @@ class Joined:
     ca_pem: str | None = None
     #: the hub's public signing key: the node applies only pins and bundles signed with it
     hub_key: str | None = None
+    #: find the hub by mDNS (``enroll --discover`` / ``join --discover``): joining looks it up,
+    #: and a node whose saved address stops answering looks again at start (DHCP moves hubs)
+    discover: bool = False
 
 
 JOIN_PREFIX = "nova1."
@@ -114,6 +117,7 @@ def parse_join_token(token: str) -> Joined:
             node_id=raw["node_id"],
             ca_pem=raw.get("ca_pem"),
             hub_key=raw.get("hub_key"),
+            discover=raw.get("discover", False) is True,
         )
     except (ValueError, binascii.Error, KeyError, TypeError) as exc:
         raise ConfigError(f"the join token is damaged (copy all of it): {exc}") from exc

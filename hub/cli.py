@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -32,10 +33,17 @@ from pathlib import Path
 # Only its flags load with the CLI; a run imports the hub and node parts it measures.
 from nova_swarm.bench import add_arguments as add_bench_arguments
 from nova_swarm.bench import run as run_bench
-from nova_swarm.broker import logs, net, tls
+from nova_swarm.broker import discovery, logs, net, tls
 from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
-from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
+from nova_swarm.broker.errors import (
+    ConfigError,
+    ConnectionLost,
+    DiscoveryError,
+    ProtocolError,
+    RequestFailed,
+    SwarmError,
+)
 from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
 from nova_swarm.broker.homeassistant import HomeAssistantTopics
 from nova_swarm.broker.messages import (
@@ -169,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trust.add_argument("--untrusted", dest="trusted", action="store_false", help="may not (the default)")
     enroll.add_argument("--host", help="address nodes reach the broker at (default: this machine's)")
+    enroll.add_argument(
+        "--discover",
+        action="store_true",
+        help="the node finds the hub by mDNS when it joins, and again whenever the address changes",
+    )
     enroll.add_argument("--port", type=int, help="broker port nodes connect to (default: where `up` listens)")
     enroll.add_argument("--config-dir", type=Path)
 
@@ -223,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hub_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="do not announce the swarm on the LAN by mDNS (it is announced only when the broker listens beyond"
+        " loopback)",
+    )
     p.add_argument("--heartbeat-timeout", type=float, default=35.0, help="seconds of silence before a node is offline")
     p.add_argument("--request-timeout", type=float, default=120.0, help="default deadline of a request")
     p.add_argument("--retries", type=int, default=2, help="re-dispatches per request after failures")
@@ -342,8 +361,48 @@ def _gateway(
 # ---------------------------------------------------------------- up / serve
 
 
-async def _run_hub(hub: Hub, gateway: Gateway | None = None) -> None:
-    """The hub, and the HTTP gateway beside it in one task group, until SIGINT or SIGTERM."""
+def _announcement(
+    args: argparse.Namespace, home: SwarmHome, local: LocalSwarm, gateway: Gateway | None
+) -> discovery.Announcement | None:
+    """What to announce on the LAN for the broker ``local`` describes, or None: discovery is off,
+    or the broker listens on loopback only (nothing else could reach it)."""
+    if args.no_discovery:
+        return None
+    addresses = discovery.announce_addresses(local.host)
+    if not addresses:
+        return None
+    # The gateway's port only helps those it listens for beyond loopback.
+    reachable_gateway = gateway is not None and bool(discovery.announce_addresses(gateway.config.host))
+    return discovery.Announcement(
+        swarm=local.swarm,
+        port=local.port,
+        tls=local.tls,
+        engine=local.engine,
+        key_id=home.signing_key().public.key_id,
+        addresses=tuple(addresses),
+        gateway_port=gateway.port if reachable_gateway and gateway is not None else None,
+    )
+
+
+async def _run_hub(
+    hub: Hub, gateway: Gateway | None = None, announcement: discovery.Announcement | None = None
+) -> None:
+    """The hub, the HTTP gateway beside it in one task group, and the swarm's mDNS announcement
+    around both, until SIGINT or SIGTERM."""
+    async with contextlib.AsyncExitStack() as stack:
+        if announcement is not None:
+            try:
+                name = await stack.enter_async_context(discovery.announced(announcement))
+            except DiscoveryError as exc:
+                # Discovery is a convenience: join tokens carry an address, so the swarm still works.
+                print(f"swarm-hub: {exc}; running without LAN discovery", file=sys.stderr)
+            else:
+                where = ", ".join(announcement.addresses)
+                print(f"announced on the LAN as {name!r} ({where}; off with --no-discovery)", file=sys.stderr)
+        await _hub_with_gateway(hub, gateway)
+
+
+async def _hub_with_gateway(hub: Hub, gateway: Gateway | None) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -376,7 +435,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     gateway = _gateway(args, home, swarm, _url(args, home, Role.CLIENT), ca_file=args.ca_file)
     if gateway is not None:
         print(f"chat page and OpenAI API: {gateway.chat_url}", file=sys.stderr)
-    await _run_hub(hub, gateway)
+    # Announced only for this machine's own broker: with --broker the hub may be far from it.
+    announcement = None if args.broker else _announcement(args, home, home.local(), gateway)
+    await _run_hub(hub, gateway, announcement)
     return 0
 
 
@@ -440,7 +501,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
         hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
         gateway = _gateway(args, home, local.swarm, home.url(Role.CLIENT))
-        hub_task = asyncio.create_task(_run_hub(hub, gateway))
+        hub_task = asyncio.create_task(_run_hub(hub, gateway, _announcement(args, home, local, gateway)))
         await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not args.no_node and not hub_task.done():
             node_cmd = [sys.executable, "-m", "nova_swarm.node", "run", "--port", str(local.port)]
@@ -705,7 +766,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     ca_pem = home.ca_file.read_text() if local.tls and home.ca_file.exists() else None
     hub_key = home.signing_key().public.text
     token = join_token(
-        Joined(url=str(url), swarm=local.swarm, node_id=enrolment.node_id, ca_pem=ca_pem, hub_key=hub_key)
+        Joined(
+            url=str(url),
+            swarm=local.swarm,
+            node_id=enrolment.node_id,
+            ca_pem=ca_pem,
+            hub_key=hub_key,
+            discover=args.discover,
+        )
     )
     print(f"node {enrolment.node_id!r} enrolled. On that device run:\n", file=sys.stderr)
     print(f"pip install 'nova-swarm[node]' && swarm-node join {token} && swarm-node run")

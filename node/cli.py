@@ -14,9 +14,9 @@ from pathlib import Path
 
 import structlog
 
-from nova_swarm.broker import logs
+from nova_swarm.broker import discovery, logs
 from nova_swarm.broker.cli import home_from
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.errors import ConfigError, DiscoveryError
 from nova_swarm.broker.home import Joined, SwarmHome, parse_join_token
 from nova_swarm.broker.homeassistant import DEFAULT_PREFIX
 from nova_swarm.broker.signing import PublicKey
@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     join = sub.add_parser("join", help="save how to reach a swarm, from `swarm-hub enroll`'s token")
     join.add_argument("token", help="the nova1.... token printed by `swarm-hub enroll NODE`")
+    join.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the hub on the LAN by mDNS instead of the token's address (tokens from `enroll --discover`"
+        " always do); `swarm-node run` looks again whenever the saved address stops answering",
+    )
+    join.add_argument(
+        "--discover-timeout",
+        type=float,
+        default=discovery.DEFAULT_TIMEOUT_S,
+        help="seconds to look for the hub (default: %(default)s)",
+    )
     join.add_argument("--config-dir", type=Path)
     logs.add_arguments(join)
     return parser
@@ -163,10 +175,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     home = home_from(args)
     joined = parse_join_token(args.token)
+    found = ""
+    if args.discover or joined.discover:
+        # Only a join that asks for it sends mDNS queries: a token's address needs no LAN traffic.
+        joined = asyncio.run(discovery.locate(joined, timeout=args.discover_timeout))
+        found = " (found by mDNS)"
     home.save_joined(joined)
     url = BrokerURL.parse(joined.url)
     pinned = (", CA pinned" if joined.ca_pem else "") + (", hub signing key pinned" if joined.hub_key else "")
-    print(f"joined swarm {joined.swarm!r} at {url.redacted()} as node {joined.node_id!r}{pinned}; now: swarm-node run")
+    print(
+        f"joined swarm {joined.swarm!r} at {url.redacted()}{found} as node {joined.node_id!r}{pinned};"
+        " now: swarm-node run"
+    )
     return 0
 
 
@@ -256,6 +276,25 @@ def _mark_healthy(path: Path) -> Callable[[], None]:
     return mark
 
 
+async def _follow_hub(args: argparse.Namespace, home: SwarmHome, url: BrokerURL) -> BrokerURL:
+    """A node that joined by discovery looks for its hub again when the saved address no longer
+    answers (DHCP gave the hub's machine another one), and saves what it finds. Without an answer
+    it keeps the saved address: the reconnect loop then waits for the hub there."""
+    saved = home.joined()
+    if args.broker or saved is None or not saved[0].discover or await discovery.answers(url.host, url.port):
+        return url
+    try:
+        moved = await discovery.locate(saved[0])
+    except DiscoveryError as exc:
+        log.warning("hub not found on the LAN; keeping the saved address", url=url.redacted(), error=str(exc))
+        return url
+    home.save_joined(moved)
+    found = home.joined()
+    assert found is not None  # just saved
+    log.info("hub found at a new address", was=url.redacted(), url=found[1].redacted())
+    return found[1]
+
+
 async def run_node(args: argparse.Namespace) -> bool:
     """Run until stopped; True when the node installed a bundle and wants a restart into it."""
     from .agent import Node
@@ -263,6 +302,7 @@ async def run_node(args: argparse.Namespace) -> bool:
     home = home_from(args)
     config, url = config_from(args, home)
     structlog.contextvars.bind_contextvars(node_id=config.node_id)
+    url = await _follow_hub(args, home, url)
     cache = ModelCache(args.cache_dir)
     options: dict[str, object] = {}
     model_path: Path | None = None
@@ -333,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"swarm-node: {exc}", file=sys.stderr)
         return 2
+    except DiscoveryError as exc:
+        print(f"swarm-node: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

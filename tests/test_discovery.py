@@ -1,0 +1,286 @@
+"""LAN discovery: the TXT record and the key check on their own, then a real mDNS exchange
+between network namespaces (tests/lan.py), where a phone joins with no address typed.
+
+The namespace tests need root (CI runs as root) and are skipped with the reason otherwise. All
+multicast stays on the test LAN's bridge: the hub announces only the addresses it listens on,
+and inside its namespace those are the bridge's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from nova_swarm.broker import discovery
+from nova_swarm.broker.discovery import Announcement, Found
+from nova_swarm.broker.errors import DiscoveryError, ProtocolError
+from nova_swarm.broker.home import Joined, join_token, parse_join_token
+from nova_swarm.broker.signing import SigningKey
+from nova_swarm.broker.url import BrokerURL
+
+from .lan import Host, Lan, LanUnavailable, check_available
+
+BIN = Path(sys.executable).parent
+PORT = 8883  # inside the namespaces: no clash with anything on the machine
+
+KEY = SigningKey.generate().public
+OTHER_KEY = SigningKey.generate().public
+
+
+def _announcement(**changes: object) -> Announcement:
+    base = Announcement(
+        swarm="main", port=8883, tls=True, engine="amqtt", key_id=KEY.key_id, addresses=("10.1.2.3",), hostname="lab"
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _wire(txt: dict[str, str]) -> dict[bytes, bytes | None]:
+    """The TXT record as zeroconf hands it to a browser: bytes keys and values."""
+    return {k.encode(): v.encode() for k, v in txt.items()}
+
+
+def _found(**changes: object) -> Found:
+    fields = discovery.decode_txt(_wire(discovery.encode_txt(_announcement())))
+    found = Found(instance="main on lab", port=8883, addresses=("10.1.2.3",), **fields)  # type: ignore[arg-type]
+    return replace(found, **changes)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the TXT record
+
+
+@pytest.mark.parametrize("gateway_port", [None, 8080])
+@pytest.mark.parametrize("tls", [True, False])
+def test_txt_round_trip(tls: bool, gateway_port: int | None) -> None:
+    announcement = _announcement(tls=tls, gateway_port=gateway_port, engine="mosquitto")
+    txt = discovery.encode_txt(announcement)
+    assert all(len(k) <= 9 for k in txt)  # DNS-SD's advice for keys
+    assert discovery.decode_txt(_wire(txt)) == {
+        "swarm": "main",
+        "tls": tls,
+        "engine": "mosquitto",
+        "key_id": KEY.key_id,
+        "gateway_port": gateway_port,
+    }
+
+
+def test_txt_ignores_unknown_keys_and_key_case() -> None:
+    txt = _wire(discovery.encode_txt(_announcement()))
+    txt[b"future"] = b"something"
+    txt[b"flag"] = None  # a key with no value
+    txt[b"SWARM"] = txt.pop(b"swarm")
+    assert discovery.decode_txt(txt)["swarm"] == "main"
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"txtvers": "2"}, "TXT version '2'"),
+        ({"swarm": "Main Swarm"}, "swarm id"),
+        ({"tls": "yes"}, "tls='yes'"),
+        ({"engine": "emqx"}, "engine='emqx'"),
+        ({"key": "not-a-key-id"}, "key='not-a-key-id'"),
+        ({"key": KEY.key_id.upper()}, "16-hex-digit"),
+        ({"gw": "http"}, "gw='http'"),
+        ({"gw": "70000"}, "gw='70000'"),
+    ],
+)
+def test_txt_rejects_damaged_records(change: dict[str, str], complaint: str) -> None:
+    txt = {**discovery.encode_txt(_announcement()), **change}
+    with pytest.raises(ProtocolError, match=re.escape(complaint)):
+        discovery.decode_txt(_wire(txt))
+
+
+def test_txt_names_what_is_missing_and_refuses_non_utf8() -> None:
+    txt = discovery.encode_txt(_announcement())
+    del txt["key"], txt["tls"]
+    with pytest.raises(ProtocolError, match="lacks tls, key"):
+        discovery.decode_txt(_wire(txt))
+    with pytest.raises(ProtocolError, match="not UTF-8"):
+        discovery.decode_txt({**_wire(discovery.encode_txt(_announcement())), b"swarm": b"\xff\xfe"})
+
+
+def test_instance_names_fit_a_dns_label() -> None:
+    long = _announcement(swarm="s" * 64, hostname="h" * 40)
+    assert len(long.instance.encode()) == 63 and long.instance.startswith("s" * 63)
+    assert _announcement().instance == "main on lab" and _announcement().server == "lab.local."
+
+
+# ---------------------------------------------------------------- the key check
+
+
+def test_the_right_swarm_passes() -> None:
+    discovery.check(_found(), swarm="main", key=KEY)
+
+
+def test_a_swarm_of_the_same_name_with_another_key_is_refused() -> None:
+    with pytest.raises(DiscoveryError, match=f"hub key {KEY.key_id}, but your token's is {OTHER_KEY.key_id}"):
+        discovery.check(_found(), swarm="main", key=OTHER_KEY)
+
+
+def test_another_swarm_or_no_address_is_refused() -> None:
+    with pytest.raises(DiscoveryError, match="announces swarm 'main', not 'lab'"):
+        discovery.check(_found(), swarm="lab", key=KEY)
+    with pytest.raises(DiscoveryError, match="no IPv4 address"):
+        discovery.check(_found(addresses=()), swarm="main", key=KEY)
+
+
+async def test_a_token_without_a_hub_key_cannot_discover() -> None:
+    url = BrokerURL("10.1.2.3", 8883, "phone", "secret", tls=True)
+    joined = Joined(url=str(url), swarm="main", node_id="phone", discover=True)
+    with pytest.raises(DiscoveryError, match="no hub key"):
+        await discovery.locate(joined)
+
+
+def test_join_tokens_carry_the_discover_flag() -> None:
+    url = str(BrokerURL("10.1.2.3", 8883, "phone", "secret", tls=True))
+    assert parse_join_token(join_token(Joined(url=url, swarm="main", node_id="phone", discover=True))).discover
+    # A token from before discovery existed has no such field: it joins by its address.
+    assert not parse_join_token(join_token(Joined(url=url, swarm="main", node_id="phone"))).discover
+
+
+# ---------------------------------------------------------------- what the hub announces
+
+
+def test_loopback_brokers_are_not_announced() -> None:
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.1.1"):
+        assert discovery.announce_addresses(host) == [], host
+    assert discovery.announce_addresses("10.1.2.3") == ["10.1.2.3"]
+
+
+async def test_nothing_is_announced_without_an_address() -> None:
+    with pytest.raises(DiscoveryError, match="loopback only"):
+        async with discovery.announced(_announcement(addresses=())):
+            pass
+
+
+# ---------------------------------------------------------------- on a real (virtual) LAN
+
+
+@pytest.fixture
+def lan(tmp_path: Path) -> Iterator[Lan]:
+    try:
+        check_available()
+    except LanUnavailable as exc:
+        pytest.skip(str(exc))
+    with Lan(2, tmp_path) as lan:
+        yield lan
+
+
+def _bin(name: str) -> str:
+    return str(BIN / name)
+
+
+def _wait_for(log: Path, proc: subprocess.Popen[bytes], text: str, timeout: float = 60) -> str:
+    give_up = time.monotonic() + timeout
+    while text not in (content := log.read_text(errors="replace")):
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {text!r}:\n{content[-3000:]}")
+        if time.monotonic() > give_up:
+            raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{content[-3000:]}")
+        time.sleep(0.1)
+    return content
+
+
+def _token(out: str) -> str:
+    match = re.search(r"nova1\.[A-Za-z0-9_-]+", out)
+    assert match, f"no join token in:\n{out}"
+    return match.group(0)
+
+
+def _wait_answered_by(hub: Host, node_id: str, timeout: float = 90) -> dict[str, object]:
+    give_up = time.monotonic() + timeout
+    while True:
+        out = hub.run([_bin("swarm-hub"), "nodes", "--json", "--wait", "2"], check=False)
+        if out.returncode == 0 and any(
+            n["node_id"] == node_id and n["state"] == "online" for n in json.loads(out.stdout)["nodes"]
+        ):
+            break
+        assert time.monotonic() < give_up, f"{node_id} never came online: {out.stdout}{out.stderr}"
+        time.sleep(0.5)
+    answer = hub.run([_bin("swarm-hub"), "ask", "found you?", "--json", "--timeout", "60"], timeout=90)
+    reply: dict[str, object] = json.loads(answer.stdout)
+    return reply
+
+
+# A second swarm that is also called "main" (another household's hub on the same Wi-Fi): same
+# name, its own key. It announces from the second phone's namespace until killed.
+_DECOY = """
+import asyncio, sys
+from nova_swarm.broker import discovery
+
+async def main():
+    decoy = discovery.Announcement(swarm="main", port=8883, tls=True, engine="amqtt",
+                                   key_id=sys.argv[1], addresses=(sys.argv[2],), hostname="decoy")
+    async with discovery.announced(decoy) as name:
+        print("decoy announced", name, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_phone_joins_with_no_address_typed(lan: Lan, tmp_path: Path) -> None:
+    phone, neighbour = lan.phones
+    decoy_log = tmp_path / "decoy.log"
+    decoy = neighbour.popen([sys.executable, "-c", _DECOY, OTHER_KEY.key_id, neighbour.address], log=decoy_log)
+    _wait_for(decoy_log, decoy, "decoy announced")
+
+    hub_log = tmp_path / "hub.log"
+    hub = lan.hub.popen(
+        [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--tls", "--no-node", "--no-http"],
+        log=hub_log,
+    )
+    _wait_for(hub_log, hub, "swarm up:")
+    # On every interface means every LAN address: in the hub's namespace, the bridge's alone.
+    announced = _wait_for(hub_log, hub, "announced on the LAN")
+    assert f"({lan.hub.address}; off with --no-discovery)" in announced, announced
+
+    enrolled = lan.hub.run([_bin("swarm-hub"), "enroll", phone.name, "--discover"])
+    token = _token(enrolled.stdout)
+    assert parse_join_token(token).discover
+
+    joined = phone.run([_bin("swarm-node"), "join", token])
+    assert "found by mDNS" in joined.stdout, joined.stdout
+    saved = json.loads((phone.config_dir / "joined.json").read_text())
+    url = BrokerURL.parse(saved["url"])
+    # The hub's address, not the decoy's: the decoy has the name but not the key.
+    assert (url.host, url.port, url.tls, saved["discover"]) == (lan.hub.address, PORT, True, True)
+
+    node_log = tmp_path / "node.log"
+    node_argv = [_bin("swarm-node"), "run", "--engine", "fake", "--no-guard", "--log-json"]
+    node = phone.popen(node_argv, log=node_log)
+    assert _wait_answered_by(lan.hub, phone.name)["node_id"] == phone.name
+
+    # The hub's machine got a new address while the phone was off: the saved one no longer
+    # answers, so the node looks again at start, connects, and saves where the hub is now.
+    phone.stop(node)
+    saved["url"] = str(replace(url, host=f"{lan.hub.address.rsplit('.', 1)[0]}.250"))  # nobody there
+    (phone.config_dir / "joined.json").write_text(json.dumps(saved))
+    node = phone.popen(node_argv, log=node_log)
+    assert _wait_answered_by(lan.hub, phone.name)["node_id"] == phone.name
+    assert BrokerURL.parse(json.loads((phone.config_dir / "joined.json").read_text())["url"]).host == lan.hub.address
+    assert "hub found at a new address" in node_log.read_text()
+
+
+def test_a_token_for_another_swarm_finds_nothing(lan: Lan, tmp_path: Path) -> None:
+    """Neither the hub nor the decoy holds the key this token names: joining fails, and says
+    what it saw instead."""
+    phone, neighbour = lan.phones
+    decoy_log = tmp_path / "decoy.log"
+    decoy = neighbour.popen([sys.executable, "-c", _DECOY, OTHER_KEY.key_id, neighbour.address], log=decoy_log)
+    _wait_for(decoy_log, decoy, "decoy announced")
+    url = BrokerURL(lan.hub.address, PORT, phone.name, "secret", tls=True)
+    token = join_token(Joined(url=str(url), swarm="main", node_id=phone.name, hub_key=KEY.text, discover=True))
+    joined = phone.run([_bin("swarm-node"), "join", token, "--discover-timeout", "3"], check=False)
+    assert joined.returncode == 1, joined.stdout + joined.stderr
+    assert f"no swarm 'main' with hub key {KEY.key_id}" in joined.stderr
+    assert f"hub key {OTHER_KEY.key_id}, but your token's is {KEY.key_id}" in joined.stderr  # the decoy, seen
+    assert not (phone.config_dir / "joined.json").exists()
