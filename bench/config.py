@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-SECTIONS = ("overhead", "dispatch", "scaling", "race", "recovery", "memory")
+SECTIONS = ("overhead", "dispatch", "scaling", "race", "recovery", "linkdown", "memory")
 BROKERS = ("amqtt", "mosquitto")
 
 
@@ -66,6 +66,10 @@ class BenchConfig:
     # 5. recovery
     recovery_trials: int = 20
     recovery_task_s: float = 0.8
+    # 5b. recovery after the link goes down (phones on a virtual LAN; needs root)
+    linkdown_trials: int = 10
+    #: long enough that a healthy phone must show progress while it works
+    linkdown_task_s: float = 3.0
 
     # 6. memory
     memory_nodes: int = 1000
@@ -102,6 +106,7 @@ class BenchConfig:
             race_min_seconds=0.5,
             recovery_trials=2,
             recovery_task_s=0.6,
+            linkdown_trials=2,
             memory_nodes=500,
             memory_window_s=0.5,
             memory_idle_s=0.3,

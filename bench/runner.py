@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import celery_baseline, dispatch, memory, overhead, plots, race, recovery, report, scaling
+from . import celery_baseline, dispatch, linkdown, memory, overhead, plots, race, recovery, report, scaling
 from .config import SECTIONS, BenchConfig
 from .load import LoadResult
 from .results import SectionResult
@@ -67,6 +67,12 @@ class Run:
         for broker in self.cfg.brokers:
             if any(self.wants(s) for s in ("overhead", "dispatch", "scaling", "race", "recovery")):
                 await self.on_broker(broker, direct)
+        if self.wants("linkdown"):
+            for broker in self.cfg.brokers:
+                got = await self.part("linkdown", broker, lambda b=broker: linkdown.measure(  # type: ignore[misc]
+                    self.cfg, b, self.workdir / f"linkdown-{b}"))  # fmt: skip
+                if got is not None:
+                    self.raw["linkdown"][broker] = got
         if self.wants("dispatch"):
             why = celery_baseline.missing()
             if why is not None:
@@ -160,6 +166,7 @@ class Run:
             "scaling": scaling.section,
             "race": race.section,
             "recovery": recovery.section,
+            "linkdown": linkdown.section,
             "memory": memory.section,
         }
         out = []
@@ -180,6 +187,7 @@ _TITLES = {
     "scaling": "3. Scaling with N nodes",
     "race": "4. Race: tail latency with fanout",
     "recovery": "5. Recovery after SIGKILL",
+    "linkdown": linkdown.TITLE,
     "memory": "6. Memory",
 }
 

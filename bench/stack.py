@@ -41,6 +41,8 @@ class StackConfig:
     node_ids: tuple[str, ...] = ()
     #: extra ``swarm-hub serve`` flags
     hub_args: tuple[str, ...] = ()
+    #: where the broker listens; the benchmark itself always connects over loopback
+    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,7 @@ class Stack:
         broker = self.procs.spawn(
             "broker",
             [PYTHON, "-m", "nova_swarm.broker", *self.common(), "--engine", self.config.broker]
+            + ["--host", self.config.host]
             + ["--log-level", "warning", "--no-log-file"],
         )
         self.broker_pid = broker.pid

@@ -350,6 +350,9 @@ class TaskResult(Wire):
     error: ErrorInfo | None = None
     tool_calls: list[ToolCall] | None = None
     embeddings: list[list[float]] | None = None
+    #: joules the node's device used while it ran the task, by its energy source (``node/energy.py``);
+    #: None: unknown (no readable source, a phone on its charger, or an older node)
+    energy_j: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _error_iff_failed(self) -> TaskResult:
@@ -560,6 +563,8 @@ class NodeTable(Wire):
 # ---------------------------------------------------------------- signed pins (retained)
 
 
+    #: energy per generated token over the node's recent answers (None: its energy is unknown)
+    joules_per_token: float | None = None
 #: The packages a node bundle carries: everything a node imports from nova-swarm, and nothing else.
 BUNDLE_PACKAGES = ("broker", "node")
 
@@ -652,6 +657,8 @@ class HubMetrics(Metrics):
     queue_depth: int
     requests_per_s: float
     answered_per_s: float
+    #: over the node's recent answers that carried energy; -1 when none did
+    joules_per_token: float
     errors_per_min: int
     #: over the answers of the last minute; -1 when there were none
     latency_p50_ms: float

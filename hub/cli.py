@@ -677,7 +677,7 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         print(table.model_dump_json(indent=2))
         return 0
-    header = ("NODE", "STATE", "MODEL", "VERSION", "TOK/S", "BATTERY", "TEMP", "BUSY", "LAST SEEN")
+    header = ("NODE", "STATE", "MODEL", "VERSION", "TOK/S", "J/TOK", "BATTERY", "TEMP", "BUSY", "LAST SEEN")
     rows = [
         (
             n.node_id,
@@ -739,6 +739,11 @@ def cmd_creds(args: argparse.Namespace) -> int:
     if args.rotate:
         home.rotate(Role(args.role))
         print(f"new {args.role} password saved; brokers drop connections using the old one", file=sys.stderr)
+def _joules(value: float | None) -> str:
+    """Three significant digits: a laptop spends joules on a token, a phone hundredths."""
+    return "-" if value is None else f"{value:.3g}"
+
+
     url = home.url(Role(args.role), port=args.port)
     if args.url:
         print(url)
@@ -756,6 +761,7 @@ def _lan_host() -> str:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+            _joules(n.joules_per_token),
     home = _home(args)
     local = home.local()
     enrolment = home.enroll(args.node_id, owner=args.owner, rotate=args.rotate, trusted=args.trusted)

@@ -113,7 +113,13 @@ def node_metrics(rec: NodeRecord, now: float, heartbeat_timeout_s: float) -> Nod
         tasks_done=hb.tasks_done if hb else 0,
         tasks_failed=hb.tasks_failed if hb else 0,
         pauses=hb.pauses if hb else 0,
+        joules_per_token=_joules(rec.energy.per_token()),
     )
+
+
+def _joules(value: float | None) -> float:
+    # Finer than _known: a phone spends hundredths of a joule on a token.
+    return UNKNOWN if value is None else round(value, 4)
 
 
 def reported(registry: Registry, now: float, *, forget_after_s: float = 3600.0) -> list[NodeRecord]:

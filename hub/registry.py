@@ -7,6 +7,7 @@ has been heard from live (not through a retained message) within ``heartbeat_tim
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,28 @@ from packaging.version import InvalidVersion, Version
 from nova_swarm.broker.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, PinReport, Status
 
 TIMEOUT_REASON = "heartbeat timeout"
+
+
+#: the recent answers a node's joules per token is taken over
+ENERGY_WINDOW = 32
+
+
+@dataclass(slots=True)
+class EnergyTally:
+    """A node's recent answers that carried energy: joules per generated token over them.
+
+    Answers without energy (an older node, no readable source, on the charger) and embeddings
+    (no generated tokens) are left out rather than counted as free."""
+
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=ENERGY_WINDOW))
+
+    def add(self, energy_j: float | None, completion_tokens: int) -> None:
+        if energy_j is not None and completion_tokens > 0:
+            self.recent.append((energy_j, completion_tokens))
+
+    def per_token(self) -> float | None:
+        tokens = sum(t for _, t in self.recent)
+        return round(sum(j for j, _ in self.recent) / tokens, 6) if tokens else None
 
 
 @dataclass(slots=True)
@@ -30,6 +53,7 @@ class NodeRecord:
     #: what the node last said about the pinned bundle and model
     bundle_report: PinReport | None = None
     model_report: PinReport | None = None
+    energy: EnergyTally = field(default_factory=EnergyTally)
 
     @property
     def capacity(self) -> int:
@@ -231,6 +255,7 @@ class Registry:
                     agent_version=an.agent_version if an else None,
                     tags=list(an.tags) if an else [],
                     lag=lag(rec, self.pins),
+                    joules_per_token=rec.energy.per_token(),
                 )
             )
         return NodeTable(ts=now, nodes=rows)

@@ -23,7 +23,7 @@ from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import check_node_id
 from nova_swarm.broker.url import BrokerURL
 
-from . import sensors
+from . import energy, sensors
 from .bundles import RESTART_EXIT, BundleStore
 from .config import NodeConfig, default_node_id
 from .engine import Engine, load_engine
@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_arguments(run)
 
     models = sub.add_parser("models", help="pull GGUF models into the offline cache, and list them")
+    guard.add_argument(
+        "--energy",
+        default="auto",
+        help="where each task's joules come from: auto, rapl, battery, termux, sim:WATTS (for tests and demos;"
+        " also $NOVA_SWARM_ENERGY_SIM), or none",
+    )
     msub = models.add_subparsers(dest="models_command", required=True)
     pull_p = msub.add_parser("pull", help="download (resumably) and verify a model")
     pull_p.add_argument(
@@ -328,12 +334,22 @@ async def run_node(args: argparse.Namespace) -> bool:
         model_path=model_path,
         on_online=_mark_healthy(Path(health)) if supervised and health else None,
     )
-    node = Node(config, engine, url, ca_file=args.ca_file, sensor=source, updates=updates)
+    node = Node(
+        config,
+        engine,
+        url,
+        ca_file=args.ca_file,
+        sensor=source,
+        updates=updates,
+        energy=energy.EnergyMeter(power) if power is not None else None,
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)
     try:
         await node.run()
+    power = energy.load_source(args.energy)
+    log.info("energy", source=power.name if power is not None else "none")
     finally:
         node.engine.close()  # a model switch has closed the engine it replaced
     return node.restart_requested

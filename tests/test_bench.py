@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.bench import dispatch, recovery, report, scaling
+from nova_swarm.bench import dispatch, linkdown, recovery, report, scaling
 from nova_swarm.bench.config import SECTIONS, BenchConfig
 from nova_swarm.bench.results import Table
 from nova_swarm.bench.stats import Summary, efficiency, percentile, ratio, tail_cut
@@ -29,6 +29,7 @@ TITLES = (
     "== 3. Scaling",
     "== 4. Race",
     "== 5. Recovery",
+    "== 5b. Recovery after the link goes down",
     "== 6. Memory",
     "== Targets ==",
 )
@@ -74,6 +75,7 @@ def test_quick_run_prints_every_section(tmp_path: Path) -> None:
         assert fake[0]["nodes"] == 1 and fake[0]["efficiency"] == 1.0
         assert {p["fanout"] for p in s["race"]["data"][broker]["points"]} == {1, 2, 3}
         assert s["recovery"]["data"][broker]["restart_s"]["n"] >= 1
+        assert s["linkdown"]["data"][broker]["restart_s"]["n"] >= 1  # phones on a virtual LAN (CI is root)
         assert s["memory"]["data"]["brokers"][broker]["loaded"]["hub_mb"] > 0
     assert s["scaling"]["data"]["mosquitto"]["real"]["speedup"] > 0
     assert s["memory"]["data"]["node"]["overhead_mb"] is not None
@@ -165,6 +167,23 @@ def test_dispatch_section_compares_with_celery_side_by_side(tmp_path: Path) -> N
     assert verdicts["worst p50 vs Celery's at any concurrency, amqtt"] == (pytest.approx(40 / 30, abs=1e-3), False)
     assert data["amqtt"]["points"][0]["vs_celery_p50"] == 0.75
     assert [row[0] for row in section.tables[0].rows] == ["swarm/mosquitto"] * 2 + ["swarm/amqtt"] * 2 + ["celery"] * 2
+
+
+def test_linkdown_section_holds_restarts_to_3_s_at_p50_and_5_s_at_most(tmp_path: Path) -> None:
+    fast, slow = Summary.of([1.4, 1.6, 1.9]).to_json(), Summary.of([1.5, 2.5, 6.5]).to_json()
+    data = {
+        broker: {"restart_s": restart, "answer_s": restart, "rejoin_s": restart, "task_s": 3.0}
+        for broker, restart in (("amqtt", slow), ("mosquitto", fast))
+    }
+    section = linkdown.section(data, {}, BenchConfig(out_dir=tmp_path))
+    verdicts = {t.name: t.met for t in section.targets}
+    assert verdicts == {
+        "p50 restart after the link goes down, amqtt": True,
+        "max restart after the link goes down, amqtt": False,  # one trial took 6.5 s
+        "p50 restart after the link goes down, mosquitto": True,
+        "max restart after the link goes down, mosquitto": True,
+    }
+    assert [row[0] for row in section.tables[0].rows] == ["amqtt", "mosquitto"]
 
 
 def test_scaling_section_takes_the_worst_efficiency_up_to_64(tmp_path: Path) -> None:

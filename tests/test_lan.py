@@ -88,7 +88,8 @@ def test_lan_addresses_and_certificate_names_inside_the_lan(tmp_path: Path) -> N
         phone.run(["ip", "link", "set", "eth0", "down"])
         none, mdns, names = _python_in(phone, code)
         assert none == [] and phone.address not in names
-        host = _python_in(phone, "import json; from nova_swarm.hub.cli import _lan_host; print(json.dumps(_lan_host()))")
+        code = "import json; from nova_swarm.hub.cli import _lan_host; print(json.dumps(_lan_host()))"
+        host = _python_in(phone, code)
         assert host == mdns
 
 
@@ -145,7 +146,9 @@ class Swarm:
         answers: list[dict[str, Any] | str] = [""] * len(prompts)
 
         def ask(i: int) -> None:
-            out = self.hub_cli("ask", prompts[i], "--json", "--timeout", str(timeout), timeout=timeout + 30, check=False)
+            out = self.hub_cli(
+                "ask", prompts[i], "--json", "--timeout", str(timeout), timeout=timeout + 30, check=False
+            )
             answers[i] = json.loads(out.stdout) if out.returncode == 0 else f"{out.stdout}\n{out.stderr}"
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
@@ -264,7 +267,8 @@ def _utc(ts: str) -> float:
 def test_a_busy_phone_drops_off_the_lan_and_comes_back(lan: Lan, tmp_path: Path) -> None:
     swarm = _start_swarm(lan, tmp_path, delay_s=5.0)
     answers: list[dict[str, Any]] = []
-    asking = threading.Thread(target=lambda: answers.extend(swarm.ask_all([f"task {i}" for i in range(3)], timeout=120)))
+    tasks = [f"task {i}" for i in range(3)]
+    asking = threading.Thread(target=lambda: answers.extend(swarm.ask_all(tasks, timeout=120)))
     asking.start()
     try:
         # Every phone busy with one task; then the first one walks out of Wi-Fi range.
