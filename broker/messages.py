@@ -551,6 +551,8 @@ class NodeRow(Wire):
     tags: list[str]
     #: why the node does not run the pinned bundle or model (None: it does, or nothing is pinned)
     lag: str | None = None
+    #: energy per generated token over the node's recent answers (None: its energy is unknown)
+    joules_per_token: float | None = None
 
 
 class NodeTable(Wire):
@@ -563,8 +565,6 @@ class NodeTable(Wire):
 # ---------------------------------------------------------------- signed pins (retained)
 
 
-    #: energy per generated token over the node's recent answers (None: its energy is unknown)
-    joules_per_token: float | None = None
 #: The packages a node bundle carries: everything a node imports from nova-swarm, and nothing else.
 BUNDLE_PACKAGES = ("broker", "node")
 
@@ -645,6 +645,8 @@ class NodeMetrics(Metrics):
     tasks_done: int
     tasks_failed: int
     pauses: int
+    #: over the node's recent answers that carried energy; -1 when none did
+    joules_per_token: float
 
 
 class HubMetrics(Metrics):
@@ -657,8 +659,6 @@ class HubMetrics(Metrics):
     queue_depth: int
     requests_per_s: float
     answered_per_s: float
-    #: over the node's recent answers that carried energy; -1 when none did
-    joules_per_token: float
     errors_per_min: int
     #: over the answers of the last minute; -1 when there were none
     latency_p50_ms: float

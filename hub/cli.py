@@ -668,6 +668,11 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
+def _joules(value: float | None) -> str:
+    """Three significant digits: a laptop spends joules on a token, a phone hundredths."""
+    return "-" if value is None else f"{value:.3g}"
+
+
 async def cmd_nodes(args: argparse.Namespace) -> int:
     payload = await _retained(args, "nodes")
     if payload is None:
@@ -685,6 +690,7 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
             n.model or "-",
             n.agent_version or "-",
             _fmt(n.tokens_per_s, ".1f"),
+            _joules(n.joules_per_token),
             "-" if n.battery_pct is None else f"{n.battery_pct:.0f}%" + ("+" if n.charging else ""),
             _fmt(n.temp_c, ".1f", "C"),
             str(n.busy),
@@ -739,11 +745,6 @@ def cmd_creds(args: argparse.Namespace) -> int:
     if args.rotate:
         home.rotate(Role(args.role))
         print(f"new {args.role} password saved; brokers drop connections using the old one", file=sys.stderr)
-def _joules(value: float | None) -> str:
-    """Three significant digits: a laptop spends joules on a token, a phone hundredths."""
-    return "-" if value is None else f"{value:.3g}"
-
-
     url = home.url(Role(args.role), port=args.port)
     if args.url:
         print(url)
@@ -761,7 +762,6 @@ def _lan_host() -> str:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-            _joules(n.joules_per_token),
     home = _home(args)
     local = home.local()
     enrolment = home.enroll(args.node_id, owner=args.owner, rotate=args.rotate, trusted=args.trusted)

@@ -431,9 +431,10 @@ class Hub:
         if result.task_id in run.receipted:
             return
         run.receipted.add(result.task_id)
-        body = self._receipt_body(
-            run, result, self.registry.nodes.get(result.node_id), won=won, rank=rank, ranked=ranked
-        )
+        rec = self.registry.nodes.get(result.node_id)
+        body = self._receipt_body(run, result, rec, won=won, rank=rank, ranked=ranked)
+        if rec is not None and result.ok:
+            rec.energy.add(result.energy_j, body.completion_tokens)
         if self._ledger is None:
             self.trust.record(asdict(body))
             return
@@ -457,7 +458,7 @@ class Hub:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             wall_ms=round(timings.queue_ms + timings.generate_ms, 2) if timings else 0.0,
-            energy_j=None,  # no node measures it yet
+            energy_j=result.energy_j,
             prompt_sha256=run.digest,
             result_sha256=sha256_text(result.text) if result.ok and result.text is not None else None,
             strategy=run.accepted.request.strategy,

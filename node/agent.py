@@ -51,6 +51,7 @@ from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
 from . import homeassistant, sensors, tools
+from .energy import EnergyMeter, Mark, sample_while_busy
 from .config import NodeConfig
 from .engine import Engine, Generation, Sampling
 from .guard import Guard, Pause, Resume
@@ -61,7 +62,6 @@ log = structlog.get_logger("nova_swarm.node")
 PROFILE_PROMPT = [{"role": "user", "content": "Count from one to twenty."}]
 
 
-from .energy import EnergyMeter, Mark, sample_while_busy
 #: what a node may announce (``messages.Capability``); an engine's other claims are not ours to pass on
 CAPABILITIES = frozenset(get_args(Capability))
 
@@ -86,27 +86,27 @@ class Node:
         ca_file: Path | None = None,
         sensor: sensors.Source | None = None,
         updates: UpdateSetup | None = None,
+        energy: EnergyMeter | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.sensor = sensor or sensors.PsutilSource()
         self.guard = Guard(config.guard)
         self.reading = sensors.UNKNOWN
+        #: estimates each task's joules (``energy.py``); None: every task's energy is unknown
+        self.energy = energy
+        #: set while a task runs: the energy source is sampled then
+        self._measuring = asyncio.Event()
         self.url = url
         self.topics = Topics(config.swarm)
         self._ca_file = ca_file
         self._queued: deque[_Job] = deque()
-        energy: EnergyMeter | None = None,
         self._running: dict[str, _Job] = {}
         self._work = asyncio.Condition()
         self._outbox: deque[tuple[str, bytes, bool]] = deque()
         self._conn: Connection | None = None
         self._stop_requested = asyncio.Event()
         self.connected = asyncio.Event()
-        #: estimates each task's joules (``energy.py``); None: every task's energy is unknown
-        self.energy = energy
-        #: set while a task runs: the energy source is sampled then
-        self._measuring = asyncio.Event()
         self.profile_tokens_per_s = 0.0
         self._recent_tokens_per_s: float | None = None
         self.tokens_served = 0
@@ -142,9 +142,12 @@ class Node:
             self._tg = tg
             link = tg.create_task(reconnecting(self._connect, self._session, name=f"node {self.config.node_id}"))
             senses = tg.create_task(self._sense_loop())
+            meters = [tg.create_task(sample_while_busy(self.energy, self._measuring))] if self.energy else []
             workers = [tg.create_task(self._worker()) for _ in range(self.config.slots)]
             await self._stop_requested.wait()
             senses.cancel()
+            for meter in meters:
+                meter.cancel()
             self.updater.cancel()
             await self._drain(workers)
             await self._go_offline()
@@ -154,12 +157,9 @@ class Node:
     async def _profile(self) -> None:
         """A short generation at start-up, so the hub can tell fast nodes from slow ones."""
         if self.config.profile_tokens <= 0:
-            meters = [tg.create_task(sample_while_busy(self.energy, self._measuring))] if self.energy else []
             return
         sampling = Sampling(max_tokens=self.config.profile_tokens, temperature=0.0, seed=0)
         gen = await asyncio.to_thread(self.engine.generate, PROFILE_PROMPT, sampling, lambda: False)
-            for meter in meters:
-                meter.cancel()
         if gen.completion_tokens and gen.generate_s > 0:
             self.profile_tokens_per_s = gen.completion_tokens / gen.generate_s
         log.info("profiled engine", node_id=self.config.node_id, tokens_per_s=round(self.profile_tokens_per_s, 1))
@@ -496,11 +496,25 @@ class Node:
                     return  # stopping, and nothing left to run
                 job = self._queued.popleft()
                 self._running[job.task.task_id] = job
+                self._measuring.set()
+            mark = self.energy.begin() if self.energy is not None else None
             try:
                 result = await self._execute(job)
             finally:
+                sharing = len(self._running)
                 self._running.pop(job.task.task_id, None)
+                if not self._running:
+                    self._measuring.clear()
+            if mark is not None and result.ok:
+                result = result.model_copy(update={"energy_j": self._energy_used(mark, sharing)})
             await self._send_result(result)
+
+    def _energy_used(self, mark: Mark, sharing: int) -> float | None:
+        """The device's joules since ``mark``, split evenly among the tasks running at the end
+        (with one slot, all of it: the figure is the whole device's draw while the task ran)."""
+        assert self.energy is not None
+        joules = self.energy.end(mark)
+        return None if joules is None else round(joules / max(sharing, 1), 3)
 
     async def _execute(self, job: _Job) -> TaskResult:
         task = job.task
@@ -514,26 +528,12 @@ class Node:
 
             if task.kind == "embed":
                 return await self._embed(job, started)
-                self._measuring.set()
-            mark = self.energy.begin() if self.energy is not None else None
             plan = tools.plan(
                 [m.engine_dict() for m in task.messages],
                 tools=task.tools,
-                sharing = len(self._running)
                 tool_choice=task.tool_choice,
-                if not self._running:
-                    self._measuring.clear()
-            if mark is not None and result.ok:
-                result = result.model_copy(update={"energy_j": self._energy_used(mark, sharing)})
                 response_schema=task.response_format.answer_schema() if task.response_format else None,
             )
-    def _energy_used(self, mark: Mark, sharing: int) -> float | None:
-        """The device's joules since ``mark``, split evenly among the tasks running at the end
-        (with one slot, all of it: the figure is the whole device's draw while the task ran)."""
-        assert self.energy is not None
-        joules = self.energy.end(mark)
-        return None if joules is None else round(joules / max(sharing, 1), 3)
-
             decoder = plan.decoder()
             chunks = _ChunkSender(self, task.task_id) if task.stream else None
             on_text = chunks.from_thread(decoder) if chunks is not None else None

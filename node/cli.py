@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--charging-only", action="store_true", help="only work while the device is charging")
     guard.add_argument("--no-guard", action="store_true", help="never pause (a desktop whose sensors mean nothing)")
     guard.add_argument("--sense-interval", type=float, default=5.0, help="seconds between sensor readings")
+    guard.add_argument(
+        "--energy",
+        default="auto",
+        help="where each task's joules come from: auto, rapl, battery, termux, sim:WATTS (for tests and demos;"
+        " also $NOVA_SWARM_ENERGY_SIM), or none",
+    )
     ha = run.add_argument_group("Home Assistant")
     ha.add_argument(
         "--home-assistant", action="store_true", help="show this node as a device in Home Assistant (MQTT discovery)"
@@ -101,12 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_arguments(run)
 
     models = sub.add_parser("models", help="pull GGUF models into the offline cache, and list them")
-    guard.add_argument(
-        "--energy",
-        default="auto",
-        help="where each task's joules come from: auto, rapl, battery, termux, sim:WATTS (for tests and demos;"
-        " also $NOVA_SWARM_ENERGY_SIM), or none",
-    )
     msub = models.add_subparsers(dest="models_command", required=True)
     pull_p = msub.add_parser("pull", help="download (resumably) and verify a model")
     pull_p.add_argument(
@@ -320,6 +320,8 @@ async def run_node(args: argparse.Namespace) -> bool:
     engine = await asyncio.to_thread(load_engine, args.engine, **options)
     source = sensors.load_source(args.sensors)
     log.info("sensors", source=source.name)
+    power = energy.load_source(args.energy)
+    log.info("energy", source=power.name if power is not None else "none")
     supervised = os.environ.get(CHILD_ENV) == "1"
     health = os.environ.get(HEALTH_ENV)
 
@@ -348,8 +350,6 @@ async def run_node(args: argparse.Namespace) -> bool:
         loop.add_signal_handler(sig, node.stop)
     try:
         await node.run()
-    power = energy.load_source(args.energy)
-    log.info("energy", source=power.name if power is not None else "none")
     finally:
         node.engine.close()  # a model switch has closed the engine it replaced
     return node.restart_requested

@@ -198,11 +198,11 @@ async def running_hub(broker: RunningBroker, config: HubConfig) -> AsyncIterator
 
 @asynccontextmanager
 async def running_node(
-    broker: RunningBroker, engine: Engine, node_id: str, *, sensor: Any = None, **overrides: Any
+    broker: RunningBroker, engine: Engine, node_id: str, *, sensor: Any = None, energy: Any = None, **overrides: Any
 ) -> AsyncIterator[Node]:
     settings: dict[str, Any] = {"node_id": node_id, "heartbeat_s": 0.5, "profile_tokens": 0, "drain_s": 2.0}
     settings.update(overrides)
-    node = Node(NodeConfig(**settings), engine, await broker.enrolled(node_id), sensor=sensor)
+    node = Node(NodeConfig(**settings), engine, await broker.enrolled(node_id), sensor=sensor, energy=energy)
     task = asyncio.create_task(node.run())
     try:
         await within(asyncio.shield(node.connected.wait()), 15)
