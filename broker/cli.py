@@ -8,9 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
+from . import limits as defaults
 from . import logs, tls
 from .errors import ConfigError
+from .fdlimit import raise_open_file_limit
 from .home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome
+from .limits import BrokerLimits
 from .topics import DEFAULT_SWARM, check_id
 
 ENGINES = ("amqtt", "mosquitto")
@@ -19,8 +22,36 @@ ENGINES = ("amqtt", "mosquitto")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm-broker", description=__doc__)
     add_broker_arguments(parser)
+    add_limit_arguments(parser)
     logs.add_arguments(parser)
     return parser
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-packet",
+        type=int,
+        default=defaults.MAX_PACKET_BYTES,
+        help="largest MQTT packet accepted, bytes (refused from its header, before it is read)",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        default=defaults.MAX_QUEUED_MESSAGES,
+        help="messages held for a subscriber that does not keep up; more are dropped and counted",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=defaults.CONNECT_TIMEOUT_S,
+        help="seconds a new connection may take to send CONNECT (amqtt; Mosquitto has its own)",
+    )
+
+
+def limits_from(args: argparse.Namespace) -> BrokerLimits:
+    return BrokerLimits(
+        max_packet_bytes=args.max_packet, max_queued_messages=args.max_queued, connect_timeout_s=args.connect_timeout
+    )
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = "--engine") -> None:
@@ -44,9 +75,15 @@ def home_from(args: argparse.Namespace) -> SwarmHome:
 
 
 async def run_broker(
-    home: SwarmHome, local: LocalSwarm, *, on_ready: object = None, bridge: Path | None = None
+    home: SwarmHome,
+    local: LocalSwarm,
+    *,
+    on_ready: object = None,
+    bridge: Path | None = None,
+    limits: BrokerLimits | None = None,
 ) -> None:
     """Generate credentials if needed, record where we listen, and serve until cancelled."""
+    limits = limits or BrokerLimits()
     check_id(local.swarm, what="swarm id")
     if bridge is not None and local.engine != "mosquitto":
         raise ConfigError("--bridge needs the Mosquitto engine: amqtt cannot bridge to another broker")
@@ -67,6 +104,7 @@ async def run_broker(
                 home.mosquitto_dir,
                 tls=tls_files,
                 bridge=bridge,
+                limits=limits,
             ),
             on_ready=ready,
         )
@@ -75,15 +113,17 @@ async def run_broker(
         from .embedded import serve as serve_amqtt
 
         await serve_amqtt(
-            EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file, tls=tls_files),
+            EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file, tls=tls_files, limits=limits),
             on_ready=ready,
         )
 
 
-async def _serve_until_signalled(home: SwarmHome, local: LocalSwarm, bridge: Path | None) -> None:
+async def _serve_until_signalled(
+    home: SwarmHome, local: LocalSwarm, bridge: Path | None, limits: BrokerLimits
+) -> None:
     """SIGTERM and SIGINT stop the broker cleanly; in Mosquitto mode that also stops mosquitto,
     which would otherwise outlive us."""
-    task = asyncio.create_task(run_broker(home, local, bridge=bridge))
+    task = asyncio.create_task(run_broker(home, local, bridge=bridge, limits=limits))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -98,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(
         level=args.log_level, json=args.log_json, file=logs.file_for(args, home_from(args).log_file("broker"))
     )
+    raise_open_file_limit()  # every connection is a file; Mosquitto inherits the limit too
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine, tls=args.tls)
     try:
-        asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge))
+        asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge, limits_from(args)))
     except ConfigError as exc:
         print(f"swarm-broker: {exc}", file=sys.stderr)
         return 2

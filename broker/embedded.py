@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from .errors import ConfigError
+from .limits import BrokerLimits
 from .passwords import FileWatch, LoginCheck
 from .tls import TLSFiles
 
@@ -29,6 +30,8 @@ class EmbeddedBrokerConfig:
     password_file: Path
     #: TLS only when set: no plaintext listener at all
     tls: TLSFiles | None = None
+    #: packet size, queue depth and CONNECT timeout (hardened.py applies them)
+    limits: BrokerLimits = BrokerLimits()
 
 
 def amqtt_config(config: EmbeddedBrokerConfig) -> dict[str, Any]:
@@ -47,14 +50,17 @@ def amqtt_config(config: EmbeddedBrokerConfig) -> dict[str, Any]:
 
 async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | None = None) -> None:
     """Run the broker until cancelled."""
-    from .plugins import HardenedBroker
-
-    # amqtt logs every connection at INFO through stdlib logging; keep its chatter at WARNING.
-    logging.getLogger("amqtt").setLevel(logging.WARNING)
     from amqtt.errors import BrokerError
 
+    from .hardened import HardenedBroker
+
+    # amqtt logs every connection at INFO through stdlib logging; keep its chatter at WARNING.
+    # HardenedBroker logs each connection's end itself, in one line: amqtt's own warnings about
+    # a peer (with a traceback, for a reset) are noise a peer can produce at will.
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+
     logins = FileWatch(config.password_file)  # before the broker first reads the file
-    broker = HardenedBroker(amqtt_config(config))
+    broker = HardenedBroker(amqtt_config(config), limits=config.limits)
     try:
         await broker.start()
     except BrokerError as exc:
@@ -67,6 +73,9 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
         port=config.port,
         swarm=config.swarm,
         tls=config.tls is not None,
+        max_packet_bytes=config.limits.max_packet_bytes,
+        max_queued_messages=config.limits.max_queued_messages,
+        connect_timeout_s=config.limits.connect_timeout_s,
     )
     if on_ready is not None:
         on_ready()
