@@ -23,7 +23,7 @@ from nova_swarm.broker import discovery
 from nova_swarm.broker.discovery import Announcement, Found
 from nova_swarm.broker.errors import DiscoveryError, ProtocolError
 from nova_swarm.broker.home import Joined, join_token, parse_join_token
-from nova_swarm.broker.signing import SigningKey
+from nova_swarm.broker.signing import PublicKey, SigningKey
 from nova_swarm.broker.url import BrokerURL
 
 from .lan import Host, Lan, LanUnavailable, check_available
@@ -270,17 +270,28 @@ def test_a_phone_joins_with_no_address_typed(lan: Lan, tmp_path: Path) -> None:
     assert "hub found at a new address" in node_log.read_text()
 
 
-def test_a_token_for_another_swarm_finds_nothing(lan: Lan, tmp_path: Path) -> None:
-    """Neither the hub nor the decoy holds the key this token names: joining fails, and says
-    what it saw instead."""
+def test_a_hub_with_no_discovery_is_not_found(lan: Lan, tmp_path: Path) -> None:
+    """With --no-discovery the hub stays silent: joining by discovery sees only the decoy, which
+    has the name but not the key, so it fails, says what it saw, and saves nothing."""
     phone, neighbour = lan.phones
     decoy_log = tmp_path / "decoy.log"
     decoy = neighbour.popen([sys.executable, "-c", _DECOY, OTHER_KEY.key_id, neighbour.address], log=decoy_log)
     _wait_for(decoy_log, decoy, "decoy announced")
-    url = BrokerURL(lan.hub.address, PORT, phone.name, "secret", tls=True)
-    token = join_token(Joined(url=str(url), swarm="main", node_id=phone.name, hub_key=KEY.text, discover=True))
+    hub_log = tmp_path / "hub.log"
+    hub = lan.hub.popen(
+        [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--tls", "--no-node", "--no-http"]
+        + ["--no-discovery"],
+        log=hub_log,
+    )
+    _wait_for(hub_log, hub, "swarm up:")
+    assert "announced on the LAN" not in hub_log.read_text()
+    token = _token(lan.hub.run([_bin("swarm-hub"), "enroll", phone.name, "--discover"]).stdout)
+    hub_key = parse_join_token(token).hub_key
+    assert hub_key is not None
+    key_id = PublicKey.parse(hub_key).key_id
+
     joined = phone.run([_bin("swarm-node"), "join", token, "--discover-timeout", "3"], check=False)
     assert joined.returncode == 1, joined.stdout + joined.stderr
-    assert f"no swarm 'main' with hub key {KEY.key_id}" in joined.stderr
-    assert f"hub key {OTHER_KEY.key_id}, but your token's is {KEY.key_id}" in joined.stderr  # the decoy, seen
+    assert f"no swarm 'main' with hub key {key_id} answered on the LAN within 3 s" in joined.stderr
+    assert f"'main on decoy' announces swarm 'main' with hub key {OTHER_KEY.key_id}" in joined.stderr
     assert not (phone.config_dir / "joined.json").exists()
