@@ -29,6 +29,7 @@ from .config import NodeConfig, default_node_id
 from .engine import Engine, load_engine
 from .guard import GuardConfig
 from .homeassistant import HomeAssistantConfig
+from .memory import RamPolicy, budget_from
 from .models import CATALOGUE, ModelCache, bundled_model, progress_bar, pull
 from .supervisor import CHILD_ENV, HEALTH_ENV, Supervisor, SupervisorConfig
 from .updater import UpdateSetup
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=int, default=None, help="inference threads (default: up to 4)")
     run.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
+    run.add_argument(
+        "--ram-budget",
+        metavar="SIZE|PROFILE",
+        help="the most RAM the model may take (700M, 2G, or a profile: phone-2gb, phone-3gb, phone-4gb,"
+        " phone-6gb); a model that needs more is refused (default: $NOVA_SWARM_RAM_BUDGET, else what is free)",
+    )
     run.add_argument("--slots", type=int, default=1)
     run.add_argument("--queue-max", type=int, default=4)
     run.add_argument("--max-tokens", type=int, default=512, help="hard cap on tokens per answer")
@@ -274,6 +281,10 @@ def hub_key(args: argparse.Namespace, home: SwarmHome) -> PublicKey | None:
     return home.hub_public_key()
 
 
+def _mb(size: int | None) -> int | None:
+    return None if size is None else round(size / 2**20)
+
+
 def _mark_healthy(path: Path) -> Callable[[], None]:
     def mark() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +328,15 @@ async def run_node(args: argparse.Namespace) -> bool:
         options = {"model_path": model_path, "ctx": args.ctx, "threads": args.threads}
     extra = engine_options(args.engine_option)
     options.update(extra)
+    ram = RamPolicy(
+        budget_bytes=budget_from(args.ram_budget),
+        ctx=args.ctx,
+        embeddings=options.get("embeddings", True) is not False,
+    )
+    if model_path is not None:
+        # Before loading: a model too big for the phone is a clear refusal, not the low-memory killer.
+        needs = ram.check(model_path)
+        log.info("model fits", model=needs.name, needs_mb=round(needs.total / 2**20), room_mb=_mb(ram.room()))
     engine = await asyncio.to_thread(load_engine, args.engine, **options)
     source = sensors.load_source(args.sensors)
     log.info("sensors", source=source.name)
@@ -334,6 +354,7 @@ async def run_node(args: argparse.Namespace) -> bool:
         models=cache,
         load_model=load_model if model_path is not None else None,
         model_path=model_path,
+        ram=ram,
         on_online=_mark_healthy(Path(health)) if supervised and health else None,
     )
     node = Node(
@@ -359,6 +380,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     """``swarm-node run`` without --no-updates: run the node under the bundle supervisor."""
     home = home_from(args)
     config, _ = config_from(args, home)  # fail here, once, on bad flags
+    budget_from(args.ram_budget)
     store = BundleStore((args.state_dir or default_state_dir(config.node_id)) / "bundles")
     return Supervisor(store, argv, SupervisorConfig(health_timeout_s=args.update_timeout)).run()
 

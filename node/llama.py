@@ -94,13 +94,20 @@ class LlamaEngine:
         self._closed = False
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         # The embedding context: made on first use (a phone may never need it), with its own
-        # lock so that embedding does not wait for a generation.
+        # lock so that embedding does not wait for a generation. It cannot share the chat
+        # context: llama.cpp fixes embedding mode and pooling when a context is made, and a
+        # pooled pass needs the whole text in one batch. Its size is counted by memory.py.
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
 
     @property
     def info(self) -> EngineInfo:
         return self._info
+
+    @property
+    def embedding_loaded(self) -> bool:
+        """Whether the embedding context is in memory: only once an embed request came."""
+        return self._embedder is not None
 
     # ------------------------------------------------------------ chat
 

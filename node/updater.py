@@ -36,6 +36,7 @@ from nova_swarm.broker.version import __version__
 
 from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manifest
 from .engine import Engine
+from .memory import RamPolicy
 from .models import CATALOGUE, ModelCache, pull
 
 if TYPE_CHECKING:
@@ -66,8 +67,8 @@ class UpdateSetup:
     chunk_timeout_s: float = 60.0
     #: how long to wait for the right chunk after a wrong one arrived (stale or tampered)
     chunk_grace_s: float = 3.0
-    #: a model larger than this share of the device's RAM is refused
-    max_ram_share: float = 0.6
+    #: how the node decides that a pinned model fits in RAM (``memory.py``)
+    ram: RamPolicy = RamPolicy()
 
 
 class Updater:
@@ -265,7 +266,7 @@ class Updater:
             else:
                 assert own is not None
                 path = own
-            self._check_fits(path.stat().st_size, wanted)
+            await asyncio.to_thread(self.setup.ram.check, path, name=wanted, freed=self._serving_bytes())
             await self._report("model", wanted, "switching", f"loading {path.name} once running tasks finish")
             await self.node.switch_engine(path, f"switching model to {wanted}")
         except (UpdateRefused, ConfigError, OSError) as exc:  # a file gone or a full disk: refused, not a crash
@@ -288,7 +289,7 @@ class Updater:
             raise UpdateRefused(f"no copy of {pin.name} (sha256 {pin.sha256[:16]}...) here, and the pin has no URL")
         size = pin.size_bytes or (entry.size_bytes if entry else None)
         if size is not None:
-            self._check_fits(size, pin.name)
+            self.setup.ram.check_size(size, pin.name, freed=self._serving_bytes())
             cache.root.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(cache.root).free
             if free < size:
@@ -296,9 +297,12 @@ class Updater:
         log.info("pulling pinned model", model=pin.name, url=url)
         return pull(url, cache=cache, sha256=pin.sha256, name=pin.name, stop=self._download_stop.is_set).path
 
-    def _check_fits(self, size: int, name: str) -> None:
-        total_mb = self.node.reading.ram_total_mb
-        if total_mb is not None and size / 2**20 > total_mb * self.setup.max_ram_share:
-            raise UpdateRefused(
-                f"{name} is {size / 2**20:.0f} MB, more than this device can hold ({total_mb:.0f} MB of RAM)"
-            )
+    def _serving_bytes(self) -> int:
+        """What the model served now takes: the node closes it before loading the next one."""
+        path = self.node.model_path
+        if path is None:
+            return 0
+        try:
+            return self.setup.ram.needs(path).total
+        except (ConfigError, OSError):
+            return 0
