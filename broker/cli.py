@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm-broker", description=__doc__)
     add_broker_arguments(parser)
     add_limit_arguments(parser)
+    parser.add_argument(
+        "--tls-recheck",
+        type=float,
+        default=tls.RECHECK_S,
+        help="with --tls: seconds between checks that the certificate names every address we are reached by",
+    )
     logs.add_arguments(parser)
     return parser
 
@@ -81,6 +87,7 @@ async def run_broker(
     on_ready: object = None,
     bridge: Path | None = None,
     limits: BrokerLimits | None = None,
+    tls_recheck_s: float = tls.RECHECK_S,
 ) -> None:
     """Generate credentials if needed, record where we listen, and serve until cancelled."""
     limits = limits or BrokerLimits()
@@ -113,17 +120,25 @@ async def run_broker(
         from .embedded import serve as serve_amqtt
 
         await serve_amqtt(
-            EmbeddedBrokerConfig(local.host, local.port, local.swarm, home.password_file, tls=tls_files, limits=limits),
+            EmbeddedBrokerConfig(
+                local.host,
+                local.port,
+                local.swarm,
+                home.password_file,
+                tls=tls_files,
+                limits=limits,
+                tls_recheck_s=tls_recheck_s,
+            ),
             on_ready=ready,
         )
 
 
 async def _serve_until_signalled(
-    home: SwarmHome, local: LocalSwarm, bridge: Path | None, limits: BrokerLimits
+    home: SwarmHome, local: LocalSwarm, bridge: Path | None, limits: BrokerLimits, tls_recheck_s: float
 ) -> None:
     """SIGTERM and SIGINT stop the broker cleanly; in Mosquitto mode that also stops mosquitto,
     which would otherwise outlive us."""
-    task = asyncio.create_task(run_broker(home, local, bridge=bridge, limits=limits))
+    task = asyncio.create_task(run_broker(home, local, bridge=bridge, limits=limits, tls_recheck_s=tls_recheck_s))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_file_limit()  # every connection is a file; Mosquitto inherits the limit too
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine, tls=args.tls)
     try:
-        asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge, limits_from(args)))
+        asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge, limits_from(args), args.tls_recheck))
     except ConfigError as exc:
         print(f"swarm-broker: {exc}", file=sys.stderr)
         return 2

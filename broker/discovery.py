@@ -311,8 +311,12 @@ async def locate(joined: Joined, *, timeout: float = DEFAULT_TIMEOUT_S) -> Joine
             f"swarm {found.swarm!r} at {', '.join(found.addresses)} runs {'with' if found.tls else 'without'} TLS,"
             f" but your token says {want}: make a new token with `swarm-hub enroll NODE`"
         )
-    for address in found.addresses:
-        if await answers(address, found.port):
+    # All at once: a hub with Docker or a VPN announces addresses this device cannot reach, and
+    # each of those would cost a whole timeout in turn. The first in the hub's order that answers wins.
+    async with asyncio.TaskGroup() as tg:
+        probes = [(address, tg.create_task(answers(address, found.port))) for address in found.addresses]
+    for address, probe in probes:
+        if probe.result():
             return replace(joined, url=str(replace(url, host=address, port=found.port)), discover=True)
     raise DiscoveryError(
         f"swarm {found.swarm!r} announces {', '.join(found.addresses)} port {found.port}, but none answers"

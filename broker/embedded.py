@@ -6,6 +6,7 @@ event loop with whatever embeds it, and inference must never delay a message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import structlog
 from .errors import ConfigError
 from .limits import BrokerLimits
 from .passwords import FileWatch, LoginCheck
-from .tls import TLSFiles
+from .tls import RECHECK_S, TLSFiles
+from .tls import watch as watch_certificate
 
 log = structlog.get_logger("nova_swarm.broker")
 
@@ -32,6 +34,8 @@ class EmbeddedBrokerConfig:
     tls: TLSFiles | None = None
     #: packet size, queue depth and CONNECT timeout (hardened.py applies them)
     limits: BrokerLimits = BrokerLimits()
+    #: seconds between checks that the certificate still names every address we are reached by
+    tls_recheck_s: float = RECHECK_S
 
 
 def amqtt_config(config: EmbeddedBrokerConfig) -> dict[str, Any]:
@@ -81,12 +85,20 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
         on_ready()
     check = LoginCheck(config.password_file)
     try:
-        # Enrolments, rotations and revocations land in the password file: apply them to the
-        # clients already connected, as Mosquitto does on SIGHUP.
-        async for _ in logins:
-            check.reload()
-            dropped = await broker.drop_stale_logins(check)
-            log.info("password file changed", dropped=dropped)
+        async with asyncio.TaskGroup() as tg:
+            if config.tls is not None:
+
+                def reload(files: TLSFiles) -> None:
+                    broker.reload_certificate(files.cert, files.key)
+
+                # The addresses we are reached by can change while we run (another network).
+                tg.create_task(watch_certificate(config.tls, config.host, reload, every_s=config.tls_recheck_s))
+            # Enrolments, rotations and revocations land in the password file: apply them to the
+            # clients already connected, as Mosquitto does on SIGHUP.
+            async for _ in logins:
+                check.reload()
+                dropped = await broker.drop_stale_logins(check)
+                log.info("password file changed", dropped=dropped)
     finally:
         await broker.shutdown()
         log.info("broker stopped", engine="amqtt")

@@ -29,7 +29,9 @@ subscription table.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -222,6 +224,22 @@ class HardenedBroker(Broker):
         self._backlog: dict[BrokerProtocolHandler, int] = {}
         #: messages dropped per client id because its backlog was full
         self.dropped: dict[str, int] = {}
+        #: the TLS listeners' contexts, so a reissued certificate can be loaded into them
+        self.ssl_contexts: list[ssl.SSLContext] = []
+
+    # ------------------------------------------------------------------ TLS
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
+        # amqtt's is a staticmethod, called through self: kept here as it is made.
+        context = Broker._create_ssl_context(listener)
+        self.ssl_contexts.append(context)
+        return context
+
+    def reload_certificate(self, cert: Path, key: Path) -> None:
+        """Serve new TLS connections with this certificate. OpenSSL copies a context's
+        certificate into each connection as it starts, so those already up keep theirs."""
+        for context in self.ssl_contexts:
+            context.load_cert_chain(cert, key)
 
     # ------------------------------------------------------------------ connections
 

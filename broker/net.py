@@ -47,8 +47,8 @@ async def wait_listening(
 
 # ------------------------------------------------------------------ LAN interface addresses
 
-_SIOCGIFFLAGS = 0x8913  # Linux ioctl numbers (linux/sockios.h)
-_SIOCGIFADDR = 0x8915
+_SIOCGIFCONF = 0x8912  # Linux ioctl numbers (linux/sockios.h)
+_SIOCGIFFLAGS = 0x8913
 _IFF_UP = 0x1
 _IFF_LOOPBACK = 0x8
 # IPv6 address flags in /proc/net/if_inet6 (linux/if_addr.h): not yet usable, or on its way out.
@@ -62,22 +62,41 @@ def _reachable_from_lan(address: str) -> bool:
     return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
 
 
-def _linux_ipv4() -> list[str]:
-    """Each up, non-loopback interface's IPv4 address, by ioctl (what ``ip addr`` reads too)."""
+def _interface_flags(sock: socket.socket, name: str) -> int | None:
     import fcntl
 
+    request = struct.pack("16s16x", name.split(":")[0].encode()[:15])  # an alias label: its device
+    try:
+        return int(struct.unpack("16sH", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request)[:18])[1])
+    except OSError:
+        return None  # gone since it was listed
+
+
+def _linux_ipv4() -> list[str]:
+    """Every IPv4 address of every up, non-loopback interface, secondary ones included
+    (SIOCGIFCONF, what ``ifconfig`` reads; SIOCGIFADDR would give one per interface)."""
+    import array
+    import fcntl
+
+    # struct ifreq: 16 bytes of name, then a union the size of struct ifmap (24 on 64-bit).
+    size = 40 if struct.calcsize("P") == 8 else 32
     found: list[str] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
-            request = struct.pack("16s16x", name.encode()[:15])
-            try:
-                flags = struct.unpack("16sH", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request)[:18])[1]
-                if not flags & _IFF_UP or flags & _IFF_LOOPBACK:
-                    continue
-                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
-            except OSError:
-                continue  # gone since we listed it, or no IPv4 address (EADDRNOTAVAIL)
-            found.append(socket.inet_ntoa(reply[20:24]))
+        slots = 64
+        while True:
+            buf = array.array("B", bytes(size * slots))
+            request = struct.pack("iP", len(buf), buf.buffer_info()[0])
+            used = int(struct.unpack("iP", fcntl.ioctl(sock.fileno(), _SIOCGIFCONF, request))[0])
+            if used < len(buf):
+                break
+            slots *= 2  # it filled the buffer: there may be more
+        data = buf.tobytes()[:used]
+        for offset in range(0, used, size):
+            name = data[offset : offset + 16].split(b"\0", 1)[0].decode(errors="replace")
+            flags = _interface_flags(sock, name)
+            if flags is None or not flags & _IFF_UP or flags & _IFF_LOOPBACK:
+                continue
+            found.append(socket.inet_ntoa(data[offset + 20 : offset + 24]))  # sockaddr_in's address
     return found
 
 
@@ -100,19 +119,8 @@ def _linux_ipv6() -> list[str]:
 
 
 def _up_interfaces() -> list[str]:
-    import fcntl
-
-    up = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
-            request = struct.pack("16s16x", name.encode()[:15])
-            try:
-                flags = struct.unpack("16sH", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request)[:18])[1]
-            except OSError:
-                continue
-            if flags & _IFF_UP:
-                up.append(name)
-    return up
+        return [name for _, name in socket.if_nameindex() if (_interface_flags(sock, name) or 0) & _IFF_UP]
 
 
 def _psutil_addresses() -> list[str] | None:

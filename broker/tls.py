@@ -9,19 +9,25 @@
 
 The broker certificate is reissued, by the same CA, when it does not cover a name the broker
 is now reached by, so pinned CAs stay valid. That is checked each time the broker (or
-``swarm-hub up``) starts: a laptop that moved to another network gets a certificate for its new
-address when its swarm is restarted. The reissued certificate keeps the broker's key, so the
-key pin in join lines already handed out stays valid.
+``swarm-hub up``) starts, and every ``RECHECK_S`` while it runs (``watch``): a laptop that
+joins another network, or gets a new DHCP lease, serves a certificate for its new address to
+new connections without a restart, and the phones already connected stay connected. The
+reissued certificate keeps the broker's key, so the key pin in join lines already handed out
+stays valid.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import structlog
 
 from . import net
 from .errors import ConfigError
@@ -32,6 +38,11 @@ if TYPE_CHECKING:
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
+#: how often a running broker re-reads its addresses. Cheap (a few ioctls); a phone that joins
+#: by a new address within this long after the laptop moved sees the old certificate and retries.
+RECHECK_S = 30.0
+
+log = structlog.get_logger("nova_swarm.broker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,3 +171,28 @@ def ensure(tls_dir: Path, names: list[str]) -> TLSFiles:
     write_private(files.key, pem_key(key))
     write_private(files.cert, cert.public_bytes(serialization.Encoding.PEM).decode())
     return files
+
+
+async def watch(
+    files: TLSFiles, listen_host: str, reload: Callable[[TLSFiles], None], *, every_s: float = RECHECK_S
+) -> None:
+    """Until cancelled, every ``every_s`` seconds: reissue the certificate when it no longer
+    covers the names and addresses the broker is reached by, then ``reload`` it into the
+    listener. New connections get the new certificate; connections already up keep theirs."""
+    tls_dir = files.cert.parent
+
+    def reissued() -> TLSFiles | None:
+        before = files.cert.read_bytes() if files.cert.exists() else b""
+        fresh = ensure(tls_dir, broker_names(listen_host))
+        return fresh if fresh.cert.read_bytes() != before else None
+
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            fresh = await asyncio.to_thread(reissued)
+        except (OSError, ConfigError) as exc:  # a full disk must not stop a running broker
+            log.warning("cannot reissue the broker certificate; serving the old one", error=str(exc))
+            continue
+        if fresh is not None:
+            reload(fresh)
+            log.info("broker certificate reissued for new addresses", names=broker_names(listen_host))

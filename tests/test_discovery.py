@@ -233,15 +233,23 @@ def test_a_phone_joins_with_no_address_typed(lan: Lan, tmp_path: Path) -> None:
     decoy = neighbour.popen([sys.executable, "-c", _DECOY, OTHER_KEY.key_id, neighbour.address], log=decoy_log)
     _wait_for(decoy_log, decoy, "decoy announced")
 
+    # The hub's machine has a second network the phones cannot reach (as Docker or a VPN makes).
+    hidden = "10.214.9.1"
+    lan.hub.run(["ip", "link", "add", "hidden0", "type", "veth", "peer", "name", "hidden1"])
+    lan.hub.run(["ip", "addr", "add", f"{hidden}/24", "dev", "hidden0"])
+    for link in ("hidden0", "hidden1"):
+        lan.hub.run(["ip", "link", "set", link, "up"])
+
     hub_log = tmp_path / "hub.log"
     hub = lan.hub.popen(
         [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--tls", "--no-node", "--no-http"],
         log=hub_log,
     )
     _wait_for(hub_log, hub, "swarm up:")
-    # On every interface means every LAN address: in the hub's namespace, the bridge's alone.
+    # On every interface means every LAN address of the hub's namespace (not the machine's own).
     announced = _wait_for(hub_log, hub, "announced on the LAN")
-    assert f"({lan.hub.address}; off with --no-discovery)" in announced, announced
+    listed = re.search(r"announced on the LAN as '[^']+' \(([^;]+);", announced)
+    assert listed and set(listed.group(1).split(", ")) == {lan.hub.address, hidden}, announced
 
     enrolled = lan.hub.run([_bin("swarm-hub"), "enroll", phone.name, "--discover"])
     token = _token(enrolled.stdout)
@@ -251,7 +259,8 @@ def test_a_phone_joins_with_no_address_typed(lan: Lan, tmp_path: Path) -> None:
     assert "found by mDNS" in joined.stdout, joined.stdout
     saved = json.loads((phone.config_dir / "joined.json").read_text())
     url = BrokerURL.parse(saved["url"])
-    # The hub's address, not the decoy's: the decoy has the name but not the key.
+    # The hub's address on the phones' LAN: not the decoy's (it has the name but not the key),
+    # nor the hub's other network.
     assert (url.host, url.port, url.tls, saved["discover"]) == (lan.hub.address, PORT, True, True)
 
     node_log = tmp_path / "node.log"

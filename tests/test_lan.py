@@ -25,7 +25,7 @@ import pytest
 from nova_swarm.broker.home import parse_join_token
 from nova_swarm.broker.url import BrokerURL
 
-from .lan import Host, Lan, LanUnavailable, check_available
+from .lan import SUBNET, Host, Lan, LanUnavailable, check_available
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -109,6 +109,45 @@ def test_certificate_is_reissued_for_a_new_address_with_the_same_ca_and_key(tmp_
     moved = tls.ensure(tmp_path, ["localhost", "10.213.7.1", "box.local"])  # the laptop changed networks
     assert "10.213.7.1" in san(moved) and moved.cert.read_bytes() != cert
     assert moved.ca.read_bytes() == ca and moved.key.read_bytes() == key  # pinned CA and key pin still hold
+
+
+_HANDSHAKE = """
+import socket, ssl, sys
+host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.create_default_context(cafile=ca)  # verifies the certificate names this address
+try:
+    with context.wrap_socket(socket.create_connection((host, port), timeout=3), server_hostname=host):
+        print("verified")
+except (OSError, ssl.SSLError) as exc:
+    print(f"refused: {exc}")
+"""
+
+
+@pytest.mark.parametrize("engine", ["amqtt"])
+def test_the_certificate_follows_a_new_address_while_the_broker_runs(tmp_path: Path, engine: str) -> None:
+    with _lan(tmp_path, 1) as lan:
+        phone, log = lan.phones[0], tmp_path / "broker.log"
+        broker = lan.hub.popen(
+            [_bin("swarm-broker"), "--engine", engine, "--host", "0.0.0.0", "--port", str(PORT), "--tls"]
+            + ["--tls-recheck", "0.5", "--log-json"],
+            log=log,
+        )
+        _wait_for_line(log, broker, "broker listening")
+        ca = str(lan.hub.config_dir / "tls" / "ca.pem")
+
+        def handshake(address: str) -> str:
+            return str(phone.run([sys.executable, "-c", _HANDSHAKE, address, str(PORT), ca]).stdout.strip())
+
+        assert handshake(lan.hub.address) == "verified"
+        lan.hub.run(["ip", "addr", "add", f"{SUBNET}.2/24", "dev", "br0"])  # the hub gets a second address
+        give_up = time.monotonic() + 30
+        while (answer := handshake(f"{SUBNET}.2")) != "verified":
+            assert time.monotonic() < give_up, (
+                f"the certificate never named the new address: {answer}\n{log.read_text()}"
+            )
+            time.sleep(0.3)
+        assert broker.poll() is None and "broker certificate reissued" in log.read_text()  # no restart
+        assert handshake(lan.hub.address) == "verified"  # and the old address still verifies
 
 
 # ---------------------------------------------------------------- a swarm on the LAN
