@@ -155,6 +155,29 @@ def test_loopback_brokers_are_not_announced() -> None:
     assert discovery.announce_addresses("10.1.2.3") == ["10.1.2.3"]
 
 
+def test_the_hub_announces_only_beyond_loopback_and_unless_told_not_to(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from nova_swarm.broker.home import LocalSwarm, SwarmHome
+    from nova_swarm.hub.cli import _announcement
+
+    home = SwarmHome(tmp_path)
+    home.ensure()
+    on = Namespace(no_discovery=False)
+    assert _announcement(on, home, LocalSwarm(host="127.0.0.1"), None) is None
+    assert _announcement(Namespace(no_discovery=True), home, LocalSwarm(host="10.1.2.3"), None) is None
+    announced = _announcement(on, home, LocalSwarm(swarm="lab", host="10.1.2.3", port=8883, tls=True), None)
+    assert announced is not None
+    assert (announced.swarm, announced.addresses, announced.port, announced.tls, announced.gateway_port) == (
+        "lab",
+        ("10.1.2.3",),
+        8883,
+        True,
+        None,
+    )
+    assert announced.key_id == home.signing_key().public.key_id
+
+
 async def test_nothing_is_announced_without_an_address() -> None:
     with pytest.raises(DiscoveryError, match="loopback only"):
         async with discovery.announced(_announcement(addresses=())):
