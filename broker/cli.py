@@ -112,6 +112,7 @@ async def run_broker(
                 tls=tls_files,
                 bridge=bridge,
                 limits=limits,
+                tls_recheck_s=tls_recheck_s,
             ),
             on_ready=ready,
         )

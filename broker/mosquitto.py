@@ -21,7 +21,8 @@ from .acl import mosquitto_acl
 from .errors import ConfigError
 from .net import wait_listening
 from .passwords import FileWatch, write_private
-from .tls import TLSFiles
+from .tls import RECHECK_S, TLSFiles
+from .tls import watch as watch_certificate
 
 log = structlog.get_logger("nova_swarm.broker")
 
@@ -38,6 +39,8 @@ class MosquittoConfig:
     tls: TLSFiles | None = None
     #: a Mosquitto bridge config (deploy/mosquitto/bridge.conf) appended to the generated one
     bridge: Path | None = None
+    #: seconds between checks that the certificate still names every address we are reached by
+    tls_recheck_s: float = RECHECK_S
 
 
 def write_config(config: MosquittoConfig) -> Path:
@@ -125,9 +128,20 @@ async def serve(config: MosquittoConfig, *, on_ready: Callable[[], None] | None 
         if on_ready is not None:
             on_ready()
         async with asyncio.TaskGroup() as tg:
-            watcher = tg.create_task(_apply_login_changes(config, logins, proc))
+            watchers = [tg.create_task(_apply_login_changes(config, logins, proc))]
+            if config.tls is not None:
+
+                def reload(files: TLSFiles) -> None:
+                    # Mosquitto 2 reloads its certificate and key on SIGHUP; connections stay up.
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGHUP)
+
+                # The addresses we are reached by can change while we run (another network).
+                recheck = watch_certificate(config.tls, config.host, reload, every_s=config.tls_recheck_s)
+                watchers.append(tg.create_task(recheck))
             rc = await proc.wait()
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
         raise ConfigError(f"mosquitto exited with status {rc}; see its messages above")
     finally:
         if proc.returncode is None:

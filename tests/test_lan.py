@@ -123,7 +123,7 @@ except (OSError, ssl.SSLError) as exc:
 """
 
 
-@pytest.mark.parametrize("engine", ["amqtt"])
+@pytest.mark.parametrize("engine", ["amqtt", "mosquitto"])
 def test_the_certificate_follows_a_new_address_while_the_broker_runs(tmp_path: Path, engine: str) -> None:
     with _lan(tmp_path, 1) as lan:
         phone, log = lan.phones[0], tmp_path / "broker.log"
