@@ -46,6 +46,7 @@ TXT_VERSION = "1"
 #: 20-120 ms of a query and the browser re-asks at 1 s and 3 s, so 5 s covers a lost packet or two.
 DEFAULT_TIMEOUT_S = 5.0
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes "²"
 _ENGINES = ("amqtt", "mosquitto")
 # Zeroconf's own errors, plus the socket errors it lets through (no multicast route, port taken).
 _FOREIGN = (ZeroconfError, OSError)
@@ -125,6 +126,9 @@ def decode_txt(properties: Mapping[bytes | str, bytes | str | None]) -> dict[str
     if missing:
         raise ProtocolError(f"TXT record lacks {', '.join(missing)}")
     try:
+        # Matched whole here as well: check_id's `$` would let a trailing newline through.
+        if txt["swarm"] != txt["swarm"].strip():
+            raise ConfigError(f"swarm id {txt['swarm']!r} has surrounding whitespace")
         check_id(txt["swarm"], what="swarm id")
     except ConfigError as exc:
         raise ProtocolError(f"TXT record: {exc}") from exc
@@ -136,7 +140,7 @@ def decode_txt(properties: Mapping[bytes | str, bytes | str | None]) -> dict[str
         raise ProtocolError(f"TXT key={txt['key']!r}: want a 16-hex-digit hub key id")
     gateway_port = None
     if "gw" in txt:
-        if not txt["gw"].isdigit() or not 0 < int(txt["gw"]) < 65536:
+        if not _PORT.fullmatch(txt["gw"]) or not 0 < int(txt["gw"]) < 65536:
             raise ProtocolError(f"TXT gw={txt['gw']!r}: want a port number")
         gateway_port = int(txt["gw"])
     return {

@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nova_swarm.broker import discovery
 from nova_swarm.broker.discovery import Announcement, Found
@@ -84,12 +86,14 @@ def test_txt_ignores_unknown_keys_and_key_case() -> None:
     [
         ({"txtvers": "2"}, "TXT version '2'"),
         ({"swarm": "Main Swarm"}, "swarm id"),
+        ({"swarm": "main\n"}, "swarm id"),
         ({"tls": "yes"}, "tls='yes'"),
         ({"engine": "emqx"}, "engine='emqx'"),
         ({"key": "not-a-key-id"}, "key='not-a-key-id'"),
         ({"key": KEY.key_id.upper()}, "16-hex-digit"),
         ({"gw": "http"}, "gw='http'"),
         ({"gw": "70000"}, "gw='70000'"),
+        ({"gw": "8²"}, "gw='8²'"),
     ],
 )
 def test_txt_rejects_damaged_records(change: dict[str, str], complaint: str) -> None:
@@ -105,6 +109,25 @@ def test_txt_names_what_is_missing_and_refuses_non_utf8() -> None:
         discovery.decode_txt(_wire(txt))
     with pytest.raises(ProtocolError, match="not UTF-8"):
         discovery.decode_txt({**_wire(discovery.encode_txt(_announcement())), b"swarm": b"\xff\xfe"})
+
+
+_TXT_KEYS = st.sampled_from([b"txtvers", b"swarm", b"tls", b"engine", b"key", b"gw", b"other"]) | st.binary(max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(_TXT_KEYS, st.none() | st.binary(max_size=40), max_size=8),
+    st.booleans(),
+)
+def test_any_txt_record_parses_or_is_refused_clearly(txt: dict[bytes, bytes | None], ours: bool) -> None:
+    """Whatever a device on the LAN announces, reading it never raises anything but ProtocolError."""
+    if ours:  # start from a valid record, so the damage is in one field at a time
+        txt = {**_wire(discovery.encode_txt(_announcement())), **txt}
+    try:
+        fields = discovery.decode_txt(txt)
+    except ProtocolError:
+        return
+    assert isinstance(fields["swarm"], str) and isinstance(fields["tls"], bool)
 
 
 def test_instance_names_fit_a_dns_label() -> None:
