@@ -357,13 +357,16 @@ def _at(samples: list[_Sample], t: float) -> float | None:
     return near.joules + near.watts * (t - near.t)
 
 
-#: seconds between samples while a task runs (a slow source takes what its command takes, at least)
-SAMPLE_S = 1.0
+#: seconds between samples while a task runs, for a cheap source and for a slow one: each
+#: ``termux-battery-status`` is a process (Android 12+ kills apps with too many) and a wake-up
+SAMPLE_S, SLOW_SAMPLE_S = 1.0, 5.0
 
 
-async def sample_while_busy(meter: EnergyMeter, busy: asyncio.Event, *, interval_s: float = SAMPLE_S) -> None:
+async def sample_while_busy(meter: EnergyMeter, busy: asyncio.Event, *, interval_s: float | None = None) -> None:
     """The node's sampling loop: reads the source while tasks run, and once more as they end,
     so a slow source has samples inside every task and an idle phone is not woken for nothing."""
+    if interval_s is None:
+        interval_s = SAMPLE_S if meter.source.cheap else SLOW_SAMPLE_S
     while True:
         await busy.wait()
         while busy.is_set():

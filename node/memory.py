@@ -115,11 +115,10 @@ _FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q
 _STRING, _ARRAY = 8, 9
 
 
-def read_metadata(path: Path, wanted: Callable[[str], bool] | None = None) -> dict[str, Any]:
+def read_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file, from its header alone (no tensors are read).
 
-    Arrays come back as their length only (the tokenizer's 262 144 tokens are not worth a list),
-    except when ``wanted`` is false for them, in which case they are skipped entirely."""
+    Arrays come back as their length only: the tokenizer's 262 144 tokens are not worth a list."""
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
@@ -133,9 +132,7 @@ def read_metadata(path: Path, wanted: Callable[[str], bool] | None = None) -> di
             for _ in range(count):
                 key = _string(fh)
                 (kind,) = _unpack(fh, "I")
-                value = _value(fh, kind)
-                if wanted is None or wanted(key):
-                    out[key] = value
+                out[key] = _value(fh, kind)
             return out
     except OSError as exc:
         raise GGUFError(f"cannot read {path}: {exc}") from exc
@@ -293,7 +290,8 @@ class RamPolicy:
     def check(self, path: Path, *, name: str | None = None, freed: int = 0) -> Needs:
         """What ``path`` needs, or ConfigError saying it does not fit and by how much."""
         needs = self.needs(path, name)
-        self._refuse_unless(needs.total, needs.name, needs.describe(), freed=freed, without=needs.total - needs.embeddings)
+        without = needs.total - needs.embeddings
+        self._refuse_unless(needs.total, needs.name, needs.describe(), freed=freed, without=without)
         return needs
 
     def check_size(self, size: int, name: str, *, freed: int = 0) -> None:

@@ -34,11 +34,22 @@ from nova_swarm.node.energy import (
     battery_watts,
     detect,
     load_source,
+    sample_while_busy,
     termux_watts,
 )
 
-from .conftest import BIN, Processes, RunningBroker, env_for, hub_config, nodes_available, running_hub, running_node
-from .conftest import wait_online
+from .conftest import (
+    BIN,
+    Processes,
+    RunningBroker,
+    env_for,
+    hub_config,
+    nodes_available,
+    running_hub,
+    running_node,
+    until,
+    wait_online,
+)
 
 # ---------------------------------------------------------------- fake sysfs trees
 
@@ -251,6 +262,41 @@ def test_the_meter_reads_a_counter_as_the_difference() -> None:
     assert meter.end(mark) == pytest.approx(12.0)
 
 
+class Counting(Scripted):
+    def __init__(self) -> None:
+        super().__init__("power", cheap=False)
+        self.value = 3.0
+        self.reads = 0
+
+    def read(self) -> float | None:
+        self.reads += 1
+        return self.value
+
+
+async def test_the_sampling_loop_reads_a_slow_source_only_while_busy_and_once_as_work_ends() -> None:
+    source = Counting()
+    meter = EnergyMeter(source)  # type: ignore[arg-type]
+    busy = asyncio.Event()
+    loop = asyncio.create_task(sample_while_busy(meter, busy, interval_s=0.05))
+    try:
+        await asyncio.sleep(0.2)
+        assert source.reads == 0  # idle: the phone is left alone
+        mark = meter.begin()
+        busy.set()
+        await until(lambda: source.reads >= 3, what="samples while busy")
+        busy.clear()
+        reads = source.reads
+        await until(lambda: source.reads > reads, what="the closing sample")
+        await asyncio.sleep(0.3)
+        settled = source.reads
+        await asyncio.sleep(0.3)
+        assert source.reads == settled  # idle again: no more reads
+        assert meter.end(mark) is not None
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
 # ---------------------------------------------------------------- a node and a hub
 
 
@@ -337,7 +383,8 @@ async def test_swarm_node_with_the_simulated_source_shows_in_the_ledger_export_a
             if "J/TOK" in shown and row and row.split()[5] != "-":
                 break
             await asyncio.sleep(0.5)
-        header, row = shown.splitlines()[0].split(), next(line for line in shown.splitlines() if line.startswith("phone"))
+        header = shown.splitlines()[0].split()
+        row = next(line for line in shown.splitlines() if line.startswith("phone"))
         assert header[5] == "J/TOK", shown
         assert float(row.split()[5]) > 0, shown
     finally:
