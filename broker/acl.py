@@ -1,9 +1,14 @@
 """Who may publish and subscribe where: one rule table for both brokers.
 
 The embedded broker checks it in ``plugins.py``; Mosquitto mode renders it to an ACL file with
-:func:`mosquitto_acl`. Patterns use ``{sid}`` for the swarm id, ``{user}`` for the login (a node's
-username is its node id, so a node can only speak for itself) and ``{client}`` for the MQTT
-client id (a client's private reply topic is named after it).
+:func:`mosquitto_acl`. Patterns use ``{sid}`` for the swarm id and ``{user}`` for the login: a
+node's username is its node id, so a node can only speak for itself, and a client login's name
+is its scope, so only it may write ``prompt/{user}`` and read ``reply/{user}``. No right ever
+follows the MQTT client id, which any login may choose (``identity.py``).
+
+Logins: ``hub``; the shared ``client`` login (held by everyone given it: its ``reply/client`` is
+shared by them all); named client logins (``swarm-hub enroll --client NAME``, and the gateway's
+own); and one login per node. Client names and node ids share one namespace.
 
 Home Assistant's topics (``homeassistant.py``) sit outside ``swarm/`` and are shared by every
 swarm on the broker: a node may publish its own discovery config, the hub may clear any (when it
@@ -19,7 +24,7 @@ from enum import StrEnum
 from .errors import ConfigError
 from .home import Role
 from .homeassistant import DEFAULT_PREFIX as _HA
-from .topics import DEFAULT_REPLY, check_node_id, is_concrete, matches
+from .topics import SHARED_SCOPE, check_node_id, is_concrete, matches
 
 
 class Access(StrEnum):
@@ -45,7 +50,7 @@ RULES: tuple[Rule, ...] = (
     # A node speaks only under its own id, and hears only its own work plus the swarm's pins.
     *(
         Rule(Role.NODE, Access.WRITE, f"{_NODE_OWN}/{leaf}")
-        for leaf in ("announce", "status", "heartbeat", "result", "stream")
+        for leaf in ("announce", "status", "heartbeat", "result", "stream", "progress")
     ),
     *(Rule(Role.NODE, Access.READ, f"{_NODE_OWN}/{leaf}") for leaf in ("task", "cancel")),
     Rule(Role.NODE, Access.READ, "swarm/{sid}/hub/status"),
@@ -55,14 +60,17 @@ RULES: tuple[Rule, ...] = (
     # Home Assistant: a node describes only itself, and hears when Home Assistant restarts.
     Rule(Role.NODE, Access.WRITE, f"{_HA}/device/{{user}}/config"),
     Rule(Role.NODE, Access.READ, f"{_HA}/status"),
-    # A client asks, reads its own answers (and the shared default reply topic), and may watch
-    # the fleet (for `swarm-hub nodes` and dashboards).
+    # A client asks in its own scope (the hub learns the scope from the topic) or in the shared
+    # one, reads its own login's answers and the shared ones, and may watch the fleet (for
+    # `swarm-hub nodes` and dashboards).
     Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/prompt"),
     Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/cancel"),
-    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}"),
-    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{client}/#"),
-    Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}"),
-    Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{DEFAULT_REPLY}/stream/+"),
+    Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/prompt/{user}"),
+    Rule(Role.CLIENT, Access.WRITE, "swarm/{sid}/cancel/{user}"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{user}"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/reply/{user}/#"),
+    Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{SHARED_SCOPE}"),
+    Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/reply/{SHARED_SCOPE}/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/hub/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/metrics/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/model"),
@@ -74,12 +82,15 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def role_of(username: str | None) -> Role | None:
-    """``hub`` and ``client`` are those roles; any other valid id is an enrolled node's login."""
+def role_of(username: str | None, clients: frozenset[str] = frozenset()) -> Role | None:
+    """``hub`` and ``client`` are those roles, a name in ``clients`` (the client logins the
+    password file lists) is a client; any other valid id is an enrolled node's login."""
     if not username:
         return None
     if username in (Role.HUB, Role.CLIENT):
         return Role(username)
+    if username in clients:
+        return Role.CLIENT
     try:
         check_node_id(username)
     except ConfigError:
@@ -106,8 +117,8 @@ def covers(rule: str, topic_filter: str) -> bool:
     return len(r_levels) == len(f_levels)
 
 
-def allowed(*, role: Role | None, username: str, client_id: str, access: Access, topic: str, swarm: str) -> bool:
-    """May ``username`` (of ``role``) connected as ``client_id`` read (subscribe/receive) or write ``topic``?
+def allowed(*, role: Role | None, username: str, access: Access, topic: str, swarm: str) -> bool:
+    """May ``username`` (of ``role``) read (subscribe/receive) or write ``topic``?
 
     ``topic`` is a filter when reading (wildcards allowed) and must be concrete when writing.
     """
@@ -118,7 +129,7 @@ def allowed(*, role: Role | None, username: str, client_id: str, access: Access,
     for rule in RULES:
         if rule.role is not role or rule.access is not access:
             continue
-        pattern = _render(rule.pattern, swarm=swarm, username=username, client_id=client_id)
+        pattern = _render(rule.pattern, swarm=swarm, username=username)
         if pattern is None:
             continue
         if access is Access.WRITE and matches(pattern, topic):
@@ -132,40 +143,43 @@ def _plain_level(value: str) -> bool:
     return bool(value) and not any(c in value for c in "/+#\0")
 
 
-def _render(pattern: str, *, swarm: str, username: str, client_id: str) -> str | None:
+def _render(pattern: str, *, swarm: str, username: str) -> str | None:
     # A name that is not a single plain topic level can never own topics.
     if "{user}" in pattern and not _plain_level(username):
         return None
-    if "{client}" in pattern and not _plain_level(client_id):
-        return None
-    return pattern.replace("{sid}", swarm).replace("{user}", username).replace("{client}", client_id)
+    return pattern.replace("{sid}", swarm).replace("{user}", username)
 
 
-def mosquitto_acl(swarm: str) -> str:
-    """The same rules as a Mosquitto ``acl_file``.
+def mosquitto_acl(swarm: str, clients: frozenset[str] | tuple[str, ...] = ()) -> str:
+    """The same rules as a Mosquitto ``acl_file``, for the hub, the shared client login, the
+    named client logins ``clients`` and every enrolled node.
 
-    Every enrolled node is a user of its own, covered by the ``%u`` patterns. Mosquitto applies
-    ``pattern`` lines to every user, so the ``client`` user gets explicit denies for node topics
-    it must never touch (a user's own lines win over patterns); the hub and the client are never
-    node ids (``RESERVED_NODE_IDS``), so the patterns give them nothing else of use.
+    Mosquitto cannot tell a node's login from a client's, and applies ``pattern`` lines to every
+    user. So only node rules are patterns (``%u``: nodes are enrolled without touching this
+    file), and the hub and each client login get a block of their own: a user's own lines are
+    checked before patterns, so a client's denies keep the node patterns from giving it a node
+    of its name (whose tasks it would then read), and the client rules, not being patterns,
+    give a node nothing. Rewritten whenever the client logins change.
     """
     lines = ["# Generated by nova-swarm from broker/acl.py: edit that, not this file.", ""]
-    for role in (Role.HUB, Role.CLIENT):
-        lines.append(f"user {role.value}")
+    users = [Role.HUB.value, Role.CLIENT.value, *sorted(set(clients) - {Role.HUB.value, Role.CLIENT.value})]
+    for user in users:
+        role = Role.HUB if user == Role.HUB.value else Role.CLIENT
+        lines.append(f"user {user}")
         if role is Role.CLIENT:
             for leaf in ("task", "cancel", "result"):
                 lines.append(f"topic deny swarm/{swarm}/node/+/{leaf}")
-            # The node pattern below would let the client publish a device called "client".
-            lines.append(f"topic deny {_HA}/device/{role.value}/config")
+            # The node patterns below would let this login act as a node called by its name.
+            lines.append(f"topic deny swarm/{swarm}/node/{user}/#")
+            lines.append(f"topic deny {_HA}/device/{user}/config")
         for rule in RULES:
-            if rule.role is role and "{client}" not in rule.pattern:
-                lines.append(f"topic {rule.access.value} {rule.pattern.replace('{sid}', swarm)}")
+            if rule.role is role:
+                lines.append(f"topic {rule.access.value} {rule.pattern.replace('{sid}', swarm).replace('{user}', user)}")
         lines.append("")
-    # Every node rule is a pattern (nodes have no user block of their own), and so is each
-    # client rule naming the client id. Patterns reach every user: harmless for the hub, which
-    # may do all of it anyway, and for clients, thanks to the denies above.
+    # Patterns reach every user: harmless for the hub, which may do all of it anyway, and for
+    # client logins, thanks to the denies above.
     for rule in RULES:
-        if rule.role is Role.NODE or "{client}" in rule.pattern:
-            pattern = rule.pattern.replace("{sid}", swarm).replace("{user}", "%u").replace("{client}", "%c")
+        if rule.role is Role.NODE:
+            pattern = rule.pattern.replace("{sid}", swarm).replace("{user}", "%u")
             lines.append(f"pattern {rule.access.value} {pattern}")
     return "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from . import framing
@@ -138,6 +138,29 @@ class GuardedHandler(BrokerProtocolHandler):
     limits: BrokerLimits = BrokerLimits()
     #: why the broker closed this connection, for the log line that ends it
     closed_because: str | None = None
+
+    async def _handle_message_flow(self, app_message: Any) -> None:
+        """amqtt's QoS flows, except that a QoS 1 or 2 delivery cut short by the connection's end
+        stays in a persistent session, to be sent again when the client is back (MQTT-4.4.0-1).
+
+        amqtt forgot it (its ``finally`` drops the in-flight message when the ack waiter is
+        cancelled), so nothing was redelivered on reconnect (upstream issue #401).
+        """
+        try:
+            await super()._handle_message_flow(app_message)
+        except asyncio.CancelledError:
+            session = self.session
+            if (
+                session is not None
+                and not session.clean_session
+                and isinstance(app_message, OutgoingApplicationMessage)
+                and app_message.packet_id is not None
+                and app_message.puback_packet is None
+                and app_message.pubcomp_packet is None
+                and len(session.inflight_out) < self.limits.max_queued_messages
+            ):
+                session.inflight_out[app_message.packet_id] = app_message
+            raise
 
     async def _reader_loop(self) -> None:
         session, reader, ready = self.session, self.reader, self._reader_ready
@@ -366,6 +389,44 @@ class HardenedBroker(Broker):
         give_up = loop.time() + TAKEOVER_WAIT_S
         while old.transitions.is_connected() and loop.time() < give_up:
             await asyncio.sleep(0.01)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """amqtt's per-client loop, except that what a client published before it disconnected is
+        still delivered: amqtt handled the disconnect first and dropped whatever was queued."""
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    await self._handle_message_delivery(client_session, handler, wait_deliver)
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect_waiter in done:
+                    queued = client_session.delivered_message_queue
+                    while not queued.empty():
+                        message: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                        message.set_result(queued.get_nowait())
+                        await self._handle_message_delivery(client_session, handler, message)
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    return
+        except asyncio.CancelledError:
+            log.debug("client loop cancelled", client_id=client_session.client_id)
+        finally:
+            waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]

@@ -5,6 +5,7 @@ Layout (all files 0600, the directory 0700)::
     ~/.config/nova-swarm/          ($NOVA_SWARM_HOME, else $XDG_CONFIG_HOME/nova-swarm)
         credentials.json           {"hub": {"username": ..., "password": ...}, "client": ...}
         nodes.json                 one login per enrolled node: {"pixel7": {"password": ..., "owner": ...}}
+        clients.json               client logins of their own (`enroll --client`, the gateway's): {"alice": {"password": ...}}
         passwd                     every login above as $7$ hashes, for either broker
         local.json                 where `swarm-hub up` / `swarm-broker` listen, so `ask` needs no flags
         hub.sqlite                 the hub's registry, win rates and request journal
@@ -17,7 +18,9 @@ Layout (all files 0600, the directory 0700)::
         logs/                      JSON logs of the hub, broker and nodes, rotated by size
 
 Credentials are made on first use with a CSPRNG; there is no default password anywhere. A node's
-username is its node id: the ACL ties its topics to it, so one node cannot speak for another.
+username is its node id: the ACL ties its topics to it, so one node cannot speak for another. A
+client login's name is its scope: only it may send prompts on ``prompt/{name}`` and read
+``reply/{name}``. Node ids and client login names share one namespace.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from typing import Any
 from .errors import ConfigError
 from .passwords import write_password_file, write_private
 from .signing import PublicKey, SigningKey
-from .topics import DEFAULT_SWARM, check_id, check_node_id
+from .topics import DEFAULT_SWARM, check_id, check_login_name, check_node_id
 from .url import BrokerURL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
+#: The HTTP gateway's own client login, made at setup: its requests are its own scope, apart
+#: from the shared ``client`` login's.
+GATEWAY_LOGIN = "gateway"
 
 
 class Role(StrEnum):
@@ -160,6 +166,10 @@ class SwarmHome:
         return self.path / "nodes.json"
 
     @property
+    def clients_file(self) -> Path:
+        return self.path / "clients.json"
+
+    @property
     def tls_dir(self) -> Path:
         return self.path / "tls"
 
@@ -222,6 +232,10 @@ class SwarmHome:
                 SigningKey.generate().save(self.signing_key_file)
             if not self.gateway_token_file.exists():
                 write_private(self.gateway_token_file, f"sk-swarm-{secrets.token_urlsafe(32)}\n")
+            clients = self.client_logins()
+            if GATEWAY_LOGIN not in clients:
+                # A config dir from before client logins: the gateway gets its own now.
+                self._save_clients({**clients, GATEWAY_LOGIN: Login(GATEWAY_LOGIN, _new_password())})
         return logins
 
     def gateway_token(self) -> str:
@@ -276,7 +290,63 @@ class SwarmHome:
         """Every current login, hashed, for whichever broker runs (both watch this file)."""
         logins = {login.username: login.password for login in self.logins().values()}
         logins.update({e.node_id: e.password for e in self.enrolments().values()})
-        write_password_file(self.password_file, logins)
+        clients = self.client_logins()
+        logins.update({name: login.password for name, login in clients.items()})
+        write_password_file(self.password_file, logins, clients=frozenset(clients))
+
+    # ---------------------------------------------------------------- client logins
+
+    def client_logins(self) -> dict[str, Login]:
+        """Client logins of their own (``swarm-hub enroll --client NAME``, and the gateway's)."""
+        raw = _read_json(self.clients_file)
+        if raw is None:
+            return {}
+        try:
+            return {name: Login(name, fields["password"]) for name, fields in raw.items()}
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"{self.clients_file} is not a valid client login file: {exc}") from exc
+
+    def _save_clients(self, clients: dict[str, Login]) -> None:
+        raw = {name: {"password": login.password} for name, login in sorted(clients.items())}
+        write_private(self.clients_file, json.dumps(raw, indent=2))
+        self.write_password_file()
+
+    def enroll_client(self, name: str, *, rotate: bool = False) -> Login:
+        """A client login of its own, made on first use (or anew with ``rotate``). Its requests
+        and replies are its own scope: no other login can read, redirect or squat on them."""
+        if name != GATEWAY_LOGIN:  # reserved for others, but the setup's own to rotate
+            check_login_name(name)
+        self.ensure()
+        with self._locked():
+            if name in self.enrolments():
+                raise ConfigError(f"{name!r} is an enrolled node; node ids and client logins share one namespace")
+            clients = self.client_logins()
+            current = clients.get(name)
+            if current is not None and not rotate:
+                return current
+            clients[name] = Login(name, _new_password())
+            self._save_clients(clients)
+        return clients[name]
+
+    def revoke_client(self, name: str) -> bool:
+        """Remove a client login; the broker drops its connections and refuses it from then on."""
+        if name == GATEWAY_LOGIN:
+            raise ConfigError(
+                "the gateway's login is part of the setup; rotate it with `enroll --client gateway --rotate`"
+            )
+        with self._locked():
+            clients = self.client_logins()
+            if clients.pop(name, None) is None:
+                return False
+            self._save_clients(clients)
+        return True
+
+    def client_url(self, name: str, *, port: int | None = None, host: str | None = None) -> BrokerURL:
+        """How a client with login ``name`` on this machine reaches this machine's swarm."""
+        login = self.client_logins().get(name)
+        if login is None:
+            raise ConfigError(f"no client login {name!r} here: make one with `swarm-hub enroll --client {name}`")
+        return self.url(Role.CLIENT, port=port, host=host).with_login(login.username, login.password)
 
     # ---------------------------------------------------------------- nodes
 
@@ -302,6 +372,8 @@ class SwarmHome:
         check_node_id(node_id)
         self.ensure()
         with self._locked():
+            if node_id in self.client_logins():
+                raise ConfigError(f"{node_id!r} is a client login; node ids and client logins share one namespace")
             enrolments = self.enrolments()
             current = enrolments.get(node_id)
             if (

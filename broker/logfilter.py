@@ -6,6 +6,7 @@ peer reset, and rendering it on the console blocked every client for ~190 ms; a 
 impossible length was read as a stream of packets, 431,697 warnings in 40 s, and the rotating log
 wiped its own history. With this filter on every handler, each kind of line gets ``burst`` lines a
 ``window``; the rest are counted, and the next line let through says how many were suppressed.
+Only warnings and errors are limited: info lines record the swarm's work, not a peer's abuse.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class RateLimit(logging.Filter):
         ours = record.name.startswith("nova_swarm")
         if not ours and record.exc_info:
             _flatten(record)
-        if record.levelno >= logging.CRITICAL:
+        if record.levelno < logging.WARNING or record.levelno >= logging.CRITICAL:
+            # Info lines are the swarm's history (one per request, bounded by the hub's own
+            # rate limits); a peer's abuse shows up as warnings.
             keep = True
         else:
             keep = self._admit(record, _key(record, ours))

@@ -20,7 +20,7 @@ import structlog
 from .acl import mosquitto_acl
 from .errors import ConfigError
 from .net import wait_listening
-from .passwords import FileWatch, write_private
+from .passwords import FileWatch, read_client_logins, write_private
 from .tls import RECHECK_S, TLSFiles
 from .tls import watch as watch_certificate
 
@@ -48,7 +48,7 @@ def write_config(config: MosquittoConfig) -> Path:
     config.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     acl = config.workdir / "acl"
     passwd = config.workdir / "passwd"
-    write_private(acl, mosquitto_acl(config.swarm))
+    write_private(acl, mosquitto_acl(config.swarm, read_client_logins(config.password_file)))
     # A private copy: Mosquitto reads it as the user it runs as, after dropping privileges.
     write_private(passwd, config.password_file.read_text())
     conf = config.workdir / "mosquitto.conf"
@@ -106,6 +106,9 @@ async def _apply_login_changes(config: MosquittoConfig, watch: FileWatch, proc: 
     connected client and drops those whose login is gone or changed (a revoked node)."""
     async for _ in watch:
         write_private(config.workdir / "passwd", config.password_file.read_text())
+        # Client logins have ACL blocks of their own (acl.mosquitto_acl): a new or removed one
+        # changes the ACL too, which Mosquitto also re-reads on SIGHUP.
+        write_private(config.workdir / "acl", mosquitto_acl(config.swarm, read_client_logins(config.password_file)))
         if proc.returncode is None:
             proc.send_signal(signal.SIGHUP)
             log.info("password file changed; mosquitto reloaded")

@@ -52,10 +52,26 @@ def read_password_file(path: Path) -> dict[str, str]:
     return entries
 
 
-def write_password_file(path: Path, logins: dict[str, str]) -> None:
-    """Write hashes for ``{user: password}``, readable by the owner only."""
-    text = "".join(f"{user}:{hash_password(pw)}\n" for user, pw in sorted(logins.items()))
+#: The first line of a password file names its client logins, so the embedded broker tells a
+#: client's login from a node's (both are plain names) from the one file it watches. Both brokers
+#: skip ``#`` lines.
+_CLIENTS_HEADER = "# clients:"
+
+
+def write_password_file(path: Path, logins: dict[str, str], *, clients: frozenset[str] = frozenset()) -> None:
+    """Write hashes for ``{user: password}``, readable by the owner only; ``clients`` names
+    the logins that are client logins (the rest are nodes, the hub and the shared client)."""
+    header = f"{_CLIENTS_HEADER} {' '.join(sorted(clients))}\n"
+    text = header + "".join(f"{user}:{hash_password(pw)}\n" for user, pw in sorted(logins.items()))
     write_private(path, text)
+
+
+def read_client_logins(path: Path) -> frozenset[str]:
+    """The client logins a password file names (none for a file without the header)."""
+    for line in path.read_text().splitlines():
+        if line.startswith(_CLIENTS_HEADER):
+            return frozenset(line[len(_CLIENTS_HEADER) :].split())
+    return frozenset()
 
 
 def write_private(path: Path, text: str) -> None:
@@ -108,6 +124,8 @@ class LoginCheck:
         self._stamp: tuple[int, float] | None = None
         self._hashes: dict[str, str] = {}
         self._verified: dict[str, bytes] = {}
+        #: the client logins the file names (``read_client_logins``)
+        self.clients: frozenset[str] = frozenset()
         self.reload()
 
     def reload(self) -> None:
@@ -115,6 +133,7 @@ class LoginCheck:
         stamp = (st.st_ino, st.st_mtime)
         if stamp != self._stamp:
             self._hashes = read_password_file(self.path)
+            self.clients = read_client_logins(self.path)
             self._verified.clear()
             self._stamp = stamp
 

@@ -17,8 +17,15 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from .acl import Access, allowed, role_of
-from .home import Role
+from .identity import client_id_allowed
 from .passwords import LoginCheck
+
+#: Where PasswordAuth leaves the login and role it verified, for TopicACL: the role of a plain
+#: name (a node or a client login) is known only from the password file, which only
+#: PasswordAuth reads. The login is kept with it because a CONNECT that resumes a session gets
+#: the old session object with the new username: a role verified for another login then counts
+#: for nothing (TopicACL denies), never for the new one.
+_ROLE = "nova_swarm_login"
 
 
 class PasswordAuth(BaseAuthPlugin):
@@ -29,8 +36,10 @@ class PasswordAuth(BaseAuthPlugin):
     so the broker's loop never stalls on a burst of connects. The file is re-read when it changes,
     so an enrolled, rotated or revoked login takes effect without a restart.
 
-    A node must connect with its node id as client id: otherwise it could take over another
-    node's connection (MQTT drops the older of two sessions with one client id).
+    Client ids are bound to logins (``identity.py``): a node must connect with its own derived
+    id, and nobody but the hub may use the hub's namespace or a node's. Otherwise one login
+    could take over another's connection (MQTT drops the older of two sessions with one client
+    id, and amqtt leaves the older one deaf).
     """
 
     @dataclass
@@ -43,10 +52,17 @@ class PasswordAuth(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         self.check.reload()
-        role = role_of(session.username)
+        role = role_of(session.username, self.check.clients)
+        # A session reused for a new CONNECT keeps no role from an earlier login.
+        setattr(session, _ROLE, None)
         if role is None or not self.check(session.username, session.password):
             return False
-        return role is not Role.NODE or session.client_id == session.username
+        if not client_id_allowed(
+            role, username=session.username or "", password=session.password, client_id=session.client_id or ""
+        ):
+            return False
+        setattr(session, _ROLE, (session.username, role))
+        return True
 
 
 class TopicACL(BaseTopicPlugin):
@@ -62,10 +78,11 @@ class TopicACL(BaseTopicPlugin):
         if session is None or topic is None or action is None:
             return False
         access = Access.WRITE if action == Action.PUBLISH else Access.READ
+        verified = getattr(session, _ROLE, None)
+        role = verified[1] if isinstance(verified, tuple) and verified[0] == session.username else None
         return allowed(
-            role=role_of(session.username),
+            role=role,
             username=session.username or "",
-            client_id=session.client_id or "",
             access=access,
             topic=topic,
             swarm=self.config.swarm,

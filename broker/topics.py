@@ -20,6 +20,11 @@ _TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 DEFAULT_SWARM = "main"
 DEFAULT_REPLY = "default"
+#: The scope of the bare ``prompt`` and ``cancel`` topics, which any client login may write: its
+#: replies go to ``reply/default`` (and below), which every client may read.
+SHARED_SCOPE = DEFAULT_REPLY
+#: The hub's own login: it may read and write every reply topic anyway, so its requests may name any.
+HUB_SCOPE = "hub"
 
 
 def check_id(value: str, *, what: str) -> str:
@@ -29,14 +34,26 @@ def check_id(value: str, *, what: str) -> str:
     return value
 
 
-#: Node ids that would collide with the hub's and clients' logins (a node's username is its id).
-RESERVED_NODE_IDS = frozenset({"hub", "client", "node", DEFAULT_REPLY})
+#: Names no node or client login may take: the hub's and the shared client's logins, the shared
+#: reply scope, the old shared node login, and the gateway's own client login. Node ids and
+#: client login names share one namespace (a login's name is its topic level, and Mosquitto's
+#: ``%u`` patterns reach every login), so no name is ever both.
+RESERVED_NODE_IDS = frozenset({"hub", "client", "node", DEFAULT_REPLY, "gateway"})
+RESERVED_LOGINS = RESERVED_NODE_IDS
 
 
 def check_node_id(value: str) -> str:
     check_id(value, what="node id")
     if value in RESERVED_NODE_IDS:
         raise ConfigError(f"node id {value!r} is reserved; pick another")
+    return value
+
+
+def check_login_name(value: str) -> str:
+    """A client login's name (``swarm-hub enroll --client NAME``)."""
+    check_id(value, what="client login name")
+    if value in RESERVED_LOGINS:
+        raise ConfigError(f"login name {value!r} is reserved; pick another")
     return value
 
 
@@ -108,9 +125,12 @@ class TopicSpec:
 #: The whole contract. topics.md has one table row per entry, in this order.
 CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("swarm/{sid}/prompt", "client", "hub", 1, False),
-    TopicSpec("swarm/{sid}/reply/{name}", "hub", "client", 1, False),
-    TopicSpec("swarm/{sid}/reply/{name}/stream/{request_id}", "hub", "client", 1, False),
+    TopicSpec("swarm/{sid}/prompt/{login}", "client", "hub", 1, False),
+    TopicSpec("swarm/{sid}/reply/{login}", "hub", "client", 1, False),
+    TopicSpec("swarm/{sid}/reply/{login}/{name}", "hub", "client", 1, False),
+    TopicSpec("swarm/{sid}/reply/{login}/stream/{request_id}", "hub", "client", 1, False),
     TopicSpec("swarm/{sid}/cancel", "client", "hub", 1, False),
+    TopicSpec("swarm/{sid}/cancel/{login}", "client", "hub", 1, False),
     TopicSpec("swarm/{sid}/node/{node_id}/announce", "node", "hub, client", 1, True),
     TopicSpec("swarm/{sid}/node/{node_id}/status", "node", "hub, client", 1, True),
     TopicSpec("swarm/{sid}/node/{node_id}/heartbeat", "node", "hub, client", 0, False),
@@ -143,34 +163,78 @@ class Topics:
     def base(self) -> str:
         return f"{ROOT}/{self.swarm}"
 
-    # client <-> hub
-    def prompt(self) -> str:
-        return f"{self.base}/prompt"
+    # client <-> hub. A request's scope is the login that sent it: the hub learns it from the
+    # topic, which only that login may write (acl.py). The bare topics are the shared scope.
+    def prompt(self, login: str | None = None) -> str:
+        """``prompt`` (the shared scope), or ``prompt/{login}``, which only ``login`` may write."""
+        return self._scoped("prompt", login)
 
-    def reply(self, name: str = DEFAULT_REPLY) -> str:
-        return f"{self.base}/reply/{check_id(name, what='reply name')}"
+    def cancel(self, login: str | None = None) -> str:
+        """Clients ask the hub to drop a request here (by its id, within the same scope)."""
+        return self._scoped("cancel", login)
+
+    def prompt_filter(self) -> str:
+        return f"{self.base}/prompt/+"
+
+    def cancel_filter(self) -> str:
+        return f"{self.base}/cancel/+"
+
+    def _scoped(self, kind: str, login: str | None) -> str:
+        if login is None:
+            return f"{self.base}/{kind}"
+        return f"{self.base}/{kind}/{check_id(login, what='login')}"
+
+    def prompt_scope(self, topic: str) -> str | None:
+        """Whose prompt: ``swarm/main/prompt/alice`` -> ``"alice"``, ``swarm/main/prompt`` -> the
+        shared scope; None for anything else."""
+        return self._scope_of("prompt", topic)
+
+    def cancel_scope(self, topic: str) -> str | None:
+        return self._scope_of("cancel", topic)
+
+    def _scope_of(self, kind: str, topic: str) -> str | None:
+        bare = f"{self.base}/{kind}"
+        if topic == bare:
+            return SHARED_SCOPE
+        login = topic.removeprefix(bare + "/")
+        if login == topic or not _ID.match(login) or login == SHARED_SCOPE:
+            return None  # "prompt/default" would let one login pose as the shared scope's owner
+        return login
+
+    def reply(self, login: str = DEFAULT_REPLY, name: str | None = None) -> str:
+        """``reply/{login}``, a login's private reply topic (``reply/default``: the shared one), or
+        ``reply/{login}/{name}``, one of several under it (a ``SwarmClient`` takes its own)."""
+        topic = f"{self.base}/reply/{check_id(login, what='login')}"
+        return topic if name is None else f"{topic}/{check_id(name, what='reply name')}"
 
     def reply_filter(self) -> str:
         return f"{self.base}/reply/#"
 
     def stream(self, reply_topic: str, request_id: str) -> str:
         """A streamed request's tokens: beside its reply topic, so whoever may read the reply
-        may read the stream (``reply/{name}/stream/{request_id}``)."""
+        may read the stream (``reply/{login}/stream/{request_id}``)."""
         if not self.is_reply_topic(reply_topic):
             raise ConfigError(f"{reply_topic!r} is not a reply topic")
         if not _REQUEST_ID.match(request_id):
             raise ConfigError(f"request id {request_id!r} cannot be a topic level")
         return f"{reply_topic}/stream/{request_id}"
 
-    def cancel(self) -> str:
-        """Clients ask the hub to drop a request here (by its id)."""
-        return f"{self.base}/cancel"
-
     def is_reply_topic(self, topic: str) -> bool:
         """Replies may only go under ``reply/``: the hub must never be tricked into publishing a
         client-chosen payload onto a task or status topic."""
         prefix = f"{self.base}/reply/"
         return topic.startswith(prefix) and len(topic) > len(prefix) and is_concrete(topic)
+
+    def in_scope(self, reply_topic: str, scope: str) -> bool:
+        """May a request of ``scope`` have its reply sent to ``reply_topic``? Only to the scope's
+        own ``reply/{scope}`` and below, so nobody can push answers into another login's topic.
+        The hub's own login may name any reply topic (it may publish there anyway)."""
+        if not self.is_reply_topic(reply_topic):
+            return False
+        if scope == HUB_SCOPE:
+            return True
+        own = f"{self.base}/reply/{scope}"
+        return reply_topic == own or reply_topic.startswith(own + "/")
 
     # per node
     def node(self, node_id: str, kind: NodeTopic) -> str:

@@ -8,6 +8,7 @@ swarm-hub nodes | status         what the hub sees
 swarm-hub top                    a live view of the hub, its nodes and recent errors (Ctrl-C quits)
 swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto_sub
 swarm-hub enroll NODE            a node's own login, as a one-line join command
+swarm-hub enroll --client NAME   a client login of its own: private replies, ids no one else can take
 swarm-hub bundle publish         sign this hub's node code and roll it out to every node
 swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained)
 swarm-hub ledger [verify|export] what each node gave, from signed, hash-chained receipts
@@ -44,7 +45,16 @@ from nova_swarm.broker.errors import (
     RequestFailed,
     SwarmError,
 )
-from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, Joined, LocalSwarm, Role, SwarmHome, join_token
+from nova_swarm.broker.home import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    GATEWAY_LOGIN,
+    Joined,
+    LocalSwarm,
+    Role,
+    SwarmHome,
+    join_token,
+)
 from nova_swarm.broker.homeassistant import HomeAssistantTopics
 from nova_swarm.broker.messages import (
     MAX_FANOUT,
@@ -167,8 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     creds.add_argument("--port", type=int)
     creds.add_argument("--config-dir", type=Path)
 
-    enroll = sub.add_parser("enroll", help="give a node its own login; prints the command to run on it")
-    enroll.add_argument("node_id", metavar="NODE")
+    enroll = sub.add_parser(
+        "enroll", help="give a node its own login (prints the command to run on it), or a client with --client NAME"
+    )
+    enroll.add_argument("node_id", metavar="NODE", nargs="?")
+    enroll.add_argument(
+        "--client", metavar="NAME", help="make a client login of its own instead: its replies only it may read"
+    )
     enroll.add_argument("--owner", help="who lends this node (for the ledger)")
     enroll.add_argument("--rotate", action="store_true", help="a new password for a node already enrolled")
     trust = enroll.add_mutually_exclusive_group()
@@ -186,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--config-dir", type=Path)
 
     revoke = sub.add_parser("revoke", help="cut one node off: its login is removed and its connection dropped")
-    revoke.add_argument("node_id", metavar="NODE")
+    revoke.add_argument("node_id", metavar="NODE", nargs="?")
+    revoke.add_argument("--client", metavar="NAME", help="remove a client login instead")
     revoke.add_argument("--config-dir", type=Path)
     revoke.add_argument("--port", type=int, help="port of this machine's swarm, to remove the node from Home Assistant")
 
@@ -335,6 +351,16 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
         http.add_argument("--no-http", action="store_true", help="no HTTP gateway")
 
 
+def _gateway_url(args: argparse.Namespace, home: SwarmHome) -> BrokerURL:
+    """The gateway's own client login (made at setup), so what it asks is its own scope; a
+    --broker URL is used as given."""
+    if getattr(args, "broker", None):
+        return BrokerURL.parse(args.broker, ca_file=getattr(args, "ca_file", None))
+    if GATEWAY_LOGIN not in home.client_logins():
+        home.ensure()  # a config dir made before the gateway had a login of its own
+    return home.client_url(GATEWAY_LOGIN, port=getattr(args, "port", None))
+
+
 def _gateway(
     args: argparse.Namespace, home: SwarmHome, swarm: str, url: BrokerURL, ca_file: Path | None = None
 ) -> Gateway | None:
@@ -432,7 +458,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     config = _hub_config(args, home, swarm, args.db, protocol=args.mqtt_version)
     hub = Hub(config, _url(args, home, Role.HUB), ca_file=args.ca_file)
     # The gateway logs in as a client; with --broker it uses the hub's login (which may do all a client does).
-    gateway = _gateway(args, home, swarm, _url(args, home, Role.CLIENT), ca_file=args.ca_file)
+    gateway = _gateway(args, home, swarm, _gateway_url(args, home), ca_file=args.ca_file)
     if gateway is not None:
         print(f"chat page and OpenAI API: {gateway.chat_url}", file=sys.stderr)
     # Announced only for this machine's own broker: with --broker the hub may be far from it.
@@ -443,7 +469,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 async def cmd_gateway(args: argparse.Namespace) -> int:
     home = _home(args)
-    gateway = _gateway(args, home, _swarm(args, home), _url(args, home, Role.CLIENT), ca_file=args.ca_file)
+    gateway = _gateway(args, home, _swarm(args, home), _gateway_url(args, home), ca_file=args.ca_file)
     assert gateway is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -500,7 +526,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         # We know the broker we started: Mosquitto speaks MQTT 5, amqtt only 3.1.1.
         protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
         hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
-        gateway = _gateway(args, home, local.swarm, home.url(Role.CLIENT))
+        gateway = _gateway(args, home, local.swarm, _gateway_url(args, home))
         hub_task = asyncio.create_task(_run_hub(hub, gateway, _announcement(args, home, local, gateway)))
         await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not args.no_node and not hub_task.done():
@@ -761,8 +787,32 @@ def _lan_host() -> str:
     return addresses[0] if addresses else net.mdns_name()
 
 
+def _one_name(args: argparse.Namespace, command: str) -> None:
+    if (args.node_id is None) == (args.client is None):
+        raise ConfigError(f"`swarm-hub {command}` takes a node id or --client NAME (one of them)")
+
+
+def _enroll_client(args: argparse.Namespace, home: SwarmHome) -> int:
+    login = home.enroll_client(args.client, rotate=args.rotate)
+    local = home.local()
+    url = home.client_url(login.username, port=args.port, host=args.host)
+    t = Topics(local.swarm)
+    print(f"client login {login.username!r} ready. Connect with:\n", file=sys.stderr)
+    print(str(url))
+    print(
+        f"\nIts requests go on {t.prompt(login.username)} and its replies on {t.reply(login.username)}"
+        " (and below), which only this login may read. The URL holds the password: pass it on as one."
+        f"\n`swarm-hub revoke --client {login.username}` removes it.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
+    _one_name(args, "enroll")
     home = _home(args)
+    if args.client is not None:
+        return _enroll_client(args, home)
     local = home.local()
     enrolment = home.enroll(args.node_id, owner=args.owner, rotate=args.rotate, trusted=args.trusted)
     listen_only_here = local.host in ("127.0.0.1", "localhost", "::1")
@@ -795,7 +845,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    _one_name(args, "revoke")
     home = _home(args)
+    if args.client is not None:
+        if not home.revoke_client(args.client):
+            print(f"swarm-hub: no client login {args.client!r}", file=sys.stderr)
+            return 1
+        print(f"client login {args.client!r} revoked: the broker drops its connections within a second")
+        return 0
     if not home.revoke(args.node_id):
         print(f"swarm-hub: no node {args.node_id!r} is enrolled (see `swarm-hub enrolled`)", file=sys.stderr)
         return 1

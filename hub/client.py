@@ -9,8 +9,10 @@
             answer = await stream.answer()      # the full Answer, as ask() gives it
 
 Each client listens on its own reply topic (and the stream topics below it) and matches replies
-to requests by id, so many requests can be in flight at once. Leaving a ``streaming`` block
-before the answer came cancels the request: the hub stops the node working on it.
+to requests by id, so many requests can be in flight at once. Requests go out in the scope of
+the client's login (``prompt/{login}``), and replies come on ``reply/{login}/{name}``, which only
+that login may read (with the shared ``client`` login, every holder of that login can). Leaving a
+``streaming`` block before the answer came cancels the request: the hub stops the node working on it.
 
 With ``watch=True`` the client also follows the hub's retained status and node table
 (``client.hub``, ``client.fleet``), for views that show the swarm live.
@@ -29,7 +31,7 @@ from typing import NoReturn
 import structlog
 
 from nova_swarm.broker.connection import Connection, ConnectionLost
-from nova_swarm.broker.errors import ErrorCode, ProtocolError, RequestFailed
+from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
 from nova_swarm.broker.messages import (
     Answer,
     CancelRequest,
@@ -43,7 +45,7 @@ from nova_swarm.broker.messages import (
     decode_reply,
     decode_stream,
 )
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.topics import SHARED_SCOPE, Topics, check_id
 from nova_swarm.broker.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.client")
@@ -134,7 +136,12 @@ class SwarmClient:
     ) -> None:
         self.topics = Topics(swarm)
         self.name = f"c-{uuid.uuid4().hex[:12]}"
-        self.reply_topic = self.topics.reply(self.name)
+        #: the login our requests belong to (the shared scope on a broker without logins)
+        self.scope = _scope_of(url)
+        shared = self.scope == SHARED_SCOPE
+        self.reply_topic = self.topics.reply(self.scope, self.name)
+        self._prompt_topic = self.topics.prompt(None if shared else self.scope)
+        self._cancel_topic = self.topics.cancel(None if shared else self.scope)
         self._conn = Connection(url, client_id=self.name, ca_file=ca_file)
         self._waiting: dict[str, asyncio.Future[Answer | ErrorReply]] = {}
         self._streams: dict[str, Stream] = {}
@@ -221,7 +228,7 @@ class SwarmClient:
         if stream:
             self._streams[request_id] = Stream(request_id, future)
         try:
-            await self._conn.publish(self.topics.prompt(), request.encode(), qos=1)
+            await self._conn.publish(self._prompt_topic, request.encode(), qos=1)
         except BaseException:
             self._streams.pop(request_id, None)
             future.cancel()
@@ -264,7 +271,7 @@ class SwarmClient:
     async def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
         """Ask the hub to stop a request of ours; its reply is a ``cancelled`` error."""
         message = CancelRequest(id=request_id, reason=reason[:256])
-        await self._conn.publish(self.topics.cancel(), message.encode(), qos=1)
+        await self._conn.publish(self._cancel_topic, message.encode(), qos=1)
 
     async def _wait(self, future: asyncio.Future[Answer | ErrorReply], timeout: float) -> Answer | ErrorReply:
         try:
@@ -272,6 +279,17 @@ class SwarmClient:
                 return await future
         except TimeoutError as exc:
             raise _local_timeout(timeout) from exc
+
+
+def _scope_of(url: BrokerURL) -> str:
+    """Our login's name is our scope; a broker without logins (or a name that cannot be a topic
+    level) leaves us the shared one."""
+    if not url.username:
+        return SHARED_SCOPE
+    try:
+        return check_id(url.username, what="login")
+    except ConfigError:
+        return SHARED_SCOPE
 
 
 def _local_timeout(timeout: float) -> RequestFailed:

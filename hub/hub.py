@@ -31,6 +31,7 @@ import structlog
 from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
 from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
 from nova_swarm.broker.home import SwarmHome
+from nova_swarm.broker.identity import hub_client_id
 from nova_swarm.broker.messages import (
     Announce,
     Answer,
@@ -56,14 +57,14 @@ from nova_swarm.broker.messages import (
 )
 from nova_swarm.broker.messages import Cancel as CancelMessage
 from nova_swarm.broker.signing import SigningKey
-from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.topics import SHARED_SCOPE, NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
 from . import credits, metrics, pins, rerank, retrieval
 from .client import SwarmClient
 from .config import HubConfig
-from .intake import Accepted, Rejected, client_key, parse_prompt
+from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, ReceiptBody, receipts, sha256_text
 from .ledger import uptime as ledger_uptime
@@ -252,7 +253,9 @@ class Hub:
         offline = HubStatus(hub_id=self.config.hub_id, state="offline")
         return Connection(
             self.url,
-            client_id=f"{self.config.hub_id}-{self.config.swarm}",
+            # Derived from the hub's password: stable across restarts, and no other login can
+            # take it over (identity.py).
+            client_id=hub_client_id(self.config.swarm, self.url.password),
             will=Will(self.topics.hub_status(), offline.encode()),
             protocol=self.config.protocol,
             ca_file=self._ca_file,
@@ -262,12 +265,14 @@ class Hub:
         t = self.topics
         await conn.subscribe(
             t.prompt(),
+            t.prompt_filter(),
             t.all_nodes(NodeTopic.ANNOUNCE),
             t.all_nodes(NodeTopic.STATUS),
             t.all_nodes(NodeTopic.HEARTBEAT),
             t.all_nodes(NodeTopic.RESULT),
             t.all_nodes(NodeTopic.STREAM),
             t.cancel(),
+            t.cancel_filter(),
             t.model(),
             t.bundle(),
             qos=1,
@@ -297,7 +302,7 @@ class Hub:
         """Stop taking prompts, give in-flight requests a moment, then fail the rest clearly."""
         if self._conn is not None:
             try:
-                await self._conn.unsubscribe(self.topics.prompt())
+                await self._conn.unsubscribe(self.topics.prompt(), self.topics.prompt_filter())
             except ConnectionLost:
                 pass
         loop = asyncio.get_running_loop()
@@ -316,7 +321,7 @@ class Hub:
     # ------------------------------------------------------------------ messages in
 
     async def _on_message(self, message: Message) -> None:
-        if message.topic == self.topics.prompt():
+        if self.topics.prompt_scope(message.topic) is not None:
             if message.retain:
                 # A retained prompt would be re-run on every hub restart; only live ones count.
                 log.warning("ignored retained prompt")
@@ -326,8 +331,8 @@ class Hub:
         if message.topic in (self.topics.model(), self.topics.bundle()):
             self._on_pin(message)
             return
-        if message.topic == self.topics.cancel():
-            self._on_client_cancel(message)
+        if (scope := self.topics.cancel_scope(message.topic)) is not None:
+            self._on_client_cancel(message, scope)
             return
         parsed = self.topics.parse_node_topic(message.topic)
         if parsed is None:
@@ -387,14 +392,15 @@ class Hub:
         self.registry.pins = pinned
         self._status_changed.set()
 
-    def _on_client_cancel(self, message: Message) -> None:
+    def _on_client_cancel(self, message: Message, scope: str) -> None:
         try:
             cancel = decode(CancelRequest, message.payload)
         except ProtocolError as exc:
             log.warning("dropped malformed cancel", error=str(exc))
             return
-        run = self._runs.get(cancel.id)
-        if run is not None:  # the id is the key: only who sent the request knows it
+        # Within the sender's scope only: another login cannot cancel this login's requests.
+        run = self._runs.get(scoped_key(scope, cancel.id))
+        if run is not None:
             log.info("client cancelled the request", request_id=cancel.id, reason=cancel.reason)
             run.inbox.put_nowait(_ClientCancel(cancel.reason))
 
@@ -478,20 +484,22 @@ class Hub:
             log.exception("prompt handling failed inside the hub")
             error = ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error")
             try:
-                await self._reply(self.topics.reply(), ErrorReply(id=None, error=error), None)
+                # On the sender's own default reply topic: where its scope's replies go.
+                scope = self.topics.prompt_scope(message.topic) or SHARED_SCOPE
+                await self._reply(self.topics.reply(scope), ErrorReply(id=None, error=error), None)
             except Exception:
                 log.exception("could not even report the internal error")
 
     async def _on_prompt(self, message: Message) -> None:
         outcome = parse_prompt(message, self.topics, self.config.limits)
         if isinstance(outcome, Accepted):
-            client = client_key(outcome.reply_topic, self.topics)
+            client = outcome.scope  # the login that sent it
             wait = self.limiter.take(client, asyncio.get_running_loop().time())
             if wait is not None:
                 limit = self.config.limits.requests_per_minute
                 error = ErrorInfo(
                     code=ErrorCode.RATE_LIMITED,
-                    message=f"client {client!r} is over its limit of {limit} requests a minute",
+                    message=f"login {client!r} is over its limit of {limit} requests a minute",
                     retry_after_s=round(wait, 2),
                 )
                 outcome = Rejected(outcome.request_id, outcome.reply_topic, outcome.correlation, error)
@@ -511,16 +519,18 @@ class Hub:
             await self._send(reply.reply_topic, reply.reply, correlation=reply.correlation)
             self._journal.sent(reply.request_id)
         for entry in entries:
+            # The journal keys a request by its id within its scope (intake.scoped_key).
+            scope, request_id = split_key(entry.request_id)
             try:
                 request = PromptRequest.model_validate_json(entry.request)
             except ValueError as exc:  # written by us, so only a bug or a damaged file gets here
-                log.error("unreadable journal entry", request_id=entry.request_id, error=str(exc))
-                request = PromptRequest(id=entry.request_id, prompt="(unreadable)")
+                log.error("unreadable journal entry", request_id=request_id, error=str(exc))
+                request = PromptRequest(id=request_id, prompt="(unreadable)")
                 error = ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub could not resume this request")
-                run = self._new_run(Accepted(request, entry.request_id, entry.reply_topic, entry.correlation), entry)
+                run = self._new_run(Accepted(request, request_id, entry.reply_topic, entry.correlation, scope), entry)
                 await self._finish_failed(run, error, ())
                 continue
-            accepted = Accepted(request, entry.request_id, entry.reply_topic, entry.correlation)
+            accepted = Accepted(request, request_id, entry.reply_topic, entry.correlation, scope)
             self._spawn(self._serve(accepted, resumed=entry))
 
     # ------------------------------------------------------------------ one request
@@ -558,7 +568,7 @@ class Hub:
                     return
                 now = time.time()
                 entry = Entry(
-                    request_id=rid,
+                    request_id=accepted.key,
                     digest=request_digest,
                     request=body,
                     reply_topic=accepted.reply_topic,
@@ -569,7 +579,7 @@ class Hub:
             else:
                 entry = resumed
             run = self._new_run(accepted, entry)
-            self._runs[rid] = run
+            self._runs[accepted.key] = run
             try:
                 if resumed is None and req.private:
                     log.info("accepted private request", strategy=req.strategy, fanout=req.fanout)
@@ -596,14 +606,16 @@ class Hub:
                 for task_id in list(run.tracked):
                     self._release(run, task_id)
                 self._waiting.pop(run, None)
-                self._runs.pop(rid, None)
+                self._runs.pop(accepted.key, None)
 
     async def _answer_retry(self, accepted: Accepted, request_digest: str) -> bool:
         """A request id seen before: the same reply again, or nothing while it is in flight."""
         assert self._journal is not None
         rid = accepted.request_id
-        run = self._runs.get(rid)
-        known = run.digest if run is not None else self._journal.settled_ids.get(rid)
+        # By id within the sender's scope: another login's request with the same id is another
+        # request, so nobody can take an id first, or fetch someone else's stored reply by it.
+        run = self._runs.get(accepted.key)
+        known = run.digest if run is not None else self._journal.settled_ids.get(accepted.key)
         if known is None:
             return False
         if known != request_digest:
@@ -617,7 +629,7 @@ class Hub:
         if run is not None:
             log.info("retry of a request in flight; its reply is on the way")
             return True
-        stored = await self._journal.stored_reply(rid)
+        stored = await self._journal.stored_reply(accepted.key)
         if stored is None:
             return False  # pruned meanwhile: serve it afresh
         log.info("retry of a settled request; sending its reply again")
@@ -901,17 +913,17 @@ class Hub:
         """The request's one reply: journalled first, so a crash re-sends it rather than redoing it."""
         assert self._journal is not None
         payload = reply.encode()
-        rid = run.machine.request_id
+        key = run.accepted.key
         if run.accepted.request.private:
             # Nothing of a private request touches the disk: a retry runs it again.
             await self._send(run.accepted.reply_topic, payload, correlation=run.accepted.correlation)
             return
         try:
-            await self._journal.settle(rid, run.digest, payload, time.time())
+            await self._journal.settle(key, run.digest, payload, time.time())
         except Exception as exc:
             log.error("could not journal the reply; sending it anyway", error=str(exc))
         await self._send(run.accepted.reply_topic, payload, correlation=run.accepted.correlation)
-        self._journal.sent(rid)
+        self._journal.sent(key)
 
     # ------------------------------------------------------------------ streaming
 

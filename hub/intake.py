@@ -3,7 +3,12 @@
 Accepted payloads: plain UTF-8 text (the whole payload is the prompt), or a JSON object with
 ``id``, ``prompt`` or ``messages``, ``params``, ``strategy``, ``fanout``, ``tags``, ``reply_to``,
 ``model`` and ``timeout_s``. Every refusal carries a stable ``ErrorCode`` and goes to a reply
-topic: the request's own if we could read it, else the default one.
+topic: the request's own if we could read it, else its sender's default one.
+
+Every request belongs to a **scope**: the login that sent it, known from the topic it came on
+(``prompt/{login}``, which only that login may write), or the shared scope for the bare
+``prompt`` topic. Its reply may only go to the scope's own reply topics, and its id is keyed
+within the scope, so one login can neither read, redirect nor squat on another's requests.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pydantic import ValidationError
 from nova_swarm.broker.connection import Message
 from nova_swarm.broker.errors import ConfigError, ErrorCode
 from nova_swarm.broker.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.topics import SHARED_SCOPE, Topics
 
 from .schemas import request_problem
 
@@ -32,7 +37,7 @@ class Limits:
     #: a request asking for more tokens is refused (nodes clamp further to what they can do)
     max_tokens: int = 4096
     max_fanout: int = MAX_FANOUT
-    #: per client (the first level under ``reply/``); a client may burst this many at once
+    #: per scope (the login that sent the prompt); a login may burst this many at once
     requests_per_minute: int = 600
     #: requests the hub works on at once; past it, new prompts get ``hub_busy``
     max_inflight: int = 1024
@@ -51,6 +56,13 @@ class Accepted:
     request_id: str
     reply_topic: str
     correlation: bytes | None
+    #: the login that sent it (``SHARED_SCOPE`` for the bare prompt topic)
+    scope: str = SHARED_SCOPE
+
+    @property
+    def key(self) -> str:
+        """What the hub and its journal know this request by: its id within its scope."""
+        return scoped_key(self.scope, self.request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +73,29 @@ class Rejected:
     error: ErrorInfo
 
 
+def scoped_key(scope: str, request_id: str) -> str:
+    """``alice/req-42``; a request of the shared scope is keyed by its bare id, as every request
+    was before scopes existed, so a journal written then reads as the shared scope's.
+
+    Unambiguous: neither a scope (a login name) nor a request id can hold a ``/``."""
+    return request_id if scope == SHARED_SCOPE else f"{scope}/{request_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``scoped_key`` undone: (scope, request id)."""
+    scope, sep, request_id = key.partition("/")
+    return (scope, request_id) if sep else (SHARED_SCOPE, key)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
 def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted | Rejected:
-    default_reply = topics.reply()
+    """Read a prompt that came on ``message.topic``: ``prompt/{login}`` (that login's scope) or
+    the bare ``prompt`` (the shared scope)."""
+    scope = topics.prompt_scope(message.topic) or SHARED_SCOPE
+    default_reply = topics.reply(scope)
     correlation = message.correlation_data
 
     def reject(code: ErrorCode, text: str, *, request_id: str | None = None, reply: str = default_reply) -> Rejected:
@@ -74,8 +103,8 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
 
     reply_topic = default_reply
     if message.response_topic is not None:
-        if not topics.is_reply_topic(message.response_topic):
-            return reject(ErrorCode.BAD_REPLY_TO, f"response topic must be under {topics.reply_filter()[:-2]}/")
+        if not topics.in_scope(message.response_topic, scope):
+            return reject(ErrorCode.BAD_REPLY_TO, f"response topic must be under {default_reply} (this sender's own)")
         reply_topic = message.response_topic
 
     if len(message.payload) > limits.max_payload_bytes:
@@ -110,10 +139,11 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
         raw_id = raw.get("id") if isinstance(raw.get("id"), str) and len(raw["id"]) <= 128 else None
         raw_reply = raw.get("reply_to")
         if isinstance(raw_reply, str):
-            if not topics.is_reply_topic(raw_reply):
+            if not topics.in_scope(raw_reply, scope):
                 return reject(
                     ErrorCode.BAD_REPLY_TO,
-                    f"reply_to {raw_reply[:80]!r} must be a topic under {topics.reply_filter()[:-2]}/",
+                    f"reply_to {raw_reply[:80]!r} must be {default_reply} or a topic under it"
+                    f" (this sender's own: send on {topics.prompt()}/LOGIN to use your login's)",
                     request_id=raw_id,
                     reply=reply_topic,
                 )
@@ -159,7 +189,7 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
     schema_problem = request_problem(request)
     if schema_problem is not None:
         return reject(ErrorCode.INVALID_REQUEST, schema_problem, request_id=request_id, reply=reply_topic)
-    return Accepted(request, request_id, reply_topic, correlation)
+    return Accepted(request, request_id, reply_topic, correlation, scope)
 
 
 #: Only a \uD800-\uDFFF escape can smuggle an unpaired surrogate into parsed JSON: the full
@@ -174,12 +204,3 @@ def _encodable(value: object) -> bool:
         return False
     return True
 
-
-def client_key(reply_topic: str, topics: Topics) -> str:
-    """Who a request counts against for rate limits: the first level under ``reply/``.
-
-    MQTT 3.1.1 does not tell a subscriber who published, so the reply topic stands in for the
-    sender. A client that lies about it only sends its answers to someone else.
-    """
-    rest = reply_topic.removeprefix(topics.reply_filter()[:-1])
-    return rest.split("/", 1)[0]

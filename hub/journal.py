@@ -8,7 +8,8 @@ A row goes through three states::
 * A reply is written as ``settled`` before it is published, so a crash between the two re-sends
   the *same* reply instead of computing a different one; after publishing it is marked ``sent``.
 * A finished row keeps the reply (not the prompt) for ``keep_s``, so a client that retries an id
-  gets the same reply again: replies are idempotent by request id.
+  gets the same reply again: replies are idempotent by request id, within the scope of the
+  login that sent it (the ``request_id`` column holds that scoped key).
 
 Writes are group-committed by :class:`JournalWriter` in one worker thread: many prompts arriving
 together cost one transaction, and the event loop never waits on the disk.
@@ -62,6 +63,9 @@ def digest(request: PromptRequest | str) -> str:
 class Entry:
     """An accepted prompt, as journalled."""
 
+    #: the request's key: its id within the scope of the login that sent it
+    #: (``intake.scoped_key``: ``alice/req-42``, or the bare id for the shared scope, which is
+    #: how every row written before scopes existed reads, with no migration)
     request_id: str
     digest: str
     request: str

@@ -46,6 +46,7 @@ from nova_swarm.broker.messages import (
     Usage,
     decode,
 )
+from nova_swarm.broker.identity import node_client_id
 from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
@@ -168,7 +169,8 @@ class Node:
         offline = Status(node_id=self.config.node_id, state=NodeState.OFFLINE, reason="connection lost")
         return Connection(
             self.url,
-            client_id=self.config.node_id,
+            # Derived from our password: no other login can take our connection over.
+            client_id=node_client_id(self.config.node_id, self.url.password),
             will=Will(self.topics.node_status(self.config.node_id), offline.encode()),
             ca_file=self._ca_file,
         )

@@ -25,6 +25,7 @@ import pytest
 from nova_swarm.broker.connection import Connection, wait_for_broker
 from nova_swarm.broker.errors import ConnectionLost
 from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.identity import node_client_id
 from nova_swarm.broker.net import free_port
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.hub import Hub, HubConfig
@@ -56,7 +57,22 @@ class RunningBroker:
         give_up = loop.time() + timeout
         while True:
             try:
-                async with Connection(url, client_id=node_id, timeout=3):
+                async with Connection(url, client_id=node_client_id(node_id, url.password), timeout=3):
+                    return url
+            except ConnectionLost:
+                if loop.time() > give_up:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def client_login(self, name: str, timeout: float = 10.0) -> BrokerURL:
+        """A client login of its own (`swarm-hub enroll --client NAME`), once the broker takes it."""
+        self.home.enroll_client(name)
+        url = self.home.client_url(name, port=self.port)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while True:
+            try:
+                async with Connection(url, timeout=3):
                     return url
             except ConnectionLost:
                 if loop.time() > give_up:

@@ -14,11 +14,29 @@ R, W = Access.READ, Access.WRITE
     ("user", "client_id", "access", "topic", "ok"),
     [
         ("client", "c1", W, "swarm/main/prompt", True),
-        ("client", "c1", R, "swarm/main/reply/c1", True),
-        ("client", "c1", R, "swarm/main/reply/c1/#", True),
+        ("client", "c1", W, "swarm/main/prompt/client", True),
+        ("client", "c1", R, "swarm/main/reply/client", True),
+        ("client", "c1", R, "swarm/main/reply/client/#", True),
         ("client", "c1", R, "swarm/main/reply/default", True),
-        # Replies are private: not another client's, and no wildcard over all of them.
+        ("client", "c1", R, "swarm/main/reply/default/stream/+", True),
+        # Replies are private to a login: the client id grants nothing, so no other login's
+        # replies, and no wildcard over all of them.
+        ("client", "c1", R, "swarm/main/reply/c1", False),
+        ("client", "alice", R, "swarm/main/reply/alice", False),
         ("client", "c1", R, "swarm/main/reply/c2", False),
+        ("client", "c1", W, "swarm/main/prompt/alice", False),
+        ("client", "c1", W, "swarm/main/cancel/alice", False),
+        ("alice", "x", W, "swarm/main/prompt/alice", True),
+        ("alice", "x", W, "swarm/main/cancel/alice", True),
+        ("alice", "x", W, "swarm/main/prompt", True),
+        ("alice", "x", R, "swarm/main/reply/alice/#", True),
+        ("alice", "x", R, "swarm/main/reply/default", True),
+        ("alice", "x", R, "swarm/main/reply/client", False),
+        ("alice", "x", R, "swarm/main/reply/bob", False),
+        ("alice", "x", W, "swarm/main/prompt/bob", False),
+        # A client login is not a node, whatever its name.
+        ("alice", "x", W, "swarm/main/node/alice/announce", False),
+        ("alice", "x", R, "swarm/main/node/alice/task", False),
         ("client", "c1", R, "swarm/main/reply/#", False),
         ("client", "c1", R, "swarm/main/reply/+", False),
         ("client", "c1", R, "swarm/main/node/+/status", True),
@@ -35,6 +53,9 @@ R, W = Access.READ, Access.WRITE
         ("n1", "n1", W, "swarm/main/node/n2/status", False),
         ("n1", "n1", W, "swarm/main/hub/status", False),
         ("n1", "n1", W, "swarm/main/prompt", False),
+        ("n1", "n1", W, "swarm/main/prompt/n1", False),
+        ("n1", "alice", R, "swarm/main/reply/alice", False),
+        ("n1", "n1", R, "swarm/main/reply/n1", False),
         ("n1", "n1", R, "swarm/main/node/n1/task", True),
         ("n1", "n1", R, "swarm/main/node/n2/task", False),
         ("n1", "n2", R, "swarm/main/node/n2/task", False),
@@ -65,13 +86,15 @@ R, W = Access.READ, Access.WRITE
     ],
 )
 def test_rules(user: str, client_id: str, access: Access, topic: str, ok: bool) -> None:
-    got = allowed(role=role_of(user), username=user, client_id=client_id, access=access, topic=topic, swarm="main")
-    assert got is ok
+    # client_id is there to show it changes nothing: rights follow the login only.
+    role = role_of(user, frozenset({"alice", "bob"}))
+    assert allowed(role=role, username=user, access=access, topic=topic, swarm="main") is ok
 
 
 def test_roles_come_from_the_login() -> None:
     assert role_of("hub") is Role.HUB and role_of("client") is Role.CLIENT
     assert role_of("pixel7") is Role.NODE
+    assert role_of("alice", frozenset({"alice"})) is Role.CLIENT
     assert role_of("node") is None  # reserved: the old shared node login means nothing now
     assert role_of("Bad Name") is None and role_of(None) is None
 
@@ -90,9 +113,20 @@ def test_mosquitto_acl_renders_every_rule() -> None:
     assert "topic read swarm/main/reply/default" in text
     assert "pattern write swarm/main/node/%u/result" in text
     assert "pattern read swarm/main/node/%u/task" in text
-    assert "pattern read swarm/main/reply/%c\n" in text
     assert "user hub\ntopic read swarm/main/#\ntopic write swarm/main/#" in text
-    assert "%c/task" not in text  # node topics follow the login, never the client id
+    # Nothing follows the client id any more: a node connecting as "alice" reads nothing of hers.
+    assert "%c" not in text
+    assert "pattern read swarm/main/reply/" not in text and "pattern write swarm/main/prompt" not in text
+
+
+def test_mosquitto_acl_gives_each_client_login_its_own_block() -> None:
+    text = mosquitto_acl("main", frozenset({"alice"}))
+    alice = next(block for block in text.split("\n\n") if block.startswith("user alice"))
+    lines = alice.splitlines()
+    assert {"topic write swarm/main/prompt/alice", "topic read swarm/main/reply/alice/#"} <= set(lines)
+    # The node patterns reach alice too: her own denies (checked first) keep her from being a node.
+    assert lines.index("topic deny swarm/main/node/alice/#") < lines.index("topic write swarm/main/prompt/alice")
+    assert "reply/client" not in alice and "reply/bob" not in alice
 
 
 def test_mosquitto_acl_renders_the_home_assistant_rules() -> None:

@@ -131,8 +131,8 @@ async def test_mqtt5_response_topic_and_correlation_data(mosquitto: RunningBroke
     procs = Processes(mosquitto, tmp_path)
     try:
         await start_swarm(procs, "alpha")
-        # A private reply topic is named after the reader's client id (-i).
-        reader = sub(procs, "swarm/main/reply/v5", "-i", "v5", "-V", "5", "-F", "%D %p")
+        # A reply topic of the login's own scope: the shared client login's is reply/client/...
+        reader = sub(procs, "swarm/main/reply/client/v5", "-i", "v5", "-V", "5", "-F", "%D %p")
         await subscribed(reader)
         pub = procs.run(
             [
@@ -141,13 +141,13 @@ async def test_mqtt5_response_topic_and_correlation_data(mosquitto: RunningBroke
                 "-V",
                 "5",
                 "-t",
-                T.prompt(),
+                T.prompt("client"),
                 "-m",
                 "Hi there",
                 "-D",
                 "publish",
                 "response-topic",
-                "swarm/main/reply/v5",
+                "swarm/main/reply/client/v5",
                 "-D",
                 "publish",
                 "correlation-data",

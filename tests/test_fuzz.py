@@ -240,7 +240,7 @@ gen_params = st.fixed_dictionaries(
 @st.composite
 def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
     """A request a hub with the default limits (or SMALL) must accept."""
-    body: dict[str, Any] = {"reply_to": "swarm/main/reply/fuzz/1"}
+    body: dict[str, Any] = {"reply_to": "swarm/main/reply/default/fuzz/1"}
     if draw(st.booleans()):
         body["prompt"] = draw(prompts)
     else:
@@ -411,7 +411,7 @@ def garbage_prompts(text: st.SearchStrategy[str]) -> st.SearchStrategy[Garbage]:
 
 correlations = st.none() | st.binary(max_size=32)
 response_topics = st.none() | st.one_of(  # half of the time none, as on an MQTT 3.1.1 broker
-    st.just(T.reply("r5")),
+    st.just(T.reply("default", "r5")),
     st.builds(lambda s: "swarm/main/reply/" + s, wild_text),
     wild_text,
 )
@@ -426,7 +426,9 @@ def check_outcome(out: object, msg: Message, limits: Limits) -> None:
         event("accepted" if isinstance(out, Accepted) else f"refused: {out.error.code}")
     assert out.correlation == msg.correlation_data
     assert T.is_reply_topic(out.reply_topic), out.reply_topic
-    if msg.response_topic is not None and not T.is_reply_topic(msg.response_topic):
+    scope = T.prompt_scope(msg.topic) or "default"
+    assert T.in_scope(out.reply_topic, scope), (scope, out.reply_topic)  # never another login's topic
+    if msg.response_topic is not None and not T.in_scope(msg.response_topic, scope):
         assert isinstance(out, Rejected) and out.error.code is ErrorCode.BAD_REPLY_TO
     if isinstance(out, Rejected):
         assert isinstance(out.error.code, ErrorCode)
@@ -500,7 +502,7 @@ def test_each_kind_of_broken_payload_gets_its_stable_code(limits: Limits, data: 
     ]  # fmt: skip
     if top >= 100_000:  # balanced, so only the depth is wrong
         depth = st.integers(2_000, 40_000).map(lambda n: Blob(((b'{"prompt":', 1), (b"[", n), (b"]", n), (b"}", 1))))
-        cases.append(("too deep", depth, ErrorCode.BAD_JSON))
+        cases.append(("too deep", depth, ErrorCode.INVALID_REQUEST))
     _, strategy, code = data.draw(st.sampled_from(cases), label="case")
     payload = render(data.draw(strategy, label="payload"))
     msg = message(payload, correlation_data=data.draw(correlations, label="correlation"))
@@ -523,10 +525,10 @@ def test_every_valid_request_is_accepted_as_sent(
     assert out.request_id == body.get("id", out.request_id)
 
 
-@given(pair=mutated_requests(wild_text), limits=LIMITS, response_topic=st.none() | st.just(T.reply("r5")))
+@given(pair=mutated_requests(wild_text), limits=LIMITS, response_topic=st.none() | st.just(T.reply("default", "r5")))
 @example(  # an escaped surrogate pair is one valid character: only the wrong type is refused
     pair=(
-        JsonPrompt({"reply_to": "swarm/main/reply/fuzz/1", "prompt": "hi", "fanout": "x\ud800\udc00"}, True, "fanout"),
+        JsonPrompt({"reply_to": "swarm/main/reply/default/fuzz/1", "prompt": "hi", "fanout": "x\ud800\udc00"}, True, "fanout"),
         Mutation("wrong", "fanout", ErrorCode.INVALID_REQUEST),
     ),
     limits=Limits(),
@@ -782,18 +784,18 @@ def test_decode_reply_is_an_answer_an_error_reply_or_protocol_error(payload: byt
 
 # ---------------------------------------------------------------- pure: what the fuzzing found
 
-LONG_REPLY_TO = Blob(((b'{"prompt": "hi", "reply_to": "swarm/main/reply/', 1), (b"a", 65_536), (b'"}', 1)))
+LONG_REPLY_TO = Blob(((b'{"prompt": "hi", "reply_to": "swarm/main/reply/default/', 1), (b"a", 65_536), (b'"}', 1)))
 #: Each of these once stopped the hub (or, on Mosquitto, cost it its connection and the reply):
 #: the refusal or the request could not be encoded, or its reply topic could not be published.
 HUB_KILLERS = [
     pytest.param(b'{"id": "\\ud800", "prompt": 5}', ErrorCode.BAD_ENCODING, id="surrogate-id"),
-    pytest.param(b'{"prompt": "hi", "reply_to": "swarm/main/reply/\\ud800"}', ErrorCode.BAD_ENCODING,
+    pytest.param(b'{"prompt": "hi", "reply_to": "swarm/main/reply/default/\\ud800"}', ErrorCode.BAD_ENCODING,
                  id="surrogate-reply-to"),
     pytest.param(bytes(LONG_REPLY_TO), ErrorCode.BAD_REPLY_TO, id="reply-to-over-64k"),
-    pytest.param(b'{"prompt": "hi", "reply_to": "swarm/main/reply/a\\u0001"}', ErrorCode.BAD_REPLY_TO,
+    pytest.param(b'{"prompt": "hi", "reply_to": "swarm/main/reply/default/a\\u0001"}', ErrorCode.BAD_REPLY_TO,
                  id="control-char-reply-to"),
     pytest.param(b'{"prompt": "\\ud800"}', ErrorCode.BAD_ENCODING, id="surrogate-prompt"),
-    pytest.param(b'{"prompt": "hi", "reply_to": "swarm/main/reply/a\\ufffe"}', ErrorCode.BAD_REPLY_TO,
+    pytest.param(b'{"prompt": "hi", "reply_to": "swarm/main/reply/default/a\\ufffe"}', ErrorCode.BAD_REPLY_TO,
                  id="non-character-reply-to"),
 ]  # fmt: skip
 
@@ -830,7 +832,7 @@ def test_every_outcome_can_be_journalled_and_sent(payload: Garbage, limits: Limi
 @example(suffix="a\x85", via="response_topic", payload=b"hi")
 def test_every_reply_topic_can_be_published(suffix: str, via: str, payload: bytes) -> None:
     """Whatever reply topic a prompt asks for, the one it gets can be published on any broker."""
-    topic = "swarm/main/reply/" + suffix
+    topic = "swarm/main/reply/default/" + suffix  # the bare prompt's scope: reply/default and below
     if via == "reply_to":
         body = json.loads(payload) if payload.startswith(b"{") else {"prompt": payload.decode()}
         out = parse_prompt(message(dumps({**body, "reply_to": topic}, ascii_only=True)), T, Limits())
@@ -914,8 +916,8 @@ async def test_live_hub_answers_every_garbage_prompt_once_and_keeps_serving(
     mosquitto: RunningBroker, tmp_path: Path, batch: list[Garbage]
 ) -> None:
     config = hub_config(tmp_path / uuid.uuid4().hex, limits=SMALL)
-    name = f"fuzz-{uuid.uuid4().hex[:8]}"  # the ACL lets a client read reply/<its client id>/#
-    own = T.reply(name)
+    name = f"fuzz-{uuid.uuid4().hex[:8]}"
+    own = T.reply("default", name)  # the bare prompt's scope, which every client may read
     payloads: list[bytes] = []
     expected: list[Expected] = []
     accepted_ids: set[str] = set()
@@ -1052,14 +1054,14 @@ async def _prompt_then_another(broker: RunningBroker, tmp_path: Path, payload: b
     """``payload`` gets one reply, an ordinary prompt after it gets its own, and the hub stays connected."""
     async with running_hub(broker, hub_config(tmp_path)) as hub:
         async with Connection(broker.url(Role.CLIENT), client_id="fuzzer") as client:
-            await client.subscribe(T.reply(), T.reply("fuzzer"), f"{T.reply('fuzzer')}/#")
+            await client.subscribe(T.reply(), T.reply("default", "fuzzer"), f"{T.reply('default', 'fuzzer')}/#")
             inbox = Inbox(client)
             try:
                 await client.publish(T.prompt(), payload)
-                await client.publish(T.prompt(), b'{"prompt": "next", "reply_to": "swarm/main/reply/fuzzer/next"}')
+                await client.publish(T.prompt(), b'{"prompt": "next", "reply_to": "swarm/main/reply/default/fuzzer/next"}')
                 await until(lambda: hub._conn is None or len(inbox.messages) >= 2, timeout=REPLY_WAIT_S, what="replies")
                 assert hub._conn is not None, "one prompt cost the hub its connection (or its life)"
-                assert inbox.on(f"{T.reply('fuzzer')}/next"), "the next prompt got no reply"
+                assert inbox.on(f"{T.reply('default', 'fuzzer')}/next"), "the next prompt got no reply"
                 assert len(inbox.messages) == 2, [ascii(m.topic[:80]) for m in inbox.messages]
             finally:
                 await inbox.close()

@@ -8,14 +8,14 @@ import pytest
 from nova_swarm.broker.connection import Message
 from nova_swarm.broker.errors import ErrorCode
 from nova_swarm.broker.topics import Topics
-from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt
+from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt, split_key
 
 T = Topics("main")
 LIMITS = Limits(max_payload_bytes=4096, max_prompt_chars=100)
 
 
-def parse(payload: bytes, **props: object) -> Accepted | Rejected:
-    return parse_prompt(Message(T.prompt(), payload, 1, False, **props), T, LIMITS)  # type: ignore[arg-type]
+def parse(payload: bytes, topic: str = T.prompt(), **props: object) -> Accepted | Rejected:
+    return parse_prompt(Message(topic, payload, 1, False, **props), T, LIMITS)  # type: ignore[arg-type]
 
 
 def test_plain_text_is_a_prompt_answered_on_the_default_topic() -> None:
@@ -28,7 +28,8 @@ def test_plain_text_is_a_prompt_answered_on_the_default_topic() -> None:
 
 def test_json_request_keeps_its_id_and_reply_topic() -> None:
     out = parse(
-        b'{"id": "a-1", "prompt": "hi", "reply_to": "swarm/main/reply/me", "strategy": "best_of_n", "fanout": 2}'
+        b'{"id": "a-1", "prompt": "hi", "reply_to": "swarm/main/reply/me", "strategy": "best_of_n", "fanout": 2}',
+        T.prompt("me"),
     )
     assert isinstance(out, Accepted)
     assert (out.request_id, out.reply_topic, out.request.fanout) == ("a-1", "swarm/main/reply/me", 2)
@@ -68,14 +69,36 @@ def test_deep_json_is_refused_not_crashed() -> None:
 
 
 def test_a_refusal_goes_to_the_senders_reply_topic_when_readable() -> None:
-    out = parse(b'{"id": "x1", "prompt": "hi", "bogus": 1, "reply_to": "swarm/main/reply/me"}')
+    out = parse(b'{"id": "x1", "prompt": "hi", "bogus": 1, "reply_to": "swarm/main/reply/me"}', T.prompt("me"))
     assert isinstance(out, Rejected)
     assert (out.request_id, out.reply_topic, out.error.code) == ("x1", "swarm/main/reply/me", ErrorCode.UNKNOWN_FIELD)
 
 
 def test_mqtt5_response_topic_and_correlation_are_honoured_and_checked() -> None:
-    out = parse(b"hi", response_topic="swarm/main/reply/r5", correlation_data=b"c1")
+    out = parse(b"hi", T.prompt("r5"), response_topic="swarm/main/reply/r5", correlation_data=b"c1")
     assert isinstance(out, Accepted) and (out.reply_topic, out.correlation) == ("swarm/main/reply/r5", b"c1")
     bad = parse(b"hi", response_topic="swarm/main/hub/status", correlation_data=b"c2")
     assert isinstance(bad, Rejected) and bad.error.code is ErrorCode.BAD_REPLY_TO
     assert (bad.reply_topic, bad.correlation) == ("swarm/main/reply/default", b"c2")
+
+
+def test_the_sending_login_is_the_scope_and_bounds_the_reply_topic() -> None:
+    mine = parse(b'{"id": "q", "prompt": "hi", "reply_to": "swarm/main/reply/alice/deep"}', T.prompt("alice"))
+    assert isinstance(mine, Accepted) and (mine.scope, mine.key) == ("alice", "alice/q")
+    assert parse(b"hi", T.prompt("alice")).reply_topic == "swarm/main/reply/alice"  # type: ignore[union-attr]
+    # Another login's reply topic, or the shared one from a login's own scope: refused, and
+    # the refusal goes to the sender's own reply topic, never to the one it named.
+    for topic, reply_to, own in [
+        (T.prompt("mallory"), "swarm/main/reply/alice", "swarm/main/reply/mallory"),
+        (T.prompt(), "swarm/main/reply/alice", "swarm/main/reply/default"),
+        (T.prompt("mallory"), "swarm/main/reply/alicex", "swarm/main/reply/mallory"),
+    ]:
+        out = parse(b'{"id": "q", "prompt": "hi", "reply_to": "%s"}' % reply_to.encode(), topic)
+        assert isinstance(out, Rejected) and out.error.code is ErrorCode.BAD_REPLY_TO
+        assert (out.reply_topic, out.request_id) == (own, "q")
+    out = parse(b"hi", T.prompt("mallory"), response_topic="swarm/main/reply/alice")
+    assert isinstance(out, Rejected) and out.reply_topic == "swarm/main/reply/mallory"
+    # The shared scope keys ids as they always were, so an old journal reads as its own.
+    shared = parse(b'{"id": "q", "prompt": "hi"}')
+    assert isinstance(shared, Accepted) and shared.key == "q"
+    assert split_key("alice/q") == ("alice", "q") and split_key("q") == ("default", "q")

@@ -20,6 +20,7 @@ import pytest
 from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.errors import ConnectionLost
 from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.identity import node_client_id
 from nova_swarm.broker.topics import Topics
 from nova_swarm.broker.url import BrokerURL
 
@@ -84,7 +85,8 @@ async def test_a_node_cannot_impersonate_another_node(broker: RunningBroker) -> 
 
 async def test_a_revoked_node_is_cut_off_and_the_rest_are_not(broker: RunningBroker) -> None:
     n1, n2 = await broker.enrolled("n1"), await broker.enrolled("n2")
-    async with raw_client(n1, "n1") as node1, raw_client(n2, "n2") as node2:
+    n1_id, n2_id = node_client_id("n1", n1.password), node_client_id("n2", n2.password)
+    async with raw_client(n1, n1_id) as node1, raw_client(n2, n2_id) as node2:
         await node1.subscribe(T.node_task("n1"))
         await node2.subscribe(T.node_task("n2"))
         assert broker.home.revoke("n1")
@@ -99,13 +101,13 @@ async def test_a_revoked_node_is_cut_off_and_the_rest_are_not(broker: RunningBro
         assert await received(node2, 1.5) == [(T.node_task("n2"), b"still welcome")]
     assert dropped_after < 5, dropped_after
     with pytest.raises(aiomqtt.MqttError):  # and it cannot come back
-        async with raw_client(n1, "n1"):
+        async with raw_client(n1, n1_id):
             pass
 
 
 async def test_a_client_cannot_read_another_clients_replies(broker: RunningBroker) -> None:
-    client = broker.url(Role.CLIENT)
-    async with raw_client(client, "alice") as alice, raw_client(client, "bob") as bob:
+    alice_login, bob_login = await broker.client_login("alice"), await broker.client_login("bob")
+    async with raw_client(alice_login, "alice") as alice, raw_client(bob_login, "bob") as bob:
         for topic_filter in (T.reply("bob"), T.reply_filter(), "swarm/main/reply/+", "swarm/main/#"):
             try:
                 await alice.subscribe(topic_filter, qos=1)  # amqtt refuses, Mosquitto never delivers

@@ -43,26 +43,43 @@ def builder_patterns() -> set[str]:
     t = Topics("sidx")
     out = set()
     for name, member in inspect.getmembers(Topics, predicate=inspect.isfunction):
-        skip = {"node", "all_nodes", "parse_node_topic", "is_reply_topic", "everything", "bundle_chunks", "metrics_all"}
+        skip = {
+            "node",
+            "all_nodes",
+            "parse_node_topic",
+            "is_reply_topic",
+            "in_scope",
+            "prompt_scope",
+            "cancel_scope",
+            "prompt_filter",
+            "cancel_filter",
+            "everything",
+            "bundle_chunks",
+            "metrics_all",
+        }
         if name.startswith("_") or name in skip or name.startswith("parse_"):
             continue
         params = [p for p in inspect.signature(member).parameters if p != "self"]
         args: dict[str, object] = {
             "node_id": "nidx",
+            "login": "loginx",
             "name": "namex",
             "index": 7,
             "metric": "metricx",
             "tag": "tagx",
-            "reply_topic": t.reply("namex"),
+            "reply_topic": t.reply("loginx"),
             "request_id": "ridx",
         }
         topic = getattr(t, name)(*[args[p] for p in params])
         if name == "reply_filter":
             continue
         topic = topic.replace("sidx", "{sid}").replace("nidx", "{node_id}").replace("namex", "{name}")
+        topic = topic.replace("loginx", "{login}")
         topic = topic.replace("metricx", "{metric}").replace("tagx", "{tag}").replace("ridx", "{request_id}")
         out.add(topic.replace("/chunk/7", "/chunk/{index}"))
-    out.add(t.reply().replace("sidx", "{sid}").replace("default", "{name}"))
+    out.add(t.reply("loginx").replace("sidx", "{sid}").replace("loginx", "{login}"))
+    out.add(t.prompt().replace("sidx", "{sid}"))
+    out.add(t.cancel().replace("sidx", "{sid}"))
     return out
 
 
@@ -100,6 +117,20 @@ def test_reply_topics_must_stay_under_reply() -> None:
     assert not t.is_reply_topic("swarm/main/node/x/task")
     assert not t.is_reply_topic("swarm/main/reply/+")
     assert not t.is_reply_topic("swarm/other/reply/x")
+
+
+def test_scopes_come_from_the_topic_and_bound_reply_topics() -> None:
+    t = Topics("main")
+    assert t.prompt_scope(t.prompt("alice")) == "alice" and t.cancel_scope(t.cancel("alice")) == "alice"
+    assert t.prompt_scope(t.prompt()) == "default" == t.cancel_scope(t.cancel())
+    for bad in ("swarm/main/prompt/default", "swarm/main/prompt/a/b", "swarm/main/prompt/A", "swarm/main/promptx"):
+        assert t.prompt_scope(bad) is None
+    assert t.in_scope(t.reply("alice"), "alice") and t.in_scope(t.reply("alice", "c-1"), "alice")
+    assert t.in_scope("swarm/main/reply/default/stream/x", "default")
+    assert not t.in_scope(t.reply("bob"), "alice") and not t.in_scope("swarm/main/reply/alicex", "alice")
+    assert not t.in_scope(t.reply(), "alice") and not t.in_scope(t.reply("alice"), "default")
+    assert t.in_scope(t.reply("bob", "x"), "hub")  # the hub's login may address any reply topic
+    assert not t.in_scope("swarm/main/hub/status", "hub")
 
 
 def test_matching_and_concreteness() -> None:
