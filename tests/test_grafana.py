@@ -59,4 +59,5 @@ def test_every_panel_reads_a_published_topic_and_only_published_fields() -> None
         "Temperature per node",
         "Latency",
         "Errors by code",
+        "Joules per token per node",
     } <= titles
