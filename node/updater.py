@@ -266,7 +266,7 @@ class Updater:
             else:
                 assert own is not None
                 path = own
-            await asyncio.to_thread(self.setup.ram.check, path, name=wanted, freed=self._serving_bytes())
+            await asyncio.to_thread(self._check_fits, path, wanted)
             await self._report("model", wanted, "switching", f"loading {path.name} once running tasks finish")
             await self.node.switch_engine(path, f"switching model to {wanted}")
         except (UpdateRefused, ConfigError, OSError) as exc:  # a file gone or a full disk: refused, not a crash
@@ -296,6 +296,11 @@ class Updater:
                 raise UpdateRefused(f"{pin.name} needs {size / 2**20:.0f} MB of disk, {free / 2**20:.0f} MB free")
         log.info("pulling pinned model", model=pin.name, url=url)
         return pull(url, cache=cache, sha256=pin.sha256, name=pin.name, stop=self._download_stop.is_set).path
+
+    def _check_fits(self, path: Path, name: str) -> None:
+        """ConfigError unless ``path`` fits once the served model is closed (reads two GGUF
+        headers: off the loop)."""
+        self.setup.ram.check(path, name=name, freed=self._serving_bytes())
 
     def _serving_bytes(self) -> int:
         """What the model served now takes: the node closes it before loading the next one."""
