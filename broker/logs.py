@@ -18,6 +18,8 @@ from pathlib import Path
 
 import structlog
 
+from .logfilter import RateLimit
+
 #: a file is rotated past this size, and this many old ones are kept (logs/hub.log.1 ... .3)
 MAX_BYTES = 5 * 2**20
 BACKUPS = 3
@@ -69,6 +71,11 @@ def configure(
         else:
             rotating.setFormatter(_formatter(structlog.processors.JSONRenderer()))
             handlers.append(rotating)
+    # One limiter shared by every handler: a peer's flood of one kind of line can neither stall
+    # the loop on console output nor rotate away the file's history.
+    limiter = RateLimit()
+    for handler in handlers:
+        handler.addFilter(limiter)
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

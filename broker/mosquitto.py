@@ -19,6 +19,7 @@ import structlog
 
 from .acl import mosquitto_acl
 from .errors import ConfigError
+from .limits import BrokerLimits
 from .net import wait_listening
 from .passwords import FileWatch, read_client_logins, write_private
 from .tls import RECHECK_S, TLSFiles
@@ -39,6 +40,8 @@ class MosquittoConfig:
     tls: TLSFiles | None = None
     #: a Mosquitto bridge config (deploy/mosquitto/bridge.conf) appended to the generated one
     bridge: Path | None = None
+    #: the same packet size and queue depth the embedded broker enforces
+    limits: BrokerLimits = BrokerLimits()
     #: seconds between checks that the certificate still names every address we are reached by
     tls_recheck_s: float = RECHECK_S
 
@@ -73,9 +76,17 @@ def write_config(config: MosquittoConfig) -> Path:
                 "set_tcp_nodelay true",
                 # Run as whoever started us, so the private files above stay readable.
                 f"user {getpass.getuser()}",
+                # The packet limit applies from the fixed header, before the body (or an
+                # unauthenticated CONNECT) is buffered; +5 for the fixed header itself, so the
+                # same body passes on both brokers.
+                f"max_packet_size {config.limits.max_packet_bytes + 5}",
+                # A subscriber that stops reading: its backlog beyond this is dropped (counted
+                # in $SYS, and logged as "Outgoing messages are being dropped", a notice).
+                f"max_queued_messages {config.limits.max_queued_messages}",
                 "log_dest stderr",
                 "log_type error",
                 "log_type warning",
+                "log_type notice",
                 f"listener {config.port} {config.host}",
                 *(
                     [f"cafile {config.tls.ca}", f"certfile {config.tls.cert}", f"keyfile {config.tls.key}"]

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
@@ -89,56 +88,7 @@ class TopicACL(BaseTopicPlugin):
         )
 
 
-class _Snapshots(dict[str, list[tuple[Session, int]]]):
-    """amqtt's subscription table, iterated over copies.
+# The broker class moved to hardened.py with the protocol hardening; importable from here still.
+from .hardened import HardenedBroker  # noqa: E402
 
-    amqtt 0.12.1 walks ``_subscriptions`` with an ``await`` inside the loop (fanning a message
-    out, replaying retained messages on CONNECT). A client that subscribes or leaves meanwhile
-    changes the dict: the walk dies with "dictionary changed size during iteration", and the
-    message, already acknowledged to its publisher, reaches no one (8 of 3,600 replies under
-    load). Walking a snapshot delivers to whoever was subscribed when the message came in.
-    """
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(super().keys()))
-
-    def items(self):  # type: ignore[no-untyped-def,override]
-        return [(k, list(v)) for k, v in super().items()]
-
-
-class HardenedBroker(Broker):
-    """amqtt's broker with the retained-message leak closed, and message fan-out that survives
-    clients coming and going (:class:`_Snapshots`).
-
-    On every CONNECT, amqtt 0.12.1 replays retained messages for *every* filter any client ever
-    subscribed to, to the new client, past its ACL (BROKERS.md, defect 1). We only let a replay
-    through when this session actually holds that subscription, which it only got past the ACL.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._subscriptions = _Snapshots(self._subscriptions)  # type: ignore[has-type]
-
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Session
-    ) -> None:
-        topic_filter, _ = subscription
-        holders = self._subscriptions.get(topic_filter, [])
-        if not any(s.client_id == session.client_id for s, _ in holders):
-            return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
-
-    async def drop_stale_logins(self, check: LoginCheck) -> list[str]:
-        """Disconnect every client whose login no longer passes ``check`` (revoked or rotated).
-
-        Mosquitto does the same on SIGHUP. The disconnect counts as abnormal, so the client's
-        Last Will goes out and the hub learns at once that a revoked node is gone.
-        """
-        dropped = []
-        for client_id, (session, handler) in list(self._sessions.items()):
-            if session.transitions.state != "connected" or handler is None:
-                continue
-            if not check(session.username, session.password):
-                await handler.handle_disconnect(None)
-                dropped.append(client_id)
-        return dropped
+__all__ = ["HardenedBroker", "PasswordAuth", "TopicACL"]

@@ -45,6 +45,7 @@ from nova_swarm.broker.errors import (
     RequestFailed,
     SwarmError,
 )
+from nova_swarm.broker.fdlimit import raise_open_file_limit
 from nova_swarm.broker.home import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -1039,6 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
         # file; one-shot commands log to stderr.
         default = _home(args).log_file("gateway" if args.command == "gateway" else "hub")
         logs.configure(level=args.log_level, json=args.log_json, file=logs.file_for(args, default))
+        raise_open_file_limit()  # a long-running swarm holds a socket per connection
     else:
         logs.configure(level="warning")
     try:
