@@ -459,3 +459,73 @@ async def test_a_subscriber_that_never_reads_is_bounded(broker: RunningBroker) -
     await until(lambda: "dropped" in broker.log.read_text(errors="replace"), timeout=5, what="a drop in the log")
     for raw in (stuck, counter, publisher):
         raw.close()
+
+
+async def test_a_takeover_closes_the_old_connection(broker: RunningBroker) -> None:
+    first = await Raw.login(broker, "taken-over")
+    second = await Raw.login(broker, "taken-over")
+    # The first socket is closed by the broker (amqtt left it open and deaf), the second is live.
+    assert await first.packet(timeout=5) is None
+    assert await second.closed_or_pong() == "pong"
+    second.close()
+
+
+# ---------------------------------------------------------------- the rules themselves, no I/O
+
+
+def test_the_framing_rules_directly() -> None:
+    from nova_swarm.broker import framing
+
+    assert framing.remaining_length(b"") is None
+    assert framing.remaining_length(b"\x80") is None
+    assert framing.remaining_length(b"\xff\xff\xff\x7f") == 268_435_455
+    with pytest.raises(framing.Malformed, match="four bytes"):
+        framing.remaining_length(b"\xff\xff\xff\xff")
+    for n in (0, 127, 128, 16_383, 16_384, 2_097_152):
+        assert framing.remaining_length(framing.encode_length(n)) == n
+
+    def body(packet: bytes) -> bytes:
+        prefix = b""
+        while framing.remaining_length(prefix) is None:
+            prefix += packet[1 + len(prefix) : 2 + len(prefix)]
+        return packet[1 + len(prefix) :]
+
+    info = framing.check_connect(body(connect_packet("ok", username="u", password="p", keepalive=30)))
+    assert (info.client_id, info.clean_session, info.keep_alive) == ("ok", True, 30)
+    with pytest.raises(framing.UnacceptableVersion):
+        framing.check_connect(body(connect_packet("v5", level=5)))
+    with pytest.raises(framing.UnacceptableVersion):
+        framing.check_connect(_str("MQIsdp") + b"\x03\x02\x00\x00" + _str("old"))
+    with pytest.raises(framing.IdentifierRejected):
+        framing.check_connect(_str("MQTT") + b"\x04\x00\x00\x00" + _str(""))
+    refused = {
+        "Will QoS 3": connect_packet("a", will=("t", b"x"), extra_flags=0x18),
+        "without a Will": connect_packet("a", extra_flags=0x20),
+        "reserved": connect_packet("a", extra_flags=0x01),
+        "U\\+0000": connect_packet(b"a\x00b"),
+        "UTF-8": connect_packet(b"\xed\xa0\x80"),  # a surrogate, which UTF-8 may not carry
+        "wildcard": connect_packet("a", will=("t/#", b"x")),
+        "password without": _str("MQTT") + b"\x04\x42\x00\x00" + _str("a") + _str("p"),
+        "stray": body(connect_packet("a")) + b"!",
+    }
+    for match, packet in refused.items():
+        raw = packet if match in ("password without", "stray") else body(packet)
+        with pytest.raises(framing.Malformed, match=match):
+            framing.check_connect(raw)
+
+    framing.check_packet(0x30, _str("a/b") + b"payload")
+    framing.check_packet(0x82, b"\x00\x01" + _str("a/#") + b"\x01")
+    for first, packet_body, match in (
+        (0x36, _str("a") + b"\x00\x01", "QoS 3"),
+        (0x38, _str("a"), "DUP"),
+        (0x30, _str("a/+"), "wildcard"),
+        (0x32, _str("a") + b"\x00\x00", "packet id 0"),
+        (0x80, b"\x00\x01" + _str("a") + b"\x00", "flags"),
+        (0x82, b"\x00\x01" + _str("a") + b"\x03", "QoS above 2"),
+        (0x82, b"\x00\x01", "without a topic filter"),
+        (0x10, b"", "not one a connected client may send"),
+        (0x20, b"\x00\x00", "not one a connected client may send"),
+        (0xC0, b"\x00", "remaining length"),
+    ):
+        with pytest.raises(framing.Malformed, match=match):
+            framing.check_packet(first, packet_body)
