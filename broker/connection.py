@@ -20,6 +20,7 @@ What this layer adds on top of aiomqtt:
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import socket
 import ssl
@@ -32,6 +33,7 @@ from typing import Literal, TypeVar
 
 import aiomqtt
 import structlog
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -43,6 +45,35 @@ log = structlog.get_logger("nova_swarm.connection")
 
 Protocol = Literal["auto", "3.1.1", "5"]
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+#: A node's heartbeat interval unless told otherwise (``NodeConfig.heartbeat_s``).
+HEARTBEAT_S = 10.0
+#: How long a persistent session (the hub's) outlives its connection on an MQTT 5 broker: what
+#: clients publish meanwhile waits for it. A day covers any restart; past that the hub is gone.
+SESSION_EXPIRY_S = 86_400
+
+
+def keepalive_for(heartbeat_s: float) -> int:
+    """The MQTT keepalive for a client that publishes every ``heartbeat_s``: 1.5 times that.
+
+    Chosen for a phone's battery. Every packet wakes the Wi-Fi radio out of its power save, and
+    it then stays up for a tail of ~100-200 ms. paho sends a PINGREQ only when nothing went out
+    (or came in) for a whole keepalive; the heartbeat goes out every ``heartbeat_s`` and the
+    hub's status comes in as often, so with a keepalive a half-interval longer than the
+    heartbeat, heartbeats *are* the keepalive traffic and a healthy node never sends a ping: no
+    wake-ups beyond the heartbeats it sends anyway. The price is detection time: the broker
+    drops a silent client after 1.5 keepalives (Mosquitto, and the embedded broker), so a phone
+    that drops off Wi-Fi while idle is written off, and its Last Will published, within
+    :func:`written_off_after` (22.5 s at the default 10 s heartbeat). A *busy* phone is noticed
+    much sooner, by its missing progress (``hub/lifecycle.py``).
+    """
+    return max(5, math.ceil(1.5 * heartbeat_s))
+
+
+def written_off_after(heartbeat_s: float) -> float:
+    """How long a silent client of :func:`keepalive_for` keeps its connection: 1.5 keepalives,
+    as MQTT has the broker enforce it. The hub's heartbeat timeout defaults to the same."""
+    return 1.5 * keepalive_for(heartbeat_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +108,13 @@ class Connection:
         protocol: Protocol = "3.1.1",
         ca_file: Path | None = None,
         timeout: float = 10.0,
+        persistent: bool = False,
     ) -> None:
+        """``persistent``: keep the broker-side session across disconnects (MQTT's clean session
+        off, or an MQTT 5 session expiry of :data:`SESSION_EXPIRY_S`), so QoS 1 messages on our
+        subscriptions are queued while we are away. Needs a stable ``client_id``."""
+        if persistent and not client_id:
+            raise ConfigError("a persistent session needs a stable client id")
         self.url = url
         self._client_id = client_id
         self._will = will
@@ -85,6 +122,7 @@ class Connection:
         self._protocol = protocol
         self._ca_file = ca_file or url.ca_file
         self._timeout = timeout
+        self._persistent = persistent
         self._client: aiomqtt.Client | None = None
         self._filters: list[str] = []
         self.mqtt5 = False
@@ -98,6 +136,7 @@ class Connection:
             raise ConfigError(f"cannot use CA certificate {self._ca_file}: {exc}") from exc
 
     def _make_client(self, version: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
+        v5 = version == aiomqtt.ProtocolVersion.V5
         will = None
         if self._will is not None:
             will = aiomqtt.Will(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
@@ -113,10 +152,22 @@ class Connection:
             timeout=self._timeout,
             tls_context=self._tls_context(),
             socket_options=[_NODELAY],
-            # A fresh session on every connect: broker sessions are unreliable on amqtt
-            # (BROKERS.md, defect 7), so we resubscribe and rely on ids for idempotence.
-            clean_session=True if version != aiomqtt.ProtocolVersion.V5 else None,
+            # Most links take a fresh session on every connect: broker sessions are unreliable
+            # on amqtt (BROKERS.md, defect 7), so we resubscribe and rely on ids for idempotence.
+            # A persistent one (the hub's) still resubscribes, and only adds what the broker
+            # queued while it was away.
+            clean_session=None if v5 else not self._persistent,
+            clean_start=False if self._persistent and v5 else MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties(version),
         )
+
+    def _connect_properties(self, version: aiomqtt.ProtocolVersion) -> Properties | None:
+        if not self._persistent or version != aiomqtt.ProtocolVersion.V5:
+            return None
+        # MQTT 5 ends a session with its connection unless told how long to keep it.
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        return properties
 
     async def __aenter__(self) -> Connection:
         if self._protocol == "auto":

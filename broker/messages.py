@@ -385,6 +385,15 @@ class NodeChunk(Wire):
     tool_calls: list[ToolCallDelta] | None = None
 
 
+class NodeProgress(Wire):
+    """Node to hub, every ``Announce.progress_s`` while the node holds tasks (running or queued
+    behind them): "still on these". Liveness, not content: the hub writes off an attempt whose
+    node goes quiet, which a frozen or unplugged phone does without closing its socket."""
+
+    node_id: NodeId
+    tasks: list[RequestId] = Field(max_length=1024)
+
+
 class StreamChunk(Wire):
     """Hub to client, on the request's stream topic: the next piece of the answer.
 
@@ -469,6 +478,9 @@ class Announce(Wire):
     ts: float
     #: what the node's engine can do beyond plain chat (older nodes announce none of these)
     capabilities: list[Capability] = Field(default_factory=list)
+    #: the node sends ``NodeProgress`` at least this often while it holds tasks (None: an older
+    #: node that never does; the hub then judges its attempts by their deadlines alone)
+    progress_s: float | None = Field(default=None, gt=0, le=60)
 
 
 class PinReport(Wire):

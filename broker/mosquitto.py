@@ -70,6 +70,10 @@ def write_config(config: MosquittoConfig) -> Path:
                 "allow_anonymous false",
                 f"password_file {passwd}",
                 f"acl_file {acl}",
+                # Sessions (the hub's, with the prompts queued for it while it restarts) live in
+                # memory for as long as the broker runs. Not on disk: while the broker itself is
+                # down, publishers get an error rather than silence, and the hub's journal keeps
+                # what it had accepted; the embedded broker has no persistence to match anyway.
                 "persistence false",
                 # Without it Mosquitto holds small packets back for the peer's delayed ACK (Nagle):
                 # 40 ms and more added to every hop of a request.

@@ -109,6 +109,7 @@ class NodeTopic(StrEnum):
     CANCEL = "cancel"
     RESULT = "result"
     STREAM = "stream"
+    PROGRESS = "progress"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,7 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("swarm/{sid}/node/{node_id}/cancel", "hub", "node", 1, False),
     TopicSpec("swarm/{sid}/node/{node_id}/result", "node", "hub", 1, False),
     TopicSpec("swarm/{sid}/node/{node_id}/stream", "node", "hub", 1, False),
+    TopicSpec("swarm/{sid}/node/{node_id}/progress", "node", "hub", 0, False),
     TopicSpec("swarm/{sid}/hub/status", "hub", "client, node", 1, True),
     TopicSpec("swarm/{sid}/hub/nodes", "hub", "client", 1, True),
     TopicSpec("swarm/{sid}/model", "hub", "node, client", 1, True),
@@ -260,6 +262,9 @@ class Topics:
 
     def node_stream(self, node_id: str) -> str:
         return self.node(node_id, NodeTopic.STREAM)
+
+    def node_progress(self, node_id: str) -> str:
+        return self.node(node_id, NodeTopic.PROGRESS)
 
     def all_nodes(self, kind: NodeTopic) -> str:
         return f"{self.base}/node/+/{kind}"

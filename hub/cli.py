@@ -36,7 +36,7 @@ from nova_swarm.bench import add_arguments as add_bench_arguments
 from nova_swarm.bench import run as run_bench
 from nova_swarm.broker import discovery, logs, net, tls
 from nova_swarm.broker.cli import ENGINES
-from nova_swarm.broker.connection import Connection, Protocol, wait_for_broker
+from nova_swarm.broker.connection import HEARTBEAT_S, Connection, Protocol, wait_for_broker, written_off_after
 from nova_swarm.broker.errors import (
     ConfigError,
     ConnectionLost,
@@ -259,7 +259,18 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
         help="do not announce the swarm on the LAN by mDNS (it is announced only when the broker listens beyond"
         " loopback)",
     )
-    p.add_argument("--heartbeat-timeout", type=float, default=35.0, help="seconds of silence before a node is offline")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=written_off_after(HEARTBEAT_S),
+        help="seconds of silence before a node is offline (default: %(default)s, as the broker's keepalive)",
+    )
+    p.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=2.0,
+        help="seconds without progress before a busy node's task goes to another node (default: %(default)s)",
+    )
     p.add_argument("--request-timeout", type=float, default=120.0, help="default deadline of a request")
     p.add_argument("--retries", type=int, default=2, help="re-dispatches per request after failures")
     p.add_argument("--reranker", default="rules", help="best_of_n scorer (entry point nova_swarm.rerankers)")
@@ -322,6 +333,7 @@ def _hub_config(
         db_path=db or home.db_file,
         swarm=swarm,
         heartbeat_timeout_s=args.heartbeat_timeout,
+        quiet_s=args.quiet_timeout,
         default_timeout_s=args.request_timeout,
         retries=args.retries,
         reranker=args.reranker,

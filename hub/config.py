@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nova_swarm.broker.connection import Protocol
+from nova_swarm.broker.connection import HEARTBEAT_S, Protocol, written_off_after
 from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
 
@@ -19,8 +19,12 @@ class HubConfig:
     db_path: Path
     swarm: str = DEFAULT_SWARM
     hub_id: str = "hub"
-    #: a node unheard for this long is offline (amqtt never fires a Will for a frozen client)
-    heartbeat_timeout_s: float = 35.0
+    #: a node unheard for this long is offline: by default when the broker's keepalive would
+    #: write an idle node off too (1.5 keepalives of a node on the default heartbeat, 22.5 s)
+    heartbeat_timeout_s: float = written_off_after(HEARTBEAT_S)
+    #: a busy node that shows no progress on an attempt for this long has lost that attempt,
+    #: which goes to another node (only for nodes that announce ``progress_s``; see lifecycle.py)
+    quiet_s: float = 2.0
     #: a request's deadline when it gives no ``timeout_s``
     default_timeout_s: float = 120.0
     #: re-dispatches allowed per request after failed, lost or late attempts
@@ -57,7 +61,7 @@ class HubConfig:
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")
         check_id(self.hub_id, what="hub id")
-        if self.heartbeat_timeout_s <= 0 or self.default_timeout_s <= 0:
+        if self.heartbeat_timeout_s <= 0 or self.default_timeout_s <= 0 or self.quiet_s <= 0:
             raise ConfigError("timeouts must be positive")
         if self.retries < 0:
             raise ConfigError("retries must be 0 or more")

@@ -44,6 +44,7 @@ from nova_swarm.broker.messages import (
     Heartbeat,
     HubStatus,
     NodeChunk,
+    NodeProgress,
     NodeState,
     PromptRequest,
     Status,
@@ -171,6 +172,8 @@ class Hub:
         self._conn: Connection | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stop_requested = asyncio.Event()
+        #: stopping: new prompts are journalled for the next run, not started (``_defer``)
+        self._draining = False
         self._status_changed = asyncio.Event()
         self.ready = asyncio.Event()
         #: the last minute of settled requests, for the metrics (and the totals since start)
@@ -237,6 +240,12 @@ class Hub:
                 await self._stop_requested.wait()
                 await self._drain()
                 await self._go_offline()
+                # Leave the broker before the journal's last write: a prompt sent after this
+                # waits in our session for the next run, one that came before is journalled.
+                background[0].cancel()
+                await asyncio.wait([background[0]])
+                while self._runs:
+                    await asyncio.sleep(0.01)
                 await self._journal.flushed()
                 for task in [*background, writer]:
                     task.cancel()
@@ -259,6 +268,10 @@ class Hub:
             will=Will(self.topics.hub_status(), offline.encode()),
             protocol=self.config.protocol,
             ca_file=self._ca_file,
+            # The broker keeps our subscriptions and queues QoS 1 prompts while the hub restarts
+            # (so a fire-and-forget mosquitto_pub sent meanwhile is still answered); this needs
+            # the client id to stay the same from one run to the next.
+            persistent=True,
         )
 
     async def _session(self, conn: Connection) -> None:
@@ -268,7 +281,6 @@ class Hub:
             t.prompt_filter(),
             t.all_nodes(NodeTopic.ANNOUNCE),
             t.all_nodes(NodeTopic.STATUS),
-            t.all_nodes(NodeTopic.HEARTBEAT),
             t.all_nodes(NodeTopic.RESULT),
             t.all_nodes(NodeTopic.STREAM),
             t.cancel(),
@@ -277,6 +289,10 @@ class Hub:
             t.bundle(),
             qos=1,
         )
+        # Liveness at QoS 0, as it is sent: our persistent session must not queue stale
+        # heartbeats while the hub is away (amqtt delivers at the subscription's QoS), where
+        # they would crowd out the prompts the queue is for.
+        await conn.subscribe(t.all_nodes(NodeTopic.HEARTBEAT), t.all_nodes(NodeTopic.PROGRESS), qos=0)
         await self._flush_outbox(conn)
         self._conn = conn
         # Nodes reappear within moments of a restart (they answer our online status with a
@@ -299,12 +315,12 @@ class Hub:
             self._conn = None
 
     async def _drain(self) -> None:
-        """Stop taking prompts, give in-flight requests a moment, then fail the rest clearly."""
-        if self._conn is not None:
-            try:
-                await self._conn.unsubscribe(self.topics.prompt(), self.topics.prompt_filter())
-            except ConnectionLost:
-                pass
+        """Stop starting prompts, give in-flight requests a moment, then fail the rest clearly.
+
+        The hub stays subscribed to its prompt topics: leaving them would end them in its
+        persistent session, and what clients send while it is down would be lost. Prompts that
+        come while it drains are journalled for its next run instead (``_defer``)."""
+        self._draining = True
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.drain_s
         while self._runs and loop.time() < give_up:
@@ -324,6 +340,8 @@ class Hub:
         if self.topics.prompt_scope(message.topic) is not None:
             if message.retain:
                 # A retained prompt would be re-run on every hub restart; only live ones count.
+                # What our persistent session queued while the hub was away is live: brokers
+                # deliver it unflagged (the embedded one too: hardened.py fixes amqtt's flag).
                 log.warning("ignored retained prompt")
                 return
             self._spawn(self._guarded_prompt(message))
@@ -348,6 +366,8 @@ class Hub:
                 self._on_result(node_id, decode(TaskResult, message.payload))
             elif kind is NodeTopic.STREAM:
                 self._on_chunk(node_id, decode(NodeChunk, message.payload))
+            elif kind is NodeTopic.PROGRESS:
+                self._on_progress(node_id, decode(NodeProgress, message.payload))
             elif kind is NodeTopic.ANNOUNCE:
                 announce = decode(Announce, message.payload)
                 if announce.node_id == node_id:
@@ -409,6 +429,18 @@ class Hub:
         attempt = run.machine.attempts.get(chunk.task_id) if run is not None else None
         if run is not None and attempt is not None and attempt.node_id == node_id:
             run.inbox.put_nowait(_Chunk(chunk))
+
+    def _on_progress(self, node_id: str, progress: NodeProgress) -> None:
+        """A busy node's sign of life. Fed to the machines directly, not through their inboxes:
+        it only moves a timestamp, which each run reads when it next wakes (lifecycle.py)."""
+        if progress.node_id != node_id:
+            return
+        now = asyncio.get_running_loop().time()
+        for task_id in progress.tasks:
+            run = self._by_task.get(task_id)
+            attempt = run.machine.attempts.get(task_id) if run is not None else None
+            if run is not None and attempt is not None and attempt.node_id == node_id:
+                run.machine.on_progress(task_id, now)
 
     def _on_result(self, node_id: str, result: TaskResult) -> None:
         run = self._by_task.get(result.task_id)
@@ -581,6 +613,9 @@ class Hub:
             run = self._new_run(accepted, entry)
             self._runs[accepted.key] = run
             try:
+                if resumed is None and self._draining:
+                    await self._defer(run, entry)
+                    return
                 if resumed is None and req.private:
                     log.info("accepted private request", strategy=req.strategy, fanout=req.fanout)
                 elif resumed is None:
@@ -607,6 +642,19 @@ class Hub:
                     self._release(run, task_id)
                 self._waiting.pop(run, None)
                 self._runs.pop(accepted.key, None)
+
+    async def _defer(self, run: _Run, entry: Entry) -> None:
+        """A prompt that came while the hub stops: journalled, and answered by its next run (as
+        it answers what a crash left). A private one may not touch the disk: it is refused."""
+        assert self._journal is not None
+        if run.accepted.request.private:
+            error = ErrorInfo(
+                code=ErrorCode.HUB_STOPPING, message="the hub is shutting down; send it again", retry_after_s=5.0
+            )
+            await self._finish_failed(run, error, ())
+            return
+        await self._journal.accept(entry)
+        log.info("deferred to the hub's next run")
 
     async def _answer_retry(self, accepted: Accepted, request_digest: str) -> bool:
         """A request id seen before: the same reply again, or nothing while it is in flight."""
@@ -755,7 +803,13 @@ class Hub:
         for node in picked:
             task_id = uuid.uuid4().hex
             timeout = self._attempt_timeout(node, req.params.max_tokens, run.machine.deadline - loop.time())
-            run.machine.assigned(task_id=task_id, node_id=node.node_id, deadline=loop.time() + timeout)
+            run.machine.assigned(
+                task_id=task_id,
+                node_id=node.node_id,
+                deadline=loop.time() + timeout,
+                quiet_s=self._quiet_window(node),
+                now=loop.time(),
+            )
             node.inflight += 1
             run.tracked.add(task_id)
             self._by_task[task_id] = run
@@ -820,6 +874,12 @@ class Hub:
         if req.strategy == "best_of_n" and len(picked) >= 2:
             return [*picked[:-1], *extra]
         return [*picked, *extra]
+
+    def _quiet_window(self, node: NodeRecord) -> float | None:
+        """How long an attempt on ``node`` may show no progress: ``quiet_s``, and never less than
+        a few of the node's own progress intervals; None for a node that promised none."""
+        every = node.announce.progress_s if node.announce is not None else None
+        return None if every is None else max(self.config.quiet_s, 3 * every)
 
     def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
         announce = node.announce

@@ -19,6 +19,13 @@ attempt is replaced on a node not yet tried, while the attempt budget and the de
 A streamed ``race`` is won by the first node to stream a token: it becomes the *leader*, whose
 tokens go to the client, and the other racers are cancelled at once. If the leader fails, the
 next attempt to stream leads (the hub tells the client to start over).
+
+A node that promised to show progress (its announce's ``progress_s``) and then goes *quiet*
+(no progress, chunk or result for the attempt's ``quiet_s``) is written off for that attempt,
+as LOST, and the request goes to another node. A frozen or unplugged phone keeps its socket
+open, so neither the broker nor the heartbeat timeout would notice it for many seconds; the
+silence of one busy attempt says it in two. A late result from the quiet node is ignored like
+any result of a settled attempt, so the request still gets exactly one reply.
 """
 
 from __future__ import annotations
@@ -107,6 +114,15 @@ class Attempt:
     deadline: float
     state: AttemptState = AttemptState.ASSIGNED
     error: ErrorInfo | None = None
+    #: written off as LOST when nothing is heard of it for this long (None: the node never
+    #: promised progress, and only the attempt's deadline applies)
+    quiet_s: float | None = None
+    #: when the attempt was last heard of: assigned, a progress message, a chunk
+    heard: float = 0.0
+
+    def quiet_at(self) -> float | None:
+        """When the attempt counts as quiet, unless it is heard of before then."""
+        return None if self.quiet_s is None else self.heard + self.quiet_s
 
     def move(self, to: AttemptState) -> None:
         if to not in ATTEMPT_TRANSITIONS[self.state]:
@@ -149,7 +165,8 @@ class RequestMachine:
 
     def next_wakeup(self) -> float:
         """When ``on_tick`` next has something to do."""
-        return min([self.deadline, *(a.deadline for a in self.active())])
+        quiet = [q for a in self.active() if (q := a.quiet_at()) is not None]
+        return min([self.deadline, *(a.deadline for a in self.active()), *quiet])
 
     # ------------------------------------------------------------ events
 
@@ -158,12 +175,21 @@ class RequestMachine:
             return self._fail(ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="the request's deadline had passed"))
         return [Dispatch(self.fanout, frozenset())]
 
-    def assigned(self, *, task_id: str, node_id: str, deadline: float) -> None:
+    def assigned(
+        self, *, task_id: str, node_id: str, deadline: float, quiet_s: float | None = None, now: float = 0.0
+    ) -> None:
+        """``quiet_s``: how long the node may go without a sign of progress (see the docstring)."""
         if self.finished:
             raise TransitionError(f"request {self.request_id} is {self.state}; cannot assign")
         if self.state is RequestState.PENDING:
             self._move(RequestState.RUNNING)
-        self.attempts[task_id] = Attempt(task_id, node_id, min(deadline, self.deadline))
+        self.attempts[task_id] = Attempt(task_id, node_id, min(deadline, self.deadline), quiet_s=quiet_s, heard=now)
+
+    def on_progress(self, task_id: str, now: float) -> None:
+        """The node says it still works on ``task_id`` (a progress message or a chunk)."""
+        attempt = self.attempts.get(task_id)
+        if attempt is not None and attempt.state is AttemptState.ASSIGNED:
+            attempt.heard = max(attempt.heard, now)
 
     def shortfall(self, missing: int, error: ErrorInfo, now: float) -> list[Action]:
         """The hub found nodes for only part of a Dispatch (``missing`` short)."""
@@ -195,6 +221,7 @@ class RequestMachine:
 
         In a streamed race, the first attempt to stream leads and the others are cancelled.
         ``best_of_n`` streams nothing until the answers are ranked."""
+        self.on_progress(task_id, now)  # a chunk shows progress too
         attempt = self.attempts.get(task_id)
         if not self.stream or self.strategy != "race" or self.finished:
             return False, []
@@ -234,6 +261,18 @@ class RequestMachine:
             return cancels + self._fail(ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message=self._deadline_message()))
         actions: list[Action] = []
         for attempt in self.active():
+            quiet_at = attempt.quiet_at()
+            if quiet_at is not None and now >= quiet_at and now < attempt.deadline:
+                # Lost, not timed out: the node stopped showing signs of life. The cancel stops
+                # it should it wake up; its late result is ignored either way.
+                attempt.move(AttemptState.LOST)
+                attempt.error = ErrorInfo(
+                    code=ErrorCode.NODE_LOST,
+                    message=f"node {attempt.node_id} went quiet: no progress for {attempt.quiet_s:g} s",
+                )
+                self.last_error = attempt.error
+                actions.append(Cancel(attempt.task_id, attempt.node_id, "no progress heard; given to another node"))
+                continue
             if now >= attempt.deadline:
                 attempt.move(AttemptState.TIMED_OUT)
                 attempt.error = ErrorInfo(

@@ -26,7 +26,15 @@ from typing import get_args
 
 import structlog
 
-from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
+from nova_swarm.broker.connection import (
+    Connection,
+    ConnectionLost,
+    Message,
+    Will,
+    keepalive_for,
+    raise_if_cancelled,
+    reconnecting,
+)
 from nova_swarm.broker.errors import ConfigError, EngineError, ErrorCode, ProtocolError
 from nova_swarm.broker.messages import (
     Announce,
@@ -37,6 +45,7 @@ from nova_swarm.broker.messages import (
     HubStatus,
     ModelInfo,
     NodeChunk,
+    NodeProgress,
     NodeState,
     Status,
     Task,
@@ -104,6 +113,8 @@ class Node:
         self._queued: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}
         self._work = asyncio.Condition()
+        #: set while the node holds tasks: it then shows progress (``_progress``)
+        self._holding = asyncio.Event()
         self._outbox: deque[tuple[str, bytes, bool]] = deque()
         self._conn: Connection | None = None
         self._stop_requested = asyncio.Event()
@@ -173,6 +184,9 @@ class Node:
             client_id=node_client_id(self.config.node_id, self.url.password),
             will=Will(self.topics.node_status(self.config.node_id), offline.encode()),
             ca_file=self._ca_file,
+            # Heartbeats double as keepalive traffic, so a healthy node never wakes its radio for
+            # a ping, and the broker writes off a dropped one within 1.5 keepalives (connection.py).
+            keepalive=keepalive_for(self.config.heartbeat_s),
         )
 
     async def _session(self, conn: Connection) -> None:
@@ -197,6 +211,7 @@ class Node:
                 self.updates.on_online()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeats(conn))
+                tg.create_task(self._progress(conn))
                 async for message in conn.messages():
                     await self._on_message(message, conn, tg)
         finally:
@@ -289,6 +304,7 @@ class Node:
                     busy = False
                     self._queued.append(job)
                     self._work.notify()
+                    self._holding.set()
             if busy:
                 log.info("refused task: queue full")
                 await self._send_result(
@@ -667,6 +683,22 @@ class Node:
             await conn.publish(topic, self._heartbeat().encode(), qos=0)
             await asyncio.sleep(self.config.heartbeat_s)
 
+    async def _progress(self, conn: Connection) -> None:
+        """While the node holds tasks, say so every ``progress_s``: the hub gives a task whose node
+        goes quiet to another node within seconds (a phone off Wi-Fi or frozen keeps its socket
+        half-open, so nothing else would tell). Idle, it sends nothing and sleeps."""
+        topic = self.topics.node_progress(self.config.node_id)
+        while True:
+            raise_if_cancelled()
+            held = [*self._running, *(job.task.task_id for job in self._queued)]
+            if not held:
+                self._holding.clear()  # no await since the check: a new task sets it again
+                await self._holding.wait()
+                continue
+            progress = NodeProgress(node_id=self.config.node_id, tasks=held[:1024])
+            await conn.publish(topic, progress.encode(), qos=0)  # liveness: the next one covers a loss
+            await asyncio.sleep(self.config.progress_s)
+
     def _announce(self) -> Announce:
         info = self.engine.info
         reading = self.reading
@@ -685,6 +717,7 @@ class Node:
             max_temperature=self.config.max_temperature,
             ts=time.time(),
             capabilities=sorted(c for c in info.capabilities if c in CAPABILITIES),  # type: ignore[misc]
+            progress_s=self.config.progress_s,
         )
 
     def _status(self, state: NodeState, reason: str | None = None) -> Status:

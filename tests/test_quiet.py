@@ -1,0 +1,224 @@
+"""A dropped phone is noticed in seconds: a busy node that goes quiet loses its attempt.
+
+The rule is the request machine's (``hub/lifecycle.py``), driven here directly with the ``now``
+we pass; then the whole path, with a real broker, a real hub and two `swarm-node run` processes
+on the fake engine, one of which is frozen with SIGSTOP mid-task (a frozen process keeps its
+socket open, like a phone that dropped off Wi-Fi: no RST, no Last Will).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from nova_swarm.broker.connection import Connection, keepalive_for, written_off_after
+from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.home import Role
+from nova_swarm.broker.messages import (
+    Answer,
+    NodeProgress,
+    NodeState,
+    PromptRequest,
+    Status,
+    TaskResult,
+    decode,
+    decode_reply,
+)
+from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.hub import HubConfig
+from nova_swarm.hub.lifecycle import AttemptState, Cancel, Dispatch, RequestMachine, Succeed
+
+from nova_swarm.node import NodeConfig
+
+from .conftest import BIN, Processes, RunningBroker, hub_config, nodes_available, running_hub, until
+
+T = Topics()
+
+
+def machine(**kw: object) -> RequestMachine:
+    return RequestMachine(request_id="r", strategy="race", fanout=1, deadline=100.0, retries=2, **kw)  # type: ignore[arg-type]
+
+
+def ok(task: str, node: str) -> TaskResult:
+    return TaskResult(task_id=task, request_id="r", node_id=node, ok=True, text="late")
+
+
+def test_a_quiet_attempt_is_lost_and_the_request_goes_to_another_node() -> None:
+    m = machine()
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
+    assert m.next_wakeup() == 2.0  # the quiet window, well before the attempt's deadline
+    m.on_progress("t1", 1.5)
+    assert m.on_tick(2.0) == []  # heard at 1.5: not quiet yet
+    assert m.next_wakeup() == 3.5
+    actions = m.on_tick(3.5)
+    assert actions[0] == Cancel("t1", "a", "no progress heard; given to another node")
+    assert actions[1] == Dispatch(1, frozenset({"a"}))
+    assert m.attempts["t1"].state is AttemptState.LOST
+    assert m.attempts["t1"].error is not None and m.attempts["t1"].error.code is ErrorCode.NODE_LOST
+    assert "went quiet" in m.attempts["t1"].error.message
+
+
+def test_the_quiet_nodes_late_result_does_not_make_a_second_reply() -> None:
+    m = machine()
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
+    m.on_tick(2.0)
+    m.assigned(task_id="t2", node_id="b", deadline=60, quiet_s=2.0, now=2.0)
+    m.on_progress("t2", 3.0)
+    done = m.on_result(ok("t2", "b"), 3.5)
+    assert len(done) == 1 and isinstance(done[0], Succeed) and done[0].answers[0].node_id == "b"
+    assert m.on_result(ok("t1", "a"), 9.0) == []  # it woke up: ignored
+    assert m.on_tick(9.0) == []
+
+
+def test_chunks_count_as_progress_and_nodes_that_promised_none_are_judged_by_their_deadline() -> None:
+    m = RequestMachine(request_id="r", strategy="best_of_n", fanout=2, deadline=100.0)
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
+    m.assigned(task_id="t2", node_id="old", deadline=60, now=0.0)  # an older node: no progress promised
+    m.on_chunk("t1", 1.9)  # best_of_n streams nothing to the client, but the chunk is a sign of life
+    assert m.on_tick(3.0) == []
+    assert m.next_wakeup() == 3.9
+    assert [a.task_id for a in m.active()] == ["t1", "t2"]
+    lost = m.on_tick(3.9)
+    assert lost == [Cancel("t1", "a", "no progress heard; given to another node"), Dispatch(1, frozenset({"a", "old"}))]
+    assert m.attempts["t2"].state is AttemptState.ASSIGNED  # silence means nothing from it
+    assert m.on_tick(30.0) == []
+
+
+def test_progress_for_a_settled_attempt_changes_nothing() -> None:
+    m = machine()
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
+    m.on_tick(2.0)
+    m.on_progress("t1", 2.5)
+    m.on_progress("nope", 2.5)
+    assert m.attempts["t1"].state is AttemptState.LOST and m.attempts["t1"].heard == 0.0
+
+
+# ---------------------------------------------------------------- the whole path
+
+
+def fake_node(procs: Processes, node_id: str, delay_s: float) -> subprocess.Popen[bytes]:
+    argv = [str(BIN / "swarm-node"), "run", *procs.common(), "--node-id", node_id, "--heartbeat", "1"]
+    argv += ["--engine", "fake", "--engine-option", f"delay_s={delay_s}", "--drain", "1"]
+    return procs.spawn(f"node-{node_id}", argv)
+
+
+async def test_a_frozen_busy_node_loses_its_task_in_seconds_and_its_late_result_is_ignored(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
+    procs = Processes(broker, tmp_path)
+    # A heartbeat timeout far beyond the test: only the quiet rule can notice the frozen node.
+    config = hub_config(tmp_path, heartbeat_timeout_s=120.0, quiet_s=2.0, attempt_min_s=60.0)
+    try:
+        async with running_hub(broker, config) as hub:
+            nodes = {n: fake_node(procs, n, 4.0) for n in ("alpha", "beta")}
+            await nodes_available(hub, 2)
+            watch = Connection(broker.url(Role.HUB), client_id="quiet-watch")
+            async with watch:
+                await watch.subscribe(
+                    T.all_nodes(NodeTopic.TASK), T.all_nodes(NodeTopic.PROGRESS), T.all_nodes(NodeTopic.RESULT), T.reply()
+                )
+                tasks: list[tuple[str, str, float]] = []  # (node, task id, when)
+                progress: dict[str, set[str]] = {}
+                results: list[TaskResult] = []
+                replies: list[bytes] = []
+
+                async def read() -> None:
+                    async for m in watch.messages():
+                        parsed = T.parse_node_topic(m.topic)
+                        if m.topic == T.reply():
+                            replies.append(m.payload)
+                        elif parsed is not None and parsed[1] is NodeTopic.TASK:
+                            tasks.append((parsed[0], json.loads(m.payload)["task_id"], time.monotonic()))
+                        elif parsed is not None and parsed[1] is NodeTopic.PROGRESS:
+                            progress.setdefault(parsed[0], set()).update(decode(NodeProgress, m.payload).tasks)
+                        elif parsed is not None and parsed[1] is NodeTopic.RESULT:
+                            results.append(decode(TaskResult, m.payload))
+
+                reader = asyncio.create_task(read())
+                try:
+                    await asyncio.sleep(0.3)
+                    await watch.publish(T.prompt(), PromptRequest(id="frozen-1", prompt="hi").encode())
+                    await until(lambda: len(tasks) == 1, what="the first dispatch")
+                    victim, first_task, _ = tasks[0]
+                    # Busy for sure: it said so on its progress topic.
+                    await until(lambda: first_task in progress.get(victim, set()), what="progress from the node")
+                    proc = nodes[victim]
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                    frozen_at = time.monotonic()
+                    try:
+                        await until(lambda: len(tasks) == 2, timeout=30, what="the re-dispatch")
+                        other, _, dispatched_at = tasks[1]
+                        took = dispatched_at - frozen_at
+                        print(f"\n[{broker.engine}] frozen node {victim}: re-dispatched to {other} after {took:.2f} s")
+                        assert other != victim
+                        assert took < 10.0
+                        await until(lambda: len(replies) == 1, timeout=30, what="the reply")
+                    finally:
+                        os.killpg(proc.pid, signal.SIGCONT)
+                    answer = decode_reply(replies[0])
+                    assert isinstance(answer, Answer) and answer.node_id == other and answer.attempts == 2
+                    # Thawed, the victim finishes (or stops on the hub's cancel) and reports:
+                    # that late result must not become a second reply.
+                    await until(
+                        lambda: any(r.task_id == first_task for r in results), timeout=30, what="the late result"
+                    )
+                    await asyncio.sleep(1.0)
+                    assert len(replies) == 1, replies
+                finally:
+                    reader.cancel()
+    finally:
+        procs.close()
+
+
+def test_the_keepalive_lets_heartbeats_stand_in_for_pings() -> None:
+    # Longer than the heartbeat interval (paho pings only after a keepalive with nothing sent),
+    # and the write-off 1.5 keepalives: 15 s and 22.5 s at the default 10 s heartbeat.
+    assert keepalive_for(10.0) == 15 and written_off_after(10.0) == 22.5
+    assert all(keepalive_for(h) > h for h in (0.5, 1.0, 7.0, 10.0, 30.0, 60.0))
+    assert keepalive_for(0.5) == 5  # never a keepalive that pings several times a second
+    assert HubConfig(db_path=Path("unused")).heartbeat_timeout_s == written_off_after(NodeConfig(node_id="n").heartbeat_s)
+
+
+async def test_an_idle_frozen_node_is_written_off_within_its_keepalive_window(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
+    """No task, so no progress to miss: the broker's keepalive check fires the node's Last Will."""
+    procs = Processes(broker, tmp_path)
+    try:
+        proc = fake_node(procs, "idle", 0.0)  # --heartbeat 1: keepalive 5 s, written off after 7.5 s
+        async with Connection(broker.url(Role.HUB), client_id="idle-watch") as watch:
+            await watch.subscribe(T.node_status("idle"))
+            states: list[Status] = []
+
+            async def read() -> None:
+                async for m in watch.messages():
+                    if m.payload and not m.retain:
+                        states.append(decode(Status, m.payload))
+
+            reader = asyncio.create_task(read())
+            try:
+                await until(lambda: any(s.state is NodeState.ONLINE for s in states), timeout=30, what="online")
+                await asyncio.sleep(1.0)
+                os.killpg(proc.pid, signal.SIGSTOP)
+                frozen_at = time.monotonic()
+                try:
+                    await until(lambda: states[-1].state is NodeState.OFFLINE, timeout=30, what="the Last Will")
+                finally:
+                    os.killpg(proc.pid, signal.SIGCONT)
+                took = time.monotonic() - frozen_at
+                print(f"\n[{broker.engine}] idle frozen node written off after {took:.1f} s (window {written_off_after(1.0)} s)")
+                assert states[-1].reason == "connection lost"
+                assert took < written_off_after(1.0) + 5.0  # the broker checks on its own clock
+            finally:
+                reader.cancel()
+    finally:
+        procs.close()
