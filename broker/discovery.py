@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
+import structlog
 from zeroconf import BadTypeInNameException, IPVersion, NonUniqueNameException, ServiceStateChange, Zeroconf
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -50,6 +51,8 @@ _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes
 _ENGINES = ("amqtt", "mosquitto")
 # Zeroconf's own errors, plus the socket errors it lets through (no multicast route, port taken).
 _FOREIGN = (ZeroconfError, OSError)
+
+log = structlog.get_logger("nova_swarm.discovery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,13 @@ def check(found: Found, *, swarm: str, key: PublicKey) -> None:
         raise DiscoveryError(f"{found.instance!r} announces no IPv4 address")
 
 
+def beyond_loopback(listen_host: str) -> bool:
+    """Whether a broker listening on ``listen_host`` can be reached from other devices."""
+    if listen_host in ("0.0.0.0", "", "::"):
+        return True
+    return bool(announce_addresses(listen_host))
+
+
 def announce_addresses(listen_host: str) -> list[str]:
     """The IPv4 addresses to announce for a broker listening on ``listen_host``: none for
     loopback (nothing else could reach it), every LAN address for a wildcard."""
@@ -206,7 +216,7 @@ async def _zeroconf(interfaces: Sequence[str]) -> AsyncIterator[AsyncZeroconf]:
 async def announced(announcement: Announcement) -> AsyncIterator[str]:
     """Announce the swarm for as long as the block runs; yields the instance name registered."""
     if not announcement.addresses:
-        raise DiscoveryError("nothing to announce: the broker listens on loopback only")
+        raise DiscoveryError("no LAN address to announce: the broker listens on loopback only, or no network is up")
     info = AsyncServiceInfo(
         SERVICE_TYPE,
         f"{announcement.instance}.{SERVICE_TYPE}",
@@ -222,6 +232,58 @@ async def announced(announcement: Announcement) -> AsyncIterator[str]:
         except (NonUniqueNameException, BadTypeInNameException, *_FOREIGN) as exc:
             raise DiscoveryError(f"cannot announce swarm {announcement.swarm!r}: {exc}") from exc
         yield info.name.removesuffix(f".{SERVICE_TYPE}")
+
+
+class Announcer:
+    """Keeps the swarm announced while :meth:`run` runs, until :meth:`stop`.
+
+    The addresses are read again every ``check_every_s`` seconds: a new DHCP lease or Wi-Fi
+    coming back is announced anew (with a goodbye for the old), and a hub that starts before
+    the Wi-Fi is up, or where mDNS cannot start yet, is announced once it can be. Problems are
+    logged, never raised: join tokens carry an address, so the swarm works without discovery.
+    """
+
+    def __init__(self, announcement: Announcement, *, listen_host: str, check_every_s: float = 5.0) -> None:
+        self.announcement = announcement
+        self.listen_host = listen_host
+        self.check_every_s = check_every_s
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _addresses(self) -> tuple[str, ...]:
+        return tuple(announce_addresses(self.listen_host))
+
+    async def run(self) -> None:
+        last_problem: str | None = None  # each problem is logged once, not every few seconds
+        while not self._stop.is_set():
+            current = replace(self.announcement, addresses=self._addresses())
+            try:
+                async with announced(current) as name:
+                    last_problem = None
+                    log.info(
+                        "announced on the LAN", name=name, addresses=",".join(current.addresses), port=current.port
+                    )
+                    while not await self._stopped_within(self.check_every_s):
+                        if self._addresses() != current.addresses:
+                            log.info("LAN addresses changed; announcing again", was=",".join(current.addresses))
+                            break
+                continue
+            except DiscoveryError as exc:
+                if str(exc) != last_problem:
+                    last_problem = str(exc)
+                    log.warning("not announced on the LAN yet", reason=last_problem, retry_every_s=self.check_every_s)
+            if await self._stopped_within(self.check_every_s):
+                return
 
 
 async def _resolve(aiozc: AsyncZeroconf, name: str) -> Found:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -37,14 +36,7 @@ from nova_swarm.bench import run as run_bench
 from nova_swarm.broker import discovery, logs, net, tls
 from nova_swarm.broker.cli import ENGINES
 from nova_swarm.broker.connection import HEARTBEAT_S, Connection, Protocol, wait_for_broker, written_off_after
-from nova_swarm.broker.errors import (
-    ConfigError,
-    ConnectionLost,
-    DiscoveryError,
-    ProtocolError,
-    RequestFailed,
-    SwarmError,
-)
+from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
 from nova_swarm.broker.fdlimit import raise_open_file_limit
 from nova_swarm.broker.home import (
     DEFAULT_HOST,
@@ -400,65 +392,50 @@ def _gateway(
 # ---------------------------------------------------------------- up / serve
 
 
-def _announcement(
+def _announcer(
     args: argparse.Namespace, home: SwarmHome, local: LocalSwarm, gateway: Gateway | None
-) -> discovery.Announcement | None:
-    """What to announce on the LAN for the broker ``local`` describes, or None: discovery is off,
-    or the broker listens on loopback only (nothing else could reach it)."""
-    if args.no_discovery:
-        return None
-    addresses = discovery.announce_addresses(local.host)
-    if not addresses:
+) -> discovery.Announcer | None:
+    """What announces the broker ``local`` describes on the LAN, or None: discovery is off, or
+    the broker listens on loopback only (nothing else could reach it)."""
+    if args.no_discovery or not discovery.beyond_loopback(local.host):
         return None
     # The gateway's port only helps those it listens for beyond loopback.
-    reachable_gateway = gateway is not None and bool(discovery.announce_addresses(gateway.config.host))
-    return discovery.Announcement(
+    reachable_gateway = gateway is not None and discovery.beyond_loopback(gateway.config.host)
+    announcement = discovery.Announcement(
         swarm=local.swarm,
         port=local.port,
         tls=local.tls,
         engine=local.engine,
         key_id=home.signing_key().public.key_id,
-        addresses=tuple(addresses),
+        addresses=(),  # read by the announcer, and again whenever they may have changed
         gateway_port=gateway.port if reachable_gateway and gateway is not None else None,
     )
+    return discovery.Announcer(announcement, listen_host=local.host)
 
 
-async def _run_hub(
-    hub: Hub, gateway: Gateway | None = None, announcement: discovery.Announcement | None = None
-) -> None:
-    """The hub, the HTTP gateway beside it in one task group, and the swarm's mDNS announcement
-    around both, until SIGINT or SIGTERM."""
-    async with contextlib.AsyncExitStack() as stack:
-        if announcement is not None:
-            try:
-                name = await stack.enter_async_context(discovery.announced(announcement))
-            except DiscoveryError as exc:
-                # Discovery is a convenience: join tokens carry an address, so the swarm still works.
-                print(f"swarm-hub: {exc}; running without LAN discovery", file=sys.stderr)
-            else:
-                where = ", ".join(announcement.addresses)
-                print(f"announced on the LAN as {name!r} ({where}; off with --no-discovery)", file=sys.stderr)
-        await _hub_with_gateway(hub, gateway)
-
-
-async def _hub_with_gateway(hub: Hub, gateway: Gateway | None) -> None:
+async def _run_hub(hub: Hub, gateway: Gateway | None = None, announcer: discovery.Announcer | None = None) -> None:
+    """The hub, with the HTTP gateway and the swarm's mDNS announcement beside it in one task
+    group, until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
+    helpers = [h for h in (gateway, announcer) if h is not None]
 
     def stop() -> None:
         hub.stop()
-        if gateway is not None:
-            gateway.stop()
+        for helper in helpers:
+            helper.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    if gateway is None:
+    if not helpers:
         await hub.run()
         return
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(gateway.run())
+            for helper in helpers:
+                tg.create_task(helper.run())
             await hub.run()
-            gateway.stop()
+            for helper in helpers:
+                helper.stop()  # the announcer says goodbye on the LAN
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None  # what main() reports, not a group
@@ -475,8 +452,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if gateway is not None:
         print(f"chat page and OpenAI API: {gateway.chat_url}", file=sys.stderr)
     # Announced only for this machine's own broker: with --broker the hub may be far from it.
-    announcement = None if args.broker else _announcement(args, home, home.local(), gateway)
-    await _run_hub(hub, gateway, announcement)
+    announcer = None if args.broker else _announcer(args, home, home.local(), gateway)
+    await _run_hub(hub, gateway, announcer)
     return 0
 
 
@@ -540,7 +517,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
         hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
         gateway = _gateway(args, home, local.swarm, _gateway_url(args, home))
-        hub_task = asyncio.create_task(_run_hub(hub, gateway, _announcement(args, home, local, gateway)))
+        hub_task = asyncio.create_task(_run_hub(hub, gateway, _announcer(args, home, local, gateway)))
         await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not args.no_node and not hub_task.done():
             node_cmd = [sys.executable, "-m", "nova_swarm.node", "run", "--port", str(local.port)]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -182,27 +183,24 @@ def test_the_hub_announces_only_beyond_loopback_and_unless_told_not_to(tmp_path:
     from argparse import Namespace
 
     from nova_swarm.broker.home import LocalSwarm, SwarmHome
-    from nova_swarm.hub.cli import _announcement
+    from nova_swarm.hub.cli import _announcer
 
     home = SwarmHome(tmp_path)
     home.ensure()
     on = Namespace(no_discovery=False)
-    assert _announcement(on, home, LocalSwarm(host="127.0.0.1"), None) is None
-    assert _announcement(Namespace(no_discovery=True), home, LocalSwarm(host="10.1.2.3"), None) is None
-    announced = _announcement(on, home, LocalSwarm(swarm="lab", host="10.1.2.3", port=8883, tls=True), None)
-    assert announced is not None
-    assert (announced.swarm, announced.addresses, announced.port, announced.tls, announced.gateway_port) == (
-        "lab",
-        ("10.1.2.3",),
-        8883,
-        True,
-        None,
-    )
+    assert _announcer(on, home, LocalSwarm(host="127.0.0.1"), None) is None
+    assert _announcer(Namespace(no_discovery=True), home, LocalSwarm(host="10.1.2.3"), None) is None
+    # On every interface, even with none up yet: the announcer waits for one.
+    assert _announcer(on, home, LocalSwarm(host="0.0.0.0"), None) is not None
+    announcer = _announcer(on, home, LocalSwarm(swarm="lab", host="10.1.2.3", port=8883, tls=True), None)
+    assert announcer is not None and announcer.listen_host == "10.1.2.3"
+    announced = announcer.announcement
+    assert (announced.swarm, announced.port, announced.tls, announced.gateway_port) == ("lab", 8883, True, None)
     assert announced.key_id == home.signing_key().public.key_id
 
 
 async def test_nothing_is_announced_without_an_address() -> None:
-    with pytest.raises(DiscoveryError, match="loopback only"):
+    with pytest.raises(DiscoveryError, match="no LAN address to announce"):
         async with discovery.announced(_announcement(addresses=())):
             pass
 
@@ -233,6 +231,29 @@ def _wait_for(log: Path, proc: subprocess.Popen[bytes], text: str, timeout: floa
             raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{content[-3000:]}")
         time.sleep(0.1)
     return content
+
+
+def _events(log: Path, event: str) -> list[dict[str, Any]]:
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+    return found
+
+
+def _announced(log: Path, proc: subprocess.Popen[bytes], *, after: int = 0, timeout: float = 60) -> dict[str, Any]:
+    """The hub's next "announced on the LAN" log event past the first ``after``."""
+    give_up = time.monotonic() + timeout
+    while len(events := _events(log, "announced on the LAN")) <= after:
+        if proc.poll() is not None or time.monotonic() > give_up:
+            raise AssertionError(f"no announcement #{after + 1}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return events[after]
 
 
 def _token(out: str) -> str:
@@ -288,14 +309,14 @@ def test_a_phone_joins_with_no_address_typed(lan: Lan, tmp_path: Path) -> None:
 
     hub_log = tmp_path / "hub.log"
     hub = lan.hub.popen(
-        [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--tls", "--no-node", "--no-http"],
+        [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--tls", "--no-node", "--no-http"]
+        + ["--log-json"],
         log=hub_log,
     )
     _wait_for(hub_log, hub, "swarm up:")
     # On every interface means every LAN address of the hub's namespace (not the machine's own).
-    announced = _wait_for(hub_log, hub, "announced on the LAN")
-    listed = re.search(r"announced on the LAN as '[^']+' \(([^;]+);", announced)
-    assert listed and set(listed.group(1).split(", ")) == {lan.hub.address, hidden}, announced
+    announced = _announced(hub_log, hub)
+    assert set(announced["addresses"].split(",")) == {lan.hub.address, hidden}, announced
 
     enrolled = lan.hub.run([_bin("swarm-hub"), "enroll", phone.name, "--discover"])
     token = _token(enrolled.stdout)
@@ -335,11 +356,10 @@ def test_a_hub_with_no_discovery_is_not_found(lan: Lan, tmp_path: Path) -> None:
     hub_log = tmp_path / "hub.log"
     hub = lan.hub.popen(
         [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--tls", "--no-node", "--no-http"]
-        + ["--no-discovery"],
+        + ["--no-discovery", "--log-json"],
         log=hub_log,
     )
     _wait_for(hub_log, hub, "swarm up:")
-    assert "announced on the LAN" not in hub_log.read_text()
     token = _token(lan.hub.run([_bin("swarm-hub"), "enroll", phone.name, "--discover"]).stdout)
     hub_key = parse_join_token(token).hub_key
     assert hub_key is not None
@@ -350,3 +370,42 @@ def test_a_hub_with_no_discovery_is_not_found(lan: Lan, tmp_path: Path) -> None:
     assert f"no swarm 'main' with hub key {key_id} answered on the LAN within 3 s" in joined.stderr
     assert f"'main on decoy' announces swarm 'main' with hub key {OTHER_KEY.key_id}" in joined.stderr
     assert not (phone.config_dir / "joined.json").exists()
+    assert not _events(hub_log, "announced on the LAN") and not _events(hub_log, "not announced on the LAN yet")
+
+
+_FIND = """
+import asyncio, json, sys
+from nova_swarm.broker import discovery
+from nova_swarm.broker.signing import PublicKey
+
+found = asyncio.run(discovery.find("main", PublicKey.parse(sys.argv[1]), timeout=10))
+print(json.dumps(sorted(found.addresses)))
+"""
+
+
+def test_the_hub_announces_once_the_network_is_up_and_again_when_its_address_changes(
+    lan: Lan, tmp_path: Path
+) -> None:
+    """A hub that starts before the Wi-Fi is up is announced once it is; a new address (a new
+    DHCP lease) is announced within seconds, and a phone that looks then finds it."""
+    phone = lan.phones[0]
+    lan.hub.run(["ip", "link", "set", "br0", "down"])  # the hub's machine has no network yet
+    hub_log = tmp_path / "hub.log"
+    hub = lan.hub.popen(
+        [_bin("swarm-hub"), "up", "--host", "0.0.0.0", "--port", str(PORT), "--no-node", "--no-http", "--log-json"],
+        log=hub_log,
+    )
+    _wait_for(hub_log, hub, "not announced on the LAN yet")
+    assert not _events(hub_log, "announced on the LAN")
+
+    lan.hub.run(["ip", "link", "set", "br0", "up"])
+    assert _announced(hub_log, hub)["addresses"] == lan.hub.address
+    lan.wait_reachable(phone)
+    key = lan.hub.run([_bin("swarm-hub"), "key"]).stdout.strip()
+    assert json.loads(phone.run([sys.executable, "-c", _FIND, key]).stdout) == [lan.hub.address]
+
+    moved = f"{lan.hub.address.rsplit('.', 1)[0]}.3"
+    lan.hub.run(["ip", "addr", "add", f"{moved}/24", "dev", "br0"])
+    assert set(_announced(hub_log, hub, after=1)["addresses"].split(",")) == {lan.hub.address, moved}
+    assert _events(hub_log, "LAN addresses changed; announcing again")
+    assert json.loads(phone.run([sys.executable, "-c", _FIND, key]).stdout) == sorted([lan.hub.address, moved])
