@@ -146,7 +146,8 @@ class Host:
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """This host's environment: its own HOME and config, state and cache dirs."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVA_SWARM_", "XDG_"))}
+        # Nothing of this machine's session: no config, no systemd user bus, no D-Bus.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVA_SWARM_", "XDG_", "DBUS_"))}
         env.update(
             HOME=str(self.home),
             NOVA_SWARM_HOME=str(self.config_dir),
