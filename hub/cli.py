@@ -65,7 +65,7 @@ from nova_swarm.broker.topics import DEFAULT_SWARM, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
-from . import credits, ledger, pins
+from . import credits, join, ledger, pins
 from .client import SwarmClient
 from .config import HubConfig
 from .credits import CreditRates
@@ -367,16 +367,38 @@ def _gateway_url(args: argparse.Namespace, home: SwarmHome) -> BrokerURL:
 
 
 def _gateway(
-    args: argparse.Namespace, home: SwarmHome, swarm: str, url: BrokerURL, ca_file: Path | None = None
+    args: argparse.Namespace,
+    home: SwarmHome,
+    swarm: str,
+    url: BrokerURL,
+    ca_file: Path | None = None,
+    *,
+    default_host: str = DEFAULT_HTTP_HOST,
+    tls_files: tls.TLSFiles | None = None,
 ) -> Gateway | None:
-    """The HTTP gateway the flags ask for, its port already taken (so a port in use fails early)."""
+    """The HTTP gateway the flags ask for, its port already taken (so a port in use fails early).
+
+    Without --http it listens where the broker does (``up --host``), so the devices that reach the
+    broker reach the join downloads too; with ``tls_files``, over HTTPS with the broker's certificate."""
     if getattr(args, "no_http", False):
         return None
-    host, port = parse_listen(args.http or f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}")
+    listen = f"[{default_host}]" if ":" in default_host else default_host
+    host, port = parse_listen(args.http or f"{listen}:{DEFAULT_HTTP_PORT}")
     if not home.gateway_token_file.exists():
         home.ensure()  # a config dir made before the gateway existed
+    pin = join.public_key_pin(tls_files.cert.read_bytes()) if tls_files else None
     gateway = Gateway(
-        GatewayConfig(token=home.gateway_token(), host=host, port=port, swarm=swarm), url, ca_file=ca_file
+        GatewayConfig(
+            token=home.gateway_token(),
+            host=host,
+            port=port,
+            swarm=swarm,
+            tls_cert=tls_files.cert if tls_files else None,
+            tls_key=tls_files.key if tls_files else None,
+        ),
+        url,
+        ca_file=ca_file,
+        join=join.JoinService(home, pin=pin),
     )
     try:
         gateway.bind()
@@ -386,6 +408,8 @@ def _gateway(
         # Only the default port is taken (another hub's gateway, another server): the hub matters more.
         print(f"swarm-hub: {exc}; running without it (choose a port with --http HOST:PORT)", file=sys.stderr)
         return None
+    # For `enroll`: where the join downloads are, and the key of the certificate served there.
+    join.save_endpoint(home, join.Endpoint(host=host, port=gateway.port, pin=pin))
     return gateway
 
 
@@ -481,9 +505,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
     if args.bridge is not None and local.engine != "mosquitto":
         raise ConfigError("--bridge needs --broker-engine mosquitto: amqtt cannot bridge to another broker")
     home.save_local(local)
+    tls_files: tls.TLSFiles | None = None
     if local.tls:
         # Made here, before the broker starts, so we can reach it the moment it listens.
-        tls.ensure(home.tls_dir, tls.broker_names(local.host))
+        tls_files = tls.ensure(home.tls_dir, tls.broker_names(local.host))
     env = {**os.environ, "NOVA_SWARM_HOME": str(home.path)}
     log_flags = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
     log_flags += ["--no-log-file"] if args.no_log_file else []  # each child keeps its own file otherwise
@@ -516,7 +541,14 @@ async def cmd_up(args: argparse.Namespace) -> int:
         # We know the broker we started: Mosquitto speaks MQTT 5, amqtt only 3.1.1.
         protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
         hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
-        gateway = _gateway(args, home, local.swarm, _gateway_url(args, home))
+        gateway = _gateway(
+            args,
+            home,
+            local.swarm,
+            _gateway_url(args, home),
+            default_host=local.host,
+            tls_files=tls_files,
+        )
         hub_task = asyncio.create_task(_run_hub(hub, gateway, _announcer(args, home, local, gateway)))
         await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not args.no_node and not hub_task.done():
@@ -821,9 +853,38 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             discover=args.discover,
         )
     )
-    print(f"node {enrolment.node_id!r} enrolled. On that device run:\n", file=sys.stderr)
-    print(f"pip install 'nova-swarm[node]' && swarm-node join {token} && swarm-node run")
-    notes = ["\nThe token holds the node's password: pass it on as you would a password."]
+    endpoint = join.load_endpoint(home)
+    notes = ["\nThe line holds the node's password: pass it on as you would a password."]
+    if endpoint is None:
+        # No gateway has run from this config dir, so nothing serves the installer yet.
+        print(f"node {enrolment.node_id!r} enrolled. On a device with nova-swarm installed, run:\n", file=sys.stderr)
+        print(f"swarm-node join {token} && swarm-node run")
+        notes.append(
+            "For the one-line install instead, start the hub with its HTTP gateway (`swarm-hub up`, without"
+            " --no-http) and run this enroll again."
+        )
+    else:
+        if args.host:
+            gateway_host = args.host
+        elif endpoint.host in ("0.0.0.0", "", "::"):
+            gateway_host = host
+        else:
+            gateway_host = endpoint.host
+        shown = f"[{gateway_host}]" if ":" in gateway_host else gateway_host
+        base = f"{endpoint.scheme}://{shown}:{endpoint.port}"
+        print(f"node {enrolment.node_id!r} enrolled. On that device (Termux or Linux) run:\n", file=sys.stderr)
+        print(join.join_line(base, join.download_key(enrolment), token, pin=endpoint.pin))
+        if endpoint.pin is None:
+            notes.append(
+                "Without --tls the token crosses the LAN in clear: anyone on the Wi-Fi can read it."
+                " `swarm-hub up --host 0.0.0.0 --tls` serves the line over HTTPS, checked by a pinned key."
+            )
+        if endpoint.host in ("127.0.0.1", "localhost", "::1") and not args.host:
+            notes.append(
+                f"The HTTP gateway listens on {endpoint.host} only: restart with `swarm-hub up --host 0.0.0.0`"
+                " (or --http 0.0.0.0:8080) so other devices can fetch the installer."
+            )
+        notes.append("Running the line again on the device upgrades it in place to this hub's version.")
     if listen_only_here and not args.host:
         notes.append(
             f"The broker listens on {local.host} only: restart with `swarm-hub up --host 0.0.0.0` (and --tls)"

@@ -18,6 +18,9 @@ connection to the broker, which it keeps up across broker restarts.
     POST /v1/chat/completions   chat, streamed (SSE) or not; JSON schema; tool calls
     POST /v1/embeddings         one vector per input text
     GET  /v1/swarm/nodes        the hub's node table, as on the wire
+    GET  /join/{name}           a node's installer and wheel (``join.py``)   the node's download key
+
+With ``tls_cert`` set (``swarm-hub up --tls``) it serves HTTPS with the broker's certificate.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,6 +59,7 @@ from nova_swarm.broker.url import BrokerURL
 
 from . import openai_api
 from .client import SwarmClient
+from .join import JoinRefused, JoinService
 from .openai_api import ApiError, ChatChunks
 
 log = structlog.get_logger("nova_swarm.gateway")
@@ -81,6 +85,9 @@ class GatewayConfig:
     connect_wait_s: float = 5.0
     #: on shutdown, how long open responses (streams) may finish before they are cut
     shutdown_grace_s: int = 5
+    #: HTTPS with this certificate and key (the broker's, from ``broker/tls.py``); None: plain HTTP
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")
@@ -90,6 +97,8 @@ class GatewayConfig:
             raise ConfigError(f"HTTP port {self.port} is out of range")
         if self.request_timeout_s <= 0 or self.max_body_bytes < 1024:
             raise ConfigError("request_timeout_s must be positive and max_body_bytes at least 1024")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("HTTPS needs both a certificate and its key")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -156,10 +165,14 @@ class _ClientGone(Exception):
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, url: BrokerURL, *, ca_file: Path | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, url: BrokerURL, *, ca_file: Path | None = None, join: JoinService | None = None
+    ) -> None:
         self.config = config
         self._url = url
         self._ca_file = ca_file
+        #: what /join/ serves; None: no such routes (404)
+        self._join = join
         self._client: SwarmClient | None = None
         self._link_up = asyncio.Event()
         self._socket: socket.socket | None = None
@@ -176,6 +189,8 @@ class Gateway:
                 http="h11",
                 ws="none",
                 timeout_graceful_shutdown=config.shutdown_grace_s,
+                ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+                ssl_keyfile=str(config.tls_key) if config.tls_key else None,
             ),
             started=self.ready.set,
         )
@@ -185,7 +200,8 @@ class Gateway:
 
     @property
     def base_url(self) -> str:
-        return f"http://{browser_host(self.config.host)}:{self.port}"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{browser_host(self.config.host)}:{self.port}"
 
     @property
     def chat_url(self) -> str:
@@ -295,6 +311,7 @@ class Gateway:
                 Route("/v1/chat/completions", self._guarded(self._chat), methods=["POST"]),
                 Route("/v1/embeddings", self._guarded(self._embeddings), methods=["POST"]),
                 Route("/v1/swarm/nodes", self._guarded(self._nodes), methods=["GET"]),
+                Route("/join/{name}", self._join_file, methods=["GET"]),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
         )
@@ -374,6 +391,34 @@ class Gateway:
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         # The page holds no secret (its token comes in the URL fragment); no caching keeps it fresh.
         return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    async def _join_file(self, request: Request) -> Response:
+        """The installers and wheel, for a node's download key only (never anonymous)."""
+        join = self._join
+        name = request.path_params["name"]
+        if join is None or name not in (*join.installers, join.wheel_name):
+            return PlainTextResponse(f"no such file: /join/{name}\n", status_code=404)
+        try:
+            node_id = join.authorize(request.headers.get("authorization", ""))
+        except JoinRefused as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=exc.status)
+        log.info("join download", node_id=node_id, file=name)
+        if name == join.wheel_name:
+            try:
+                wheel = await asyncio.to_thread(join.wheel)
+            except ConfigError as exc:
+                return PlainTextResponse(f"{exc}\n", status_code=503)
+            return Response(wheel, media_type="application/zip", headers={"Cache-Control": "no-store"})
+        if name == "install.sh":
+            key = request.headers["authorization"].partition(" ")[2].strip()
+            try:
+                # The address the device reached us by is the one it can fetch the rest from.
+                text = join.bootstrap(str(request.base_url).rstrip("/"), key)
+            except ValueError as exc:
+                return PlainTextResponse(f"{exc}\n", status_code=400)
+        else:
+            text = join.installer(name)
+        return PlainTextResponse(text, media_type="text/x-shellscript", headers={"Cache-Control": "no-store"})
 
     async def _health(self, request: Request) -> Response:
         client = self._client

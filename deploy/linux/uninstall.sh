@@ -5,6 +5,16 @@ DATA=${NOVA_SWARM_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/nova-swarm}
 MANIFEST=$DATA/installed.txt
 [ -f "$MANIFEST" ] || { printf 'nova-swarm: nothing to uninstall (no %s)\n' "$MANIFEST"; exit 0; }
 
+# A process install.sh started without systemd drains on SIGTERM (a hub on SIGINT).
+if [ -f "$DATA/run.pid" ]; then
+  pid=$(cat "$DATA/run.pid")
+  signal=TERM
+  grep -qxF "unit nova-swarm.service" "$MANIFEST" && signal=INT
+  kill -"$signal" "$pid" 2>/dev/null || true
+  waited=0
+  while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 70 ]; do sleep 1; waited=$((waited + 1)); done
+fi
+
 have_systemd=0
 command -v systemctl >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1 && have_systemd=1
 dirs=""

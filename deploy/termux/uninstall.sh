@@ -6,8 +6,13 @@ DIR=${NOVA_SWARM_DIR:-$HOME/.nova-swarm}
 MANIFEST=$DIR/installed.txt
 [ -f "$MANIFEST" ] || { printf 'nova-swarm: nothing to uninstall (no %s)\n' "$MANIFEST"; exit 0; }
 
-pkill -f "$DIR/run-node.sh" 2>/dev/null || true
-pkill -f "$DIR/venv/bin/swarm-node" 2>/dev/null || true
+# The node's run loop drains the node on SIGTERM, then ends.
+if [ -f "$DIR/run-node.pid" ]; then
+  pid=$(cat "$DIR/run-node.pid")
+  kill -TERM "$pid" 2>/dev/null || true
+  waited=0
+  while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 70 ]; do sleep 1; waited=$((waited + 1)); done
+fi
 packages=""
 while read -r kind path; do
   case $kind in
