@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .passwords import write_password_file, write_private
+from .passwords import write_password_file
+from .private import open_private, private_dir, tighten_tree, write_private
 from .signing import PublicKey, SigningKey
 from .topics import DEFAULT_SWARM, check_id, check_login_name, check_node_id
 from .url import BrokerURL
@@ -209,8 +210,10 @@ class SwarmHome:
     def _locked(self) -> Iterator[None]:
         """Serialise read-modify-write of the login files across processes (nodes starting
         together on the hub's machine each enrol themselves)."""
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # Every command that changes logins passes here: a config dir made looser by an older
+        # version (or a permissive umask) is made private again.
+        private_dir(self.path)
+        fd = open_private(self.path / ".lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -223,6 +226,9 @@ class SwarmHome:
         Nodes get no shared login: each is enrolled on its own (:meth:`enroll`).
         """
         with self._locked():
+            # Each process starts here: whatever an older version (or a looser umask) left in
+            # the config dir is made private before anything is read from it or added to it.
+            tighten_tree(self.path)
             if not self.credentials_file.exists():
                 self._save_logins({role: Login(role.value, _new_password()) for role in (Role.HUB, Role.CLIENT)})
             logins = self.logins()
@@ -409,7 +415,7 @@ class SwarmHome:
         return self.url(Role.HUB, port=port, host=host).with_login(node_id, enrolment.password)
 
     def save_joined(self, joined: Joined) -> None:
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.path)
         if joined.ca_pem:
             write_private(self.joined_ca_file, joined.ca_pem)
         write_private(self.joined_file, json.dumps(asdict(joined), indent=2))

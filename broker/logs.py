@@ -5,20 +5,21 @@
 Every process writes its own file under the config directory (``logs/hub.log``,
 ``logs/node-pixel7.log``, ...): rotation is not safe with two writers on one file. Handlers bind
 ``request_id``/``node_id`` with ``structlog.contextvars`` so every line about a task carries them.
-Prompt and answer text is never logged at info level or above.
+Prompt and answer text is never logged at info level or above; and since a debug log may hold
+it, log files are 0600 in a 0700 directory whatever the umask (``private.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import sys
 from pathlib import Path
 
 import structlog
 
 from .logfilter import RateLimit
+from .private import PrivateRotatingFileHandler, private_dir
 
 #: a file is rotated past this size, and this many old ones are kept (logs/hub.log.1 ... .3)
 MAX_BYTES = 5 * 2**20
@@ -62,10 +63,8 @@ def configure(
     handlers: list[logging.Handler] = [console]
     if file is not None:
         try:
-            file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            rotating = logging.handlers.RotatingFileHandler(
-                file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
+            private_dir(file.parent, tighten=False)
+            rotating = PrivateRotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         except OSError as exc:  # a read-only config dir must not stop the swarm
             print(f"nova-swarm: not logging to {file}: {exc}", file=sys.stderr)
         else:

@@ -21,7 +21,8 @@ from .acl import mosquitto_acl
 from .errors import ConfigError
 from .limits import BrokerLimits
 from .net import wait_listening
-from .passwords import FileWatch, read_client_logins, write_private
+from .passwords import FileWatch, read_client_logins
+from .private import private_dir, write_private
 from .tls import RECHECK_S, TLSFiles
 from .tls import watch as watch_certificate
 

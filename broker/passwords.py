@@ -15,6 +15,8 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from .private import write_private
+
 ITERATIONS = 101
 SALT_BYTES = 12
 
@@ -72,16 +74,6 @@ def read_client_logins(path: Path) -> frozenset[str]:
         if line.startswith(_CLIENTS_HEADER):
             return frozenset(line[len(_CLIENTS_HEADER) :].split())
     return frozenset()
-
-
-def write_private(path: Path, text: str) -> None:
-    """Create or replace a file with mode 0600, atomically, never briefly world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 class FileWatch:

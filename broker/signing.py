@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ConfigError, SignatureError
-from .passwords import write_private
+from .private import write_private
 
 
 def canonical(value: Any) -> bytes:

@@ -28,6 +28,7 @@ from pathlib import Path
 import structlog
 
 from nova_swarm.broker.messages import PromptRequest
+from nova_swarm.broker.private import private_database
 
 log = structlog.get_logger("nova_swarm.hub")
 
@@ -89,15 +90,14 @@ class Journal:
     """The SQLite side. Thread-safe; every method blocks, so call it through ``to_thread``."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        # Made 0600 before SQLite opens it, so its WAL (which holds prompts) is private too.
+        self._db = sqlite3.connect(private_database(path), check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash (the case we guard); only an OS crash
         # can lose the last transactions, and the client's retry with the same id covers that.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        path.chmod(0o600)
 
     def write(
         self,

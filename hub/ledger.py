@@ -31,6 +31,7 @@ from typing import IO, Any
 import structlog
 
 from nova_swarm.broker.errors import ConfigError, SignatureError
+from nova_swarm.broker.private import private_database
 from nova_swarm.broker.signing import PublicKey, SigningKey, canonical
 
 log = structlog.get_logger("nova_swarm.hub.ledger")
@@ -123,8 +124,7 @@ class Ledger:
     def __init__(self, path: Path, key: SigningKey) -> None:
         self.path = path
         self.key = key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(private_database(path), check_same_thread=False, isolation_level=None)
         self._db.executescript(SCHEMA)
         self._db.execute("PRAGMA journal_mode=WAL")
         row = self._db.execute("SELECT seq, hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from nova_swarm.broker.messages import Announce, Heartbeat, NodeState
+from nova_swarm.broker.private import private_database
 
 from .registry import NodeRecord
 
@@ -38,14 +39,12 @@ CREATE TABLE IF NOT EXISTS win_rates (
 
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(private_database(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        path.chmod(0o600)
 
     def load_nodes(self) -> list[NodeRecord]:
         with self._lock:

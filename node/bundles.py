@@ -35,7 +35,7 @@ from packaging.version import InvalidVersion, Version
 
 from nova_swarm.broker.errors import ProtocolError, UpdateRefused
 from nova_swarm.broker.messages import BUNDLE_PACKAGES, BundleManifest, ModelPin, decode, parse_version
-from nova_swarm.broker.passwords import write_private
+from nova_swarm.broker.private import private_dir, write_private
 from nova_swarm.broker.signing import PublicKey
 
 #: A zip bomb guard: the node's code is well under a megabyte.
@@ -190,7 +190,7 @@ class BundleStore:
 
     def install(self, manifest: BundleManifest, envelope: bytes, archive: bytes) -> Installed:
         """Unpack next to the other versions; the rename makes it appear whole or not at all."""
-        self.versions.mkdir(parents=True, exist_ok=True)
+        private_dir(self.versions)  # unpacked code: no one else may change what the node runs
         final = self.versions / manifest.version
         if not (final / "nova_swarm").is_dir():
             staging = self.versions / f".{manifest.version}.staging-{os.getpid()}"

@@ -19,6 +19,7 @@ from nova_swarm.broker.cli import home_from
 from nova_swarm.broker.errors import ConfigError, DiscoveryError
 from nova_swarm.broker.home import Joined, SwarmHome, parse_join_token
 from nova_swarm.broker.homeassistant import DEFAULT_PREFIX
+from nova_swarm.broker.private import write_private
 from nova_swarm.broker.signing import PublicKey
 from nova_swarm.broker.topics import check_node_id
 from nova_swarm.broker.url import BrokerURL
@@ -287,8 +288,7 @@ def _mb(size: int | None) -> int | None:
 
 def _mark_healthy(path: Path) -> Callable[[], None]:
     def mark() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{os.getpid()} {time.time()}\n")
+        write_private(path, f"{os.getpid()} {time.time()}\n")
 
     return mark
 

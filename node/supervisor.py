@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import structlog
 
 from nova_swarm.broker.messages import parse_version
+from nova_swarm.broker.private import private_dir
 from nova_swarm.broker.version import __version__
 
 from .bundles import RESTART_EXIT, BundleStore
@@ -91,7 +92,7 @@ class Supervisor:
         env = {**os.environ, CHILD_ENV: "1", HEALTH_ENV: str(self.store.health_file)}
         if path is not None:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH")) if p)
-        self.store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.store.root)
         self.store.health_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "nova_swarm.node", *self.node_argv]
         log.info("starting node", version=version, trial=on_trial)
