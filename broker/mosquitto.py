@@ -49,7 +49,7 @@ class MosquittoConfig:
 
 def write_config(config: MosquittoConfig) -> Path:
     """Render mosquitto.conf and its ACL into ``workdir``; return the config's path."""
-    config.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(config.workdir)
     acl = config.workdir / "acl"
     passwd = config.workdir / "passwd"
     write_private(acl, mosquitto_acl(config.swarm, read_client_logins(config.password_file)))
