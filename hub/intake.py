@@ -18,6 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+import structlog
 from pydantic import ValidationError
 
 from nova_swarm.broker.connection import Message
@@ -25,7 +26,10 @@ from nova_swarm.broker.errors import ConfigError, ErrorCode
 from nova_swarm.broker.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
 from nova_swarm.broker.topics import SHARED_SCOPE, Topics
 
-from .schemas import request_problem
+from .nesting import loads_top_level
+from .schemas import MAX_SCHEMA_DEPTH, request_problem
+
+log = structlog.get_logger("nova_swarm.hub")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +127,14 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
         return reject(ErrorCode.EMPTY_PROMPT, "the prompt is empty", reply=reply_topic)
 
     if text.lstrip().startswith("{"):
+        too_deep: int | None = None
         try:
-            raw = json.loads(text)
-        except (ValueError, RecursionError) as exc:
+            try:
+                raw = json.loads(text)
+            except RecursionError:
+                # Too deep for Python's parser: read its top level only, to refuse it where it belongs.
+                raw, too_deep = loads_top_level(text)
+        except ValueError as exc:
             return reject(
                 ErrorCode.BAD_JSON, f"payload starts with '{{' but is not valid JSON: {exc}", reply=reply_topic
             )
@@ -148,6 +157,14 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
                     reply=reply_topic,
                 )
             reply_topic = raw_reply
+        if too_deep is not None:
+            return reject(
+                ErrorCode.INVALID_REQUEST,
+                f"the payload nests {too_deep} levels deep, more than the hub reads;"
+                f" a request's schemas may nest {MAX_SCHEMA_DEPTH} levels at most",
+                request_id=raw_id,
+                reply=reply_topic,
+            )
         try:
             request = PromptRequest.model_validate(raw)
         except ValidationError as exc:
@@ -186,7 +203,12 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
             request_id=request_id,
             reply=reply_topic,
         )
-    schema_problem = request_problem(request)
+    try:
+        schema_problem = request_problem(request)
+    except Exception:  # jsonschema meeting a schema nobody foresaw: refuse it, to its sender, once
+        log.exception("checking a request's schemas failed", request_id=request_id)
+        problem = "the hub could not check this request's schemas"
+        return reject(ErrorCode.INTERNAL_ERROR, problem, request_id=request_id, reply=reply_topic)
     if schema_problem is not None:
         return reject(ErrorCode.INVALID_REQUEST, schema_problem, request_id=request_id, reply=reply_topic)
     return Accepted(request, request_id, reply_topic, correlation, scope)
@@ -203,4 +225,3 @@ def _encodable(value: object) -> bool:
     except (UnicodeEncodeError, RecursionError, ValueError):
         return False
     return True
-

@@ -16,13 +16,23 @@ from jsonschema import validators
 
 from nova_swarm.broker.messages import NamedToolChoice, PromptRequest, TaskResult, Tool
 
+from .nesting import nesting_depth
 
-def schema_problem(schema: dict[str, Any]) -> str | None:
-    """Why ``schema`` is not a usable JSON Schema, or None."""
+#: how many levels of objects and arrays a request's schema may nest. Checking a schema, and
+#: validating answers with it, recurse several Python frames per level: about 200 levels exhaust
+#: the stack, and a RecursionError must never be the way a request fails. Real schemas stay
+#: under 20 levels.
+MAX_SCHEMA_DEPTH = 64
+
+
+def schema_problem(schema: dict[str, Any], *, name: str = "the schema") -> str | None:
+    """Why ``schema`` (called ``name`` in the answer) is not a usable JSON Schema, or None."""
+    if nesting_depth(schema, limit=MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        return f"{name} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep (the limit)"
     try:
         validators.validator_for(schema).check_schema(schema)
     except schema_errors.SchemaError as exc:
-        return f"{_where(exc.absolute_path)}{exc.message}"
+        return f"{name} is not a valid JSON Schema: {_where(exc.absolute_path)}{exc.message}"
     return None
 
 
@@ -30,13 +40,13 @@ def request_problem(request: PromptRequest) -> str | None:
     """Why the request's ``response_format`` or ``tools`` schemas cannot be used, or None."""
     wanted = request.wants_json()
     if wanted is not None:
-        problem = schema_problem(wanted)
+        problem = schema_problem(wanted, name="response_format.json_schema.schema")
         if problem is not None:
-            return f"response_format.json_schema.schema is not a valid JSON Schema: {problem}"
+            return problem
     for i, tool in enumerate(request.tools or ()):
-        problem = schema_problem(tool.function.parameters)
+        problem = schema_problem(tool.function.parameters, name=f"tools[{i}].function.parameters")
         if problem is not None:
-            return f"tools[{i}].function.parameters is not a valid JSON Schema: {problem}"
+            return problem
     return None
 
 
@@ -77,7 +87,12 @@ def _json_problem(text: str, schema: dict[str, Any], *, what: str) -> str | None
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return f"{what} is not JSON ({exc.msg} at character {exc.pos}): {_clip(text)}"
-    error = schema_errors.best_match(validators.validator_for(schema)(schema).iter_errors(value))
+    except RecursionError:
+        return f"{what} nests too deeply to read: {_clip(text)}"
+    try:
+        error = schema_errors.best_match(validators.validator_for(schema)(schema).iter_errors(value))
+    except RecursionError:  # a schema that refers to itself ("$ref": "#") follows a deep value down
+        return f"{what} nests too deeply to check against the schema: {_clip(text)}"
     if error is None:
         return None
     return f"{what} does not match the schema: {_where(error.absolute_path)}{error.message}"

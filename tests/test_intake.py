@@ -65,7 +65,8 @@ def test_deep_json_is_refused_not_crashed() -> None:
     deep = b'{"prompt": "hi", "params": ' + b'{"a":' * 1500 + b"1" + b"}" * 1500 + b"}"
     out = parse_prompt(Message(T.prompt(), deep, 1, False), T, Limits())
     assert isinstance(out, Rejected)
-    assert out.error.code in (ErrorCode.BAD_JSON, ErrorCode.UNKNOWN_FIELD)
+    assert out.error.code is ErrorCode.INVALID_REQUEST
+    assert "1501 levels deep" in out.error.message
 
 
 def test_a_refusal_goes_to_the_senders_reply_topic_when_readable() -> None:
