@@ -59,6 +59,7 @@ from nova_swarm.broker.url import BrokerURL
 
 from . import openai_api
 from .client import SwarmClient
+from .http_timeouts import HttpTimeouts, TimedConfig
 from .join import JoinRefused, JoinService
 from .openai_api import ApiError, ChatChunks
 
@@ -88,6 +89,8 @@ class GatewayConfig:
     #: HTTPS with this certificate and key (the broker's, from ``broker/tls.py``); None: plain HTTP
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: how long a client may take to send a request's headers, and its body (``http_timeouts.py``)
+    timeouts: HttpTimeouts = HttpTimeouts()
 
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")
@@ -181,12 +184,12 @@ class Gateway:
         self.ready = asyncio.Event()
         self.port = config.port
         self._server = _Server(
-            uvicorn.Config(
+            TimedConfig(
                 _AccessLog(self.app()),
+                timeouts=config.timeouts,
                 lifespan="off",
                 log_config=None,
                 access_log=False,
-                http="h11",
                 ws="none",
                 timeout_graceful_shutdown=config.shutdown_grace_s,
                 ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
