@@ -174,7 +174,8 @@ def mosquitto_acl(swarm: str, clients: frozenset[str] | tuple[str, ...] = ()) ->
             lines.append(f"topic deny {_HA}/device/{user}/config")
         for rule in RULES:
             if rule.role is role:
-                lines.append(f"topic {rule.access.value} {rule.pattern.replace('{sid}', swarm).replace('{user}', user)}")
+                pattern = rule.pattern.replace("{sid}", swarm).replace("{user}", user)
+                lines.append(f"topic {rule.access.value} {pattern}")
         lines.append("")
     # Patterns reach every user: harmless for the hub, which may do all of it anyway, and for
     # client logins, thanks to the denies above.

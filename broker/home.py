@@ -5,7 +5,7 @@ Layout (all files 0600, the directory 0700)::
     ~/.config/nova-swarm/          ($NOVA_SWARM_HOME, else $XDG_CONFIG_HOME/nova-swarm)
         credentials.json           {"hub": {"username": ..., "password": ...}, "client": ...}
         nodes.json                 one login per enrolled node: {"pixel7": {"password": ..., "owner": ...}}
-        clients.json               client logins of their own (`enroll --client`, the gateway's): {"alice": {"password": ...}}
+        clients.json               client logins (`enroll --client`, the gateway's): {"alice": {"password": ...}}
         passwd                     every login above as $7$ hashes, for either broker
         local.json                 where `swarm-hub up` / `swarm-broker` listen, so `ask` needs no flags
         hub.sqlite                 the hub's registry, win rates and request journal

@@ -1,16 +1,17 @@
 """The OpenAI-compatible HTTP gateway: any OpenAI client, and the chat page, talk to the swarm.
 
-    async with Gateway(GatewayConfig(token=home.gateway_token()), home.url(Role.CLIENT)) as gateway:
+    async with Gateway(GatewayConfig(token=home.gateway_token()), home.client_url(GATEWAY_LOGIN)) as gateway:
         print(gateway.chat_url)        # http://127.0.0.1:8080/#token=...
         ...                            # serving until the block ends
 
 or ``await gateway.run()`` in the caller's task group until ``gateway.stop()``.
 
-The gateway is one more MQTT client of the swarm (a ``SwarmClient`` with the client login,
-following the hub's status and node table), so every request takes the same path as one from
-``mosquitto_pub``: the hub validates, schedules, retries and journals it. ``openai_api.py``
-translates the shapes; this module does the HTTP (Starlette on uvicorn), authentication and the
-connection to the broker, which it keeps up across broker restarts.
+The gateway is one more MQTT client of the swarm (a ``SwarmClient`` with its own client login,
+``gateway``, made at setup, so its requests and replies are a scope of their own; following the
+hub's status and node table), so every request takes the same path as one from ``mosquitto_pub``:
+the hub validates, schedules, retries and journals it. ``openai_api.py`` translates the shapes;
+this module does the HTTP (Starlette on uvicorn), authentication and the connection to the broker,
+which it keeps up across broker restarts.
 
     GET  /                      the chat page (hub/static/index.html)      no auth
     GET  /health                {"status", "hub", "nodes_online"}           no auth

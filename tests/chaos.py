@@ -80,7 +80,7 @@ class Client:
         self.url_of = url_of
         self.name = name
         self.topics = Topics()
-        self.reply_topic = self.topics.reply(name)
+        self.reply_topic = self.topics.reply("default", name)  # the bare prompt's scope
         self.prompts = {rid: p.model_copy(update={"reply_to": self.reply_topic}) for rid, p in prompts.items()}
         self.window = window
         self.resend_after = resend_after

@@ -16,6 +16,7 @@ from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.embedded import EmbeddedBrokerConfig, amqtt_config
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError
 from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.identity import node_client_id
 from nova_swarm.broker.net import free_port
 from nova_swarm.broker.topics import Topics
 
@@ -66,7 +67,8 @@ async def test_wrong_password_and_anonymous_are_refused(broker: RunningBroker) -
 async def test_a_node_cannot_speak_for_another_node_or_the_hub(broker: RunningBroker) -> None:
     async with Connection(broker.url(Role.HUB), client_id="observer") as hub:
         await hub.subscribe(T.everything())
-        async with Connection(await broker.enrolled("n1"), client_id="n1") as node:
+        n1 = await broker.enrolled("n1")
+        async with Connection(n1, client_id=node_client_id("n1", n1.password)) as node:
             for topic in (T.node_status("n2"), T.node_result("n2"), T.hub_status(), T.prompt(), T.reply(), T.model()):
                 await node.publish(topic, b"forged")
             # Subscribing to another node's tasks gets it nothing either.
@@ -80,7 +82,8 @@ async def test_a_node_cannot_speak_for_another_node_or_the_hub(broker: RunningBr
 
 
 async def test_a_node_hears_only_its_own_tasks(broker: RunningBroker) -> None:
-    async with Connection(await broker.enrolled("n1"), client_id="n1") as node:
+    n1 = await broker.enrolled("n1")
+    async with Connection(n1, client_id=node_client_id("n1", n1.password)) as node:
         for topic in (T.node_task("n1"), T.node_task("n2")):
             try:
                 await node.subscribe(topic)

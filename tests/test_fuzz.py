@@ -528,7 +528,9 @@ def test_every_valid_request_is_accepted_as_sent(
 @given(pair=mutated_requests(wild_text), limits=LIMITS, response_topic=st.none() | st.just(T.reply("default", "r5")))
 @example(  # an escaped surrogate pair is one valid character: only the wrong type is refused
     pair=(
-        JsonPrompt({"reply_to": "swarm/main/reply/default/fuzz/1", "prompt": "hi", "fanout": "x\ud800\udc00"}, True, "fanout"),
+        JsonPrompt(
+            {"reply_to": "swarm/main/reply/default/fuzz/1", "prompt": "hi", "fanout": "x\ud800\udc00"}, True, "fanout"
+        ),
         Mutation("wrong", "fanout", ErrorCode.INVALID_REQUEST),
     ),
     limits=Limits(),
@@ -1058,7 +1060,8 @@ async def _prompt_then_another(broker: RunningBroker, tmp_path: Path, payload: b
             inbox = Inbox(client)
             try:
                 await client.publish(T.prompt(), payload)
-                await client.publish(T.prompt(), b'{"prompt": "next", "reply_to": "swarm/main/reply/default/fuzzer/next"}')
+                next_prompt = b'{"prompt": "next", "reply_to": "swarm/main/reply/default/fuzzer/next"}'
+                await client.publish(T.prompt(), next_prompt)
                 await until(lambda: hub._conn is None or len(inbox.messages) >= 2, timeout=REPLY_WAIT_S, what="replies")
                 assert hub._conn is not None, "one prompt cost the hub its connection (or its life)"
                 assert inbox.on(f"{T.reply('default', 'fuzzer')}/next"), "the next prompt got no reply"

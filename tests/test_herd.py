@@ -37,7 +37,7 @@ async def test_200_clients_reconnect_after_a_broker_restart_without_stalling_it(
     def herd_member(name: str):  # type: ignore[no-untyped-def]
         async def session(conn: Connection) -> None:
             nonlocal sessions
-            await conn.subscribe(T.reply(name))
+            await conn.subscribe(T.reply("client", name))  # the client login's own replies
             sessions += 1
             connected.add(name)
             try:
@@ -68,12 +68,12 @@ async def test_200_clients_reconnect_after_a_broker_restart_without_stalling_it(
             Connection(home.url(Role.HUB, port=port), client_id="prober") as hub,
             Connection(url, client_id="probe") as probe,
         ):
-            await probe.subscribe(T.reply("probe"))
+            await probe.subscribe(T.reply("client", "probe"))
             replies = probe.messages()
             # Mosquitto takes the whole herd back in a fraction of a second: probe a few times anyway.
             while (len(connected) < HERD or len(probe_rtts) < 3) and time.monotonic() - restarted < 60:
                 sent = time.monotonic()
-                await hub.publish(T.reply("probe"), b"ping")
+                await hub.publish(T.reply("client", "probe"), b"ping")
                 await asyncio.wait_for(anext(replies), 10)
                 probe_rtts.append(time.monotonic() - sent)
                 await asyncio.sleep(0.05)

@@ -90,7 +90,8 @@ async def test_replies_are_private_to_the_login_whatever_client_id_one_picks(
             # One at a time: two of them claim the same client id, and would take it from each other.
             for login, client_id in snoopers:
                 async with raw_client(login, client_id) as watcher:
-                    for topic_filter in (T.reply("alice"), "swarm/main/reply/alice/#", T.reply_filter(), "swarm/main/#"):
+                    filters = (T.reply("alice"), "swarm/main/reply/alice/#", T.reply_filter(), "swarm/main/#")
+                    for topic_filter in filters:
                         await watcher.subscribe(topic_filter, qos=1)  # amqtt refuses, Mosquitto never delivers
                     answer = await client.ask(PromptRequest(prompt="my secret"), timeout=30)
                     assert answer.text == "for alice only"

@@ -66,7 +66,8 @@ async def test_every_metrics_payload_is_flat_numbers_with_a_fixed_key_set(amqtt:
         reader = asyncio.create_task(read())
         async with Connection(amqtt.url(Role.CLIENT), client_id="asker") as asker:
             for i in range(4):
-                body = PromptRequest(id=f"m{i}", prompt=f"{SECRET} {i}", tags=["poetry"], reply_to=T.reply("asker"))
+                asker_reply = T.reply("default", "asker")
+                body = PromptRequest(id=f"m{i}", prompt=f"{SECRET} {i}", tags=["poetry"], reply_to=asker_reply)
                 await asker.publish(T.prompt(), body.encode())
             await asker.publish(T.prompt(), b'{"prompt": 12}')  # invalid_request: counted by code
             await until(lambda: hub.answered >= 4 and hub.failed >= 1, what="answers and the failure")

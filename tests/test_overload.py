@@ -37,7 +37,7 @@ async def test_hub_memory_stays_flat_and_every_prompt_is_answered_under_overload
         samples: list[tuple[float, float, int]] = []
         sent = 0
         async with Connection(amqtt.url(Role.CLIENT), client_id="flood") as conn:
-            await conn.subscribe(T.reply("flood"))
+            await conn.subscribe(T.reply("default", "flood"))
 
             async def read() -> None:
                 async for message in conn.messages():
@@ -52,7 +52,7 @@ async def test_hub_memory_stays_flat_and_every_prompt_is_answered_under_overload
             while (now := time.monotonic()) - started < duration:
                 # Far more than one slow node can serve: ~20 prompts per answer it can give.
                 for _ in range(20):
-                    body = PromptRequest(id=f"o{sent}", prompt="work", reply_to=T.reply("flood"))
+                    body = PromptRequest(id=f"o{sent}", prompt="work", reply_to=T.reply("default", "flood"))
                     await conn.publish(T.prompt(), body.encode())
                     sent += 1
                 if now >= next_sample:

@@ -30,7 +30,7 @@ class Inbox:
 
     def __init__(self, conn: Connection, name: str) -> None:
         self.conn = conn
-        self.topic = T.reply(name)
+        self.topic = T.reply("default", name)  # the bare prompt's scope, which every client reads
         self.by_id: dict[str, list[bytes]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
 
