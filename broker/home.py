@@ -1,6 +1,6 @@
 """The user's config directory: generated credentials, the local swarm's address, the hub's DB.
 
-Layout (all files 0600, the directory 0700)::
+Layout (all files 0600, the directories 0700, whatever the umask: ``private.py``)::
 
     ~/.config/nova-swarm/          ($NOVA_SWARM_HOME, else $XDG_CONFIG_HOME/nova-swarm)
         credentials.json           {"hub": {"username": ..., "password": ...}, "client": ...}
