@@ -758,6 +758,8 @@ class Hub:
             if isinstance(action, Dispatch):
                 follow_up += await self._dispatch(run, action)
             elif isinstance(action, Cancel):
+                if action.quiet:
+                    self._node_quiet(action.node_id)
                 await self._cancel(action)
             elif isinstance(action, Succeed):
                 await self._finish_answered(run, action)
@@ -1134,6 +1136,15 @@ class Hub:
             if any(a.node_id == node_id for a in run.machine.active()):
                 self.trust.failed(node_id, ErrorCode.NODE_LOST.value)  # it dropped work it had taken
                 run.inbox.put_nowait(_NodeLost(node_id, reason))
+
+    def _node_quiet(self, node_id: str) -> None:
+        """An attempt of this node went quiet: no new work for it until its next heartbeat, so a
+        frozen phone does not cost every new request the quiet window too."""
+        rec = self.registry.nodes.get(node_id)
+        if rec is not None and not rec.quiet:
+            log.warning("node went quiet; no new work until it is heard from", node_id=node_id)
+            rec.quiet = True
+            self._status_changed.set()
 
     def _node_available(self) -> None:
         self._status_changed.set()

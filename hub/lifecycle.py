@@ -88,6 +88,9 @@ class Cancel:
     task_id: str
     node_id: str
     reason: str
+    #: the attempt went quiet: the node may be frozen or gone, so it should get no new work
+    #: until it is heard from again
+    quiet: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +274,9 @@ class RequestMachine:
                     message=f"node {attempt.node_id} went quiet: no progress for {attempt.quiet_s:g} s",
                 )
                 self.last_error = attempt.error
-                actions.append(Cancel(attempt.task_id, attempt.node_id, "no progress heard; given to another node"))
+                actions.append(
+                    Cancel(attempt.task_id, attempt.node_id, "no progress heard; given to another node", quiet=True)
+                )
                 continue
             if now >= attempt.deadline:
                 attempt.move(AttemptState.TIMED_OUT)

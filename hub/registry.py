@@ -54,6 +54,9 @@ class NodeRecord:
     bundle_report: PinReport | None = None
     model_report: PinReport | None = None
     energy: EnergyTally = field(default_factory=EnergyTally)
+    #: an attempt of its went quiet (no progress: frozen, or off Wi-Fi with its socket half-open);
+    #: it gets no new work until its next heartbeat says it is back
+    quiet: bool = False
 
     @property
     def capacity(self) -> int:
@@ -66,6 +69,7 @@ class NodeRecord:
     def available(self, now: float, timeout_s: float) -> bool:
         return (
             self.state is NodeState.ONLINE
+            and not self.quiet
             and self.announce is not None
             and self.last_seen is not None
             and now - self.last_seen <= timeout_s
@@ -165,6 +169,7 @@ class Registry:
         rec = self.record(heartbeat.node_id)
         rec.heartbeat = heartbeat
         rec.last_seen = now
+        rec.quiet = False
         if rec.state is NodeState.OFFLINE and rec.reason == TIMEOUT_REASON:
             # It was only silent (SIGSTOP, a Wi-Fi gap), not gone: take it back, as it says it is.
             rec.state = NodeState.PAUSED if heartbeat.paused else NodeState.ONLINE

@@ -21,6 +21,7 @@ from nova_swarm.broker.errors import ErrorCode
 from nova_swarm.broker.home import Role
 from nova_swarm.broker.messages import (
     Answer,
+    Heartbeat,
     NodeProgress,
     NodeState,
     PromptRequest,
@@ -32,10 +33,12 @@ from nova_swarm.broker.messages import (
 from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.hub import HubConfig
 from nova_swarm.hub.lifecycle import AttemptState, Cancel, Dispatch, RequestMachine, Succeed
+from nova_swarm.hub.registry import Registry
 
 from nova_swarm.node import NodeConfig
 
 from .conftest import BIN, Processes, RunningBroker, hub_config, nodes_available, running_hub, until
+from .test_routing_units import announce
 
 T = Topics()
 
@@ -57,7 +60,7 @@ def test_a_quiet_attempt_is_lost_and_the_request_goes_to_another_node() -> None:
     assert m.on_tick(2.0) == []  # heard at 1.5: not quiet yet
     assert m.next_wakeup() == 3.5
     actions = m.on_tick(3.5)
-    assert actions[0] == Cancel("t1", "a", "no progress heard; given to another node")
+    assert actions[0] == Cancel("t1", "a", "no progress heard; given to another node", quiet=True)
     assert actions[1] == Dispatch(1, frozenset({"a"}))
     assert m.attempts["t1"].state is AttemptState.LOST
     assert m.attempts["t1"].error is not None and m.attempts["t1"].error.code is ErrorCode.NODE_LOST
@@ -87,7 +90,7 @@ def test_chunks_count_as_progress_and_nodes_that_promised_none_are_judged_by_the
     assert m.next_wakeup() == 3.9
     assert [a.task_id for a in m.active()] == ["t1", "t2"]
     lost = m.on_tick(3.9)
-    assert lost == [Cancel("t1", "a", "no progress heard; given to another node"), Dispatch(1, frozenset({"a", "old"}))]
+    assert lost == [Cancel("t1", "a", "no progress heard; given to another node", quiet=True), Dispatch(1, frozenset({"a", "old"}))]
     assert m.attempts["t2"].state is AttemptState.ASSIGNED  # silence means nothing from it
     assert m.on_tick(30.0) == []
 
@@ -100,6 +103,21 @@ def test_progress_for_a_settled_attempt_changes_nothing() -> None:
     m.on_progress("t1", 2.5)
     m.on_progress("nope", 2.5)
     assert m.attempts["t1"].state is AttemptState.LOST and m.attempts["t1"].heard == 0.0
+
+
+def test_a_node_that_went_quiet_gets_no_new_work_until_its_next_heartbeat() -> None:
+    reg = Registry(heartbeat_timeout_s=20.0)
+    reg.on_announce(announce("a"), live=True, now=100.0)
+    reg.on_status(Status(node_id="a", state=NodeState.ONLINE), live=True, now=100.0)
+    assert [n.node_id for n in reg.eligible(model=None, exclude=frozenset(), now=101.0)] == ["a"]
+    reg.nodes["a"].quiet = True  # what the hub does on a Cancel(quiet=True)
+    assert reg.eligible(model=None, exclude=frozenset(), now=101.0) == []
+    beat = Heartbeat(
+        node_id="a", ts=0.0, battery_pct=None, charging=None, temp_c=None, ram_free_mb=None, load=None,
+        tokens_per_s=None, busy=0, slots=1, queued=0, tokens_served=0, tasks_done=0, tasks_failed=0,
+    )  # fmt: skip
+    assert reg.on_heartbeat(beat, now=102.0) is True  # back: the hub wakes whoever waits
+    assert [n.node_id for n in reg.eligible(model=None, exclude=frozenset(), now=102.0)] == ["a"]
 
 
 # ---------------------------------------------------------------- the whole path
@@ -162,6 +180,11 @@ async def test_a_frozen_busy_node_loses_its_task_in_seconds_and_its_late_result_
                         assert other != victim
                         assert took < 10.0
                         await until(lambda: len(replies) == 1, timeout=30, what="the reply")
+                        # Still frozen: the next request goes straight to the other node.
+                        await watch.publish(T.prompt(), PromptRequest(id="frozen-2", prompt="again").encode())
+                        await until(lambda: len(replies) == 2, timeout=30, what="the second reply")
+                        again = decode_reply(replies[1])
+                        assert isinstance(again, Answer) and again.node_id == other and again.attempts == 1
                     finally:
                         os.killpg(proc.pid, signal.SIGCONT)
                     answer = decode_reply(replies[0])
@@ -172,7 +195,7 @@ async def test_a_frozen_busy_node_loses_its_task_in_seconds_and_its_late_result_
                         lambda: any(r.task_id == first_task for r in results), timeout=30, what="the late result"
                     )
                     await asyncio.sleep(1.0)
-                    assert len(replies) == 1, replies
+                    assert len(replies) == 2, replies
                 finally:
                     reader.cancel()
     finally:
