@@ -38,6 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .errors import ConfigError, ConnectionLost, ProtocolError
+from .limits import SESSION_EXPIRY_S
 from .topics import is_concrete, matches
 from .url import BrokerURL
 
@@ -48,9 +49,6 @@ _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 #: A node's heartbeat interval unless told otherwise (``NodeConfig.heartbeat_s``).
 HEARTBEAT_S = 10.0
-#: How long a persistent session (the hub's) outlives its connection on an MQTT 5 broker: what
-#: clients publish meanwhile waits for it. A day covers any restart; past that the hub is gone.
-SESSION_EXPIRY_S = 86_400
 
 
 def keepalive_for(heartbeat_s: float) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from .errors import ConfigError
-from .limits import BrokerLimits
+from .limits import SESSION_EXPIRY_S, BrokerLimits
 from .passwords import FileWatch, LoginCheck
 from .tls import RECHECK_S, TLSFiles
 from .tls import watch as watch_certificate
@@ -45,6 +45,8 @@ def amqtt_config(config: EmbeddedBrokerConfig) -> dict[str, Any]:
         listener.update(ssl=True, certfile=str(config.tls.cert), keyfile=str(config.tls.key))
     return {
         "listeners": {"default": listener},
+        # The hub's persistent session outlives a restart, not a hub gone for good (limits.py).
+        "session_expiry_interval": SESSION_EXPIRY_S,
         "plugins": {
             "nova_swarm.broker.plugins.PasswordAuth": {"password_file": str(config.password_file)},
             "nova_swarm.broker.plugins.TopicACL": {"swarm": config.swarm},

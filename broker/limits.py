@@ -18,6 +18,10 @@ MAX_PACKET_BYTES = 2 * 2**20
 #: heartbeats and results: 10,000 covers a burst from a fleet of thousands while keeping a stuck
 #: reader's share of memory to tens of MB at most.
 MAX_QUEUED_MESSAGES = 10_000
+#: How long a persistent session (the hub's) is kept while nobody resumes it, queueing what
+#: comes for it. A day covers any restart; past that the hub is gone, or its login was rotated
+#: (the hub's client id follows its login) and the old session would queue for no one.
+SESSION_EXPIRY_S = 86_400
 #: A TCP connection that has not sent CONNECT by then is closed.
 CONNECT_TIMEOUT_S = 10.0
 #: An unauthenticated CONNECT is small (client id, Will, login); it never gets a big buffer.

@@ -19,7 +19,7 @@ import structlog
 
 from .acl import mosquitto_acl
 from .errors import ConfigError
-from .limits import BrokerLimits
+from .limits import SESSION_EXPIRY_S, BrokerLimits
 from .net import wait_listening
 from .passwords import FileWatch, read_client_logins
 from .private import private_dir, write_private
@@ -76,6 +76,8 @@ def write_config(config: MosquittoConfig) -> Path:
                 # down, publishers get an error rather than silence, and the hub's journal keeps
                 # what it had accepted; the embedded broker has no persistence to match anyway.
                 "persistence false",
+                # A persistent session nobody resumes stops queueing after a day (limits.py).
+                f"persistent_client_expiration {SESSION_EXPIRY_S // 3600}h",
                 # Without it Mosquitto holds small packets back for the peer's delayed ACK (Nagle):
                 # 40 ms and more added to every hop of a request.
                 "set_tcp_nodelay true",
