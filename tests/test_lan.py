@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,10 @@ pytestmark = pytest.mark.timeout(600)
 
 BIN = Path(sys.executable).parent
 PORT = 8883  # the namespaces have ports of their own: no clash with anything on the machine
+HTTP_PORT = 8080
+#: the interpreter this test run's venv was made from: the installer's venv is made from it too,
+#: so the packages of our site-packages (NOVA_SWARM_DEPS_SITE) fit it
+BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 
 
 def _bin(name: str) -> str:
@@ -180,13 +185,21 @@ class Swarm:
     def online(self, rows: list[dict[str, Any]]) -> set[str]:
         return {r["node_id"] for r in rows if r["state"] == "online"}
 
-    def ask_all(self, prompts: list[str], timeout: float = 90) -> list[dict[str, Any]]:
+    def ask_all(self, prompts: list[str], timeout: float = 90, max_tokens: int = 16) -> list[dict[str, Any]]:
         """Ask every prompt at once, each from its own `swarm-hub ask` in the hub's namespace."""
         answers: list[dict[str, Any] | str] = [""] * len(prompts)
 
         def ask(i: int) -> None:
             out = self.hub_cli(
-                "ask", prompts[i], "--json", "--timeout", str(timeout), timeout=timeout + 30, check=False
+                "ask",
+                prompts[i],
+                "--json",
+                "--timeout",
+                str(timeout),
+                "--max-tokens",
+                str(max_tokens),
+                timeout=timeout + 30,
+                check=False,
             )
             answers[i] = json.loads(out.stdout) if out.returncode == 0 else f"{out.stdout}\n{out.stderr}"
 
@@ -228,33 +241,65 @@ def _token(enroll_output: str) -> str:
     return match.group(0)
 
 
-def _start_swarm(lan: Lan, tmp_path: Path, *, delay_s: float, enroll_host: dict[str, str] | None = None) -> Swarm:
-    """`swarm-hub up --host <bridge> --tls` in the hub namespace, and each phone enrolled,
-    joined and running `swarm-node run` in its own."""
+def deps_site(tmp_path: Path) -> Path:
+    """Our site-packages minus nova-swarm itself: where the installer's venv takes third-party
+    packages from (NOVA_SWARM_DEPS_SITE), as the phones have no package index to reach."""
+    site = tmp_path / "deps-site"
+    site.mkdir(exist_ok=True)
+    for entry in Path(sysconfig.get_path("purelib")).iterdir():
+        if not entry.name.startswith(("__editable__", "nova_swarm")) and not (site / entry.name).exists():
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def _start_swarm(
+    lan: Lan,
+    tmp_path: Path,
+    *,
+    delay_s: float = 0.0,
+    enroll_host: dict[str, str] | None = None,
+    one_line: bool = False,
+) -> Swarm:
+    """`swarm-hub up --host <bridge> --tls` in the hub namespace, and each phone enrolled and
+    running a node in its own namespace: with ``one_line``, by running exactly the line `enroll`
+    printed (the installer and nova-swarm's wheel come from the hub; the node runs the bundled
+    model), else by `swarm-node join TOKEN` and `swarm-node run` with a fake engine."""
     hub_log = tmp_path / "hub.log"
+    http = ["--http", f"{lan.hub.address}:{HTTP_PORT}"] if one_line else ["--no-http"]
     hub = lan.hub.popen(
-        [_bin("swarm-hub"), "up", "--host", lan.hub.address, "--port", str(PORT), "--tls", "--no-node", "--no-http"]
+        [_bin("swarm-hub"), "up", "--host", lan.hub.address, "--port", str(PORT), "--tls", "--no-node", *http]
         + ["--log-json"],
         log=hub_log,
     )
     _wait_for_line(hub_log, hub, "swarm up:")
     swarm = Swarm(lan, hub_log, hub, {})
     for phone in lan.phones:
-        host_flag = ["--host", enroll_host[phone.name]] if enroll_host and phone.name in enroll_host else []
-        enrolled = swarm.hub_cli("enroll", phone.name, *host_flag)
-        token = _token(enrolled.stdout)
-        url = BrokerURL.parse(parse_join_token(token).url)
-        assert url.tls and not url.host.startswith("127."), url.redacted()
-        joined = phone.run([_bin("swarm-node"), "join", token])
-        assert phone.name in joined.stdout
-        node_log = tmp_path / f"{phone.name}.log"
-        swarm.nodes[phone.name] = phone.popen(
-            [_bin("swarm-node"), "run", "--engine", "fake", "--engine-option", f"delay_s={delay_s}"]
-            + ["--no-guard", "--log-json", "--drain", "1"],
-            log=node_log,
-        )
+        host = enroll_host.get(phone.name) if enroll_host else None
+        enrolled = swarm.hub_cli("enroll", phone.name, *(["--host", host] if host else []))
+        url = BrokerURL.parse(parse_join_token(_token(enrolled.stdout)).url)
+        assert url.tls and url.host == (host or lan.hub.address), url.redacted()
+        if one_line:
+            line = enrolled.stdout.strip()
+            assert "\n" not in line and f"https://{host or lan.hub.address}:{HTTP_PORT}/join/" in line, line
+            installer_env = {
+                "PATH": "/usr/bin:/bin",
+                "LANG": "C.UTF-8",
+                "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                "NOVA_SWARM_PYTHON": BASE_PYTHON,
+                "NOVA_SWARM_DEPS_SITE": str(deps_site(tmp_path)),
+            }
+            installed = phone.run(["sh", "-c", line], env=installer_env, timeout=400, check=False)
+            assert installed.returncode == 0, f"{phone.name}: {line}\n{installed.stdout}\n{installed.stderr}"
+        else:
+            joined = phone.run([_bin("swarm-node"), "join", _token(enrolled.stdout)])
+            assert phone.name in joined.stdout
+            swarm.nodes[phone.name] = phone.popen(
+                [_bin("swarm-node"), "run", "--engine", "fake", "--engine-option", f"delay_s={delay_s}"]
+                + ["--no-guard", "--log-json", "--drain", "1"],
+                log=tmp_path / f"{phone.name}.log",
+            )
     names = {p.name for p in lan.phones}
-    swarm.until(lambda rows: names <= swarm.online(rows), f"all phones online ({sorted(names)})")
+    swarm.until(lambda rows: names <= swarm.online(rows), f"all phones online ({sorted(names)})", timeout=240)
     return swarm
 
 
@@ -264,11 +309,14 @@ def test_phones_answer_over_tls_and_plaintext_is_refused(lan: Lan, tmp_path: Pat
     mdns = _python_in(lan.hub, "import json; from nova_swarm.broker import net; print(json.dumps(net.mdns_name()))")
     by_name = lan.phones[-1]
     lan.resolve(by_name, mdns, lan.hub.address)
-    swarm = _start_swarm(lan, tmp_path, delay_s=1.0, enroll_host={by_name.name: mdns})
+    swarm = _start_swarm(lan, tmp_path, enroll_host={by_name.name: mdns}, one_line=True)
 
-    answers = swarm.ask_all([f"question {i}" for i in range(6)])
+    answers = swarm.ask_all([f"Say the number {i}." for i in range(6)], max_tokens=8)
     answered_by = {a["node_id"] for a in answers}
     assert answered_by == {p.name for p in lan.phones}, answered_by  # every phone, and only phones
+    for phone in lan.phones:  # the node the installer set up, from the hub's wheel, in the phone's home
+        venv = phone.home / ".local" / "share" / "nova-swarm" / "venv"
+        assert list(venv.glob("lib/python*/site-packages/nova_swarm/node/agent.py")), f"{phone.name}: no wheel install"
 
     # The same login over plaintext is refused: the broker speaks only TLS.
     phone = lan.phones[0]
@@ -304,7 +352,7 @@ def _utc(ts: str) -> float:
 
 
 def test_a_busy_phone_drops_off_the_lan_and_comes_back(lan: Lan, tmp_path: Path) -> None:
-    swarm = _start_swarm(lan, tmp_path, delay_s=5.0)
+    swarm = _start_swarm(lan, tmp_path, delay_s=5.0)  # `swarm-node join`: a slow fake engine
     answers: list[dict[str, Any]] = []
     tasks = [f"task {i}" for i in range(3)]
     asking = threading.Thread(target=lambda: answers.extend(swarm.ask_all(tasks, timeout=120)))
