@@ -10,6 +10,8 @@ of PyPI, and pip installs only the hub's wheel (with --no-deps, from no index).
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
 import io
 import json
@@ -179,8 +181,18 @@ def test_the_served_wheel_installs_into_a_fresh_venv(up: Up, tmp_path: Path) -> 
     assert not [n for n in names if n.startswith("nova_swarm/hub/")]  # the node's code only
     meta = zipfile.ZipFile(wheel).read(f"nova_swarm-{__version__}.dist-info/METADATA").decode()
     assert "Requires-Dist: llama-cpp-python>=0.3.2" in meta and "amqtt" not in meta
-    # The same code gives the same wheel: served twice, byte for byte.
-    assert hashlib.sha256(wheel.read_bytes()).digest() == hashlib.sha256(join.JoinService(up.home).wheel()).digest()
+    # Every file is the one its RECORD names (pip checks that too), and the wheel is built once per
+    # version: a second download is the same bytes.
+    with zipfile.ZipFile(wheel) as zf:
+        record = zf.read(f"nova_swarm-{__version__}.dist-info/RECORD").decode()
+        for name, digest, _size in csv.reader(io.StringIO(record)):
+            if digest:
+                raw = base64.urlsafe_b64encode(hashlib.sha256(zf.read(name)).digest()).rstrip(b"=").decode()
+                assert digest == f"sha256={raw}", name
+    again = tmp_path / "again.whl"
+    out = curl("-f", *pinned(up), "-H", f"Authorization: Bearer {key}", "-o", str(again),
+               f"{scheme}://127.0.0.1:{up.http_port}/join/{wheel.name}")  # fmt: skip
+    assert out.returncode == 0 and again.read_bytes() == wheel.read_bytes()
 
     venv = tmp_path / "fresh"
     subprocess.run([BASE_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -194,7 +206,8 @@ def test_the_served_wheel_installs_into_a_fresh_venv(up: Up, tmp_path: Path) -> 
     assert (venv / "bin" / "swarm-node").exists()
     probe = (
         "import importlib.metadata as m, importlib.util as u, json; "
-        "print(json.dumps([m.version('nova-swarm'), (u.find_spec('nova_swarm').submodule_search_locations[0] + '/node/cli.py'), "
+        "print(json.dumps([m.version('nova-swarm'), "
+        "u.find_spec('nova_swarm').submodule_search_locations[0] + '/node/cli.py', "
         "sorted(e.name for e in m.entry_points(group='console_scripts') if e.value.startswith('nova_swarm')), "
         "sorted(e.name for e in m.entry_points(group='nova_swarm.engines'))]))"
     )
