@@ -201,9 +201,9 @@ def browse_addresses() -> list[str]:
 
 
 @asynccontextmanager
-async def _zeroconf(interfaces: Sequence[str]) -> AsyncIterator[AsyncZeroconf]:
+async def _zeroconf(interfaces: Sequence[str], *, unicast: bool = False) -> AsyncIterator[AsyncZeroconf]:
     try:
-        aiozc = AsyncZeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
+        aiozc = AsyncZeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only, unicast=unicast)
     except _FOREIGN as exc:
         raise DiscoveryError(f"mDNS cannot start on {', '.join(interfaces)}: {exc}") from exc
     try:
@@ -316,7 +316,10 @@ async def find(
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
             names.put_nowait(name)
 
-    async with _zeroconf(interfaces or browse_addresses()) as aiozc:
+    # Asked from an ephemeral port, so the hub answers by unicast (RFC 6762 6.7): Android drops
+    # multicast for apps that hold no Wi-Fi multicast lock, and Termux holds none. Nothing
+    # listens on port 5353 here either, so it works beside avahi or another responder.
+    async with _zeroconf(interfaces or browse_addresses(), unicast=True) as aiozc:
         try:
             browser = AsyncServiceBrowser(aiozc.zeroconf, SERVICE_TYPE, handlers=[on_change])
         except _FOREIGN as exc:

@@ -295,6 +295,8 @@ asyncio.run(main())
 
 
 def test_a_phone_joins_with_no_address_typed(lan: Lan, tmp_path: Path) -> None:
+    """The node asks from an ephemeral port and joins no multicast group, so the answers that
+    reach it here came by unicast: what a phone without a Wi-Fi multicast lock receives."""
     phone, neighbour = lan.phones
     decoy_log = tmp_path / "decoy.log"
     decoy = neighbour.popen([sys.executable, "-c", _DECOY, OTHER_KEY.key_id, neighbour.address], log=decoy_log)
