@@ -515,10 +515,19 @@ class Hub:
         except Exception:
             log.exception("prompt handling failed inside the hub")
             error = ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error")
+            # A failure that gets here came before any reply went out (once a request runs,
+            # _serve's own guard answers it), so this is its one reply: to its sender, with its
+            # id. Intake is pure, so reading the prompt again tells both; failing that, the
+            # sender's scope's default topic.
+            scope = self.topics.prompt_scope(message.topic) or SHARED_SCOPE
+            reply, request_id, correlation = self.topics.reply(scope), None, message.correlation_data
             try:
-                # On the sender's own default reply topic: where its scope's replies go.
-                scope = self.topics.prompt_scope(message.topic) or SHARED_SCOPE
-                await self._reply(self.topics.reply(scope), ErrorReply(id=None, error=error), None)
+                outcome = parse_prompt(message, self.topics, self.config.limits)
+                reply, request_id, correlation = outcome.reply_topic, outcome.request_id, outcome.correlation
+            except Exception:
+                log.exception("intake failed on this prompt")
+            try:
+                await self._reply(reply, ErrorReply(id=request_id, error=error), correlation)
             except Exception:
                 log.exception("could not even report the internal error")
 

@@ -2,7 +2,8 @@
 sender, never a RecursionError (issue: a schema 100 levels deep answered ``internal_error`` with
 ``id: null`` on the default reply topic).
 
-Pure parsing first, then the live hub on a real broker."""
+Pure parsing first, then the live hub on a real broker, where any failure before a request runs
+still gets it exactly one reply, with its id, on its sender's topic."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from nova_swarm.broker.errors import ErrorCode
 from nova_swarm.broker.home import Role
 from nova_swarm.broker.messages import ErrorReply, PromptRequest, TaskResult, decode_reply
 from nova_swarm.broker.topics import Topics
+from nova_swarm.hub import Hub
 from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt
 from nova_swarm.hub.journal import canonical
 from nova_swarm.hub.nesting import nesting_depth, top_level
@@ -182,6 +184,42 @@ async def test_a_schema_1000_levels_deep_gets_one_clear_reply_on_the_senders_top
     assert len(replies) == 1, replies
     error = replies[0].error
     assert error.code is ErrorCode.INVALID_REQUEST and str(MAX_SCHEMA_DEPTH) in error.message
+
+
+async def test_a_hub_failure_before_a_request_runs_answers_its_sender_once_with_its_id(
+    amqtt: RunningBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug between intake and running the request (injected: the retry check raises) is
+    answered as the request's one reply, where its sender listens, not anonymously elsewhere."""
+
+    async def broken(*_: object) -> bool:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Hub, "_answer_retry", broken)
+    request_id = f"bug-{uuid.uuid4().hex[:8]}"
+    reply_to = T.reply()
+    replies: list[ErrorReply] = []
+    async with running_hub(amqtt, hub_config(tmp_path)):
+        async with Connection(amqtt.url(Role.CLIENT), client_id=f"bug-{uuid.uuid4().hex[:6]}") as conn:
+            await conn.subscribe(reply_to, qos=1)
+            payload = json.dumps({"id": request_id, "prompt": "hi", "reply_to": reply_to}).encode()
+            await conn.publish(T.prompt(), payload, qos=1)
+
+            async def collect() -> None:
+                async for message in conn.messages():
+                    reply = decode_reply(message.payload)
+                    assert isinstance(reply, ErrorReply) and reply.id is not None, reply
+                    if reply.id == request_id:
+                        replies.append(reply)
+
+            reading = asyncio.ensure_future(collect())
+            try:
+                await within(_until(lambda: bool(replies)), 30)
+                await asyncio.sleep(2.0)
+            finally:
+                reading.cancel()
+    assert len(replies) == 1, replies
+    assert replies[0].error.code is ErrorCode.INTERNAL_ERROR
 
 
 async def _until(condition: Any) -> None:
