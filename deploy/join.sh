@@ -44,11 +44,14 @@ main() {
   trap 'rm -rf "$tmp"' EXIT
   say "fetching the $platform installer and $WHEEL from $HUB_URL"
   fetch "$platform.sh" "$tmp/install.sh"
+  fetch "$platform-uninstall.sh" "$tmp/uninstall.sh"
   fetch "$WHEEL" "$tmp/$WHEEL"
+  # The installer keeps the uninstaller on the device, beside what it installed.
+  export NOVA_SWARM_SOURCE="$tmp/$WHEEL" NOVA_SWARM_UNINSTALLER="$tmp/uninstall.sh"
   if [ "$platform" = termux ]; then
-    NOVA_SWARM_SOURCE="$tmp/$WHEEL" sh "$tmp/install.sh" "$token" ${model:+"$model"} </dev/null
+    sh "$tmp/install.sh" "$token" ${model:+"$model"} </dev/null
   else
-    NOVA_SWARM_SOURCE="$tmp/$WHEEL" sh "$tmp/install.sh" node "$token" ${model:+"$model"} </dev/null
+    sh "$tmp/install.sh" node "$token" ${model:+"$model"} </dev/null
   fi
 }
 

@@ -10,6 +10,7 @@ nova-swarm is not on a package index, so the gateway serves everything of ours t
     GET /join/install.sh                       the bootstrap (deploy/join.sh), with this hub's address,
                                                the pin and the key filled in; it picks the next one
     GET /join/termux.sh, /join/linux.sh        deploy/termux/install.sh and deploy/linux/install.sh
+    GET /join/termux-uninstall.sh, ...         their uninstallers, which the installers keep on the device
     GET /join/nova_swarm-<v>-py3-none-any.whl  a wheel of the node's code (``nova_swarm.broker`` and
                                                ``nova_swarm.node``) of the very version this hub runs
 
@@ -54,7 +55,13 @@ NODE_ENTRY_POINTS = {
     "nova_swarm.engines": {"llama": "nova_swarm.node.llama:LlamaEngine", "fake": "nova_swarm.node.fake:FakeEngine"},
 }
 #: the installers served, by route name: the files under hub/installers/ (links into deploy/)
-INSTALLERS = {"install.sh": "join.sh", "termux.sh": "termux.sh", "linux.sh": "linux.sh"}
+INSTALLERS = {
+    "install.sh": "join.sh",
+    "termux.sh": "termux.sh",
+    "linux.sh": "linux.sh",
+    "termux-uninstall.sh": "termux-uninstall.sh",
+    "linux-uninstall.sh": "linux-uninstall.sh",
+}
 #: a fixed timestamp for every wheel entry: the same code gives the same wheel
 _EPOCH = (2020, 1, 1, 0, 0, 0)
 _KEY_LABEL = b"nova-swarm join download"
@@ -172,7 +179,7 @@ def build_wheel(version: str, *, requires: list[str], packages: dict[str, Path] 
 
 
 def installer(name: str) -> str:
-    """One of the served installers (``install.sh``, ``termux.sh``, ``linux.sh``), unrendered."""
+    """One of the served scripts (``install.sh``, ``termux.sh``, ``linux-uninstall.sh``...), unrendered."""
     return (resources.files("nova_swarm.hub") / "installers" / INSTALLERS[name]).read_text()
 
 

@@ -54,8 +54,9 @@ def test_every_script_passes_shellcheck() -> None:
 
 
 def test_the_served_installers_are_the_ones_in_deploy_and_render_clean(tmp_path: Path) -> None:
-    for served, source in (("termux.sh", "termux/install.sh"), ("linux.sh", "linux/install.sh")):
-        assert join.installer(served) == (REPO / "deploy" / source).read_text()
+    for platform in ("termux", "linux"):
+        for served, source in ((f"{platform}.sh", "install.sh"), (f"{platform}-uninstall.sh", "uninstall.sh")):
+            assert join.installer(served) == (REPO / "deploy" / platform / source).read_text()
     rendered = join.render_bootstrap(
         join.installer("install.sh"),
         hub_url="https://10.0.0.1:8080",

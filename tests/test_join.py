@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -147,7 +148,7 @@ def test_downloads_need_the_nodes_own_key(up: Up) -> None:
     key = parse_line(up.enroll("phone1"))["key"]
     other = parse_line(up.enroll("phone2"))["key"]
     wheel = join.wheel_name(__version__)
-    for name in ("install.sh", "linux.sh", "termux.sh", wheel):
+    for name in ("install.sh", "linux.sh", "termux.sh", "linux-uninstall.sh", "termux-uninstall.sh", wheel):
         path = f"/join/{name}"
         assert status_of(up, path) == 401, name
         assert status_of(up, path, "Authorization: Bearer nope") == 403, name
@@ -284,8 +285,16 @@ def test_the_printed_line_installs_joins_and_starts_a_node_and_a_second_run_chan
         assert snapshot(device, skip) == before
         # The node was restarted on the (re)installed code, and answers again.
         assert f"stopping the running node (pid {first_pid})" in again.stdout
-        assert pidfile.read_text().strip() != first_pid
+        second_pid = pidfile.read_text().strip()
+        assert second_pid != first_pid
         wait_answered(up, "laptop2", node_log)
+
+        # The line left its uninstaller on the device: it stops the node and removes it all.
+        gone = subprocess.run(["sh", str(data / "uninstall.sh")], capture_output=True, text=True, env=env, timeout=120)
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        assert not data.exists() and not unit.exists() and not (device / ".config" / "nova-swarm").exists()
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(second_pid), 0)
     finally:
         if pidfile.exists():
             pid = int(pidfile.read_text())
@@ -294,8 +303,6 @@ def test_the_printed_line_installs_joins_and_starts_a_node_and_a_second_run_chan
 
 def with_pid_gone(pid: int) -> None:
     """SIGTERM (the node drains), then SIGKILL if it is still there after a while."""
-    import os
-
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -133,6 +133,12 @@ WantedBy=default.target
 UNITFILE
 remember "file $UNITS/$UNIT"
 remember "unit $UNIT"
+# The join line brings the uninstaller too: kept here, so removing needs no copy of the repository.
+if [ -n "${NOVA_SWARM_UNINSTALLER:-}" ]; then
+  cp "$NOVA_SWARM_UNINSTALLER" "$DATA/uninstall.sh"
+  chmod 700 "$DATA/uninstall.sh"
+  say "uninstall: sh $DATA/uninstall.sh"
+fi
 
 # A process this script started on an earlier run, without systemd: stopped (it drains) before
 # the new one starts, so a re-run upgrades in place.

@@ -192,6 +192,11 @@ nohup sh "$DIR/run-node.sh" >/dev/null 2>&1 </dev/null &
 BOOTSCRIPT
 chmod 700 "$BOOT"
 remember "file $BOOT"
+# The join line brings the uninstaller too: kept here, so removing needs no copy of the repository.
+if [ -n "${NOVA_SWARM_UNINSTALLER:-}" ]; then
+  cp "$NOVA_SWARM_UNINSTALLER" "$DIR/uninstall.sh"
+  chmod 700 "$DIR/uninstall.sh"
+fi
 
 # A node started by an earlier run drains and stops, so the new code and token take over now.
 if [ -f "$DIR/run-node.pid" ]; then
@@ -207,4 +212,6 @@ fi
 sh "$BOOT"
 
 say "installed and started; it starts again at boot (Termux:Boot)."
-say "logs: $DIR/logs/node.log   stop: kill \$(cat $DIR/run-node.pid)   uninstall: sh uninstall.sh"
+uninstall=uninstall.sh
+[ -f "$DIR/uninstall.sh" ] && uninstall=$DIR/uninstall.sh
+say "logs: $DIR/logs/node.log   stop: kill \$(cat $DIR/run-node.pid)   uninstall: sh $uninstall"

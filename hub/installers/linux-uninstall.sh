@@ -1,0 +1,1 @@
+../../deploy/linux/uninstall.sh
