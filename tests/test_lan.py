@@ -311,9 +311,17 @@ def test_phones_answer_over_tls_and_plaintext_is_refused(lan: Lan, tmp_path: Pat
     lan.resolve(by_name, mdns, lan.hub.address)
     swarm = _start_swarm(lan, tmp_path, enroll_host={by_name.name: mdns}, one_line=True)
 
-    answers = swarm.ask_all([f"Say the number {i}." for i in range(6)], max_tokens=8)
-    answered_by = {a["node_id"] for a in answers}
-    assert answered_by == {p.name for p in lan.phones}, answered_by  # every phone, and only phones
+    # Every answer comes from a phone, and every phone answers. The hub spreads concurrent
+    # prompts, but a phone slowed down by a busy machine may miss a round: up to four rounds.
+    phones, answered_by = {p.name for p in lan.phones}, set()
+    for n in range(4):
+        answers = swarm.ask_all([f"Say the number {n * 6 + i}." for i in range(6)], max_tokens=8)
+        answered_by |= {a["node_id"] for a in answers}
+        assert answered_by <= phones, answered_by
+        if answered_by == phones:
+            break
+    dispatched = [(e["node_id"], e.get("timestamp")) for e in swarm.hub_events("dispatched")]
+    assert answered_by == phones, f"only {answered_by} answered; dispatched: {dispatched}"
     for phone in lan.phones:  # the node the installer set up, from the hub's wheel, in the phone's home
         venv = phone.home / ".local" / "share" / "nova-swarm" / "venv"
         assert list(venv.glob("lib/python*/site-packages/nova_swarm/node/agent.py")), f"{phone.name}: no wheel install"
