@@ -2,10 +2,11 @@
 hub's own nova-swarm from the hub's gateway, and installs, joins and starts the node.
 
 Everything runs for real on loopback: `swarm-hub up` (broker, hub, gateway over HTTPS or HTTP),
-the printed line run by `sh` with real curl, the real Linux installer and the real node with the
-bundled SmolLM2 answering a prompt. Offline, the one override is NOVA_SWARM_DEPS_SITE: the
-installer's venv takes the third-party packages from this test run's own site-packages instead
-of PyPI, and pip installs only the hub's wheel (with --no-deps, from no index).
+the printed line run by `sh` with real curl, the real Linux and Termux installers (Termux with the
+stand-in `pkg` of test_installers) and the real node with the bundled SmolLM2 answering a prompt.
+Offline, the one override is NOVA_SWARM_DEPS_SITE: the installer's venv takes the third-party
+packages from this test run's own site-packages instead of PyPI, and pip installs only the hub's
+wheel (with --no-deps, from no index).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from nova_swarm.broker.version import __version__
 from nova_swarm.hub import join
 
 from .conftest import BIN, stop_process
+from .test_installers import stand_ins
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -324,3 +326,42 @@ def test_the_wheel_is_deterministic_and_names_the_nodes_dependencies(tmp_path: P
     assert one == join.build_wheel("0.1.0", requires=requires)
     record = zipfile.ZipFile(io.BytesIO(one)).read("nova_swarm-0.1.0.dist-info/RECORD").decode()
     assert "nova_swarm/node/cli.py,sha256=" in record
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("up", [True], indirect=True, ids=["tls"])
+def test_the_printed_line_on_termux_installs_and_starts_a_phone_node(up: Up, tmp_path: Path) -> None:
+    """The same line in Termux (a stand-in ``pkg``, as in test_installers) takes the Termux installer,
+    and the phone node it starts answers."""
+    line = up.enroll("pixel7")
+    device = tmp_path / "phone"
+    (device / ".termux" / "boot").mkdir(parents=True)
+    prefix = tmp_path / "data" / "data" / "com.termux" / "files" / "usr"
+    stand_ins(prefix / "bin", tmp_path / "pkg-calls")
+    env = {
+        "HOME": str(device),
+        "PATH": f"{prefix / 'bin'}:/usr/bin:/bin",
+        "PREFIX": str(prefix),
+        "LANG": "C.UTF-8",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "NOVA_SWARM_DEPS_SITE": str(deps_site(tmp_path)),
+    }
+    node_dir = device / ".nova-swarm"
+    pidfile = node_dir / "run-node.pid"
+    try:
+        out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "fetching the termux installer" in out.stdout and "installed and started" in out.stdout
+        assert (device / ".termux" / "boot" / "nova-swarm-node").exists()
+        assert "pkg install -y" in (tmp_path / "pkg-calls").read_text()
+        wait_answered(up, "pixel7", node_dir / "logs" / "node.log")
+        loop = int(pidfile.read_text())
+        gone = subprocess.run(["sh", str(node_dir / "uninstall.sh")], capture_output=True, text=True, env=env)
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        assert not node_dir.exists() and not (device / ".termux" / "boot" / "nova-swarm-node").exists()
+        with pytest.raises(ProcessLookupError):  # the run loop drained its node and ended
+            os.kill(loop, 0)
+    finally:
+        if pidfile.exists():
+            with_pid_gone(int(pidfile.read_text()))
