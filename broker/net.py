@@ -156,9 +156,13 @@ def lan_addresses() -> list[str]:
     the default route comes first (on a laptop with Docker that is Wi-Fi, not docker0), then
     private IPv4 (home networks), then other IPv4, then IPv6.
     """
-    if sys.platform.startswith("linux"):
-        found = _linux_ipv4() + _linux_ipv6()
-    else:
+    found: list[str] = []
+    if sys.platform.startswith(("linux", "android")):
+        try:
+            found = _linux_ipv4() + _linux_ipv6()
+        except OSError:  # an ioctl a sandbox forbids (Android's SELinux, some containers)
+            found = []
+    if not found:
         found = _psutil_addresses() or []
         route = _default_route_source()
         found += [route] if route else []
