@@ -69,7 +69,7 @@ from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, ReceiptBody, receipts, sha256_text
 from .ledger import uptime as ledger_uptime
-from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, RequestMachine, Succeed
+from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
 from .scheduler import Scheduler
@@ -295,6 +295,9 @@ class Hub:
         await conn.subscribe(t.all_nodes(NodeTopic.HEARTBEAT), t.all_nodes(NodeTopic.PROGRESS), qos=0)
         await self._flush_outbox(conn)
         self._conn = conn
+        now = asyncio.get_running_loop().time()
+        for run in self._runs.values():  # we heard nothing while away: nobody's silence counts
+            run.machine.excuse_silence(now)
         # Nodes reappear within moments of a restart (they answer our online status with a
         # heartbeat); until then a prompt waits for them rather than failing at once.
         loop = asyncio.get_running_loop()
@@ -649,6 +652,8 @@ class Hub:
             finally:
                 for task_id in list(run.tracked):
                     self._release(run, task_id)
+                for task_id in run.machine.attempts:  # quiet ones kept their route until now
+                    self._by_task.pop(task_id, None)
                 self._waiting.pop(run, None)
                 self._runs.pop(accepted.key, None)
 
@@ -730,6 +735,8 @@ class Hub:
                 async with asyncio.timeout(max(0.0, machine.next_wakeup() - loop.time())):
                     event = await run.inbox.get()
             except TimeoutError:
+                if self._conn is None:
+                    machine.excuse_silence(loop.time())  # deaf ourselves: nobody's silence counts
                 actions = machine.on_tick(loop.time())
                 continue
             now = loop.time()
@@ -767,9 +774,9 @@ class Hub:
             if isinstance(action, Dispatch):
                 follow_up += await self._dispatch(run, action)
             elif isinstance(action, Cancel):
-                if action.quiet:
-                    self._node_quiet(action.node_id)
                 await self._cancel(action)
+            elif isinstance(action, Quiet):
+                self._node_quiet(action.node_id)
             elif isinstance(action, Succeed):
                 await self._finish_answered(run, action)
             elif isinstance(action, Fail):
@@ -1122,8 +1129,9 @@ class Hub:
         if task_id not in run.tracked:
             return
         run.tracked.discard(task_id)
-        self._by_task.pop(task_id, None)
         attempt = run.machine.attempts.get(task_id)
+        if attempt is None or attempt.state is not AttemptState.QUIET:
+            self._by_task.pop(task_id, None)  # a quiet attempt's answer still counts: keep its route
         if attempt is not None:
             node = self.registry.nodes.get(attempt.node_id)
             if node is not None and node.inflight > 0:
@@ -1192,17 +1200,22 @@ class Hub:
         self, topic: str, payload: bytes, *, retain: bool = False, correlation: bytes | None = None
     ) -> None:
         """Publish now, or keep the message for the next connection: nothing is dropped."""
-        conn = self._conn
-        if conn is not None:
+        tried = None
+        while (conn := self._conn) is not None and conn is not tried:
             try:
                 await conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
                 return
             except ConnectionLost:
-                log.warning("message held until the broker is back", topic=topic)
+                # A publish on a link that died can take its whole timeout to fail; a session
+                # that began meanwhile has flushed the outbox already: try it, or this would
+                # wait for the reconnect after next.
+                tried = conn
             except ProtocolError as exc:
                 # Intake only lets valid topics through; this is a bug, and no broker would take it.
                 log.error("dropped a message no broker would accept", error=str(exc))
                 return
+        if tried is not None:
+            log.warning("message held until the broker is back", topic=topic)
         self._outbox.append((topic, payload, retain, correlation))
 
     async def _flush_outbox(self, conn: Connection) -> None:

@@ -10,7 +10,8 @@ Request states and their transitions::
        │           ├──────> FAILED
        └───────────┴──────> (FAILED, on no eligible node or a spent deadline)
 
-Attempt states: ASSIGNED, then exactly one of DONE, FAILED, LOST, TIMED_OUT, CANCELLED.
+Attempt states: ASSIGNED, then exactly one of DONE, FAILED, LOST, TIMED_OUT, CANCELLED; or
+ASSIGNED, QUIET (the node went silent), then one of those.
 
 ``want`` is how many good answers finish the request: 1 for ``race`` (first wins, the rest are
 cancelled) and ``fanout`` for ``best_of_n`` (all are ranked). A failed, lost or timed-out
@@ -21,11 +22,15 @@ tokens go to the client, and the other racers are cancelled at once. If the lead
 next attempt to stream leads (the hub tells the client to start over).
 
 A node that promised to show progress (its announce's ``progress_s``) and then goes *quiet*
-(no progress, chunk or result for the attempt's ``quiet_s``) is written off for that attempt,
-as LOST, and the request goes to another node. A frozen or unplugged phone keeps its socket
-open, so neither the broker nor the heartbeat timeout would notice it for many seconds; the
-silence of one busy attempt says it in two. A late result from the quiet node is ignored like
-any result of a settled attempt, so the request still gets exactly one reply.
+(no progress, chunk or result for the attempt's ``quiet_s``) is written off for that attempt:
+the attempt is QUIET, no longer counted as running, and the request goes to another node. A
+frozen or unplugged phone keeps its socket open, so neither the broker nor the heartbeat timeout
+would notice it for many seconds; the silence of one busy attempt says it in two. A QUIET
+attempt is not cancelled: should its node come back (a Wi-Fi gap, a broker restart it had to
+reconnect through) and answer while the request is still open, that answer counts. Once the
+request has its reply, quiet attempts are cancelled with the rest and their late results are
+ignored, so the request still gets exactly one reply. While the hub itself cannot hear (its
+broker link is down) nobody's silence counts (``excuse_silence``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class AttemptState(StrEnum):
     LOST = "lost"
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
+    QUIET = "quiet"
 
 
 REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
@@ -60,12 +66,16 @@ REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     RequestState.FAILED: frozenset(),
 }
 
+_ENDS = frozenset(
+    {AttemptState.DONE, AttemptState.FAILED, AttemptState.LOST, AttemptState.TIMED_OUT, AttemptState.CANCELLED}
+)
 ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
-    AttemptState.ASSIGNED: frozenset(
-        {AttemptState.DONE, AttemptState.FAILED, AttemptState.LOST, AttemptState.TIMED_OUT, AttemptState.CANCELLED}
-    ),
-    **{s: frozenset() for s in AttemptState if s is not AttemptState.ASSIGNED},
+    AttemptState.ASSIGNED: _ENDS | {AttemptState.QUIET},
+    AttemptState.QUIET: _ENDS,
+    **{s: frozenset() for s in _ENDS},
 }
+#: attempts whose answer still counts
+_OPEN = (AttemptState.ASSIGNED, AttemptState.QUIET)
 
 
 class TransitionError(RuntimeError):
@@ -88,9 +98,15 @@ class Cancel:
     task_id: str
     node_id: str
     reason: str
-    #: the attempt went quiet: the node may be frozen or gone, so it should get no new work
-    #: until it is heard from again
-    quiet: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """The node of attempt ``task_id`` went silent: it may be frozen or gone, so give it no new
+    work until it is heard from again."""
+
+    task_id: str
+    node_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +123,7 @@ class Fail:
     losers: tuple[str, ...]
 
 
-Action = Dispatch | Cancel | Succeed | Fail
+Action = Dispatch | Cancel | Quiet | Succeed | Fail
 
 
 @dataclass(slots=True)
@@ -163,13 +179,17 @@ class RequestMachine:
     def active(self) -> list[Attempt]:
         return [a for a in self.attempts.values() if a.state is AttemptState.ASSIGNED]
 
+    def quiet(self) -> list[Attempt]:
+        """Attempts written off as quiet whose answer would still count."""
+        return [a for a in self.attempts.values() if a.state is AttemptState.QUIET]
+
     def tried_nodes(self) -> frozenset[str]:
         return frozenset(a.node_id for a in self.attempts.values())
 
     def next_wakeup(self) -> float:
         """When ``on_tick`` next has something to do."""
         quiet = [q for a in self.active() if (q := a.quiet_at()) is not None]
-        return min([self.deadline, *(a.deadline for a in self.active()), *quiet])
+        return min([self.deadline, *(a.deadline for a in [*self.active(), *self.quiet()]), *quiet])
 
     # ------------------------------------------------------------ events
 
@@ -194,21 +214,27 @@ class RequestMachine:
         if attempt is not None and attempt.state is AttemptState.ASSIGNED:
             attempt.heard = max(attempt.heard, now)
 
+    def excuse_silence(self, now: float) -> None:
+        """The hub could not hear anyone until ``now`` (its broker link was down): no running
+        attempt's silence up to then counts against it."""
+        for attempt in self.active():
+            attempt.heard = max(attempt.heard, now)
+
     def shortfall(self, missing: int, error: ErrorInfo, now: float) -> list[Action]:
         """The hub found nodes for only part of a Dispatch (``missing`` short)."""
         if self.finished:
             return []
-        if not self.active() and not self.answers:
+        if not self.active() and not self.quiet() and not self.answers:
             # A real failure on an earlier attempt says more than "no one else to ask".
             return self._fail(self.last_error or error)
         self.last_error = self.last_error or error
         # Go on with the nodes we have: fewer racers, or fewer candidates to rank.
-        self.want = max(1, min(self.want, len(self.answers) + len(self.active())))
+        self.want = max(1, min(self.want, len(self.answers) + len(self.active()) + len(self.quiet())))
         return self._settle(now, dispatch=False)
 
     def on_result(self, result: TaskResult, now: float) -> list[Action]:
         attempt = self.attempts.get(result.task_id)
-        if self.finished or attempt is None or attempt.state is not AttemptState.ASSIGNED:
+        if self.finished or attempt is None or attempt.state not in _OPEN:
             return []  # a late answer from an attempt we already wrote off: ignore it
         if result.ok:
             attempt.move(AttemptState.DONE)
@@ -246,7 +272,7 @@ class RequestMachine:
         if self.finished:
             return []
         lost = False
-        for attempt in self.active():
+        for attempt in [*self.active(), *self.quiet()]:
             if attempt.node_id == node_id:
                 attempt.move(AttemptState.LOST)
                 attempt.error = ErrorInfo(code=ErrorCode.NODE_LOST, message=f"node {node_id} {reason}")
@@ -263,20 +289,18 @@ class RequestMachine:
                 return cancels + self._succeed()
             return cancels + self._fail(ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message=self._deadline_message()))
         actions: list[Action] = []
-        for attempt in self.active():
+        for attempt in [*self.active(), *self.quiet()]:
             quiet_at = attempt.quiet_at()
-            if quiet_at is not None and now >= quiet_at and now < attempt.deadline:
-                # Lost, not timed out: the node stopped showing signs of life. The cancel stops
-                # it should it wake up; its late result is ignored either way.
-                attempt.move(AttemptState.LOST)
+            if attempt.state is AttemptState.ASSIGNED and quiet_at is not None and quiet_at <= now < attempt.deadline:
+                # The node stopped showing signs of life: another node takes the request, and
+                # this one's answer still counts should it come first (see the docstring).
+                attempt.move(AttemptState.QUIET)
                 attempt.error = ErrorInfo(
                     code=ErrorCode.NODE_LOST,
                     message=f"node {attempt.node_id} went quiet: no progress for {attempt.quiet_s:g} s",
                 )
                 self.last_error = attempt.error
-                actions.append(
-                    Cancel(attempt.task_id, attempt.node_id, "no progress heard; given to another node", quiet=True)
-                )
+                actions.append(Quiet(attempt.task_id, attempt.node_id))
                 continue
             if now >= attempt.deadline:
                 attempt.move(AttemptState.TIMED_OUT)
@@ -298,11 +322,12 @@ class RequestMachine:
         if len(self.answers) >= self.want:
             return self._cancel_active("another node answered first") + self._succeed()
         active = len(self.active())
+        waiting = active + len(self.quiet())  # a quiet attempt may still answer
         needed = self.want - len(self.answers) - active
         budget = self.fanout + self.retries - len(self.attempts)
         if dispatch and needed > 0 and budget > 0 and now < self.deadline:
             return [Dispatch(min(needed, budget), self.tried_nodes())]
-        if active == 0:
+        if waiting == 0:
             if self.answers:
                 return self._succeed()
             return self._fail(
@@ -311,9 +336,9 @@ class RequestMachine:
         return []
 
     def _cancel_active(self, reason: str, *, keep: str | None = None) -> list[Action]:
-        """Cancel every attempt still running, except the one ``keep`` names."""
+        """Cancel every attempt still running or quiet, except the one ``keep`` names."""
         cancels: list[Action] = []
-        for attempt in self.active():
+        for attempt in [*self.active(), *self.quiet()]:
             if attempt.task_id == keep:
                 continue
             attempt.move(AttemptState.CANCELLED)

@@ -201,11 +201,14 @@ class Registry:
     def resting(
         self, *, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str] = frozenset()
     ) -> list[NodeRecord]:
-        """Nodes that are paused but alive (their guard, or a model switch): work can wait for them."""
+        """Nodes that are paused but alive (their guard, or a model switch), or went quiet but are
+        not yet written off: work can wait for them."""
 
         def paused_and_alive(rec: NodeRecord) -> bool:
             heard = rec.last_seen is not None and now - rec.last_seen <= self.heartbeat_timeout_s
-            return rec.state is NodeState.PAUSED and heard
+            # A node that went quiet may be back in a moment (a Wi-Fi gap): work waits for it
+            # too, until its heartbeats have been missing for the whole timeout.
+            return (rec.state is NodeState.PAUSED or (rec.quiet and rec.state is NodeState.ONLINE)) and heard
 
         return self._matching(model, exclude, needs, paused_and_alive)
 

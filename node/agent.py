@@ -651,13 +651,18 @@ class Node:
 
     async def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish now, or keep it for the next connection: a result is never dropped."""
-        conn = self._conn
-        if conn is not None:
+        tried = None
+        while (conn := self._conn) is not None and conn is not tried:
             try:
                 await conn.publish(topic, payload, qos=1, retain=retain)
                 return
             except ConnectionLost:
-                log.warning("message held until the broker is back", topic=topic)
+                # A publish on a link that died can take its whole timeout to fail; a new session
+                # that began meanwhile has flushed the outbox already, so try it rather than
+                # leave this (a thawed phone's result) waiting for the reconnect after next.
+                tried = conn
+        if tried is not None:
+            log.warning("message held until the broker is back", topic=topic)
         self._outbox.append((topic, payload, retain))
 
     async def _publish_discovery(self, conn: Connection) -> None:

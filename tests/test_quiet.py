@@ -32,7 +32,7 @@ from nova_swarm.broker.messages import (
 )
 from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.hub import HubConfig
-from nova_swarm.hub.lifecycle import AttemptState, Cancel, Dispatch, RequestMachine, Succeed
+from nova_swarm.hub.lifecycle import AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
 from nova_swarm.hub.registry import Registry
 
 from nova_swarm.node import NodeConfig
@@ -51,7 +51,7 @@ def ok(task: str, node: str) -> TaskResult:
     return TaskResult(task_id=task, request_id="r", node_id=node, ok=True, text="late")
 
 
-def test_a_quiet_attempt_is_lost_and_the_request_goes_to_another_node() -> None:
+def test_a_quiet_attempt_is_written_off_and_the_request_goes_to_another_node() -> None:
     m = machine()
     m.begin(0)
     m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
@@ -59,10 +59,8 @@ def test_a_quiet_attempt_is_lost_and_the_request_goes_to_another_node() -> None:
     m.on_progress("t1", 1.5)
     assert m.on_tick(2.0) == []  # heard at 1.5: not quiet yet
     assert m.next_wakeup() == 3.5
-    actions = m.on_tick(3.5)
-    assert actions[0] == Cancel("t1", "a", "no progress heard; given to another node", quiet=True)
-    assert actions[1] == Dispatch(1, frozenset({"a"}))
-    assert m.attempts["t1"].state is AttemptState.LOST
+    assert m.on_tick(3.5) == [Quiet("t1", "a"), Dispatch(1, frozenset({"a"}))]
+    assert m.attempts["t1"].state is AttemptState.QUIET and m.active() == []
     assert m.attempts["t1"].error is not None and m.attempts["t1"].error.code is ErrorCode.NODE_LOST
     assert "went quiet" in m.attempts["t1"].error.message
 
@@ -75,9 +73,42 @@ def test_the_quiet_nodes_late_result_does_not_make_a_second_reply() -> None:
     m.assigned(task_id="t2", node_id="b", deadline=60, quiet_s=2.0, now=2.0)
     m.on_progress("t2", 3.0)
     done = m.on_result(ok("t2", "b"), 3.5)
-    assert len(done) == 1 and isinstance(done[0], Succeed) and done[0].answers[0].node_id == "b"
+    # The quiet attempt is stopped with the rest once the request has its answer.
+    assert done[0] == Cancel("t1", "a", "another node answered first")
+    assert isinstance(done[1], Succeed) and done[1].answers[0].node_id == "b"
     assert m.on_result(ok("t1", "a"), 9.0) == []  # it woke up: ignored
     assert m.on_tick(9.0) == []
+
+
+def test_a_quiet_node_that_comes_back_and_answers_first_still_wins() -> None:
+    m = machine()
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
+    m.on_tick(2.0)  # a Wi-Fi gap, say
+    m.assigned(task_id="t2", node_id="b", deadline=60, quiet_s=2.0, now=2.0)
+    done = m.on_result(ok("t1", "a"), 2.5)
+    assert done[0] == Cancel("t2", "b", "another node answered first")
+    assert isinstance(done[1], Succeed) and done[1].answers[0].node_id == "a"
+
+
+def test_with_nowhere_else_to_go_a_quiet_attempt_gets_until_its_deadline() -> None:
+    m = RequestMachine(request_id="r", strategy="race", fanout=1, deadline=100.0, retries=0)
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=30, quiet_s=2.0, now=0.0)
+    assert m.on_tick(2.0) == [Quiet("t1", "a")]  # no retry left: nothing to dispatch, no failure yet
+    assert not m.finished and m.next_wakeup() == 30
+    late = m.on_tick(30.0)
+    assert late[0] == Cancel("t1", "a", "attempt deadline passed") and isinstance(late[1], Fail)
+    assert late[1].error.code is ErrorCode.DEADLINE_EXCEEDED
+
+
+def test_no_silence_counts_while_the_hub_itself_cannot_hear() -> None:
+    m = machine()
+    m.begin(0)
+    m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
+    m.excuse_silence(5.0)  # the hub's broker link was down until 5.0
+    assert m.on_tick(5.0) == [] and m.next_wakeup() == 7.0
+    assert m.on_tick(7.0)[0] == Quiet("t1", "a")
 
 
 def test_chunks_count_as_progress_and_nodes_that_promised_none_are_judged_by_their_deadline() -> None:
@@ -89,20 +120,21 @@ def test_chunks_count_as_progress_and_nodes_that_promised_none_are_judged_by_the
     assert m.on_tick(3.0) == []
     assert m.next_wakeup() == 3.9
     assert [a.task_id for a in m.active()] == ["t1", "t2"]
-    lost = m.on_tick(3.9)
-    assert lost == [Cancel("t1", "a", "no progress heard; given to another node", quiet=True), Dispatch(1, frozenset({"a", "old"}))]
+    assert m.on_tick(3.9) == [Quiet("t1", "a"), Dispatch(1, frozenset({"a", "old"}))]
     assert m.attempts["t2"].state is AttemptState.ASSIGNED  # silence means nothing from it
     assert m.on_tick(30.0) == []
 
 
-def test_progress_for_a_settled_attempt_changes_nothing() -> None:
+def test_progress_for_a_settled_or_quiet_attempt_changes_nothing() -> None:
     m = machine()
     m.begin(0)
     m.assigned(task_id="t1", node_id="a", deadline=60, quiet_s=2.0, now=0.0)
     m.on_tick(2.0)
     m.on_progress("t1", 2.5)
     m.on_progress("nope", 2.5)
-    assert m.attempts["t1"].state is AttemptState.LOST and m.attempts["t1"].heard == 0.0
+    assert m.attempts["t1"].state is AttemptState.QUIET and m.attempts["t1"].heard == 0.0
+    m.on_node_lost("a", "went offline", 3.0)  # its Last Will: now it is gone for good
+    assert m.attempts["t1"].state is AttemptState.LOST
 
 
 def test_a_node_that_went_quiet_gets_no_new_work_until_its_next_heartbeat() -> None:
