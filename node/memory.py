@@ -134,6 +134,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
                 (kind,) = _unpack(fh, "I")
                 out[key] = _value(fh, kind)
             return out
+    except FileNotFoundError as exc:
+        raise GGUFError(f"model file {path} does not exist") from exc
     except OSError as exc:
         raise GGUFError(f"cannot read {path}: {exc}") from exc
     except (struct.error, UnicodeDecodeError, MemoryError) as exc:
