@@ -1150,7 +1150,8 @@ class Hub:
         log.warning("node lost", node_id=node_id, reason=reason)
         self._status_changed.set()
         for run in list(self._runs.values()):
-            if any(a.node_id == node_id for a in run.machine.active()):
+            # Quiet attempts too: their node is now gone for good, so stop waiting for them.
+            if any(a.node_id == node_id for a in [*run.machine.active(), *run.machine.quiet()]):
                 self.trust.failed(node_id, ErrorCode.NODE_LOST.value)  # it dropped work it had taken
                 run.inbox.put_nowait(_NodeLost(node_id, reason))
 
