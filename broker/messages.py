@@ -174,6 +174,16 @@ class GenParams(Wire):
     seed: int | None = None
     stop: list[str] | None = Field(default=None, max_length=8)
     tags: list[Tag] = Field(default_factory=list, max_length=16)
+    # llama.cpp's own sampling knobs (llama-server, Ollama's options). None: the engine's default;
+    # older nodes never see them (the hub leaves None out of the task it sends).
+    #: sample from the k likeliest tokens only (0: all of them; 1: greedy)
+    top_k: int | None = Field(default=None, ge=0)
+    #: drop tokens less likely than this share of the likeliest one's probability
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: above 1 makes repeating recent tokens less likely (1: off)
+    repeat_penalty: float | None = Field(default=None, ge=0.0)
+    #: locally typical sampling (1: off)
+    typical_p: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
 class PromptRequest(Wire):
@@ -547,6 +557,9 @@ class HubStatus(Wire):
     answered: int = 0
     failed: int = 0
     started_at: float | None = None
+    #: the hub's cap on tokens per answer: a request asks for at most this, and one that gives
+    #: no ``max_tokens`` runs until the model stops, its context ends or this cap (None: an older hub)
+    max_tokens: int | None = Field(default=None, ge=1)
 
 
 class NodeRow(Wire):
@@ -565,6 +578,11 @@ class NodeRow(Wire):
     lag: str | None = None
     #: energy per generated token over the node's recent answers (None: its energy is unknown)
     joules_per_token: float | None = None
+    #: from the node's announce (None / empty: not announced yet): its model's context length,
+    #: its cap on tokens per answer, and what its engine can do beyond plain chat
+    ctx: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    capabilities: list[Capability] = Field(default_factory=list)
 
 
 class NodeTable(Wire):

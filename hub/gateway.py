@@ -14,8 +14,8 @@ this module does the HTTP (Starlette on uvicorn), authentication and the connect
 which it keeps up across broker restarts.
 
     GET  /                      the chat page (hub/static/index.html)      no auth
-    GET  /health                {"status", "hub", "nodes_online"}           no auth
-    GET  /v1/models[/{id}]      models of the nodes online or paused
+    GET  /health                {"status", "hub", "nodes_online", "max_tokens_limit"}   no auth
+    GET  /v1/models[/{id}]      models of the nodes online or paused: context length, capabilities
     POST /v1/chat/completions   chat, streamed (SSE) or not; JSON schema; tool calls
     POST /v1/embeddings         one vector per input text
     GET  /v1/swarm/nodes        the hub's node table, as on the wire
@@ -47,6 +47,8 @@ import anyio
 import structlog
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -60,6 +62,8 @@ from nova_swarm.broker.url import BrokerURL
 
 from . import openai_api
 from .client import SwarmClient
+from .leniency import IGNORED_HEADER, ignored_header
+from .model_names import ModelNames
 from .http_timeouts import HttpTimeouts, TimedConfig
 from .join import JoinRefused, JoinService
 from .openai_api import ApiError, ChatChunks
@@ -92,6 +96,11 @@ class GatewayConfig:
     tls_key: Path | None = None
     #: how long a client may take to send a request's headers, and its body (``http_timeouts.py``)
     timeouts: HttpTimeouts = HttpTimeouts()
+    #: model aliases, and whether unknown names fall back to a swarm's only model (``model_names.py``)
+    models: ModelNames = ModelNames()
+    #: web pages on these origins may call the API from a browser (CORS); none by default. ``*``
+    #: allows any page: fine for a token-protected API, since browsers never send the token on their own
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")
@@ -103,6 +112,15 @@ class GatewayConfig:
             raise ConfigError("request_timeout_s must be positive and max_body_bytes at least 1024")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("HTTPS needs both a certificate and its key")
+        for origin in self.cors_origins:
+            check_origin(origin)
+
+
+def check_origin(text: str) -> str:
+    """A CORS origin as browsers send it (``https://app.example:8443``, no path), or ``*``."""
+    if text != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", text):
+        raise ConfigError(f"a CORS origin is scheme://host[:port] (like http://localhost:3000) or *, not {text!r}")
+    return text
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -305,7 +323,22 @@ class Gateway:
     # ---------------------------------------------------------------- HTTP
 
     def app(self) -> Starlette:
+        middleware = []
+        if self.config.cors_origins:
+            # Answers preflight requests (OPTIONS) for the origins given; headers are allowed
+            # whatever their name, since each API authenticates in its own header.
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=list(self.config.cors_origins),
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["*"],
+                    expose_headers=[IGNORED_HEADER, "Retry-After"],
+                    max_age=600,
+                )
+            )
         return Starlette(
+            middleware=middleware,
             routes=[
                 Route("/", self._index, methods=["GET"]),
                 Route("/static/{name}", self._static, methods=["GET"]),
@@ -430,11 +463,20 @@ class Gateway:
 
     async def _models(self, request: Request) -> Response:
         client = await self._swarm()
-        return JSONResponse(openai_api.models(client.fleet, created=self._started))
+        limit = client.hub.max_tokens if client.hub else None
+        return JSONResponse(openai_api.models(client.fleet, created=self._started, max_tokens_limit=limit))
 
     async def _model(self, request: Request) -> Response:
         client = await self._swarm()
-        return JSONResponse(openai_api.model(client.fleet, request.path_params["model"], created=self._started))
+        limit = client.hub.max_tokens if client.hub else None
+        card = openai_api.model(
+            client.fleet,
+            request.path_params["model"],
+            created=self._started,
+            names=self.config.models,
+            max_tokens_limit=limit,
+        )
+        return JSONResponse(card)
 
     async def _nodes(self, request: Request) -> Response:
         client = await self._swarm()
@@ -443,18 +485,25 @@ class Gateway:
     async def _embeddings(self, request: Request) -> Response:
         body = await self._body(request)
         client = await self._swarm()
-        call = openai_api.embed_request(body, known_models=openai_api.known_models(client.fleet))
+        call = openai_api.embed_request(
+            body, known_models=openai_api.known_models(client.fleet), names=self.config.models
+        )
         answer = await self._ask(request, client, call.request)
-        return JSONResponse(openai_api.embeddings(answer, encoding_format=call.encoding_format))
+        return JSONResponse(
+            openai_api.embeddings(answer, encoding_format=call.encoding_format), headers=ignored_header(call.ignored)
+        )
 
     async def _chat(self, request: Request) -> Response:
         body = await self._body(request)
         client = await self._swarm()
-        call = openai_api.chat_request(body, known_models=openai_api.known_models(client.fleet))
+        known = openai_api.known_models(client.fleet)
+        call = openai_api.chat_request(body, known_models=known, names=self.config.models)
         if call.request.stream:
             return await self._chat_stream(request, client, call)
         answer = await self._ask(request, client, call.request)
-        return JSONResponse(openai_api.chat_completion(answer, created=int(time.time())))
+        return JSONResponse(
+            openai_api.chat_completion(answer, created=int(time.time())), headers=ignored_header(call.ignored)
+        )
 
     def _wait_s(self, prompt: PromptRequest) -> float:
         # The hub answers deadline_exceeded at the request's deadline; our own limit is a backstop.
@@ -515,7 +564,9 @@ class Gateway:
                     await stack.aclose()
 
         return _EventStream(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ignored_header(call.ignored)},
         )
 
 

@@ -835,7 +835,13 @@ class Hub:
                 task_id=task_id,
                 request_id=run.machine.request_id,
                 messages=run.messages,
-                params=req.params,
+                # No max_tokens: until the model stops or its context ends, within the hub's
+                # cap (which the hub's status shows); the node clamps to its own cap as well.
+                params=(
+                    req.params
+                    if req.params.max_tokens is not None or req.kind != "chat"
+                    else req.params.model_copy(update={"max_tokens": self.config.limits.max_tokens})
+                ),
                 timeout_s=round(timeout, 3),
                 model=req.model,
                 kind=req.kind,
@@ -901,7 +907,7 @@ class Hub:
 
     def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
         announce = node.announce
-        tokens = min(max_tokens or 256, announce.max_tokens if announce else 512)
+        tokens = min(max_tokens or self.config.limits.max_tokens, announce.max_tokens if announce else 512)
         speed = max(announce.tokens_per_s if announce else 1.0, 1.0)
         expected = tokens / speed
         return max(0.05, min(remaining, max(self.config.attempt_min_s, self.config.attempt_slack * expected)))
@@ -1241,6 +1247,7 @@ class Hub:
             answered=self.answered,
             failed=self.failed,
             started_at=self.started_at,
+            max_tokens=self.config.limits.max_tokens,
         )
 
     async def _publish_status(self) -> None:

@@ -17,7 +17,6 @@ import base64
 import json
 import math
 import struct
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,8 +35,10 @@ from nova_swarm.broker.messages import (
     describe,
 )
 
-#: the ``model`` a client may send to let any node answer (as it may leave ``model`` out)
-ANY_MODEL = "auto"
+from . import model_names, token_ids
+from .leniency import LLAMA_NO_OPS, LLAMA_SAMPLING
+from .model_names import ModelNames
+
 OWNED_BY = "nova-swarm"
 #: Retry-After when the hub gives no hint
 DEFAULT_RETRY_AFTER_S = 5.0
@@ -138,17 +139,22 @@ class ChatCall:
     request: PromptRequest
     #: ``stream_options.include_usage``: a last chunk with the usage and no choices
     include_usage: bool = False
+    #: fields accepted that changed nothing (``leniency.ignored_header``)
+    ignored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class EmbedCall:
     request: PromptRequest
     encoding_format: Literal["float", "base64"] = "float"
+    ignored: tuple[str, ...] = ()
 
 
-#: OpenAI fields we accept and ignore: they change nothing a client could notice here.
+#: OpenAI's (and llama-server's) fields we accept and ignore: they change nothing a client
+#: could notice here. Responses list the ones a request gave in ``X-Swarm-Ignored-Fields``.
 _IGNORED = frozenset(
     {
+        *LLAMA_NO_OPS,
         "user",
         "metadata",
         "store",
@@ -192,6 +198,7 @@ _CHAT_FIELDS = frozenset(
         "temperature",
         "top_p",
         "seed",
+        *LLAMA_SAMPLING,
         "stop",
         "stream",
         "stream_options",
@@ -201,32 +208,33 @@ _CHAT_FIELDS = frozenset(
         *SWARM_FIELDS,
     }
 )
-_EMBED_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user", "tags", "timeout_s", "private"})
+_EMBED_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "tags", "timeout_s", "private"})
 
 #: keys an OpenAI client echoes back in an assistant message it got from us; empty, they say nothing
 _ECHOED_MESSAGE_KEYS = frozenset({"refusal", "annotations", "audio", "function_call"})
 
 
-def requested_model(body: dict[str, Any], known_models: set[str] | None) -> str | None:
-    """The model to route to (None: any node), or 404 when no node ever announced it.
+def requested_model(
+    body: dict[str, Any], known_models: set[str] | None, names: ModelNames | None = None
+) -> str | None:
+    """The model to route to (None: any node), or 404 when the swarm has nothing by that name.
 
     ``known_models`` is every model in the hub's node table; None when the table has not been
-    seen yet, and then the hub decides (it answers ``unknown_model``)."""
+    seen yet, and then the hub decides (it answers ``unknown_model``). Case, aliases and the
+    fallback: ``model_names.resolve``."""
     model = body.get("model")
-    if model is None or model == "" or model == ANY_MODEL:
-        return None
-    if not isinstance(model, str):
+    if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", param="model")
-    if known_models is not None and model not in known_models:
-        known = ", ".join(sorted(known_models)) or "none yet"
-        raise model_not_found(f"the model {model!r} does not exist in this swarm (known: {known})")
-    return model
+    try:
+        return model_names.resolve(model, known_models, names)
+    except RequestFailed as exc:
+        raise model_not_found(exc.message) from exc
 
 
-def chat_request(body: Any, *, known_models: set[str] | None = None) -> ChatCall:
+def chat_request(body: Any, *, known_models: set[str] | None = None, names: ModelNames | None = None) -> ChatCall:
     """An OpenAI chat completion request as a PromptRequest (without id: the gateway sets it)."""
     body = _object(body)
-    _check_fields(body, _CHAT_FIELDS)
+    ignored = _check_fields(body, _CHAT_FIELDS)
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise bad_request("'messages' must be a non-empty list of messages", param="messages")
@@ -235,7 +243,7 @@ def chat_request(body: Any, *, known_models: set[str] | None = None) -> ChatCall
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "seed"):
+    for name in ("temperature", "top_p", "seed", *LLAMA_SAMPLING):
         if body.get(name) is not None:
             params[name] = body[name]
     stop = body.get("stop")
@@ -250,27 +258,18 @@ def chat_request(body: Any, *, known_models: set[str] | None = None) -> ChatCall
     fields: dict[str, Any] = {
         "messages": messages,
         "params": params,
-        "model": requested_model(body, known_models),
+        "model": requested_model(body, known_models, names),
         "stream": body.get("stream") or False,
         **{name: body[name] for name in ("response_format", "tools", "tool_choice") if body.get(name) is not None},
         **_swarm_options(body),
     }
-    return ChatCall(_validate(fields), include_usage=include_usage)
+    return ChatCall(_validate(fields), include_usage=include_usage, ignored=ignored)
 
 
-def embed_request(body: Any, *, known_models: set[str] | None = None) -> EmbedCall:
+def embed_request(body: Any, *, known_models: set[str] | None = None, names: ModelNames | None = None) -> EmbedCall:
     body = _object(body)
-    _check_fields(body, _EMBED_FIELDS)
-    raw = body.get("input")
-    texts: list[Any]
-    if isinstance(raw, str):
-        texts = [raw]
-    elif isinstance(raw, list) and raw:
-        texts = raw
-    else:
-        raise bad_request("'input' must be a string or a non-empty list of strings", param="input")
-    if not all(isinstance(t, str) for t in texts):
-        raise bad_request("'input' must be text: token arrays are not supported", param="input")
+    ignored = _check_fields(body, _EMBED_FIELDS)
+    texts = _embed_texts(body.get("input"))
     encoding: Literal["float", "base64"]
     match body.get("encoding_format"):
         case None | "float":
@@ -281,9 +280,36 @@ def embed_request(body: Any, *, known_models: set[str] | None = None) -> EmbedCa
             raise bad_request("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     if body.get("dimensions") is not None:
         raise bad_request("'dimensions' is not supported: the vectors have the model's own size", param="dimensions")
-    fields = {"kind": "embed", "input": texts, "model": requested_model(body, known_models)}
+    fields = {"kind": "embed", "input": texts, "model": requested_model(body, known_models, names)}
     fields.update({k: body[k] for k in ("tags", "timeout_s", "private") if body.get(k) is not None})
-    return EmbedCall(_validate(fields), encoding_format=encoding)
+    return EmbedCall(_validate(fields), encoding_format=encoding, ignored=ignored)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _embed_texts(raw: Any) -> list[Any]:
+    """``input`` as texts: a string, a list of strings, or OpenAI's token arrays (one list of
+    ints, or a list of them). Token ids are OpenAI's (cl100k_base: what LangChain's
+    ``OpenAIEmbeddings`` and others count with), not the node model's, so they are turned back
+    into text here (``token_ids``), and the node embeds that text with its own tokenizer."""
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("'input' must be a string, a non-empty list of strings, or token arrays", param="input")
+    try:
+        if all(_is_int(t) for t in raw):
+            return [token_ids.cl100k_text(raw, where="input")]
+        if all(isinstance(t, list) and t and all(_is_int(i) for i in t) for t in raw):
+            return [token_ids.cl100k_text(t, where=f"input[{i}]") for i, t in enumerate(raw)]
+    except RequestFailed as exc:
+        raise bad_request(exc.message, param="input") from exc
+    if all(isinstance(t, str) for t in raw):
+        return raw
+    raise bad_request(
+        "'input' must be all strings or all token arrays (lists of integers), not a mix", param="input"
+    )
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -292,15 +318,21 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> tuple[str, ...]:
+    """The names of the fields given that are accepted and ignored; 400 for any refused."""
+    ignored = []
     for name, value in body.items():
-        if name in allowed or name in _IGNORED:
+        if name in allowed:
+            continue
+        if name in _IGNORED:
+            ignored.append(name)
             continue
         if name in _HARMLESS:
             if value not in _HARMLESS[name]:
                 raise bad_request(f"{name}={json.dumps(value)[:60]} is not supported by this swarm", param=name)
             continue
         raise bad_request(f"unknown field {name!r}", param=name, code=ErrorCode.UNKNOWN_FIELD)
+    return tuple(ignored)
 
 
 def _swarm_options(body: dict[str, Any]) -> dict[str, Any]:
@@ -536,30 +568,48 @@ def _b64(vector: list[float]) -> str:
 
 # ---------------------------------------------------------------- models, health, nodes
 
-#: nodes that serve requests now, or will once their guard lets them
-_SERVING = (NodeState.ONLINE, NodeState.PAUSED)
+#: every model a node ever announced (the hub's test for ``unknown_model``); None: not seen yet
+known_models = model_names.served_models
 
 
-def known_models(fleet: NodeTable | None) -> set[str] | None:
-    """Every model a node ever announced (the hub's test for ``unknown_model``); None: not seen yet."""
-    if fleet is None:
-        return None
-    return {row.model for row in fleet.nodes if row.model}
+def model_card(entry: model_names.ModelEntry, *, created: int) -> dict[str, Any]:
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNED_BY,
+        "nodes": entry.nodes,
+        # llama-server and LM Studio name these fields so; clients size prompts by them
+        "context_length": entry.ctx,
+        "max_tokens": entry.max_tokens,
+        "capabilities": list(entry.capabilities),
+    }
 
 
-def model_card(name: str, nodes: int, *, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY, "nodes": nodes}
+def models(fleet: NodeTable | None, *, created: int, max_tokens_limit: int | None = None) -> dict[str, Any]:
+    """``/v1/models``: the models of nodes online or paused, with how many nodes serve each, its
+    context length, the longest answer a request gets, and what it can do."""
+    entries = model_names.catalogue(fleet, max_tokens_limit=max_tokens_limit)
+    return {"object": "list", "data": [model_card(entry, created=created) for entry in entries]}
 
 
-def models(fleet: NodeTable | None, *, created: int) -> dict[str, Any]:
-    """``/v1/models``: the models of nodes online or paused, each with how many serve it."""
-    counts = Counter(row.model for row in (fleet.nodes if fleet else []) if row.model and row.state in _SERVING)
-    return {"object": "list", "data": [model_card(name, n, created=created) for name, n in sorted(counts.items())]}
-
-
-def model(fleet: NodeTable | None, name: str, *, created: int) -> dict[str, Any]:
-    for card in models(fleet, created=created)["data"]:
-        if card["id"] == name:
+def model(
+    fleet: NodeTable | None,
+    name: str,
+    *,
+    created: int,
+    names: ModelNames | None = None,
+    max_tokens_limit: int | None = None,
+) -> dict[str, Any]:
+    """One model's card, found as requests find it (case, aliases), but never by the fallback:
+    asking about a model is asking whether it exists."""
+    strict = ModelNames(aliases=names.aliases, fallback=False) if names else ModelNames(fallback=False)
+    try:
+        wanted = model_names.resolve(name, known_models(fleet), strict)
+    except RequestFailed:
+        wanted = name
+    for card in models(fleet, created=created, max_tokens_limit=max_tokens_limit)["data"]:
+        if card["id"] == wanted:
             return card
     raise model_not_found(f"the model {name!r} is not served by any node online")
 
@@ -569,7 +619,13 @@ def health(hub: HubStatus | None, fleet: NodeTable | None) -> dict[str, Any]:
         online = hub.nodes_online
     else:
         online = sum(1 for row in fleet.nodes if row.state is NodeState.ONLINE) if fleet else 0
-    return {"status": "ok", "hub": hub.state if hub is not None else "unknown", "nodes_online": online}
+    return {
+        "status": "ok",
+        "hub": hub.state if hub is not None else "unknown",
+        "nodes_online": online,
+        # the longest answer a request gets, and what one without max_tokens runs up to
+        "max_tokens_limit": hub.max_tokens if hub is not None else None,
+    }
 
 
 def nodes(fleet: NodeTable | None) -> dict[str, Any]:

@@ -264,6 +264,9 @@ class Registry:
                     tags=list(an.tags) if an else [],
                     lag=lag(rec, self.pins),
                     joules_per_token=rec.energy.per_token(),
+                    ctx=an.model.ctx if an else None,
+                    max_tokens=an.max_tokens if an else None,
+                    capabilities=list(an.capabilities) if an else [],
                 )
             )
         return NodeTable(ts=now, nodes=rows)

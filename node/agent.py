@@ -497,6 +497,10 @@ class Node:
             top_p=p.top_p,
             seed=p.seed,
             stop=tuple(p.stop or ()),
+            top_k=p.top_k,
+            min_p=p.min_p,
+            repeat_penalty=p.repeat_penalty,
+            typical_p=p.typical_p,
         )
 
     # ------------------------------------------------------------------ work

@@ -37,6 +37,11 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: llama.cpp's sampling knobs; None: the engine's default (engines that lack one ignore it)
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    typical_p: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,6 +150,17 @@ class LlamaEngine:
                     top_p=sampling.top_p if sampling.top_p is not None else 0.95,
                     seed=sampling.seed,
                     stop=list(sampling.stop),
+                    # llama-cpp-python's own defaults where the request gives none
+                    **{
+                        name: value
+                        for name, value in (
+                            ("top_k", sampling.top_k),
+                            ("min_p", sampling.min_p),
+                            ("repeat_penalty", sampling.repeat_penalty),
+                            ("typical_p", sampling.typical_p),
+                        )
+                        if value is not None
+                    },
                     logits_processor=self._processors([count_tokens]),
                     grammar=grammar,
                     stream=True,

@@ -233,6 +233,10 @@ gen_params = st.fixed_dictionaries(
         "seed": st.integers(-(2**31), 2**31),
         "stop": st.lists(st.text(max_size=5), max_size=8),
         "tags": tags,
+        "top_k": st.integers(0, 200),
+        "min_p": st.floats(0, 1),
+        "repeat_penalty": st.floats(0, 2),
+        "typical_p": st.floats(0, 1, exclude_min=True),
     },
 )
 
@@ -570,7 +574,8 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
     usage = {"prompt_tokens": 31, "completion_tokens": 3, "total_tokens": 34}
     timings = {"queue_ms": 0.2, "ttft_ms": 61.0, "generate_ms": 102.5, "tokens_per_s": 29.3}
     chat = {"role": "user", "content": "Name a fruit."}
-    params = {"max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\n\n"], "tags": []}
+    params = {"max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\n\n"], "tags": [],
+              "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1, "typical_p": 1.0}  # fmt: skip
     error = {"code": "no_eligible_nodes", "message": "no node is online", "retry_after_s": 5.0}
     model = {"name": "SmolLM2", "sha256": "b" * 64, "size_bytes": 98362432, "ctx": 2048}
     candidate = {
@@ -593,6 +598,9 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "last_seen": 1.0,
         "agent_version": "0.1.0",
         "tags": ["x"],
+        "ctx": 2048,
+        "max_tokens": 512,
+        "capabilities": ["stream", "embed"],
     }
     report = {"wanted": "0.2.0", "outcome": "refused", "reason": "older than the running 0.3.0", "ts": 1.0}
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
@@ -631,7 +639,7 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
                       "tokens_served": 5120, "tasks_done": 42, "tasks_failed": 0},
         "HubStatus": {"hub_id": "hub", "state": "online", "ts": 1.0, "version": "0.1.0", "nodes_online": 2,
                       "nodes_paused": 0, "nodes_offline": 1, "inflight": 3, "answered": 120, "failed": 2,
-                      "started_at": 1.0},
+                      "started_at": 1.0, "max_tokens": 4096},
         "NodeRow": row,
         "NodeTable": {"ts": 1.0, "nodes": [row]},
         "PinReport": report,

@@ -158,7 +158,8 @@ def test_swarm_options_and_structured_output_pass_through() -> None:
     ],
 )
 def test_what_cannot_be_honoured_is_refused_clearly(body: Any, status: int, code: str, words: str) -> None:
-    error = refused(body, known_models={"SmolLM2"})
+    # two models: with one, an unknown name falls back to it (model_names.py)
+    error = refused(body, known_models={"SmolLM2", "Qwen"})
     assert (error.status, error.code) == (status, code)
     assert words in error.message
     assert set(error.body()["error"]) == {"message", "type", "param", "code"}
@@ -175,9 +176,11 @@ def test_embedding_requests() -> None:
     )
     assert call.request.kind == "embed" and call.request.input == ["one"] and call.encoding_format == "base64"
     assert openai_api.embed_request({"input": ["a", "b"]}).request.input == ["a", "b"]
+    # token arrays are OpenAI's cl100k_base ids (test_leniency.py has them end to end)
     for body, words in (
-        ({"input": [1, 2, 3]}, "token arrays"),
-        ({"input": [[1, 2]]}, "token arrays"),
+        ({"input": [1, "x"]}, "not a mix"),
+        ({"input": [[1, 2], []]}, "token arrays"),
+        ({"input": [[1, 2], [10**6]]}, "not a cl100k_base token id"),
         ({"input": []}, "input"),
         ({"input": "x", "dimensions": 8}, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
@@ -378,10 +381,11 @@ def test_models_lists_what_serves_now() -> None:
 
 
 def test_health_and_nodes() -> None:
-    hub = HubStatus(hub_id="hub", state="online", nodes_online=3)
-    assert openai_api.health(hub, FLEET) == {"status": "ok", "hub": "online", "nodes_online": 3}
-    assert openai_api.health(None, FLEET) == {"status": "ok", "hub": "unknown", "nodes_online": 2}
-    assert openai_api.health(None, None) == {"status": "ok", "hub": "unknown", "nodes_online": 0}
+    hub = HubStatus(hub_id="hub", state="online", nodes_online=3, max_tokens=4096)
+    unknown = {"status": "ok", "hub": "unknown", "max_tokens_limit": None}
+    assert openai_api.health(hub, FLEET) == {"status": "ok", "hub": "online", "nodes_online": 3, "max_tokens_limit": 4096}
+    assert openai_api.health(None, FLEET) == {**unknown, "nodes_online": 2}
+    assert openai_api.health(None, None) == {**unknown, "nodes_online": 0}
     assert openai_api.nodes(None) == {"ts": None, "nodes": []}
     nodes = openai_api.nodes(FLEET)
     assert nodes["ts"] == 1.0 and nodes["nodes"][2] == json.loads(FLEET.nodes[2].model_dump_json())
