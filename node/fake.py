@@ -6,7 +6,9 @@ Never a stand-in for the thing a test is about: tests of inference use ``LlamaEn
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +34,11 @@ class FakeEngine:
         fail_with: str | None = None,
         dimension: int = 8,
         capabilities: frozenset[str] = ALL_CAPABILITIES,
+        echo: bool = False,
     ) -> None:
+        # ``echo``: the reply is the last message, then a markdown report of what reached the
+        # engine (every message and the sampling) in a fenced JSON block, so that a test through real processes can see what the node was given.
+        self._echo = echo
         self._reply = reply if callable(reply) else (lambda _prompt, text=reply: text)
         self._delay = delay_s if callable(delay_s) else (lambda _prompt, d=delay_s: d)
         self._fail_with = fail_with
@@ -64,7 +70,8 @@ class FakeEngine:
         """The scripted reply for the last message's content, cut to ``max_tokens`` words.
 
         ``schema`` is ignored on purpose: a test scripts an answer that breaks it to see what the
-        hub does. With ``on_text``, each word streams as a piece (with the space before it)."""
+        hub does. With ``on_text``, each word streams as a piece (with the whitespace before it,
+        so that line breaks, and markdown with them, come through)."""
         with self._lock:
             self.calls += 1
         prompt = str(messages[-1].get("content") or "") if messages else ""
@@ -78,9 +85,8 @@ class FakeEngine:
             time.sleep(min(0.01, max(0.0, give_up - time.monotonic())))
         if self._fail_with is not None:
             raise RuntimeError(self._fail_with)
-        text = "" if stopped else self._reply(prompt)
-        words = text.split()[: sampling.max_tokens]
-        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        text = "" if stopped else self._echoed(messages, sampling) if self._echo else self._reply(prompt)
+        pieces = re.findall(r"\s*\S+", text.strip())[: sampling.max_tokens]
         sent: list[str] = []
         for piece in pieces:
             if on_text is not None:
@@ -98,6 +104,17 @@ class FakeEngine:
             generate_s=time.monotonic() - started,
             stopped=stopped,
         )
+
+    @staticmethod
+    def _echoed(messages: Sequence[Message], sampling: Sampling) -> str:
+        received = {
+            "messages": [{"role": m.get("role"), "content": m.get("content")} for m in messages],
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+        }
+        # The last message first, as it came (a chat page renders it as the answer's markdown).
+        last = str(messages[-1].get("content") or "") if messages else ""
+        return last + "\n\nThe node received:\n\n```json\n" + json.dumps(received, indent=1) + "\n```\n"
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         """Deterministic unit vectors from a hash of each text: equal texts, equal vectors."""
