@@ -19,6 +19,10 @@ which it keeps up across broker restarts.
     POST /v1/chat/completions   chat, streamed (SSE) or not; JSON schema; tool calls
     POST /v1/embeddings         one vector per input text
     GET  /v1/swarm/nodes        the hub's node table, as on the wire
+    POST /api/chat, /api/generate           Ollama's API (``ollama_api.py``): NDJSON streams unless
+    POST /api/embed, /api/embeddings        ``"stream": false``; errors as ``{"error": ...}``
+    GET  /api/tags, /api/ps, /api/version   (/api/version needs no auth, as Ollama's clients probe it)
+    POST /api/show
     GET  /join/{name}           a node's installer and wheel (``join.py``)   the node's download key
 
 With ``tls_cert`` set (``swarm-hub up --tls``) it serves HTTPS with the broker's certificate.
@@ -60,7 +64,7 @@ from nova_swarm.broker.messages import Answer, PromptRequest
 from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
 from nova_swarm.broker.url import BrokerURL
 
-from . import openai_api
+from . import ollama_api, openai_api
 from .client import SwarmClient
 from .leniency import IGNORED_HEADER, ignored_header
 from .model_names import ModelNames
@@ -101,6 +105,11 @@ class GatewayConfig:
     #: web pages on these origins may call the API from a browser (CORS); none by default. ``*``
     #: allows any page: fine for a token-protected API, since browsers never send the token on their own
     cors_origins: tuple[str, ...] = ()
+    #: a header that may carry the token, bare, for clients that cannot set Authorization
+    #: (``X-Api-Key``); None: Authorization only
+    api_key_header: str | None = None
+    #: requests with no token at all are served (for a trusted LAN only); a wrong token is still refused
+    allow_anonymous: bool = False
 
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")
@@ -114,6 +123,15 @@ class GatewayConfig:
             raise ConfigError("HTTPS needs both a certificate and its key")
         for origin in self.cors_origins:
             check_origin(origin)
+        if self.api_key_header is not None:
+            check_header_name(self.api_key_header)
+
+
+def check_header_name(text: str) -> str:
+    """An HTTP header name (a token, RFC 9110) other than Authorization, which always works."""
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", text) or text.lower() == "authorization":
+        raise ConfigError(f"an API key header is a header name like X-Api-Key (not Authorization), not {text!r}")
+    return text
 
 
 def check_origin(text: str) -> str:
@@ -260,6 +278,11 @@ class Gateway:
                 await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
                 if self.ready.is_set():
                     log.info("gateway listening", url=self.base_url)
+                    if self.config.allow_anonymous:
+                        log.warning(
+                            "ANYONE WHO CAN REACH THE GATEWAY MAY USE THE SWARM WITHOUT A TOKEN (--allow-anonymous)",
+                            url=self.base_url,
+                        )
                 await serving
                 started.cancel()
                 link.cancel()
@@ -349,30 +372,44 @@ class Gateway:
                 Route("/v1/embeddings", self._guarded(self._embeddings), methods=["POST"]),
                 Route("/v1/swarm/nodes", self._guarded(self._nodes), methods=["GET"]),
                 Route("/join/{name}", self._join_file, methods=["GET"]),
+                Route("/api/chat", self._ollama(self._ollama_chat), methods=["POST"]),
+                Route("/api/generate", self._ollama(self._ollama_generate), methods=["POST"]),
+                Route("/api/embed", self._ollama(self._ollama_embed), methods=["POST"]),
+                Route("/api/embeddings", self._ollama(self._ollama_embeddings), methods=["POST"]),
+                Route("/api/tags", self._ollama(self._ollama_tags), methods=["GET"]),
+                Route("/api/ps", self._ollama(self._ollama_ps), methods=["GET"]),
+                Route("/api/show", self._ollama(self._ollama_show), methods=["POST"]),
+                Route("/api/version", self._ollama_version, methods=["GET"]),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
         )
 
-    def _guarded(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """Bearer authentication, and every refusal in OpenAI's error shape."""
+    def _guarded(
+        self,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        *,
+        shape: Callable[[ApiError], Response] | None = None,
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Bearer authentication, and every refusal in OpenAI's error shape (or ``shape``'s)."""
+        render = shape or _error
 
         async def guarded(request: Request) -> Response:
             try:
                 self._authenticate(request)
                 return await endpoint(request)
             except ApiError as exc:
-                return _error(exc)
+                return render(exc)
             except RequestFailed as exc:
-                return _error(openai_api.error_from(exc))
+                return render(openai_api.error_from(exc))
             except ConnectionLost:
-                return _error(
+                return render(
                     ApiError(503, "the gateway lost the swarm's broker; try again", code="broker_unreachable")
                 )
             except _ClientGone:
                 return Response(status_code=499)  # nobody reads it
             except Exception:
                 log.exception("gateway error", path=request.url.path)
-                return _error(ApiError(500, "the gateway hit an internal error", code=ErrorCode.INTERNAL_ERROR.value))
+                return render(ApiError(500, "the gateway hit an internal error", code=ErrorCode.INTERNAL_ERROR.value))
 
         return guarded
 
@@ -380,7 +417,14 @@ class Gateway:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise openai_api.unauthorized("no API key: send 'Authorization: Bearer <token>' (`swarm-hub token`)")
+            token = request.headers.get(self.config.api_key_header, "") if self.config.api_key_header else ""
+            if not token.strip():
+                if self.config.allow_anonymous:
+                    return
+                extra = f" or '{self.config.api_key_header}: <token>'" if self.config.api_key_header else ""
+                raise openai_api.unauthorized(
+                    f"no API key: send 'Authorization: Bearer <token>'{extra} (`swarm-hub token`)"
+                )
         if not secrets.compare_digest(token.strip().encode(), self.config.token.encode()):
             raise openai_api.unauthorized("incorrect API key (`swarm-hub token` prints the right one)")
 
@@ -569,6 +613,120 @@ class Gateway:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ignored_header(call.ignored)},
         )
 
+    # ---------------------------------------------------------------- Ollama's API
+
+    def _ollama(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """The same authentication and refusals as the OpenAI routes, in Ollama's error shape."""
+        return self._guarded(endpoint, shape=_ollama_error)
+
+    def _ollama_names(self, client: SwarmClient) -> tuple[set[str] | None, ModelNames]:
+        return openai_api.known_models(client.fleet), self.config.models
+
+    async def _ollama_version(self, request: Request) -> Response:
+        return JSONResponse(ollama_api.version())
+
+    async def _ollama_tags(self, request: Request) -> Response:
+        client = await self._swarm()
+        limit = client.hub.max_tokens if client.hub else None
+        return JSONResponse(ollama_api.tags(client.fleet, started=self._started, max_tokens_limit=limit))
+
+    async def _ollama_ps(self, request: Request) -> Response:
+        client = await self._swarm()
+        limit = client.hub.max_tokens if client.hub else None
+        return JSONResponse(ollama_api.running(client.fleet, max_tokens_limit=limit))
+
+    async def _ollama_show(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        limit = client.hub.max_tokens if client.hub else None
+        card = ollama_api.show(body, client.fleet, started=self._started, names=self.config.models, limit=limit)
+        return JSONResponse(card)
+
+    async def _ollama_chat(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        served, names = self._ollama_names(client)
+        return await self._ollama_answer(request, client, "chat", ollama_api.chat_request(body, served=served, names=names))
+
+    async def _ollama_generate(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        served, names = self._ollama_names(client)
+        call = ollama_api.generate_request(body, served=served, names=names)
+        return await self._ollama_answer(request, client, "generate", call)
+
+    async def _ollama_embed(self, request: Request) -> Response:
+        return await self._ollama_embedding(request, legacy=False)
+
+    async def _ollama_embeddings(self, request: Request) -> Response:
+        return await self._ollama_embedding(request, legacy=True)
+
+    async def _ollama_embedding(self, request: Request, *, legacy: bool) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        served, names = self._ollama_names(client)
+        call = ollama_api.embed_request(body, served=served, names=names, legacy=legacy)
+        assert call.request is not None
+        answer = await self._ask(request, client, call.request)
+        result = ollama_api.embeddings_response(answer) if legacy else ollama_api.embed_response(answer, model=call.model)
+        return JSONResponse(result, headers=ignored_header(call.ignored))
+
+    async def _ollama_answer(
+        self, request: Request, client: SwarmClient, kind: ollama_api.Kind, call: ollama_api.OllamaCall
+    ) -> Response:
+        created_at = ollama_api.timestamp()
+        headers = ignored_header(call.ignored)
+        if call.request is None:
+            done = ollama_api.loaded(kind, call.model, created_at=created_at)
+            if call.stream:
+                return Response(ollama_api.ndjson(done), media_type=NDJSON, headers=headers)
+            return JSONResponse(done, headers=headers)
+        if not call.stream:
+            answer = await self._ask(request, client, call.request)
+            return JSONResponse(ollama_api.response(kind, answer, created_at=created_at), headers=headers)
+        prompt = call.request.model_copy(update={"id": uuid.uuid4().hex})
+        stack = AsyncExitStack()
+        stream = await stack.enter_async_context(client.streaming(prompt, timeout=self._wait_s(prompt)))
+        chunks = stream.__aiter__()
+        answer: Answer | None = None
+        try:
+            # As for OpenAI streams: the first piece before the 200, so a refusal keeps its status.
+            first = await _unless_gone(request, anext(chunks, None))
+            if first is None:
+                answer = await stream.answer()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        model = _model_of(client, first.node_id if first else None) or prompt.model or call.model
+        lines = ollama_api.Lines(kind, model=model, created_at=created_at)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                if first is not None:
+                    for line in lines.piece(first):
+                        yield ollama_api.ndjson(line)
+                    async for piece in chunks:
+                        for line in lines.piece(piece):
+                            yield ollama_api.ndjson(line)
+                for line in lines.closing(answer or await stream.answer()):
+                    yield ollama_api.ndjson(line)
+            except ApiError as exc:
+                yield ollama_api.ndjson(ollama_api.error_body(exc))
+            except RequestFailed as exc:
+                yield ollama_api.ndjson(ollama_api.error_body(openai_api.error_from(exc)))
+            except ConnectionLost:
+                yield ollama_api.ndjson({"error": "the gateway lost the swarm's broker"})
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
+
+        return _EventStream(body(), media_type=NDJSON, headers={"Cache-Control": "no-cache", **headers})
+
+
+#: Ollama's streams: one JSON object per line
+NDJSON = "application/x-ndjson"
+
 
 def _model_of(client: SwarmClient, node_id: str | None) -> str | None:
     if node_id is None or client.fleet is None:
@@ -576,8 +734,12 @@ def _model_of(client: SwarmClient, node_id: str | None) -> str | None:
     return next((row.model for row in client.fleet.nodes if row.node_id == node_id), None)
 
 
-def _error(exc: ApiError) -> JSONResponse:
+def _error(exc: ApiError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def _ollama_error(exc: ApiError) -> Response:
+    return JSONResponse(ollama_api.error_body(exc), status_code=exc.status, headers=exc.headers())
 
 
 #: how far past the limit an oversized body is still read, so its sender gets the 413
