@@ -53,5 +53,6 @@ def client_id_allowed(role: Role, *, username: str, password: str | None, client
     if role is Role.HUB:
         return True
     if role is Role.NODE:
-        return hmac.compare_digest(client_id, node_client_id(username, password))
+        # As bytes: compare_digest raises TypeError on a str with non-ASCII, which a peer chooses.
+        return hmac.compare_digest(client_id.encode(), node_client_id(username, password).encode())
     return not client_id.startswith((HUB_PREFIX, NODE_PREFIX))

@@ -191,3 +191,11 @@ def test_client_logins_share_the_node_namespace_and_come_from_the_cli(home: Swar
     gone = swarm_hub("revoke", "--client", "alice")
     assert gone.returncode == 0 and "alice" not in home.client_logins()
     assert swarm_hub("enroll").returncode != 0  # a node or --client: one of them
+
+
+def test_a_node_login_with_a_non_ascii_client_id_is_refused_not_an_error() -> None:
+    # A client id is any UTF-8 a peer sends; hmac.compare_digest refuses non-ASCII str outright.
+    from nova_swarm.broker.identity import client_id_allowed
+
+    assert not client_id_allowed(Role.NODE, username="n1", password="pw", client_id="node-n1-\u00e9t\u00e9")
+    assert client_id_allowed(Role.NODE, username="n1", password="pw", client_id=node_client_id("n1", "pw"))
