@@ -1,31 +1,37 @@
-"""``swarm-broker``: run the swarm's broker (embedded amqtt, or Mosquitto) in this process."""
+"""swarm-broker: run the swarm's broker (embedded amqtt, or Mosquitto) in this process."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import signal
+import socket
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import limits as defaults
-from . import logs, tls
+from . import argtypes, logs, tls
 from .errors import ConfigError
 from .fdlimit import raise_open_file_limit
 from .home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome
 from .limits import BrokerLimits
+from .private import write_private
 from .topics import DEFAULT_SWARM, check_id
 
 ENGINES = ("amqtt", "mosquitto")
+PORT_TAKEN_HINT = " (is another broker, such as Debian's mosquitto service, on that port? pick another with --port)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm-broker", description=__doc__)
+    parser = argtypes.Parser(prog="swarm-broker", description=__doc__)
     add_broker_arguments(parser)
     add_limit_arguments(parser)
     parser.add_argument(
         "--tls-recheck",
-        type=float,
+        type=argtypes.positive_float,
         default=tls.RECHECK_S,
         help="with --tls: seconds between checks that the certificate names every address we are reached by",
     )
@@ -36,19 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-packet",
-        type=int,
+        type=argtypes.positive_int,
         default=defaults.MAX_PACKET_BYTES,
         help="largest MQTT packet accepted, bytes (refused from its header, before it is read)",
     )
     parser.add_argument(
         "--max-queued",
-        type=int,
+        type=argtypes.positive_int,
         default=defaults.MAX_QUEUED_MESSAGES,
         help="messages held for a subscriber that does not keep up; more are dropped and counted",
     )
     parser.add_argument(
         "--connect-timeout",
-        type=float,
+        type=argtypes.positive_float,
         default=defaults.CONNECT_TIMEOUT_S,
         help="seconds a new connection may take to send CONNECT (amqtt; Mosquitto has its own)",
     )
@@ -63,7 +69,7 @@ def limits_from(args: argparse.Namespace) -> BrokerLimits:
 def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = "--engine") -> None:
     parser.add_argument(engine_flag, dest="engine", choices=ENGINES, default="amqtt", help="which broker to run")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--port", type=argtypes.port, default=DEFAULT_PORT, help="port to listen on (%(default)s)")
     parser.add_argument("--swarm", default=DEFAULT_SWARM, help="swarm id, the first topic level after swarm/")
     parser.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
     parser.add_argument(
@@ -71,7 +77,7 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = 
     )
     parser.add_argument(
         "--bridge",
-        type=Path,
+        type=argtypes.existing_file,
         help="a Mosquitto bridge config to include (deploy/mosquitto/bridge.conf; Mosquitto only)",
     )
 
@@ -89,14 +95,31 @@ async def run_broker(
     limits: BrokerLimits | None = None,
     tls_recheck_s: float = tls.RECHECK_S,
 ) -> None:
-    """Generate credentials if needed, record where we listen, and serve until cancelled."""
+    """Generate credentials if needed, record where we listen (kept only if we do), and serve until cancelled."""
     limits = limits or BrokerLimits()
     check_id(local.swarm, what="swarm id")
     if bridge is not None and local.engine != "mosquitto":
         raise ConfigError("--bridge needs the Mosquitto engine: amqtt cannot bridge to another broker")
     home.ensure()
-    home.save_local(local)
-    ready = on_ready if callable(on_ready) else None
+    with local_until_ready(home, local) as listening:
+
+        def ready() -> None:
+            listening()
+            if callable(on_ready):
+                on_ready()
+
+        await _serve(home, local, ready, bridge=bridge, limits=limits, tls_recheck_s=tls_recheck_s)
+
+
+async def _serve(
+    home: SwarmHome,
+    local: LocalSwarm,
+    ready: Callable[[], None],
+    *,
+    bridge: Path | None,
+    limits: BrokerLimits,
+    tls_recheck_s: float,
+) -> None:
     tls_files = tls.ensure(home.tls_dir, tls.broker_names(local.host)) if local.tls else None
     if local.engine == "mosquitto":
         from .mosquitto import MosquittoConfig
@@ -132,6 +155,59 @@ async def run_broker(
             ),
             on_ready=ready,
         )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on before anything starts: a broker finds out only
+    once it runs, after a child process, its logs and local.json have been set up for it."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # a name that does not resolve: the broker reports it in its own words
+    for family, kind, proto, _, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine does not speak (IPv6 turned off)
+        with probe:
+            # As the brokers bind: a port still in TIME_WAIT from a stopped swarm is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    taken = f"cannot listen on {host}:{port}: address already in use{PORT_TAKEN_HINT}"
+                    raise ConfigError(taken) from exc
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"cannot listen on {host}: this machine has no such address") from exc
+                # Anything else (say, a port below 1024 without the right): the broker says so.
+
+
+@contextlib.contextmanager
+def local_until_ready(home: SwarmHome, local: LocalSwarm) -> Iterator[Callable[[], None]]:
+    """Record ``local`` as this machine's swarm now (what starts beside the broker reads it), and
+    put back what was there when the start fails before the caller marks it ready: a broker that
+    could not listen (its port taken) must not send later commands to whatever holds that port."""
+    path = home.local_file
+    previous = path.read_text() if path.exists() else None
+    home.save_local(local)
+    started = False
+
+    def mark() -> None:
+        nonlocal started
+        started = True
+
+    try:
+        yield mark
+    except BaseException:
+        if not started:
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_private(path, previous)
+        raise
 
 
 async def _serve_until_signalled(

@@ -67,11 +67,16 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
 
     logins = FileWatch(config.password_file)  # before the broker first reads the file
     broker = HardenedBroker(amqtt_config(config), limits=config.limits)
+    # A failed start is reported once, by the ConfigError below; amqtt's own line about it
+    # ("Broker startup failed", with the bind error's traceback) would only say it twice.
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     try:
         await broker.start()
     except BrokerError as exc:
         hint = " (is another broker, such as Debian's mosquitto service, on that port? pick another with --port)"
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.__cause__ or exc}{hint}") from exc
+    finally:
+        logging.getLogger("amqtt").setLevel(logging.ERROR)
     log.info(
         "broker listening",
         engine="amqtt",

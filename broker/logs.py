@@ -102,7 +102,12 @@ def _formatter(renderer: structlog.typing.Processor, *, keep_logger: bool = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log (default: %(default)s)",
+    )
     parser.add_argument("--log-json", action="store_true", help="one JSON object per line on stderr too")
     parser.add_argument(
         "--log-file", type=Path, help="JSON log file, rotated by size (default: logs/ in the config dir)"

@@ -1,4 +1,4 @@
-"""``swarm-node``: run a node on this machine (a phone under Termux, or a laptop)."""
+"""swarm-node: run a node on this machine (a phone under Termux, or a laptop)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from nova_swarm.broker import discovery, logs
+from nova_swarm.broker import argtypes, discovery, logs
 from nova_swarm.broker.cli import home_from
 from nova_swarm.broker.errors import ConfigError, DiscoveryError
 from nova_swarm.broker.home import Joined, SwarmHome, parse_join_token
@@ -39,12 +39,12 @@ log = structlog.get_logger("nova_swarm.node")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm-node", description=__doc__)
+    parser = argtypes.Parser(prog="swarm-node", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="join a swarm and answer its tasks")
     run.add_argument("--broker", help="mqtt://user:pass@host:port (default: this machine's swarm, from the config dir)")
-    run.add_argument("--port", type=int, help="port of this machine's swarm, when --broker is not given")
-    run.add_argument("--ca-file", type=Path, help="CA certificate to trust for mqtts:// brokers")
+    run.add_argument("--port", type=argtypes.port, help="port of this machine's swarm, when --broker is not given")
+    run.add_argument("--ca-file", type=argtypes.existing_file, help="CA certificate to trust for mqtts:// brokers")
     run.add_argument("--model", help="a GGUF file, or the name of a pulled model (default: the bundled SmolLM2-135M)")
     run.add_argument("--cache-dir", type=Path, help="where pulled models live (default: ~/.cache/nova-swarm/models)")
     run.add_argument("--engine", default="llama", help="inference engine (default: llama)")
@@ -61,21 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--device", choices=["phone", "laptop", "desktop", "server"], help="default: phone under Termux, else laptop"
     )
-    run.add_argument("--threads", type=int, default=None, help="inference threads (default: up to 4)")
-    run.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
+    run.add_argument("--threads", type=argtypes.positive_int, default=None, help="inference threads (default: up to 4)")
+    run.add_argument("--ctx", type=argtypes.positive_int, default=2048, help="context size in tokens")
     run.add_argument(
         "--ram-budget",
         metavar="SIZE|PROFILE",
         help="the most RAM the model may take (700M, 2G, or a profile: phone-2gb, phone-3gb, phone-4gb,"
         " phone-6gb); a model that needs more is refused (default: $NOVA_SWARM_RAM_BUDGET, else what is free)",
     )
-    run.add_argument("--slots", type=int, default=1)
-    run.add_argument("--queue-max", type=int, default=4)
-    run.add_argument("--max-tokens", type=int, default=512, help="hard cap on tokens per answer")
-    run.add_argument("--max-temperature", type=float, default=2.0)
-    run.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
-    run.add_argument("--drain", type=float, default=30.0, help="seconds running tasks may finish on shutdown")
-    run.add_argument("--config-dir", type=Path)
+    run.add_argument(
+        "--slots", type=argtypes.positive_int, default=1, help="tasks generated at once (%(default)s)"
+    )
+    run.add_argument(
+        "--queue-max",
+        type=argtypes.count,
+        default=4,
+        help="tasks waiting beyond --slots; more are refused as busy (%(default)s)",
+    )
+    run.add_argument(
+        "--max-tokens",
+        type=argtypes.positive_int,
+        default=4096,
+        help="hard cap on tokens per answer (the model's context ends one sooner; default: 4096)",
+    )
+    run.add_argument(
+        "--max-temperature",
+        type=argtypes.non_negative_float,
+        default=2.0,
+        help="highest sampling temperature accepted (%(default)s)",
+    )
+    run.add_argument("--heartbeat", type=argtypes.positive_float, default=10.0, help="seconds between heartbeats")
+    run.add_argument(
+        "--drain",
+        type=argtypes.non_negative_float,
+        default=30.0,
+        help="seconds running tasks may finish on shutdown",
+    )
+    run.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
     updates = run.add_argument_group("signed updates (model pins and node bundles from the hub)")
     updates.add_argument(
         "--hub-key", help="the hub's public key (default: from `swarm-node join`, or this machine's hub)"
@@ -84,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, help="where bundles are kept (default: ~/.local/state/nova-swarm/NODE_ID)"
     )
     updates.add_argument(
-        "--update-timeout", type=float, default=120.0, help="seconds a new bundle has to come online before rollback"
+        "--update-timeout",
+        type=argtypes.positive_float,
+        default=120.0,
+        help="seconds a new bundle has to come online before rollback",
     )
     updates.add_argument(
         "--no-updates",
@@ -96,11 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument(
         "--sensors", default="auto", help="auto, termux, sysfs, psutil, or sim:FILE (a JSON file, for tests and demos)"
     )
-    guard.add_argument("--max-temp", type=float, default=d.max_temp_c, help="pause at this temperature, °C")
-    guard.add_argument("--min-battery", type=float, default=d.min_battery_pct, help="pause at this %% unless charging")
+    guard.add_argument(
+        "--max-temp", type=argtypes.float_range(-50.0, 150.0), default=d.max_temp_c, help="pause at this temperature, °C"
+    )
+    guard.add_argument(
+        "--min-battery", type=argtypes.percent, default=d.min_battery_pct, help="pause at this %% unless charging"
+    )
     guard.add_argument("--charging-only", action="store_true", help="only work while the device is charging")
     guard.add_argument("--no-guard", action="store_true", help="never pause (a desktop whose sensors mean nothing)")
-    guard.add_argument("--sense-interval", type=float, default=5.0, help="seconds between sensor readings")
+    guard.add_argument(
+        "--sense-interval", type=argtypes.positive_float, default=5.0, help="seconds between sensor readings"
+    )
     guard.add_argument(
         "--energy",
         default="auto",
@@ -122,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull_p.add_argument("--sha256", help="the file's sha256 (required for a URL)")
     pull_p.add_argument("--name", help="name in the cache (default: from the catalogue or the URL's file name)")
-    pull_p.add_argument("--cache-dir", type=Path)
+    cache_help = "where pulled models live (default: ~/.cache/nova-swarm/models)"
+    pull_p.add_argument("--cache-dir", type=Path, help=cache_help)
     list_p = msub.add_parser("list", help="models in the cache, and the catalogue")
-    list_p.add_argument("--cache-dir", type=Path)
-    list_p.add_argument("--json", action="store_true")
+    list_p.add_argument("--cache-dir", type=Path, help=cache_help)
+    list_p.add_argument("--json", action="store_true", help="print the list as JSON")
     for p in (pull_p, list_p):
         logs.add_arguments(p)
 
@@ -139,12 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument(
         "--discover-timeout",
-        type=float,
+        type=argtypes.positive_float,
         default=discovery.DEFAULT_TIMEOUT_S,
         help="seconds to look for the hub (default: %(default)s)",
     )
-    join.add_argument("--config-dir", type=Path)
+    join.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
     logs.add_arguments(join)
+    argtypes.describe(parser)
     return parser
 
 
@@ -242,7 +275,6 @@ def config_from(args: argparse.Namespace, home: SwarmHome) -> tuple[NodeConfig, 
         queue_max=args.queue_max,
         max_tokens=args.max_tokens,
         max_temperature=args.max_temperature,
-        default_max_tokens=min(256, args.max_tokens),
         heartbeat_s=args.heartbeat,
         drain_s=args.drain,
         sense_s=args.sense_interval,
