@@ -555,7 +555,9 @@ class HubStatus(Wire):
     #: of those in flight, how many wait for a free node
     queued: int = 0
     answered: int = 0
+    #: refused or failed; a request its client cancelled counts in ``cancelled`` instead
     failed: int = 0
+    cancelled: int = 0
     started_at: float | None = None
     #: the hub's cap on tokens per answer: a request asks for at most this, and one that gives
     #: no ``max_tokens`` runs until the model stops, its context ends or this cap (None: an older hub)

@@ -172,6 +172,8 @@ class Hub:
         self._conn: Connection | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stop_requested = asyncio.Event()
+        #: set once the hub said it is offline: no status publish may say "online" after that
+        self._gone_offline = False
         #: stopping: new prompts are journalled for the next run, not started (``_defer``)
         self._draining = False
         self._status_changed = asyncio.Event()
@@ -194,8 +196,13 @@ class Hub:
 
     @property
     def failed(self) -> int:
-        """Requests refused or failed since the hub started."""
+        """Requests refused or failed since the hub started (not those their client cancelled)."""
         return self.window.failed_total
+
+    @property
+    def cancelled(self) -> int:
+        """Requests their client cancelled since the hub started."""
+        return self.window.cancelled_total
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -334,6 +341,7 @@ class Hub:
             await asyncio.sleep(0.01)
 
     async def _go_offline(self) -> None:
+        self._gone_offline = True
         status = HubStatus(hub_id=self.config.hub_id, state="offline", ts=time.time(), version=__version__)
         await self._send(self.topics.hub_status(), status.encode(), retain=True)
 
@@ -1246,11 +1254,16 @@ class Hub:
             queued=len(self._waiting),
             answered=self.answered,
             failed=self.failed,
+            cancelled=self.cancelled,
             started_at=self.started_at,
             max_tokens=self.config.limits.max_tokens,
         )
 
     async def _publish_status(self) -> None:
+        if self._gone_offline:
+            # The status loop runs until the session is cancelled, after the offline status: an
+            # "online" retained after it would show a stopped hub as up to every client.
+            return
         await self._send(self.topics.hub_status(), self.status().encode(), retain=True)
         await self._send(self.topics.hub_nodes(), self.registry.table(time.time()).encode(), retain=True)
 

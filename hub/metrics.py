@@ -39,12 +39,19 @@ class Window:
     _errors: deque[tuple[float, ErrorCode]] = field(default_factory=deque)
     answered_total: int = 0
     failed_total: int = 0
+    #: requests their client stopped: the client's choice, not a failure of the swarm
+    cancelled_total: int = 0
 
     def answered(self, now: float, latency_ms: float) -> None:
         self.answered_total += 1
         self._answers.append((now, latency_ms))
 
     def failed(self, now: float, code: ErrorCode) -> None:
+        if code is ErrorCode.CANCELLED:
+            # Only a client's Stop settles a request as cancelled at the hub (a node's own
+            # cancellations are attempts, retried elsewhere): its own outcome, not an error.
+            self.cancelled_total += 1
+            return
         self.failed_total += 1
         self._errors.append((now, code))
 

@@ -1,4 +1,4 @@
-"""``swarm-hub top``: a read-only live view of the swarm, redrawn in place.
+"""``swarm-hub top``: a read-only live view of the swarm, redrawn in place (a snapshot when piped).
 
 It only listens to what the hub already publishes for anyone with a client login:
 
@@ -17,8 +17,10 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,12 @@ STALE_S = 30.0
 #: error codes are snake_case (broker/errors.py); a newer hub's unknown codes still fit
 _ERROR_CODE = re.compile(r"^[a-z0-9_]{1,64}$")
 _STATE_STYLE = {NodeState.ONLINE: "green", NodeState.PAUSED: "yellow", NodeState.OFFLINE: "red"}
+#: a snapshot (output not a terminal) waits this long for the hub's retained reports...
+SNAPSHOT_WAIT_S = 10.0
+#: ...and this long, from the start, for the first metrics (the hub sends them every 5 s by default)
+SNAPSHOT_METRICS_S = 6.0
+#: columns of a snapshot: rich assumes 80 off a terminal and would cut the node table
+SNAPSHOT_WIDTH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +180,10 @@ def _header(reports: Reports, now: float) -> RenderableType:
         grid.add_row("nodes", Text(f"{s.nodes_online} online  {s.nodes_paused} paused  {s.nodes_offline} offline"))
         grid.add_row(
             "requests",
-            Text(f"{s.inflight} in flight  {s.queued} queued  {s.answered} answered  {s.failed} failed"),
+            Text(
+                f"{s.inflight} in flight  {s.queued} queued  {s.answered} answered  {s.failed} failed"
+                f"  {s.cancelled} cancelled"
+            ),
         )
     grid.add_row("last minute", _rates(reports.metrics, reports.metrics_at, now))
     return grid
@@ -289,6 +300,32 @@ async def _draw(live: Live, board: _Board, frames: int | None, duration: float |
             pass
 
 
+async def _snapshot(board: _Board, stop: asyncio.Event) -> None:
+    """Wait until there is something worth printing once: the hub's retained status and node
+    table, and its metrics if they come soon; or until the waits run out (no hub answers)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not stop.is_set():
+        r, waited = board.reports, loop.time() - start
+        retained = r.status is not None and r.nodes is not None
+        if (retained and r.metrics is not None and r.errors is not None) or waited >= SNAPSHOT_WAIT_S:
+            return
+        if retained and waited >= SNAPSHOT_METRICS_S:
+            return
+        await asyncio.sleep(0.05)
+
+
+def _console(console: Console | None) -> Console:
+    """The caller's console, else stdout's; off a terminal as wide as $COLUMNS or SNAPSHOT_WIDTH."""
+    if console is not None:
+        return console
+    console = Console()
+    if console.is_terminal:
+        return console
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else SNAPSHOT_WIDTH)
+
+
 async def run_top(
     url: BrokerURL,
     swarm: str,
@@ -298,29 +335,43 @@ async def run_top(
     duration: float | None = None,
     console: Console | None = None,
     stop: asyncio.Event | None = None,
-) -> None:
+) -> Reports:
     """Show the live view until ``stop`` is set, or after ``frames`` refreshes or ``duration``
     seconds, whichever comes first. On a terminal it redraws in place; into a file or pipe it
-    writes only the last frame."""
+    writes one frame: with ``frames`` or ``duration`` the last one, else a snapshot as soon as
+    the hub's reports are in. Returns the reports last drawn."""
     if frames is not None and frames < 1:
         raise ConfigError(f"--frames must be 1 or more, not {frames}")
     if duration is not None and duration <= 0:
         raise ConfigError(f"--duration must be more than 0, not {duration}")
     board = _Board(Topics(swarm))
+    console = _console(console)
+    stop = stop or asyncio.Event()
+    if not console.is_terminal and frames is None and duration is None:
+        await _following(url, ca_file, board, _snapshot(board, stop))
+        console.print(render(board.reports, now=time.time()))
+        return board.reports
     # Our own refreshes, on the event loop: Live's refresh thread would race the receiving task.
     live = Live(render(board.reports, now=time.time()), console=console, auto_refresh=False)
     try:
         with live:
-            async with asyncio.TaskGroup() as tg:
-                following = tg.create_task(_follow(url, ca_file, board))
-                await _draw(live, board, frames, duration, stop or asyncio.Event())
-                following.cancel()
+            await _following(url, ca_file, board, _draw(live, board, frames, duration, stop))
+    finally:
+        if not live.console.is_terminal:
+            live.console.line()  # rich ends the last frame with a newline on terminals only
+    return board.reports
+
+
+async def _following(url: BrokerURL, ca_file: Path | None, board: _Board, view: Coroutine[None, None, None]) -> None:
+    """Run ``view`` while a task beside it keeps ``board`` up to date."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            following = tg.create_task(_follow(url, ca_file, board))
+            await view
+            following.cancel()
     except BaseExceptionGroup as group:
         # The TaskGroup wraps the first connection's failure; callers expect ours, unwrapped.
         lost, rest = group.split(ConnectionLost)
         if lost is None or rest is not None:
             raise
         raise lost.exceptions[0] from None
-    finally:
-        if not live.console.is_terminal:
-            live.console.line()  # rich ends the last frame with a newline on terminals only
