@@ -492,7 +492,7 @@ class Node:
         p = task.params
         cfg = self.config
         return Sampling(
-            max_tokens=min(p.max_tokens or cfg.default_max_tokens, cfg.max_tokens),
+            max_tokens=min(p.max_tokens or cfg.default_max_tokens or cfg.max_tokens, cfg.max_tokens),
             temperature=min(cfg.default_temperature if p.temperature is None else p.temperature, cfg.max_temperature),
             top_p=p.top_p,
             seed=p.seed,

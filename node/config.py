@@ -32,11 +32,12 @@ class NodeConfig:
     slots: int = 1
     #: tasks waiting beyond ``slots``; past that a task is refused with ``node_busy``
     queue_max: int = 4
-    #: hard limits the node clamps every request to
-    max_tokens: int = 512
+    #: hard limits the node clamps every request to (the model's context ends an answer sooner)
+    max_tokens: int = 4096
     max_temperature: float = 2.0
-    #: used when a request gives none
-    default_max_tokens: int = 256
+    #: used when a request gives none (None: up to ``max_tokens``: until the model stops or its
+    #: context ends; the hub fills in its own cap, so this matters only for tasks of older hubs)
+    default_max_tokens: int | None = None
     default_temperature: float = 0.7
     heartbeat_s: float = HEARTBEAT_S
     #: while it holds tasks, the node shows progress at least this often (``NodeProgress``):
@@ -59,7 +60,7 @@ class NodeConfig:
             raise ConfigError(f"device must be phone, laptop, desktop or server, not {self.device!r}")
         if self.slots < 1 or self.queue_max < 0:
             raise ConfigError("slots must be at least 1 and queue-max at least 0")
-        if self.max_tokens < 1 or self.default_max_tokens < 1:
+        if self.max_tokens < 1 or (self.default_max_tokens is not None and self.default_max_tokens < 1):
             raise ConfigError("token limits must be at least 1")
         if self.sense_s <= 0:
             raise ConfigError("the sensor interval must be positive")

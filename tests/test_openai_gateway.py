@@ -126,7 +126,8 @@ async def test_chat_completion(swarm: Swarm) -> None:
     assert completion.choices[0].message.content is not None
 
     status, _, body = await ahttp(f"{swarm.base}/health")
-    assert status == 200 and json.loads(body) == {"status": "ok", "hub": "online", "nodes_online": 1}
+    health = {"status": "ok", "hub": "online", "nodes_online": 1, "max_tokens_limit": 4096}
+    assert status == 200 and json.loads(body) == health
     status, _, body = await ahttp(f"{swarm.base}/v1/swarm/nodes", token=swarm.token)
     table = json.loads(body)
     assert status == 200 and [n["node_id"] for n in table["nodes"]] == ["alpha"] and table["ts"] > 0
@@ -251,9 +252,11 @@ async def test_auth_is_required(swarm: Swarm) -> None:
 
 
 async def test_unknown_model_and_bad_bodies(swarm: Swarm) -> None:
-    with pytest.raises(openai.NotFoundError) as missing:
-        await swarm.client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
-    assert missing.value.code == "model_not_found"
+    # one model in the swarm: an unknown name is answered by it (test_leniency.py has the rest)
+    fallback = await swarm.client.chat.completions.create(
+        model="gpt-5", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert fallback.model == MODEL
     with pytest.raises(openai.NotFoundError):
         await swarm.client.models.retrieve("gpt-5")
     with pytest.raises(openai.BadRequestError) as bad:
@@ -268,8 +271,8 @@ async def test_unknown_model_and_bad_bodies(swarm: Swarm) -> None:
     )
     assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
     with pytest.raises(openai.BadRequestError) as tokens:
-        await swarm.client.embeddings.create(model=MODEL, input=[[1, 2, 3]])
-    assert "token arrays" in tokens.value.message
+        await swarm.client.embeddings.create(model=MODEL, input=[[1, 2, 10**7]])
+    assert "not a cl100k_base token id" in tokens.value.message
 
 
 async def test_a_deadline_gives_504(swarm: Swarm) -> None:
