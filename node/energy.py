@@ -26,10 +26,8 @@ measurement of the process alone.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections import deque
@@ -41,7 +39,7 @@ from typing import Any, Literal, Protocol
 
 from nova_swarm.broker.errors import ConfigError
 
-from .sensors import _children, _number, _read_text, is_termux
+from .sensors import _children, _number, _read_text, is_termux, termux_battery_status
 
 #: the environment variable that makes ``auto`` pick a simulated source of this many watts
 SIM_ENV = "NOVA_SWARM_ENERGY_SIM"
@@ -157,14 +155,8 @@ class TermuxSource:
         self.timeout_s = timeout_s
 
     def read(self) -> float | None:
-        try:
-            out = subprocess.run(
-                [self.command], capture_output=True, text=True, timeout=self.timeout_s, check=False
-            ).stdout
-            raw = json.loads(out)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            return None
-        return termux_watts(raw) if isinstance(raw, dict) else None
+        raw = termux_battery_status(self.command, self.timeout_s)
+        return None if raw is None else termux_watts(raw)
 
 
 #: more than this from a phone battery is a unit mix-up, not a reading

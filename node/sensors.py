@@ -71,14 +71,19 @@ class TermuxSource:
         self.timeout_s = timeout_s
 
     def read(self) -> Power:
-        try:
-            out = subprocess.run(
-                [self.command], capture_output=True, text=True, timeout=self.timeout_s, check=False
-            ).stdout
-            raw = json.loads(out)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            return Power()
-        return parse_termux(raw) if isinstance(raw, dict) else Power()
+        raw = termux_battery_status(self.command, self.timeout_s)
+        return Power() if raw is None else parse_termux(raw)
+
+
+def termux_battery_status(command: str = "termux-battery-status", timeout_s: float = 8.0) -> dict[str, Any] | None:
+    """``termux-battery-status``'s JSON object, or None when it failed, hung past ``timeout_s``
+    or printed something else. Blocks: call it off the loop (the energy meter reads it too)."""
+    try:
+        out = subprocess.run([command], capture_output=True, text=True, timeout=timeout_s, check=False).stdout
+        raw = json.loads(out)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def parse_termux(raw: dict[str, Any]) -> Power:
