@@ -332,5 +332,22 @@ class Topics:
     def metrics_all(self) -> str:
         return f"{self.base}/metrics/#"
 
+    def parse_metrics(self, topic: str) -> tuple[str, str] | None:
+        """What a metrics topic carries: ``("hub", "")``, ``("node", node_id)``, ``("win_rate", tag)``
+        or ``("fan_in", metric)``; None for any other topic (or a level that cannot be one)."""
+        rest = topic.removeprefix(f"{self.base}/metrics/")
+        if rest == topic:
+            return None
+        kind, _, name = rest.partition("/")
+        if rest == "hub":
+            return ("hub", "")
+        if kind == "node" and _ID.match(name):
+            return ("node", name)
+        if kind == "win_rate" and _TAG.match(name):
+            return ("win_rate", name)
+        if "/" not in rest and kind not in ("hub", "node", "win_rate") and _ID.match(rest):
+            return ("fan_in", rest)
+        return None
+
     def everything(self) -> str:
         return f"{self.base}/#"

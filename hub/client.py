@@ -15,14 +15,15 @@ that login may read (with the shared ``client`` login, every holder of that logi
 ``streaming`` block before the answer came cancels the request: the hub stops the node working on it.
 
 With ``watch=True`` the client also follows the hub's retained status and node table
-(``client.hub``, ``client.fleet``), for views that show the swarm live.
+(``client.hub``, ``client.fleet``), for views that show the swarm live; with ``metrics``, a callback
+gets every message on the hub's metrics topics (``(topic, payload)``; the gateway's ``/metrics``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -132,7 +133,13 @@ class Stream:
 
 class SwarmClient:
     def __init__(
-        self, url: BrokerURL, *, swarm: str = "main", ca_file: Path | None = None, watch: bool = False
+        self,
+        url: BrokerURL,
+        *,
+        swarm: str = "main",
+        ca_file: Path | None = None,
+        watch: bool = False,
+        metrics: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.topics = Topics(swarm)
         self.name = f"c-{uuid.uuid4().hex[:12]}"
@@ -147,6 +154,8 @@ class SwarmClient:
         self._streams: dict[str, Stream] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watch = watch
+        #: raising ProtocolError drops the message (logged), as with any malformed one
+        self._metrics = metrics
         #: the hub's retained status and node table (``watch=True`` only; None until seen)
         self.hub: HubStatus | None = None
         self.fleet: NodeTable | None = None
@@ -156,6 +165,9 @@ class SwarmClient:
         await self._conn.subscribe(self.reply_topic, f"{self.reply_topic}/stream/+", qos=1)
         if self._watch:
             await self._conn.subscribe(self.topics.hub_status(), self.topics.hub_nodes(), qos=1)
+        if self._metrics is not None:
+            # QoS 0, as the hub publishes them: a lost reading is replaced by the next round's.
+            await self._conn.subscribe(self.topics.metrics_all(), qos=0)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -199,6 +211,8 @@ class SwarmClient:
                         self.hub = decode(HubStatus, message.payload)
                     elif message.topic == self.topics.hub_nodes() and message.payload:
                         self.fleet = decode(NodeTable, message.payload)
+                    elif self._metrics is not None and self.topics.parse_metrics(message.topic):
+                        self._metrics(message.topic, message.payload)
                 except ProtocolError as exc:
                     log.debug("ignored a malformed message", topic=message.topic, error=str(exc))
         except Exception as exc:
