@@ -646,7 +646,8 @@ class Gateway:
         body = await self._body(request)
         client = await self._swarm()
         served, names = self._ollama_names(client)
-        return await self._ollama_answer(request, client, "chat", ollama_api.chat_request(body, served=served, names=names))
+        call = ollama_api.chat_request(body, served=served, names=names)
+        return await self._ollama_answer(request, client, "chat", call)
 
     async def _ollama_generate(self, request: Request) -> Response:
         body = await self._body(request)
@@ -668,7 +669,9 @@ class Gateway:
         call = ollama_api.embed_request(body, served=served, names=names, legacy=legacy)
         assert call.request is not None
         answer = await self._ask(request, client, call.request)
-        result = ollama_api.embeddings_response(answer) if legacy else ollama_api.embed_response(answer, model=call.model)
+        if legacy:
+            return JSONResponse(ollama_api.embeddings_response(answer), headers=ignored_header(call.ignored))
+        result = ollama_api.embed_response(answer, model=call.model)
         return JSONResponse(result, headers=ignored_header(call.ignored))
 
     async def _ollama_answer(

@@ -130,7 +130,15 @@ def _details(entry: ModelEntry) -> dict[str, Any]:
 
 def _card(entry: ModelEntry, modified_at: str) -> dict[str, Any]:
     name = listed_name(entry.name)
-    return {"name": name, "model": name, "modified_at": modified_at, "size": 0, "digest": "", "details": _details(entry)}
+    # size and digest are the GGUF's, which the node table does not carry: 0 and "" say unknown
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified_at,
+        "size": 0,
+        "digest": "",
+        "details": _details(entry),
+    }
 
 
 def tags(fleet: NodeTable | None, *, started: float, max_tokens_limit: int | None = None) -> dict[str, Any]:
@@ -174,7 +182,7 @@ def show(
         info["swarm.context_length"] = entry.ctx
     parameters = f"num_predict {entry.max_tokens}" if entry.max_tokens is not None else ""
     return {
-        "modelfile": f"# served by nova-swarm ({entry.nodes} node{'s' if entry.nodes != 1 else ''})\nFROM {entry.name}\n",
+        "modelfile": f"# served by nova-swarm ({entry.nodes} node(s))\nFROM {entry.name}\n",
         "parameters": parameters,
         "template": "",
         "details": _details(entry),

@@ -26,7 +26,14 @@ from nova_swarm.hub.model_names import ModelNames
 from nova_swarm.hub.openai_api import ApiError
 from nova_swarm.node.llama import LlamaEngine
 
-from .conftest import RunningBroker, bundled_model_path, hub_config, nodes_available, running_hub, running_node
+from .conftest import (
+    RunningBroker,
+    bundled_model_path,
+    hub_config,
+    nodes_available,
+    running_hub,
+    running_node,
+)
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 OTHER = "Qwen2.5-0.5B-Instruct.Q8_0"
@@ -171,7 +178,8 @@ def test_tool_history_gets_ids_and_calls_come_back_as_objects() -> None:
 
     called = answer("", tool_calls=[ToolCall(id="c1", function={"name": "weather", "arguments": '{"city":"Oslo"}'})])
     body = api.response("chat", called, created_at="t")
-    assert body["message"]["tool_calls"] == [{"id": "c1", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+    expected = [{"id": "c1", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+    assert body["message"]["tool_calls"] == expected
 
 
 def test_generate_and_embed_requests() -> None:
@@ -204,7 +212,8 @@ def test_generate_and_embed_requests() -> None:
 def test_stream_lines_end_with_the_counts() -> None:
     lines = api.Lines("chat", model="smollm2", created_at="t")
     out = lines.piece(StreamChunk(id="r1", seq=0, node_id="alpha", text="Hello"))
-    assert out == [{"model": "smollm2", "created_at": "t", "message": {"role": "assistant", "content": "Hello"}, "done": False}]
+    hello = {"role": "assistant", "content": "Hello"}
+    assert out == [{"model": "smollm2", "created_at": "t", "message": hello, "done": False}]
     assert lines.piece(StreamChunk(id="r1", seq=1, node_id="alpha")) == []
     closing = lines.closing(answer("Hello there."))
     assert [line["message"]["content"] for line in closing] == [" there.", ""]  # what the stream missed
@@ -225,7 +234,8 @@ def test_tags_show_and_ps() -> None:
     listed = api.tags(fleet, started=0.0)["models"]
     assert [m["name"] for m in listed] == [f"{MODEL}:latest"] and listed[0]["details"]["quantization_level"] == "Q4_1"
     shown = api.show({"model": "smollm2-135m-instruct.q4_1:latest"}, fleet, started=0.0)
-    assert shown["model_info"]["swarm.context_length"] == 8192 and shown["model_info"]["general.architecture"] == "swarm"
+    assert shown["model_info"]["swarm.context_length"] == 8192
+    assert shown["model_info"]["general.architecture"] == "swarm"
     assert shown["capabilities"] == ["completion", "embedding", "tools"]
     with pytest.raises(ApiError) as missing:
         api.show({"model": "llama3"}, fleet, started=0.0)  # never the fallback: asking is asking whether it exists
@@ -319,9 +329,12 @@ async def test_the_ollama_client_lists_chats_streams_generates_and_embeds(swarm:
     assert final is not None and final.done_reason in ("stop", "length") and (final.eval_count or 0) > 0
     assert "".join(parts).strip()
 
-    generated = await client.generate(model=MODEL, prompt="Name a colour.", system="Answer in one word.", options={"num_predict": 8})
+    generated = await client.generate(
+        model=MODEL, prompt="Name a colour.", system="Answer in one word.", options={"num_predict": 8}
+    )
     assert generated.done and generated.response.strip() and (generated.eval_count or 0) > 0
-    pieces = [p.response async for p in await client.generate(model=MODEL, prompt="Count to five.", stream=True, options={"num_predict": 30})]
+    streamed = await client.generate(model=MODEL, prompt="Count to five.", stream=True, options={"num_predict": 30})
+    pieces = [p.response async for p in streamed]
     assert len([p for p in pieces if p]) > 1
 
     embedded = await client.embed(model=MODEL, input=["the cat sat", "a dog ran"])
@@ -353,7 +366,8 @@ async def test_options_reach_the_node_and_no_ops_are_named(swarm: Swarm) -> None
     assert short.eval_count == 3 and short.done_reason == "length"
 
     headers = {"Authorization": f"Bearer {swarm.token}"}
-    body = {"model": MODEL, "prompt": "hi", "stream": False, "keep_alive": -1, "options": {"num_ctx": 2048, "num_predict": 4}}
+    options = {"num_ctx": 2048, "num_predict": 4}
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "keep_alive": -1, "options": options}
     async with httpx.AsyncClient(base_url=swarm.gateway.base_url, headers=headers, timeout=60) as raw:
         response = await raw.post("/api/generate", json=body)
         assert response.status_code == 200 and response.headers[IGNORED_HEADER] == "keep_alive, options.num_ctx"
