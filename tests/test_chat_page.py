@@ -438,6 +438,19 @@ def markdown_settings_and_conversations(swarm: Swarm, screenshots: list[Path]) -
         wait.until(lambda c: c.find_elements(css, f"{ANSWER} .codeblock"))
         seen["titles_left"] = [b.text for b in chrome.find_elements(css, "#conversation-list .open")]
         seen["left_user"] = text_of(chrome, "#messages .message.user .content")
+
+        # On a phone's width the chat has the screen; the conversations open over it, and close
+        # once one is picked.
+        chrome.set_window_size(420, 860)
+        nav = chrome.find_element(By.ID, "conversations")
+        seen["phone_nav_hidden"] = not nav.is_displayed()
+        toggle = chrome.find_element(By.ID, "show-conversations")
+        toggle.click()
+        wait.until(lambda c: nav.is_displayed())
+        seen["phone_expanded"] = toggle.get_attribute("aria-expanded")
+        chrome.find_element(css, "#conversation-list .open").click()
+        wait.until(lambda c: not nav.is_displayed())
+        seen["phone_answer_shown"] = chrome.find_element(css, ANSWER).is_displayed()
         seen["errors"] = [e for e in chrome.get_log("browser") if e["level"] == "SEVERE"]
     return seen
 
@@ -494,4 +507,5 @@ async def test_markdown_settings_and_conversations_in_the_page(amqtt: RunningBro
     assert seen["titles_two"] == ["Second conversation", "Plan for *today*"]
     assert seen["switched_user"] == QUESTION_TEXT and seen["current_title"] == "Plan for *today*"
     assert seen["titles_left"] == ["Second conversation"] and seen["left_user"] == "Second conversation"
+    assert seen["phone_nav_hidden"] and seen["phone_expanded"] == "true" and seen["phone_answer_shown"], seen
     assert seen["errors"] == [], seen["errors"]
