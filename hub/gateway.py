@@ -380,6 +380,8 @@ class Gateway:
                 Route("/api/ps", self._ollama(self._ollama_ps), methods=["GET"]),
                 Route("/api/show", self._ollama(self._ollama_show), methods=["POST"]),
                 Route("/api/version", self._ollama_version, methods=["GET"]),
+                # pull, push, create, copy, delete...: the owner pins models (swarm-hub pin), not clients
+                Route("/api/{rest:path}", self._ollama_unknown, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
         )
@@ -622,6 +624,13 @@ class Gateway:
     def _ollama_names(self, client: SwarmClient) -> tuple[set[str] | None, ModelNames]:
         return openai_api.known_models(client.fleet), self.config.models
 
+    async def _ollama_unknown(self, request: Request) -> Response:
+        path = request.url.path
+        if path in _OLLAMA_ROUTES:
+            return _ollama_error(ApiError(405, f"{request.method} is not allowed on {path}", code="method_not_allowed"))
+        message = f"{path} is not served by this swarm: its owner chooses the models (swarm-hub pin)"
+        return _ollama_error(ApiError(404, message, code="not_found"))
+
     async def _ollama_version(self, request: Request) -> Response:
         return JSONResponse(ollama_api.version())
 
@@ -727,6 +736,10 @@ class Gateway:
         return _EventStream(body(), media_type=NDJSON, headers={"Cache-Control": "no-cache", **headers})
 
 
+#: the Ollama routes served (any other method on them is a 405)
+_OLLAMA_ROUTES = frozenset(
+    f"/api/{name}" for name in ("chat", "generate", "embed", "embeddings", "tags", "ps", "show", "version")
+)
 #: Ollama's streams: one JSON object per line
 NDJSON = "application/x-ndjson"
 

@@ -378,6 +378,21 @@ async def test_options_reach_the_node_and_no_ops_are_named(swarm: Swarm) -> None
         lines = [json.loads(line) for line in streamed.text.splitlines()]
         assert streamed.headers["content-type"].startswith("application/x-ndjson")
         assert lines[-1]["done"] is True and all(not line["done"] for line in lines[:-1])
+        # what Ollama has and a swarm does not: said in Ollama's shape
+        pulled = await raw.post("/api/pull", json={"model": "llama3"})
+        assert pulled.status_code == 404 and "swarm-hub pin" in pulled.json()["error"]
+        wrong_method = await raw.get("/api/chat")
+        assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"error"}
+
+    # format: a JSON schema becomes a grammar on the node
+    person = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    shaped = await swarm.client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a person."}],
+        format=person,
+        options={"num_predict": 60},
+    )
+    assert isinstance(json.loads(shaped.message.content or "")["name"], str)
 
 
 @pytest.mark.llama
