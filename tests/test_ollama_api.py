@@ -16,8 +16,21 @@ import httpx
 import ollama
 import pytest
 
+from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.messages import Answer, NodeRow, NodeState, NodeTable, StreamChunk, Timings, ToolCall, Usage
+from nova_swarm.broker.messages import (
+    Answer,
+    Cancel,
+    NodeRow,
+    NodeState,
+    NodeTable,
+    StreamChunk,
+    Timings,
+    ToolCall,
+    Usage,
+    decode,
+)
+from nova_swarm.broker.topics import Topics
 from nova_swarm.hub import Hub
 from nova_swarm.hub import ollama_api as api
 from nova_swarm.hub.gateway import Gateway, GatewayConfig, check_header_name
@@ -33,6 +46,7 @@ from .conftest import (
     nodes_available,
     running_hub,
     running_node,
+    until,
 )
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -420,3 +434,23 @@ async def test_auth_errors_and_the_api_key_header(swarm: Swarm, amqtt: RunningBr
         with pytest.raises(ollama.ResponseError) as wrong:
             await ollama.AsyncClient(host=gateway.base_url, headers={"Authorization": "Bearer nope-nope-nope"}).list()
         assert wrong.value.status_code == 401  # anonymous use is no reason to accept a wrong token
+
+
+@pytest.mark.llama
+async def test_a_client_gone_mid_stream_cancels_the_node(swarm: Swarm, amqtt: RunningBroker) -> None:
+    story = "Write a very long story about a dragon who learns to bake bread, with many details."
+    async with Connection(amqtt.url(Role.HUB), client_id="test-ollama-cancel-watcher") as watcher:
+        await watcher.subscribe(Topics("main").node_cancel("alpha"))
+        seen = 0
+        async for part in await swarm.client.generate(
+            model=MODEL, prompt=story, stream=True, options={"num_predict": 400}
+        ):
+            seen += bool(part.response)
+            if seen == 3:
+                break  # the client goes away after three pieces: the generator closes the response
+        async with asyncio.timeout(10):
+            async for message in watcher.messages():
+                cancel = decode(Cancel, message.payload)
+                break
+    assert cancel.task_id
+    await until(lambda: not any(n.inflight for n in swarm.hub.registry.nodes.values()), timeout=10, what="node free")
