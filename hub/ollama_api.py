@@ -80,7 +80,11 @@ def resolve_model(requested: Any, served: set[str] | None, names: ModelNames | N
     names = names or ModelNames()
     strict = ModelNames(aliases=names.aliases, fallback=False)
     base, tag = _split(requested.strip())
-    candidates = [requested] if tag is None else [requested, base] if tag.casefold() == "latest" else [requested]
+    latest = tag is not None and tag.casefold() == "latest"
+    if served is None:
+        # the node table not seen yet: the hub judges the name, which never carries Ollama's default tag
+        return model_names.resolve(base if latest else requested, served, names)
+    candidates = [requested, base] if latest else [requested]
     for candidate in candidates:
         try:
             return model_names.resolve(candidate, served, strict)

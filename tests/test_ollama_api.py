@@ -96,6 +96,7 @@ def test_model_names_as_ollama_clients_write_them() -> None:
     assert api.resolve_model(MODEL, one) == MODEL
     assert api.resolve_model(f"{MODEL.lower()}:latest", one) == MODEL
     assert api.resolve_model(None, one) is None
+    assert api.resolve_model("smollm2:latest", None) == "smollm2"  # no node table yet: the hub judges
     two = {MODEL, OTHER}
     strict = ModelNames(fallback=False)
     assert api.resolve_model("smollm2", two, strict) == MODEL
