@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensors", default="auto", help="auto, termux, sysfs, psutil, or sim:FILE (a JSON file, for tests and demos)"
     )
     guard.add_argument(
-        "--max-temp", type=argtypes.float_range(-50.0, 150.0), default=d.max_temp_c, help="pause at this temperature, °C"
+        "--max-temp",
+        type=argtypes.float_range(-50.0, 150.0),  # any real device; catches a typo like 420
+        default=d.max_temp_c,
+        help="pause at this temperature, °C",
     )
     guard.add_argument(
         "--min-battery", type=argtypes.percent, default=d.min_battery_pct, help="pause at this %% unless charging"
