@@ -102,20 +102,6 @@ def existing_dir(value: str) -> Path:
     return path
 
 
-def checked(parse: Callable[[str], object], error: type[Exception]) -> Callable[[str], object]:
-    """A parser of our own (``parse_listen``, a size) as an argparse type: its error becomes the
-    one-line refusal instead of escaping later."""
-
-    def check(value: str) -> object:
-        try:
-            return parse(value)
-        except error as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from exc
-
-    check.__name__ = getattr(parse, "__name__", "value")
-    return check
-
-
 def describe(parser: argparse.ArgumentParser) -> None:
     """Give every subcommand its help line as its description, so ``swarm-hub ask --help`` says
     what ``ask`` does, not only which flags it takes."""
@@ -126,3 +112,13 @@ def describe(parser: argparse.ArgumentParser) -> None:
                 if sub.description is None and helps.get(name):
                     sub.description = helps[name]
                 describe(sub)
+
+
+def file_to_write(value: str) -> Path:
+    """A file we create or replace: its folder must exist, and it must not be a folder itself."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a directory")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} does not exist")
+    return path
