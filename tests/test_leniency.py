@@ -234,7 +234,8 @@ async def test_models_list_context_length_and_capabilities(swarm: Swarm, engine:
     assert card["id"] == MODEL and card["nodes"] == 1
     assert card["context_length"] == engine.info.ctx
     assert card["max_tokens"] == CAP  # the node allows more; the hub's cap is what a request gets
-    assert card["capabilities"][0] == "chat" and {"embed", "stream", "json_schema", "tools"} <= set(card["capabilities"])
+    assert card["capabilities"][0] == "chat"
+    assert {"embed", "stream", "json_schema", "tools"} <= set(card["capabilities"])
     status, _, raw = await ahttp(f"{swarm.base}/health")
     assert status == 200 and json.loads(raw)["max_tokens_limit"] == CAP
 
@@ -277,7 +278,11 @@ async def test_langchain_embeddings_at_their_defaults(swarm: Swarm, tiktoken_cac
     import tiktoken
     from langchain_openai import OpenAIEmbeddings
 
-    embedder = OpenAIEmbeddings(base_url=f"{swarm.base}/v1", api_key=swarm.token, max_retries=0)  # type: ignore[arg-type]
+    embedder = OpenAIEmbeddings(
+        base_url=f"{swarm.base}/v1",
+        api_key=swarm.token,  # type: ignore[arg-type]
+        max_retries=0,
+    )
     # its defaults: an OpenAI model name (the lone model answers), and texts sent as cl100k token arrays
     assert embedder.check_embedding_ctx_length and embedder.tiktoken_enabled
     texts = ["the cat sat on the mat", "a dog ran in the park"]
