@@ -101,6 +101,9 @@ async def run_broker(
     if bridge is not None and local.engine != "mosquitto":
         raise ConfigError("--bridge needs the Mosquitto engine: amqtt cannot bridge to another broker")
     home.ensure()
+    # Mosquitto counts as listening once its port accepts connections, which a port held by
+    # anything else already does: look first.
+    check_port_free(local.host, local.port)
     with local_until_ready(home, local) as listening:
 
         def ready() -> None:
