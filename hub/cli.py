@@ -69,7 +69,14 @@ from . import credits, join, ledger, pins
 from .client import SwarmClient
 from .config import HubConfig
 from .credits import CreditRates
-from .gateway import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, Gateway, GatewayConfig, parse_listen
+from .gateway import (
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    Gateway,
+    GatewayConfig,
+    check_header_name,
+    parse_listen,
+)
 from .hub import Hub
 from .intake import Limits
 from .retrieval import RetrievalConfig
@@ -354,6 +361,25 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
     )
     if optional:
         http.add_argument("--no-http", action="store_true", help="no HTTP gateway")
+    p.add_argument(
+        "--api-key-header",
+        metavar="NAME",
+        type=_header_name,
+        help="also take the token, bare, in this header (like X-Api-Key), for clients that cannot set Authorization",
+    )
+    p.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve API requests that carry no token at all: only on a LAN you trust (default: the token is required)",
+    )
+
+
+def _header_name(text: str) -> str:
+    """--api-key-header, once check_header_name accepts it (its error is the one-line refusal)."""
+    try:
+        return check_header_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _gateway_url(args: argparse.Namespace, home: SwarmHome) -> BrokerURL:
@@ -395,6 +421,8 @@ def _gateway(
             swarm=swarm,
             tls_cert=tls_files.cert if tls_files else None,
             tls_key=tls_files.key if tls_files else None,
+            api_key_header=args.api_key_header,
+            allow_anonymous=args.allow_anonymous,
         ),
         url,
         ca_file=ca_file,
@@ -408,6 +436,12 @@ def _gateway(
         # Only the default port is taken (another hub's gateway, another server): the hub matters more.
         print(f"swarm-hub: {exc}; running without it (choose a port with --http HOST:PORT)", file=sys.stderr)
         return None
+    if gateway.config.allow_anonymous:
+        print(
+            f"swarm-hub: WARNING: --allow-anonymous: anyone who can reach {host}:{gateway.port} may use the"
+            " swarm's API without a token",
+            file=sys.stderr,
+        )
     # For `enroll`: where the join downloads are, and the key of the certificate served there.
     join.save_endpoint(home, join.Endpoint(host=host, port=gateway.port, pin=pin))
     return gateway

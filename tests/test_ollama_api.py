@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ from .conftest import (
     nodes_available,
     running_hub,
     running_node,
+    stop_process,
     until,
 )
 
@@ -264,6 +267,32 @@ def test_api_key_header_names() -> None:
     for bad in ("Authorization", "x key", ""):
         with pytest.raises(Exception, match="header"):
             check_header_name(bad)
+
+
+def test_the_cli_takes_the_auth_flags(tmp_path: Path) -> None:
+    hub_cli = Path(sys.executable).with_name("swarm-hub")
+    refused = subprocess.run(
+        [hub_cli, "gateway", "--config-dir", tmp_path, "--api-key-header", "Authorization"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--api-key-header" in refused.stderr and "like X-Api-Key" in refused.stderr
+    # anonymous use is announced on the terminal before anything is served
+    proc = subprocess.Popen(
+        [hub_cli, "gateway", "--config-dir", tmp_path, "--http", "127.0.0.1:0", "--allow-anonymous", "--no-log-file"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith("swarm-hub: WARNING: --allow-anonymous") and "without a token" in first
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 # ---------------------------------------------------------------- the real client, end to end
