@@ -241,6 +241,11 @@ def stop_midway_then_bad_token(swarm: Swarm, prompt: str, hub_heard: Any) -> dic
             lambda c: text_of(c, f"#nodes li.node[data-node-id='{NODE}'] dd.busy") == "0"
         )
 
+        # A reload keeps the stopped answer, as far as it got, marked stopped.
+        chrome.refresh()
+        wait.until(lambda c: c.find_elements(By.CSS_SELECTOR, f"{ANSWER}[data-state='stopped']"))
+        seen["reloaded"] = (text_of(chrome, f"{ANSWER} .content"), text_of(chrome, f"{ANSWER} .note"))
+
         # A wrong token: the page says so, plainly.
         field = chrome.find_element(By.ID, "token")
         field.clear()
@@ -266,6 +271,7 @@ async def test_stop_ends_the_answer_and_a_wrong_token_is_explained(amqtt: Runnin
     assert seen["partial"].strip() and seen["partial"] != "…"
     assert seen["error_hidden"] and seen["send_visible"] and not seen["stop_visible"], seen
     assert seen["user"] == prompt and seen["markup"] == 0
+    assert seen["reloaded"] == (seen["partial"], "stopped"), seen["reloaded"]
     assert "refused the token" in seen["bad_token"] and "incorrect API key" in seen["bad_token"], seen["bad_token"]
     assert seen["stored"] == "sk-swarm-not-the-right-token"
 
