@@ -37,7 +37,8 @@ class FakeEngine:
         echo: bool = False,
     ) -> None:
         # ``echo``: the reply is the last message, then a markdown report of what reached the
-        # engine (every message and the sampling) in a fenced JSON block, so that a test through real processes can see what the node was given.
+        # engine (every message and the sampling) in a fenced JSON block, so that a test through
+        # real processes can see what the node was given.
         self._echo = echo
         self._reply = reply if callable(reply) else (lambda _prompt, text=reply: text)
         self._delay = delay_s if callable(delay_s) else (lambda _prompt, d=delay_s: d)
