@@ -43,7 +43,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from nova_swarm.broker.errors import ConfigError
 from nova_swarm.broker.home import Enrolment, SwarmHome
-from nova_swarm.broker.passwords import write_private
+from nova_swarm.broker.private import write_private
 from nova_swarm.broker.version import __version__
 
 from .pins import source_root
