@@ -179,7 +179,7 @@ def announce_addresses(listen_host: str) -> list[str]:
     """The IPv4 addresses to announce for a broker listening on ``listen_host``: none for
     loopback (nothing else could reach it), every LAN address for a wildcard."""
     if listen_host in ("0.0.0.0", "", "::"):
-        return [a for a in net.lan_addresses() if ipaddress.ip_address(a).version == 4]
+        return net.lan_ipv4_addresses()
     try:
         address = ipaddress.ip_address(listen_host)
     except ValueError:
@@ -194,7 +194,7 @@ def announce_addresses(listen_host: str) -> list[str]:
 
 def browse_addresses() -> list[str]:
     """This machine's IPv4 LAN addresses: where a node asks (never loopback)."""
-    addresses = [a for a in net.lan_addresses() if ipaddress.ip_address(a).version == 4]
+    addresses = net.lan_ipv4_addresses()
     if not addresses:
         raise DiscoveryError("no network interface with an IPv4 LAN address is up: join the Wi-Fi first")
     return addresses

@@ -162,12 +162,10 @@ def lan_addresses() -> list[str]:
             found = _linux_ipv4() + _linux_ipv6()
         except OSError:  # an ioctl a sandbox forbids (Android's SELinux, some containers)
             found = []
-    if not found:
-        found = _psutil_addresses() or []
-        route = _default_route_source()
-        found += [route] if route else []
-    found = [a for a in dict.fromkeys(found) if _reachable_from_lan(a)]
     preferred = _default_route_source()
+    if not found:
+        found = (_psutil_addresses() or []) + ([preferred] if preferred else [])
+    found = [a for a in dict.fromkeys(found) if _reachable_from_lan(a)]
 
     def rank(address: str) -> tuple[int, int]:
         ip = ipaddress.ip_address(address)
@@ -176,6 +174,12 @@ def lan_addresses() -> list[str]:
         return (1, 0 if ip.version == 4 and ip.is_private else 1 if ip.version == 4 else 2)
 
     return sorted(found, key=rank)
+
+
+def lan_ipv4_addresses() -> list[str]:
+    """:func:`lan_addresses`, IPv4 only: what a wildcard IPv4 listener is reached at, and all
+    that discovery announces and asks on."""
+    return [a for a in lan_addresses() if ipaddress.ip_address(a).version == 4]
 
 
 def mdns_name() -> str:

@@ -62,7 +62,7 @@ def broker_names(listen_host: str) -> list[str]:
     host = socket.gethostname()
     names = ["localhost", "127.0.0.1", "::1", host, net.mdns_name(), f"{host}.local"]
     if listen_host in ("", "0.0.0.0"):
-        names += [a for a in net.lan_addresses() if ipaddress.ip_address(a).version == 4]
+        names += net.lan_ipv4_addresses()
     elif listen_host == "::":  # a dual-stack listener: reached over both
         names += net.lan_addresses()
     else:
