@@ -298,18 +298,18 @@ async def gateway(url: BrokerURL, token: str, **changes: Any) -> AsyncIterator[G
 
 
 async def test_prometheus_scrapes_the_swarm_through_the_gateway(
-    amqtt: RunningBroker, home: SwarmHome, tmp_path: Path
+    broker: RunningBroker, home: SwarmHome, tmp_path: Path
 ) -> None:
     token = home.gateway_token()
-    # The gateway's own login, as `swarm-hub gateway` uses it: the ACL lets it read the metrics.
-    url = home.client_url(GATEWAY_LOGIN, port=amqtt.port)
+    # The gateway's own login, as `swarm-hub gateway` uses it: both brokers' ACL let it read the metrics.
+    url = home.client_url(GATEWAY_LOGIN, port=broker.port)
     engine = FakeEngine(name="fake-model", reply="Four.", delay_s=3.0)
     async with gateway(url, token) as gw:
         # secure by default: no token, no figures
         assert (await aget(f"{gw.base_url}/metrics"))[0] == 401
         async with (
-            running_hub(amqtt, hub_config(tmp_path, metrics_interval_s=0.5)) as hub,
-            running_node(amqtt, engine, "alpha"),
+            running_hub(broker, hub_config(tmp_path, metrics_interval_s=0.5)) as hub,
+            running_node(broker, engine, "alpha"),
         ):
             await nodes_available(hub, 1)
             with prometheus(tmp_path, gw.port, token) as api:
