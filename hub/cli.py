@@ -1,4 +1,4 @@
-"""``swarm-hub``: run the hub, or a whole swarm, and talk to it.
+"""swarm-hub: run the hub, or a whole swarm, and talk to it.
 
 swarm-hub up                     broker + hub + a local node on the bundled model
 swarm-hub serve --broker URL     the hub alone, against any broker
@@ -26,15 +26,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+from pydantic import ValidationError
 
 # Only its flags load with the CLI; a run imports the hub and node parts it measures.
 from nova_swarm.bench import add_arguments as add_bench_arguments
 from nova_swarm.bench import run as run_bench
-from nova_swarm.broker import discovery, logs, net, tls
-from nova_swarm.broker.cli import ENGINES
+from nova_swarm.broker import argtypes, discovery, logs, net, tls
+from nova_swarm.broker.cli import ENGINES, check_port_free, local_until_ready
 from nova_swarm.broker.connection import HEARTBEAT_S, Connection, Protocol, wait_for_broker, written_off_after
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError, RequestFailed, SwarmError
 from nova_swarm.broker.fdlimit import raise_open_file_limit
@@ -83,39 +85,52 @@ from .retrieval import RetrievalConfig
 from .top import run_top
 
 
+CONFIG_DIR_HELP = "default: $NOVA_SWARM_HOME or ~/.config/nova-swarm"
+#: a request's deadline: what PromptRequest.timeout_s accepts
+REQUEST_TIMEOUT = argtypes.float_range(0.0, 3600.0, low_open=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argtypes.Parser(
         prog="swarm-hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, *, broker_role: str | None = "client") -> None:
-        p.add_argument("--config-dir", type=Path, help="default: $NOVA_SWARM_HOME or ~/.config/nova-swarm")
+        p.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
         if broker_role:
             p.add_argument(
                 "--broker", help=f"mqtt://user:pass@host:port (default: this machine's swarm, as {broker_role})"
             )
-            p.add_argument("--port", type=int, help="port of this machine's swarm (default: where `up` listens)")
+            p.add_argument(
+                "--port", type=argtypes.port, help="port of this machine's swarm (default: where `up` listens)"
+            )
             p.add_argument("--swarm", help="swarm id (default: this machine's swarm)")
-            p.add_argument("--ca-file", type=Path, help="CA certificate to trust for mqtts:// brokers")
+            p.add_argument(
+                "--ca-file", type=argtypes.existing_file, help="CA certificate to trust for mqtts:// brokers"
+            )
 
     up = sub.add_parser("up", help="run broker, hub and a local node on this machine")
-    up.add_argument("--broker-engine", choices=ENGINES, default="amqtt")
+    up.add_argument("--broker-engine", choices=ENGINES, default="amqtt", help="which broker to run (%(default)s)")
     up.add_argument("--host", default=DEFAULT_HOST, help="broker listen address (default: loopback only)")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
-    up.add_argument("--swarm", default=DEFAULT_SWARM)
-    up.add_argument("--model", type=Path, help="GGUF for the local node (default: bundled SmolLM2-135M)")
+    up.add_argument("--port", type=argtypes.port, default=DEFAULT_PORT, help="broker port (%(default)s)")
+    up.add_argument("--swarm", default=DEFAULT_SWARM, help="swarm id, the first topic level (%(default)s)")
+    up.add_argument(
+        "--model", type=argtypes.existing_file, help="GGUF for the local node (default: bundled SmolLM2-135M)"
+    )
     up.add_argument("--node-id", help="the local node's id (default: this host's name)")
-    up.add_argument("--threads", type=int, help="the local node's inference threads")
+    up.add_argument("--threads", type=argtypes.positive_int, help="the local node's inference threads")
     up.add_argument("--no-node", action="store_true", help="start no local node")
     up.add_argument(
         "--home-assistant", action="store_true", help="the local node shows up in Home Assistant (MQTT discovery)"
     )
     up.add_argument("--tls", action="store_true", help="mqtts:// only, with a local CA made on first use")
     up.add_argument(
-        "--bridge", type=Path, help="a Mosquitto bridge config to a central broker (with --broker-engine mosquitto)"
+        "--bridge",
+        type=argtypes.existing_file,
+        help="a Mosquitto bridge config to a central broker (with --broker-engine mosquitto)",
     )
-    up.add_argument("--config-dir", type=Path)
+    up.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
     _hub_arguments(up)
     _http_arguments(up)
     logs.add_arguments(up)
@@ -124,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve, broker_role="hub")
     _hub_arguments(serve)
     _http_arguments(serve)
-    serve.add_argument("--db", type=Path, help="SQLite file (default: hub.sqlite in the config dir)")
+    serve.add_argument(
+        "--db", type=argtypes.file_to_write, help="SQLite file (default: hub.sqlite in the config dir)"
+    )
     serve.add_argument(
         "--mqtt-version",
         choices=["auto", "3.1.1", "5"],
@@ -134,53 +151,67 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_arguments(serve)
 
     ask = sub.add_parser("ask", help="ask the swarm")
-    ask.add_argument("prompt")
-    ask.add_argument("--strategy", choices=["race", "best_of_n"], default="race")
+    ask.add_argument("prompt", type=argtypes.text, help="what to ask")
     ask.add_argument(
-        "--fanout", type=int, default=None, help=f"nodes to ask (1-{MAX_FANOUT}; default 1, or 2 for best_of_n)"
+        "--strategy",
+        choices=["race", "best_of_n"],
+        default="race",
+        help="race: the first answer wins; best_of_n: the best-scored of --fanout answers (default: %(default)s)",
+    )
+    ask.add_argument(
+        "--fanout",
+        type=argtypes.int_range(1, MAX_FANOUT),
+        default=None,
+        help=f"nodes to ask (1-{MAX_FANOUT}; default 1, or 2 for best_of_n)",
     )
     ask.add_argument("--tags", default="", help="comma-separated tags for routing")
     ask.add_argument("--model", help="only nodes serving this model")
-    ask.add_argument("--max-tokens", type=int)
-    ask.add_argument("--temperature", type=float)
-    ask.add_argument("--seed", type=int)
-    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    ask.add_argument("--max-tokens", type=argtypes.positive_int, help="longest answer, in tokens")
+    ask.add_argument("--temperature", type=argtypes.non_negative_float, help="sampling temperature (0: greedy)")
+    ask.add_argument("--seed", type=int, help="sampling seed, for a repeatable answer")
+    ask.add_argument("--timeout", type=REQUEST_TIMEOUT, default=120.0, help="seconds to wait for the answer")
     ask.add_argument("--json", action="store_true", help="print the hub's whole reply as JSON")
     ask.add_argument("--stream", action="store_true", help="print tokens as the node generates them")
-    ask.add_argument("--schema", type=Path, help="a JSON Schema file: the answer is JSON that matches it")
+    ask.add_argument(
+        "--schema", type=argtypes.existing_file, help="a JSON Schema file: the answer is JSON that matches it"
+    )
     ask.add_argument(
         "--no-retrieval", action="store_true", help="no document context, even when the hub adds it by default"
     )
     common(ask)
 
     embed = sub.add_parser("embed", help="embedding vectors for texts, from nodes that can make them")
-    embed.add_argument("texts", nargs="+", help="one or more texts")
+    embed.add_argument("texts", nargs="+", type=argtypes.text, help="one or more texts")
     embed.add_argument("--model", help="only nodes serving this model")
-    embed.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the vectors")
+    embed.add_argument("--timeout", type=REQUEST_TIMEOUT, default=120.0, help="seconds to wait for the vectors")
     common(embed)
 
     for name, helptext in (("nodes", "list the nodes the hub knows"), ("status", "the hub's status")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the hub's retained report")
+        p.add_argument("--json", action="store_true", help="print the hub's report as JSON")
+        p.add_argument(
+            "--wait", type=argtypes.positive_float, default=5.0, help="seconds to wait for the hub's retained report"
+        )
         common(p)
 
     top = sub.add_parser("top", help="a live view of the hub, its nodes and recent errors (Ctrl-C quits)")
-    top.add_argument("--frames", type=int, help="stop after this many refreshes (two a second)")
-    top.add_argument("--duration", type=float, help="stop after this many seconds")
+    top.add_argument("--frames", type=argtypes.positive_int, help="stop after this many refreshes (two a second)")
+    top.add_argument("--duration", type=argtypes.positive_float, help="stop after this many seconds")
     common(top)
 
     creds = sub.add_parser("creds", help="print -h -p -u -P for mosquitto_pub/mosquitto_sub")
-    creds.add_argument("--role", choices=[Role.CLIENT.value, Role.HUB.value], default="client")
+    creds.add_argument(
+        "--role", choices=[Role.CLIENT.value, Role.HUB.value], default="client", help="whose login (%(default)s)"
+    )
     creds.add_argument("--url", action="store_true", help="print a broker URL instead")
     creds.add_argument("--rotate", action="store_true", help="give the role a new password first")
-    creds.add_argument("--port", type=int)
-    creds.add_argument("--config-dir", type=Path)
+    creds.add_argument("--port", type=argtypes.port, help="broker port (default: where `up` listens)")
+    creds.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
 
     enroll = sub.add_parser(
         "enroll", help="give a node its own login (prints the command to run on it), or a client with --client NAME"
     )
-    enroll.add_argument("node_id", metavar="NODE", nargs="?")
+    enroll.add_argument("node_id", metavar="NODE", nargs="?", help="the node's id (its MQTT login)")
     enroll.add_argument(
         "--client", metavar="NAME", help="make a client login of its own instead: its replies only it may read"
     )
@@ -197,24 +228,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the node finds the hub by mDNS when it joins, and again whenever the address changes",
     )
-    enroll.add_argument("--port", type=int, help="broker port nodes connect to (default: where `up` listens)")
-    enroll.add_argument("--config-dir", type=Path)
+    enroll.add_argument(
+        "--port", type=argtypes.port, help="broker port nodes connect to (default: where `up` listens)"
+    )
+    enroll.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
 
     revoke = sub.add_parser("revoke", help="cut one node off: its login is removed and its connection dropped")
-    revoke.add_argument("node_id", metavar="NODE", nargs="?")
+    revoke.add_argument("node_id", metavar="NODE", nargs="?", help="the node to cut off")
     revoke.add_argument("--client", metavar="NAME", help="remove a client login instead")
-    revoke.add_argument("--config-dir", type=Path)
-    revoke.add_argument("--port", type=int, help="port of this machine's swarm, to remove the node from Home Assistant")
+    revoke.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
+    revoke.add_argument(
+        "--port", type=argtypes.port, help="port of this machine's swarm, to remove the node from Home Assistant"
+    )
 
     enrolled = sub.add_parser("enrolled", help="list enrolled nodes")
-    enrolled.add_argument("--config-dir", type=Path)
+    enrolled.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
 
     bundle = sub.add_parser("bundle", help="signed over-the-air updates of the nodes' code")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
     publish = bsub.add_parser("publish", help="pack, sign and retain the node code; nodes restart into it")
     publish.add_argument("--version", help="the bundle's version (default: this hub's own version)")
     publish.add_argument(
-        "--from", dest="source", type=Path, help="a source checkout to pack (default: the code this hub runs)"
+        "--from",
+        dest="source",
+        type=argtypes.existing_dir,
+        help="a source checkout to pack (default: the code this hub runs)",
     )
     bshow = bsub.add_parser("show", help="the bundle published now")
     model = sub.add_parser("model", help="pin the GGUF model every node serves")
@@ -223,19 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("name", help="the model's name (its file name in node caches, without .gguf)")
     pin.add_argument("--sha256", required=True, help="the GGUF file's sha256: nodes refuse anything else")
     pin.add_argument("--url", help="where nodes without the file download it (http or https)")
-    pin.add_argument("--size", type=int, help="the file's size in bytes (lets nodes refuse what they cannot hold)")
+    pin.add_argument(
+        "--size",
+        type=argtypes.positive_int,
+        help="the file's size in bytes (lets nodes refuse what they cannot hold)",
+    )
     pin.add_argument("--tags", default="", help="only nodes with one of these comma-separated tags follow the pin")
     unpin = msub.add_parser("unpin", help="clear the pin: nodes go back to their own model")
     mshow = msub.add_parser("show", help="the model pinned now")
     for p in (publish, bshow, pin, unpin, mshow):
         common(p, broker_role="hub")
     ledger = sub.add_parser("ledger", help="what each node and owner gave: tasks, tokens, wins, credits, tier")
-    ledger.add_argument("action", nargs="?", choices=["show", "verify", "export"], default="show")
+    ledger.add_argument(
+        "action",
+        nargs="?",
+        choices=["show", "verify", "export"],
+        default="show",
+        help="show the accounts, verify the receipts' chain and signatures, or export them (%(default)s)",
+    )
     ledger.add_argument("--json", action="store_true", help="show: the accounts as JSON")
-    ledger.add_argument("--out", type=Path, help="export: write JSON Lines here (default: stdout)")
+    ledger.add_argument(
+        "--out", type=argtypes.file_to_write, help="export: write JSON Lines here (default: stdout)"
+    )
     ledger.add_argument("--key", help="verify: the hub's public key (default: this machine's hub)")
     _credit_arguments(ledger)
-    ledger.add_argument("--config-dir", type=Path)
+    ledger.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
     bench = sub.add_parser(
         "bench", help="benchmarks: overhead, dispatch vs Celery, scaling, race, recovery, memory (make bench)"
     )
@@ -245,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     _http_arguments(gateway, optional=False)
     logs.add_arguments(gateway)
     token = sub.add_parser("token", help="print the HTTP gateway's bearer token (the API key for OpenAI clients)")
-    token.add_argument("--config-dir", type=Path)
+    token.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
     key = sub.add_parser("key", help="print the hub's public signing key (for `swarm-node run --hub-key`)")
-    key.add_argument("--config-dir", type=Path)
+    key.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
+    argtypes.describe(parser)
     return parser
 
 
@@ -260,46 +311,65 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--heartbeat-timeout",
-        type=float,
+        type=argtypes.positive_float,
         default=written_off_after(HEARTBEAT_S),
         help="seconds of silence before a node is offline (default: %(default)s, as the broker's keepalive)",
     )
     p.add_argument(
         "--quiet-timeout",
-        type=float,
+        type=argtypes.positive_float,
         default=2.0,
         help="seconds without progress before a busy node's task goes to another node (default: %(default)s)",
     )
-    p.add_argument("--request-timeout", type=float, default=120.0, help="default deadline of a request")
-    p.add_argument("--retries", type=int, default=2, help="re-dispatches per request after failures")
+    p.add_argument("--request-timeout", type=REQUEST_TIMEOUT, default=120.0, help="default deadline of a request")
+    p.add_argument("--retries", type=argtypes.count, default=2, help="re-dispatches per request after failures")
     p.add_argument("--reranker", default="rules", help="best_of_n scorer (entry point nova_swarm.rerankers)")
-    p.add_argument("--heartbeat-interval", type=float, default=10.0, help="the local node's heartbeat (up only)")
-    d = Limits()
-    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="requests worked on at once")
-    p.add_argument("--max-queued", type=int, default=d.max_queued, help="requests waiting for a free node")
-    p.add_argument("--rate-limit", type=int, default=d.requests_per_minute, help="requests per client per minute")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
-    p.add_argument("--max-payload", type=int, default=d.max_payload_bytes, help="largest prompt message, bytes")
     p.add_argument(
-        "--metrics-interval", type=float, default=5.0, help="seconds between metrics for dashboards (0: none)"
+        "--heartbeat-interval", type=argtypes.positive_float, default=10.0, help="the local node's heartbeat (up only)"
+    )
+    d = Limits()
+    positive = argtypes.positive_int
+    p.add_argument("--max-inflight", type=positive, default=d.max_inflight, help="requests worked on at once")
+    p.add_argument("--max-queued", type=positive, default=d.max_queued, help="requests waiting for a free node")
+    p.add_argument(
+        "--rate-limit", type=positive, default=d.requests_per_minute, help="requests per client per minute"
+    )
+    p.add_argument("--max-tokens", type=positive, default=d.max_tokens, help="largest max_tokens a request may ask")
+    p.add_argument(
+        "--max-payload", type=positive, default=d.max_payload_bytes, help="largest prompt message, bytes"
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=argtypes.non_negative_float,
+        default=5.0,
+        help="seconds between metrics for dashboards (0: none)",
     )
     p.add_argument(
         "--retrieval",
-        type=Path,
+        type=argtypes.existing_dir,
         metavar="DIR",
         help="add the best-matching snippets of the text files in DIR to every chat prompt (off by default)",
     )
-    p.add_argument("--retrieval-top-k", type=int, default=3, help="snippets added per prompt (with --retrieval)")
+    p.add_argument(
+        "--retrieval-top-k",
+        type=argtypes.positive_int,
+        default=3,
+        help="snippets added per prompt (with --retrieval)",
+    )
     _credit_arguments(p)
 
 
 def _credit_arguments(p: argparse.ArgumentParser) -> None:
     d = CreditRates()
-    p.add_argument("--credits-per-1k-tokens", type=float, default=d.per_1k_tokens, help="credits per 1000 tokens")
+    rate = argtypes.non_negative_float
+    p.add_argument("--credits-per-1k-tokens", type=rate, default=d.per_1k_tokens, help="credits per 1000 tokens")
     p.add_argument(
-        "--credits-size-unit-mb", type=float, default=d.size_unit_mb, help="model MB per x1 of the size multiplier"
+        "--credits-size-unit-mb",
+        type=argtypes.positive_float,
+        default=d.size_unit_mb,
+        help="model MB per x1 of the size multiplier",
     )
-    p.add_argument("--credits-per-hour", type=float, default=d.per_hour_online, help="credits per hour online")
+    p.add_argument("--credits-per-hour", type=rate, default=d.per_hour_online, help="credits per hour online")
 
 
 def _credit_rates(args: argparse.Namespace) -> CreditRates:
@@ -357,6 +427,7 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
     http.add_argument(
         "--http",
         metavar="HOST:PORT",
+        type=_listen_text,
         help=f"where the OpenAI-compatible API and chat page listen (default: {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT})",
     )
     if optional:
@@ -372,6 +443,15 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
         action="store_true",
         help="serve API requests that carry no token at all: only on a LAN you trust (default: the token is required)",
     )
+
+
+def _listen_text(text: str) -> str:
+    """--http as given, once parse_listen accepts it (its error is the one-line refusal)."""
+    try:
+        parse_listen(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--http {text!r}: ")) from exc
+    return text
 
 
 def _header_name(text: str) -> str:
@@ -538,7 +618,14 @@ async def cmd_up(args: argparse.Namespace) -> int:
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.broker_engine, tls=args.tls)
     if args.bridge is not None and local.engine != "mosquitto":
         raise ConfigError("--bridge needs --broker-engine mosquitto: amqtt cannot bridge to another broker")
-    home.save_local(local)
+    check_port_free(local.host, local.port)
+    # local.json is what every later command reads to find this swarm: an `up` that fails (the
+    # port taken after all, the local node unable to start) puts back what was there.
+    with local_until_ready(home, local) as started:
+        return await _up(args, home, local, started)
+
+
+async def _up(args: argparse.Namespace, home: SwarmHome, local: LocalSwarm, started: Callable[[], None]) -> int:
     tls_files: tls.TLSFiles | None = None
     if local.tls:
         # Made here, before the broker starts, so we can reach it the moment it listens.
@@ -583,7 +670,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
             default_host=local.host,
             tls_files=tls_files,
         )
-        hub_task = asyncio.create_task(_run_hub(hub, gateway, _announcer(args, home, local, gateway)))
+        announcer = _announcer(args, home, local, gateway)
+        hub_task = asyncio.create_task(_run_hub(hub, gateway, announcer))
         await asyncio.wait([hub_task, asyncio.create_task(hub.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not args.no_node and not hub_task.done():
             node_cmd = [sys.executable, "-m", "nova_swarm.node", "run", "--port", str(local.port)]
@@ -592,20 +680,53 @@ async def cmd_up(args: argparse.Namespace) -> int:
             for flag, value in (("--model", args.model), ("--node-id", args.node_id), ("--threads", args.threads)):
                 if value is not None:
                     node_cmd += [flag, str(value)]
-            children.append(subprocess.Popen(node_cmd, env=env, start_new_session=True))
+            since = time.time()
+            node = subprocess.Popen(node_cmd, env=env, start_new_session=True)
+            children.append(node)
+            status = await _node_started(node, hub, hub_task, args.node_id, since)
+            if status is not None:
+                # A swarm with no node answers nothing: stop, rather than serve a chat page that cannot.
+                hub.stop()
+                for helper in (gateway, announcer):
+                    if helper is not None:
+                        helper.stop()
+                await hub_task
+                raise ConfigError(
+                    f"the local node could not start (it exited with status {status}; its reason is above),"
+                    " so the swarm is stopped. Fix the node's settings, or run `up --no-node`."
+                )
+        started()
         scheme = "mqtts" if local.tls else "mqtt"
-        print(
-            f"swarm up: broker {local.engine} on {scheme}://{local.host}:{local.port}, swarm {local.swarm!r}. "
-            f"Try: swarm-hub ask 'What is 2+2?'   (Ctrl-C stops everything)",
-            file=sys.stderr,
-        )
-        if gateway is not None:
-            print(f"chat page: {gateway.chat_url}   OpenAI API: {gateway.base_url}/v1", file=sys.stderr)
+        if not hub_task.done():  # not stopped (Ctrl-C) while the node was starting
+            print(
+                f"swarm up: broker {local.engine} on {scheme}://{local.host}:{local.port}, swarm {local.swarm!r}. "
+                f"Try: swarm-hub ask 'What is 2+2?'   (Ctrl-C stops everything)",
+                file=sys.stderr,
+            )
+            if gateway is not None:
+                print(f"chat page: {gateway.chat_url}   OpenAI API: {gateway.base_url}/v1", file=sys.stderr)
         await hub_task
     finally:
         for child in reversed(children):
             await _stop_child(child)
     return 0
+
+
+async def _node_started(
+    node: subprocess.Popen[bytes], hub: Hub, hub_task: asyncio.Task[None], node_id: str | None, since: float
+) -> int | None:
+    """Wait until the local node is heard at the hub (or the hub stops); the node's exit status
+    when it exits first. Without --node-id the node picks its own id, so any node heard since it
+    was started counts: on a fresh `up` that is it."""
+    while not hub_task.done():
+        status = node.poll()
+        if status is not None:
+            return status
+        for record in hub.registry.nodes.values():
+            if (node_id is None or record.node_id == node_id) and (record.last_seen or 0.0) >= since:
+                return None
+        await asyncio.sleep(0.1)
+    return None
 
 
 async def _stop_child(child: subprocess.Popen[bytes], grace: float = 40.0) -> None:
@@ -626,18 +747,21 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     home = _home(args)
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     fanout = args.fanout or (2 if args.strategy == "best_of_n" else 1)
-    request = PromptRequest(
-        prompt=args.prompt,
-        strategy=args.strategy,
-        fanout=fanout,
-        tags=tags,
-        model=args.model,
-        timeout_s=args.timeout,
-        params=GenParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
-        stream=args.stream,
-        response_format=_schema_format(args.schema) if args.schema else None,
-        retrieval=False if args.no_retrieval else None,
-    )
+    try:
+        request = PromptRequest(
+            prompt=args.prompt,
+            strategy=args.strategy,
+            fanout=fanout,
+            tags=tags,
+            model=args.model,
+            timeout_s=args.timeout,
+            params=GenParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
+            stream=args.stream,
+            response_format=_schema_format(args.schema) if args.schema else None,
+            retrieval=False if args.no_retrieval else None,
+        )
+    except ValidationError as exc:
+        raise ConfigError(_refused(exc)) from exc
     async with SwarmClient(_url(args, home, Role.CLIENT), swarm=_swarm(args, home), ca_file=args.ca_file) as client:
         try:
             if args.stream:
@@ -672,6 +796,14 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refused(exc: ValidationError) -> str:
+    """What the wire contract refused in a request built from flags the parser let through (a tag
+    with a space, say), as one line naming the field."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "request"
+    return f"cannot send that request: {where}: {first['msg']}"
+
+
 async def _ask_streaming(client: SwarmClient, request: PromptRequest, timeout: float, *, echo: bool) -> Answer:
     """Print the answer as it comes; a restart (the streaming node was lost) starts a new line."""
     shown = ""
@@ -703,7 +835,10 @@ def _schema_format(path: Path) -> ResponseFormat:
 
 async def cmd_embed(args: argparse.Namespace) -> int:
     home = _home(args)
-    request = PromptRequest(kind="embed", input=list(args.texts), model=args.model, timeout_s=args.timeout)
+    try:
+        request = PromptRequest(kind="embed", input=list(args.texts), model=args.model, timeout_s=args.timeout)
+    except ValidationError as exc:
+        raise ConfigError(_refused(exc)) from exc
     async with SwarmClient(_url(args, home, Role.CLIENT), swarm=_swarm(args, home), ca_file=args.ca_file) as client:
         try:
             answer = await client.ask(request, timeout=args.timeout + 5)
@@ -800,7 +935,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
         return 0 if status.state == "online" else 1
     print(f"hub {status.hub_id}: {status.state} (version {status.version or '?'}), up since {_ago(status.started_at)}")
     print(f"nodes: {status.nodes_online} online, {status.nodes_paused} paused, {status.nodes_offline} offline")
-    print(f"requests: {status.inflight} in flight, {status.answered} answered, {status.failed} failed")
+    print(
+        f"requests: {status.inflight} in flight, {status.answered} answered, {status.failed} failed,"
+        f" {status.cancelled} cancelled by their client"
+    )
     return 0 if status.state == "online" else 1
 
 
@@ -811,7 +949,7 @@ async def cmd_top(args: argparse.Namespace) -> int:
     # Ctrl-C is how you leave `top`: stop drawing and exit 0, leaving the last frame on screen.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await run_top(
+    reports = await run_top(
         _url(args, home, Role.CLIENT),
         _swarm(args, home),
         ca_file=args.ca_file,
@@ -819,6 +957,10 @@ async def cmd_top(args: argparse.Namespace) -> int:
         duration=args.duration,
         stop=stop,
     )
+    if reports.empty and not sys.stdout.isatty():
+        # A snapshot for a script: say plainly that there was nothing to show.
+        print("no report from a hub: is `swarm-hub up` or `serve` running?", file=sys.stderr)
+        return 1
     return 0
 
 
