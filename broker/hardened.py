@@ -449,10 +449,12 @@ class HardenedBroker(Broker):
         """amqtt's fan-out of one message, with each subscriber's backlog bounded."""
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
-        for topic_filter, subscriptions in self._subscriptions.items():
+        # Per message, so only the lists of the filters that match are copied (_Snapshots.items()
+        # would copy every node's, for each message): still a walk over a snapshot.
+        for topic_filter, subscriptions in list(dict.items(self._subscriptions)):
             if not self._matches(topic, topic_filter):
                 continue
-            for target, sub_qos in subscriptions:
+            for target, sub_qos in list(subscriptions):
                 qos = broadcast.get("qos", sub_qos)
                 if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
                     continue
