@@ -77,10 +77,12 @@ from .gateway import (
     Gateway,
     GatewayConfig,
     check_header_name,
+    check_origin,
     parse_listen,
 )
 from .hub import Hub
 from .intake import Limits
+from .model_names import ModelNames, parse_alias
 from .retrieval import RetrievalConfig
 from .top import run_top
 
@@ -443,6 +445,38 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
         action="store_true",
         help="serve API requests that carry no token at all: only on a LAN you trust (default: the token is required)",
     )
+    p.add_argument(
+        "--model-alias",
+        metavar="ALIAS=MODEL",
+        action="append",
+        type=_config_value(parse_alias),
+        help="let clients name MODEL as ALIAS, e.g. gpt-4o-mini=SmolLM2-135M-Instruct.Q4_1 (repeatable)",
+    )
+    p.add_argument(
+        "--no-model-fallback",
+        action="store_true",
+        help="refuse unknown model names even when the swarm serves only one model (default: use that model)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        metavar="ORIGIN",
+        action="append",
+        type=_config_value(check_origin),
+        help="let web pages from ORIGIN (http://host:port, or *) call the API from a browser"
+        " (repeatable; default: none)",
+    )
+
+
+def _config_value(check: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a checker that raises ConfigError: its message is the one-line refusal."""
+
+    def parse(text: str) -> object:
+        try:
+            return check(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
 
 
 def _listen_text(text: str) -> str:
@@ -503,6 +537,8 @@ def _gateway(
             tls_key=tls_files.key if tls_files else None,
             api_key_header=args.api_key_header,
             allow_anonymous=args.allow_anonymous,
+            models=ModelNames(aliases=dict(args.model_alias or ()), fallback=not args.no_model_fallback),
+            cors_origins=tuple(args.cors_origin or ()),
         ),
         url,
         ca_file=ca_file,
