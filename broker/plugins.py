@@ -1,4 +1,4 @@
-"""amqtt plugins and the hardened broker class: the embedded broker's security boundary.
+"""amqtt plugins, the embedded broker's logins and ACL (the broker class itself is ``hardened.py``).
 
 Loaded by dotted path from ``embedded.py``'s explicit plugin set; nothing else is loaded (no
 anonymous auth, no ``$SYS``, no packet logger). See the team notes (BROKERS.md) for the defects these
@@ -88,7 +88,4 @@ class TopicACL(BaseTopicPlugin):
         )
 
 
-# The broker class moved to hardened.py with the protocol hardening; importable from here still.
-from .hardened import HardenedBroker  # noqa: E402
-
-__all__ = ["HardenedBroker", "PasswordAuth", "TopicACL"]
+__all__ = ["PasswordAuth", "TopicACL"]

@@ -124,7 +124,7 @@ async def test_retained_leak_is_closed(home: SwarmHome, hardened: bool) -> None:
     does not, and our client drops unsolicited topics either way."""
     from amqtt.broker import Broker
 
-    from nova_swarm.broker.plugins import HardenedBroker
+    from nova_swarm.broker.hardened import HardenedBroker
 
     port = free_port()
     config = amqtt_config(EmbeddedBrokerConfig("127.0.0.1", port, "main", home.password_file))
@@ -198,7 +198,7 @@ async def test_fan_out_survives_clients_subscribing_meanwhile(home: SwarmHome) -
     leaving meanwhile killed the walk and the message with it. Ours walks a snapshot."""
     from amqtt.broker import Broker
 
-    from nova_swarm.broker.plugins import HardenedBroker
+    from nova_swarm.broker.hardened import HardenedBroker
 
     def walk_while_subscribing(broker: Broker) -> int:
         table = broker._subscriptions
