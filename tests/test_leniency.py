@@ -165,6 +165,23 @@ async def test_ollama_options_map_onto_the_same_fields(swarm: Swarm) -> None:
     _, greedy = await chat(swarm, temperature=0)
     _, mapped = await chat(swarm, **options.params)
     assert text(mapped) == text(greedy)
+    # the same through Ollama's own API, options and all
+    await post(swarm, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    status, headers, raw = await ahttp(
+        f"{swarm.base}/api/chat",
+        method="POST",
+        body={
+            "model": MODEL,
+            "messages": STORY,
+            "stream": False,
+            "keep_alive": "5m",
+            "options": {"top_k": 1, "temperature": 1.5, "seed": 5, "num_predict": 24, "num_ctx": 4096},
+        },
+        token=swarm.token,
+    )
+    assert status == 200, raw
+    assert json.loads(raw)["message"]["content"] == text(greedy)
+    assert "options.num_ctx" in headers[IGNORED_HEADER.lower()]
     assert ollama_options({"num_predict": -1, "mirostat": 0, "stop": "\n"}).params == {"stop": ["\n"]}
     for bad in ({"mirostat": 2}, {"tfs_z": 0.5}, {"penalize_newline": 1}, {"flux_capacitor": 1}):
         with pytest.raises(OptionError):
