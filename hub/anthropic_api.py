@@ -96,7 +96,16 @@ _FIELDS = frozenset(
 #: Anthropic's fields that change nothing a client could notice here (a swarm has no regions,
 #: workspaces, speed tiers or prompt-cache diagnostics)
 _IGNORED = frozenset(
-    {"metadata", "service_tier", "cache_control", "inference_geo", "speed", "user_profile_id", "workspace_id", "diagnostics"}
+    {
+        "metadata",
+        "service_tier",
+        "cache_control",
+        "inference_geo",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
+        "diagnostics",
+    }
 )
 
 #: keys a content block may carry that change nothing here (prompt caching, citations off)
@@ -243,9 +252,8 @@ def _turn(index: int, raw: Any) -> list[dict[str, Any]]:
             _no_extras(here, block, {"type", "id", "name", "input"})
             if not isinstance(block.get("input"), dict) or not isinstance(block.get("id"), str):
                 raise bad_request(f"{here} needs an 'id' and an 'input' object", param=here)
-            calls.append(
-                {"id": block["id"], "type": "function", "function": {"name": block.get("name"), "arguments": json.dumps(block["input"])}}
-            )
+            function = {"name": block.get("name"), "arguments": json.dumps(block["input"])}
+            calls.append({"id": block["id"], "type": "function", "function": function})
         elif kind == "tool_result" and role == "user":
             _no_extras(here, block, {"type", "tool_use_id", "content", "is_error"})
             if not isinstance(block.get("tool_use_id"), str):
@@ -286,7 +294,8 @@ def _tool(index: int, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise bad_request(f"{where} must be an object", param=where)
     if raw.get("type") not in (None, "custom"):
-        raise bad_request(f"{where} is Anthropic's server tool {raw.get('type')!r}, which this swarm lacks", param=where)
+        kind = raw.get("type")
+        raise bad_request(f"{where} is Anthropic's server tool {kind!r}, which this swarm lacks", param=where)
     _no_extras(where, raw, {"type", "name", "description", "input_schema"})
     schema = raw.get("input_schema")
     if not isinstance(schema, dict):
@@ -301,7 +310,9 @@ def _tool_choice(raw: Any) -> Any:
     kind = raw.get("type") if isinstance(raw, dict) else None
     allowed = {"type", "disable_parallel_tool_use"} | ({"name"} if kind == "tool" else set())
     if kind is None or set(raw) - allowed:
-        raise bad_request("'tool_choice' must be {\"type\": auto|any|tool|none} (tool with 'name')", param="tool_choice")
+        raise bad_request(
+            "'tool_choice' must be {\"type\": auto|any|tool|none} (tool with 'name')", param="tool_choice"
+        )
     match kind:
         case "auto":
             return "auto"
@@ -334,7 +345,9 @@ def _input(arguments: str) -> Any:
         return json.loads(arguments)
     except ValueError as exc:
         raise ApiError(
-            502, f"the model's tool call arguments are not JSON: {arguments[:80]!r}", code=ErrorCode.INVALID_OUTPUT.value
+            502,
+            f"the model's tool call arguments are not JSON: {arguments[:80]!r}",
+            code=ErrorCode.INVALID_OUTPUT.value,
         ) from exc
 
 
@@ -421,7 +434,8 @@ class MessageEvents:
         return event({"type": "content_block_delta", "index": self._open[0], "delta": delta})
 
     def _text(self, text: str) -> list[bytes]:
-        out = [] if self._open is not None and self._open[1] == "text" else self._start("text", {"type": "text", "text": ""})
+        in_text = self._open is not None and self._open[1] == "text"
+        out = [] if in_text else self._start("text", {"type": "text", "text": ""})
         self.text += text
         out.append(self._delta({"type": "text_delta", "text": text}))
         return out

@@ -115,7 +115,9 @@ def responses_request(
         if isinstance(choice, dict) and choice.get("type") == "function" and set(choice) == {"type", "name"}:
             choice = {"type": "function", "function": {"name": choice["name"]}}
         elif choice not in ("auto", "none", "required"):
-            raise bad_request("'tool_choice' must be auto, none, required or {type: function, name}", param="tool_choice")
+            raise bad_request(
+                "'tool_choice' must be auto, none, required or {type: function, name}", param="tool_choice"
+            )
         if choice != "none" or "tools" in fields:
             fields["tool_choice"] = choice
     text = body.get("text")
