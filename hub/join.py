@@ -35,6 +35,7 @@ import json
 import re
 import threading
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -85,14 +86,18 @@ def download_key(enrolment: Enrolment) -> str:
     return f"{enrolment.node_id}.{mac.hexdigest()[:32]}"
 
 
-def check_key(enrolments: dict[str, Enrolment], authorization: str) -> str:
-    """The node id a ``Authorization: Bearer <key>`` header belongs to; ``JoinRefused`` if none."""
+def check_key(enrolments: Callable[[], Mapping[str, Enrolment]], authorization: str) -> str:
+    """The node id a ``Authorization: Bearer <key>`` header belongs to; ``JoinRefused`` if none.
+
+    ``enrolments`` is called only for a key of the right shape: anyone on the LAN can ask, and
+    a request without one should not cost the gateway's loop a read of the enrolment file.
+    """
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise JoinRefused(401, "no download key: use the exact line `swarm-hub enroll NODE` printed")
     shape = _KEY_SHAPE.fullmatch(key)
-    enrolment = enrolments.get(shape.group(1)) if shape else None
+    enrolment = enrolments().get(shape.group(1)) if shape else None
     if enrolment is None or not hmac.compare_digest(download_key(enrolment), key):
         raise JoinRefused(403, "this download key is not valid (node revoked or re-enrolled?): run enroll again")
     return enrolment.node_id
@@ -274,7 +279,7 @@ class JoinService:
         return installer(name)
 
     def authorize(self, authorization: str) -> str:
-        return check_key(self.home.enrolments(), authorization)
+        return check_key(self.home.enrolments, authorization)
 
     def wheel(self) -> bytes:
         """Built on first use (in a worker thread: it reads a few hundred files), then kept."""
