@@ -65,7 +65,7 @@ from nova_swarm.broker.version import __version__
 from . import credits, metrics, pins, rerank, retrieval
 from .client import SwarmClient
 from .config import HubConfig
-from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
+from .intake import Accepted, Rejected, default_max_tokens, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, ReceiptBody, receipts, sha256_text
 from .ledger import uptime as ledger_uptime
@@ -828,7 +828,11 @@ class Hub:
         self._waiting.pop(run, None)
         for node in picked:
             task_id = uuid.uuid4().hex
-            timeout = self._attempt_timeout(node, req.params.max_tokens, run.machine.deadline - loop.time())
+            remaining = run.machine.deadline - loop.time()
+            max_tokens = req.params.max_tokens
+            if max_tokens is None and req.kind == "chat":
+                max_tokens = self._default_length(node, remaining)
+            timeout = self._attempt_timeout(node, max_tokens, remaining)
             run.machine.assigned(
                 task_id=task_id,
                 node_id=node.node_id,
@@ -847,8 +851,8 @@ class Hub:
                 # cap (which the hub's status shows); the node clamps to its own cap as well.
                 params=(
                     req.params
-                    if req.params.max_tokens is not None or req.kind != "chat"
-                    else req.params.model_copy(update={"max_tokens": self.config.limits.max_tokens})
+                    if max_tokens == req.params.max_tokens
+                    else req.params.model_copy(update={"max_tokens": max_tokens})
                 ),
                 timeout_s=round(timeout, 3),
                 model=req.model,
@@ -912,6 +916,13 @@ class Hub:
         a few of the node's own progress intervals; None for a node that promised none."""
         every = node.announce.progress_s if node.announce is not None else None
         return None if every is None else max(self.config.quiet_s, 3 * every)
+
+    def _default_length(self, node: NodeRecord, remaining: float) -> int:
+        """``max_tokens`` for a chat request that gives none (``intake.default_max_tokens``), by
+        the node's recent speed, else the one it measured at start."""
+        heard = node.heartbeat.tokens_per_s if node.heartbeat is not None else None
+        speed = heard or (node.announce.tokens_per_s if node.announce is not None else None)
+        return default_max_tokens(self.config.limits.max_tokens, speed, remaining)
 
     def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
         announce = node.announce

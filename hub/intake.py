@@ -54,6 +54,21 @@ class Limits:
                 raise ConfigError(f"limit {name} must be at least 1")
 
 
+#: of the time left before a request's deadline, the share a default-length answer may fill;
+#: the rest is for reading the prompt and the trip back
+_GENERATING_SHARE = 0.8
+
+
+def default_max_tokens(cap: int, tokens_per_s: float | None, remaining_s: float) -> int:
+    """``max_tokens`` for a chat request that gives none: the hub's ``cap``, or fewer when a
+    node's measured speed says it could not write that many before the deadline. A node that
+    runs past its deadline sends nothing back, so an answer cut to fit (``finish_reason:
+    length``) beats a long one lost. A node of unknown speed gets the cap."""
+    if not tokens_per_s or tokens_per_s <= 0:
+        return cap
+    return max(1, min(cap, int(tokens_per_s * max(remaining_s, 0.0) * _GENERATING_SHARE)))
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     request: PromptRequest

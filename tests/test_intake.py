@@ -8,7 +8,7 @@ import pytest
 from nova_swarm.broker.connection import Message
 from nova_swarm.broker.errors import ErrorCode
 from nova_swarm.broker.topics import Topics
-from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt, split_key
+from nova_swarm.hub.intake import Accepted, Limits, Rejected, default_max_tokens, parse_prompt, split_key
 
 T = Topics("main")
 LIMITS = Limits(max_payload_bytes=4096, max_prompt_chars=100)
@@ -103,3 +103,14 @@ def test_the_sending_login_is_the_scope_and_bounds_the_reply_topic() -> None:
     shared = parse(b'{"id": "q", "prompt": "hi"}')
     assert isinstance(shared, Accepted) and shared.key == "q"
     assert split_key("alice/q") == ("alice", "q") and split_key("q") == ("default", "q")
+
+
+def test_default_length_fits_the_deadline() -> None:
+    # no max_tokens: the hub's cap, unless the node's speed says the answer would outrun the
+    # deadline and be lost; then as much as fits, in 80% of the time left
+    assert default_max_tokens(4096, None, 120.0) == 4096
+    assert default_max_tokens(4096, 0.0, 120.0) == 4096
+    assert default_max_tokens(4096, 100.0, 120.0) == 4096
+    assert default_max_tokens(4096, 5.0, 120.0) == 480
+    assert default_max_tokens(300, 5.0, 120.0) == 300
+    assert default_max_tokens(4096, 5.0, 0.0) == 1
