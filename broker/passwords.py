@@ -43,8 +43,12 @@ def verify_password(password: str, encoded: str) -> bool:
 
 def read_password_file(path: Path) -> dict[str, str]:
     """``user:$7$...`` lines -> {user: encoded hash}. Blank lines and ``#`` comments are skipped."""
+    return _hashes(path.read_text())
+
+
+def _hashes(text: str) -> dict[str, str]:
     entries: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -70,7 +74,11 @@ def write_password_file(path: Path, logins: dict[str, str], *, clients: frozense
 
 def read_client_logins(path: Path) -> frozenset[str]:
     """The client logins a password file names (none for a file without the header)."""
-    for line in path.read_text().splitlines():
+    return _client_logins(path.read_text())
+
+
+def _client_logins(text: str) -> frozenset[str]:
+    for line in text.splitlines():
         if line.startswith(_CLIENTS_HEADER):
             return frozenset(line[len(_CLIENTS_HEADER) :].split())
     return frozenset()
@@ -124,8 +132,11 @@ class LoginCheck:
         st = os.stat(self.path)
         stamp = (st.st_ino, st.st_mtime)
         if stamp != self._stamp:
-            self._hashes = read_password_file(self.path)
-            self.clients = read_client_logins(self.path)
+            # One read for both: a file replaced in between would pair hashes and client
+            # logins of two versions.
+            text = self.path.read_text()
+            self._hashes = _hashes(text)
+            self.clients = _client_logins(text)
             self._verified.clear()
             self._stamp = stamp
 
