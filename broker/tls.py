@@ -181,18 +181,20 @@ async def watch(
     listener. New connections get the new certificate; connections already up keep theirs."""
     tls_dir = files.cert.parent
 
-    def reissued() -> TLSFiles | None:
+    def reissued() -> tuple[TLSFiles, list[str]] | None:
         before = files.cert.read_bytes() if files.cert.exists() else b""
-        fresh = ensure(tls_dir, broker_names(listen_host))
-        return fresh if fresh.cert.read_bytes() != before else None
+        names = broker_names(listen_host)
+        fresh = ensure(tls_dir, names)
+        return (fresh, names) if fresh.cert.read_bytes() != before else None
 
     while True:
         await asyncio.sleep(every_s)
         try:
-            fresh = await asyncio.to_thread(reissued)
+            outcome = await asyncio.to_thread(reissued)
         except (OSError, ConfigError) as exc:  # a full disk must not stop a running broker
             log.warning("cannot reissue the broker certificate; serving the old one", error=str(exc))
             continue
-        if fresh is not None:
+        if outcome is not None:
+            fresh, names = outcome
             reload(fresh)
-            log.info("broker certificate reissued for new addresses", names=broker_names(listen_host))
+            log.info("broker certificate reissued for new addresses", names=names)
