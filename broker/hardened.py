@@ -543,8 +543,9 @@ class HardenedBroker(Broker):
             queued = session.retained_messages.get_nowait()
             send = handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
             sends.append(asyncio.ensure_future(send))
-        if sends:
-            await asyncio.wait(sends)
+        # gather, not amqtt's wait: a send that fails (the client left again) has its error
+        # taken rather than logged as never retrieved, and a cancelled replay cancels its sends.
+        await asyncio.gather(*sends, return_exceptions=True)
 
     async def drop_stale_logins(self, check: LoginCheck) -> list[str]:
         """Disconnect every client whose login no longer passes ``check`` (revoked or rotated).
