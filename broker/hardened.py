@@ -351,6 +351,11 @@ class HardenedBroker(Broker):
             else:
                 session.client_id = gen_client_id()
             session.parent = 0
+        elif session.client_id in self._sessions and self._sessions[session.client_id][0].username != session.username:
+            # Another login's persistent session is never handed over: its queue holds that
+            # login's private replies. Start afresh, as Mosquitto does for a new username.
+            await self._delete_session(session.client_id)
+            session.parent = 0
         elif session.client_id in self._sessions:
             existing, _ = self._sessions[session.client_id]
             for field in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive"):

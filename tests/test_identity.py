@@ -193,6 +193,26 @@ def test_client_logins_share_the_node_namespace_and_come_from_the_cli(home: Swar
     assert swarm_hub("enroll").returncode != 0  # a node or --client: one of them
 
 
+
+async def test_another_logins_persistent_session_is_never_handed_over(broker: RunningBroker) -> None:
+    """Bob keeps a session (clean_session off) and a private reply is queued for it while he is
+    away; Alice, connecting with Bob's client id and her own login, must not get it."""
+    bob, alice = await broker.client_login("bob"), await broker.client_login("alice")
+    hub = broker.url(Role.HUB)
+
+    def persistent(url: BrokerURL) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            url.host, url.port, username=url.username, password=url.password,
+            identifier="bobs-session", clean_session=False, timeout=5,
+        )  # fmt: skip
+
+    async with persistent(bob) as client:
+        await client.subscribe(T.reply("bob"), qos=1)
+    async with raw_client(hub, "queue-for-bob") as client:
+        await client.publish(T.reply("bob"), b"for bob only", qos=1)
+    async with persistent(alice) as client:
+        assert await received(client, 2.0) == []
+
 def test_a_node_login_with_a_non_ascii_client_id_is_refused_not_an_error() -> None:
     # A client id is any UTF-8 a peer sends; hmac.compare_digest refuses non-ASCII str outright.
     from nova_swarm.broker.identity import client_id_allowed
