@@ -18,6 +18,10 @@ which it keeps up across broker restarts.
     GET  /v1/models[/{id}]      models of the nodes online or paused: context length, capabilities
     POST /v1/chat/completions   chat, streamed (SSE) or not; JSON schema; tool calls
     POST /v1/embeddings         one vector per input text
+    POST /v1/completions        OpenAI's legacy text completions (``completions_api.py``), streamed or not
+    POST /v1/responses          OpenAI's Responses API, stateless (``responses_api.py``), streamed or not
+    POST /v1/messages           Anthropic's Messages API (``anthropic_api.py``): streamed events, tools;
+                                its ``x-api-key`` header carries the token too; errors in its shape
     GET  /v1/swarm/nodes        the hub's node table, as on the wire
     POST /api/chat, /api/generate           Ollama's API (``ollama_api.py``): NDJSON streams unless
     POST /api/embed, /api/embeddings        ``"stream": false``; errors as ``{"error": ...}``
@@ -45,7 +49,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import structlog
@@ -60,11 +64,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nova_swarm.broker.connection import reconnecting
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
-from nova_swarm.broker.messages import Answer, PromptRequest
+from nova_swarm.broker.messages import Answer, PromptRequest, StreamChunk
 from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
 from nova_swarm.broker.url import BrokerURL
 
 from . import ollama_api, openai_api
+from . import anthropic_api, completions_api, responses_api
 from .client import SwarmClient
 from .leniency import IGNORED_HEADER, ignored_header
 from .model_names import ModelNames
@@ -370,6 +375,9 @@ class Gateway:
                 Route("/v1/models/{model:path}", self._guarded(self._model), methods=["GET"]),
                 Route("/v1/chat/completions", self._guarded(self._chat), methods=["POST"]),
                 Route("/v1/embeddings", self._guarded(self._embeddings), methods=["POST"]),
+                Route("/v1/completions", self._guarded(self._completions), methods=["POST"]),
+                Route("/v1/messages", self._anthropic(self._messages), methods=["POST"]),
+                Route("/v1/responses", self._guarded(self._responses), methods=["POST"]),
                 Route("/v1/swarm/nodes", self._guarded(self._nodes), methods=["GET"]),
                 Route("/join/{name}", self._join_file, methods=["GET"]),
                 Route("/api/chat", self._ollama(self._ollama_chat), methods=["POST"]),
@@ -391,13 +399,14 @@ class Gateway:
         endpoint: Callable[[Request], Awaitable[Response]],
         *,
         shape: Callable[[ApiError], Response] | None = None,
+        key_header: str | None = None,
     ) -> Callable[[Request], Awaitable[Response]]:
         """Bearer authentication, and every refusal in OpenAI's error shape (or ``shape``'s)."""
         render = shape or _error
 
         async def guarded(request: Request) -> Response:
             try:
-                self._authenticate(request)
+                self._authenticate(request, key_header=key_header)
                 return await endpoint(request)
             except ApiError as exc:
                 return render(exc)
@@ -415,15 +424,17 @@ class Gateway:
 
         return guarded
 
-    def _authenticate(self, request: Request) -> None:
+    def _authenticate(self, request: Request, *, key_header: str | None = None) -> None:
+        """The token, from Authorization: Bearer, the configured header, or the API's own (``key_header``)."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            token = request.headers.get(self.config.api_key_header, "") if self.config.api_key_header else ""
+            names = [name for name in (key_header, self.config.api_key_header) if name]
+            token = next((request.headers[n] for n in names if request.headers.get(n, "").strip()), "")
             if not token.strip():
                 if self.config.allow_anonymous:
                     return
-                extra = f" or '{self.config.api_key_header}: <token>'" if self.config.api_key_header else ""
+                extra = "".join(f" or '{name}: <token>'" for name in names)
                 raise openai_api.unauthorized(
                     f"no API key: send 'Authorization: Bearer <token>'{extra} (`swarm-hub token`)"
                 )
@@ -615,6 +626,122 @@ class Gateway:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ignored_header(call.ignored)},
         )
 
+    # ---------------------------------------------------------------- Anthropic's API, text completions
+
+    def _anthropic(
+        self, endpoint: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """The same authentication, plus Anthropic's own ``x-api-key``; refusals in Anthropic's shape."""
+        return self._guarded(endpoint, shape=_anthropic_error, key_header="x-api-key")
+
+    async def _messages(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        known = openai_api.known_models(client.fleet)
+        call = anthropic_api.messages_request(body, known_models=known, names=self.config.models)
+        headers = ignored_header(call.ignored)
+        if not call.request.stream:
+            answer = await self._ask(request, client, call.request)
+            return JSONResponse(anthropic_api.message(answer), headers=headers)
+
+        def events(request_id: str, model: str) -> _Events:
+            return anthropic_api.MessageEvents(request_id, model=model)
+
+        return await self._relay(request, client, call.request, events, headers=headers)
+
+    async def _completions(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        known = openai_api.known_models(client.fleet)
+        call = completions_api.completion_request(body, known_models=known, names=self.config.models)
+        headers = ignored_header(call.ignored)
+        if not call.request.stream:
+            answer = await self._ask(request, client, call.request)
+            return JSONResponse(completions_api.completion(answer, created=int(time.time())), headers=headers)
+
+        def events(request_id: str, model: str) -> _Events:
+            chunks = completions_api.CompletionChunks(
+                request_id, model=model, created=int(time.time()), include_usage=call.include_usage
+            )
+            return _OpenAIEvents(chunks)
+
+        return await self._relay(request, client, call.request, events, headers=headers)
+
+    async def _responses(self, request: Request) -> Response:
+        body = await self._body(request)
+        client = await self._swarm()
+        known = openai_api.known_models(client.fleet)
+        call = responses_api.responses_request(body, known_models=known, names=self.config.models)
+        headers = ignored_header(call.ignored)
+        if not call.request.stream:
+            answer = await self._ask(request, client, call.request)
+            return JSONResponse(responses_api.response(answer, created=int(time.time())), headers=headers)
+
+        def events(request_id: str, model: str) -> _Events:
+            return responses_api.ResponseEvents(request_id, model=model, created=int(time.time()))
+
+        return await self._relay(request, client, call.request, events, headers=headers)
+
+    async def _relay(
+        self,
+        request: Request,
+        client: SwarmClient,
+        prompt: PromptRequest,
+        events: Callable[[str, str], _Events],
+        *,
+        headers: dict[str, str],
+    ) -> Response:
+        """A streamed answer as server-sent events, written by ``events(request_id, model)``."""
+        prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
+        assert prompt.id is not None
+        stack = AsyncExitStack()
+        stream = await stack.enter_async_context(client.streaming(prompt, timeout=self._wait_s(prompt)))
+        chunks = stream.__aiter__()
+        answer: Answer | None = None
+        try:
+            # The first piece before the 200, so that a refusal keeps its real HTTP status.
+            first = await _unless_gone(request, anext(chunks, None))
+            if first is None:
+                answer = await stream.answer()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        model = prompt.model or _model_of(client, first.node_id if first else None) or "unknown"
+        writer = events(prompt.id, model)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                for data in writer.opening():
+                    yield data
+                if first is not None:
+                    for data in writer.piece(first):
+                        yield data
+                    async for piece in chunks:
+                        for data in writer.piece(piece):
+                            yield data
+                for data in writer.closing(answer or await stream.answer()):
+                    yield data
+            except ApiError as exc:
+                for data in writer.failure(exc):
+                    yield data
+            except RequestFailed as exc:
+                for data in writer.failure(openai_api.error_from(exc)):
+                    yield data
+            except ConnectionLost:
+                for data in writer.failure(ApiError(503, "the gateway lost the broker", code="broker_unreachable")):
+                    yield data
+            finally:
+                # Leaving the streaming block before the answer came cancels the request at the hub.
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
+
+        return _EventStream(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        )
+
     # ---------------------------------------------------------------- Ollama's API
 
     def _ollama(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -752,6 +879,38 @@ def _model_of(client: SwarmClient, node_id: str | None) -> str | None:
 
 def _error(exc: ApiError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def _anthropic_error(exc: ApiError) -> Response:
+    return JSONResponse(anthropic_api.error_body(exc), status_code=exc.status, headers=exc.headers())
+
+
+class _Events(Protocol):
+    """What ``Gateway._relay`` writes a stream with: framed server-sent events."""
+
+    def opening(self) -> list[bytes]: ...
+    def piece(self, chunk: StreamChunk) -> list[bytes]: ...
+    def closing(self, answer: Answer) -> list[bytes]: ...
+    def failure(self, exc: ApiError) -> list[bytes]: ...
+
+
+class _OpenAIEvents:
+    """An OpenAI-style chunk writer (dicts) as framed events: ``data:`` lines, DONE at the end."""
+
+    def __init__(self, chunks: completions_api.CompletionChunks) -> None:
+        self._chunks = chunks
+
+    def opening(self) -> list[bytes]:
+        return [openai_api.sse(c) for c in self._chunks.opening()]
+
+    def piece(self, chunk: StreamChunk) -> list[bytes]:
+        return [openai_api.sse(c) for c in self._chunks.piece(chunk)]
+
+    def closing(self, answer: Answer) -> list[bytes]:
+        return [*(openai_api.sse(c) for c in self._chunks.closing(answer)), openai_api.DONE]
+
+    def failure(self, exc: ApiError) -> list[bytes]:
+        return [openai_api.sse(exc.body())]
 
 
 def _ollama_error(exc: ApiError) -> Response:
