@@ -139,6 +139,25 @@ class GuardedHandler(BrokerProtocolHandler):
     #: why the broker closed this connection, for the log line that ends it
     closed_because: str | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set when this client's inbound backlog has room again or the connection is closing,
+        # so a reader held back by a stuck fan-out sleeps instead of polling.
+        self._room = asyncio.Event()
+        self._closing = False
+
+    async def mqtt_deliver_next_message(self) -> Any:
+        message = await super().mqtt_deliver_next_message()
+        session = self.session
+        if session is None or session.delivered_message_queue.qsize() < INBOUND_BACKLOG:
+            self._room.set()
+        return message
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._room.set()  # a reader waiting for room wakes up and ends
+        await super().stop()
+
     async def _handle_message_flow(self, app_message: Any) -> None:
         """amqtt's QoS flows, except that a QoS 1 or 2 delivery cut short by the connection's end
         stays in a persistent session, to be sent again when the client is back (MQTT-4.4.0-1).
@@ -202,8 +221,11 @@ class GuardedHandler(BrokerProtocolHandler):
                     # Read no further while this client's publishes wait for fan-out: amqtt
                     # read as fast as a client sent and queued it all (a 32 MB burst grew the
                     # broker by 28 MB). The peer's own TCP window holds the rest.
-                    while session.delivered_message_queue.qsize() >= INBOUND_BACKLOG:
-                        await asyncio.sleep(0.005)
+                    while session.delivered_message_queue.qsize() >= INBOUND_BACKLOG and not self._closing:
+                        self._room.clear()
+                        await self._room.wait()
+                    if self._closing:
+                        break
         except asyncio.CancelledError:
             pass  # stop() ends the loop; the clean-up below still runs, as in amqtt
         except Exception as exc:  # a peer's packet must end its connection, never the broker
