@@ -63,7 +63,8 @@ class TimedH11Protocol(H11Protocol):
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        assert isinstance(config, TimedConfig), "TimedH11Protocol is configured through TimedConfig"
+        if not isinstance(config, TimedConfig):  # a real check: asserts vanish under python -O
+            raise ConfigError(f"TimedH11Protocol is configured through TimedConfig, not {type(config).__name__}")
         self._timeouts = config.timeouts
         self._deadline: asyncio.TimerHandle | None = None
         #: what the running deadline waits for: "headers", "body", or None
