@@ -181,6 +181,20 @@ class GuardedHandler(BrokerProtocolHandler):
                 session.inflight_out[app_message.packet_id] = app_message
             raise
 
+    def _exchange_done(self, exchanges: set[asyncio.Task[None]]) -> Any:
+        """The done callback of one QoS 2 exchange: forgets it and takes its error, logged once."""
+
+        def done(task: asyncio.Task[None]) -> None:
+            exchanges.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                client_id = self.session.client_id if self.session is not None else "?"
+                log.warning("QoS 2 exchange failed", client_id=client_id, error=f"{type(exc).__name__}: {exc}")
+
+        return done
+
     async def _reader_loop(self) -> None:
         session, reader, ready = self.session, self.reader, self._reader_ready
         if session is None or reader is None or ready is None:
@@ -211,9 +225,11 @@ class GuardedHandler(BrokerProtocolHandler):
                     break
                 handle = getattr(self, _HANDLERS[kind])
                 if kind == framing.PUBLISH and packet.qos == QOS_2:
+                    # Owned by ``exchanges``: its error is taken and logged once when it ends,
+                    # and it is cancelled and awaited when the connection closes.
                     task = asyncio.create_task(handle(packet))
                     exchanges.add(task)
-                    task.add_done_callback(exchanges.discard)
+                    task.add_done_callback(self._exchange_done(exchanges))
                 else:
                     # In order, one at a time: a client that floods us waits for its own acks.
                     await handle(packet)
@@ -230,8 +246,11 @@ class GuardedHandler(BrokerProtocolHandler):
             pass  # stop() ends the loop; the clean-up below still runs, as in amqtt
         except Exception as exc:  # a peer's packet must end its connection, never the broker
             self.closed_because = f"{type(exc).__name__}: {exc}"
-        for task in exchanges:
+        pending = list(exchanges)
+        for task in pending:
             task.cancel()
+        if pending:  # bounded: the done callback takes each one's error
+            await asyncio.wait(pending, timeout=CLOSE_GRACE_S)
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
