@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 
 from nova_swarm.broker.errors import ConfigError
 
-from .sensors import _children, _number, _read_text, is_termux, termux_battery_status
+from .sensors import children, is_termux, number, read_text, termux_battery_status
 
 #: the environment variable that makes ``auto`` pick a simulated source of this many watts
 SIM_ENV = "NOVA_SWARM_ENERGY_SIM"
@@ -77,15 +77,15 @@ class RaplSource:
         self._total_uj = 0
 
     def zones(self) -> list[Path]:
-        return [z for z in _children(self.root) if z.name.startswith("intel-rapl:") and z.name.count(":") == 1]
+        return [z for z in children(self.root) if z.name.startswith("intel-rapl:") and z.name.count(":") == 1]
 
     def read(self) -> float | None:
         readings = []
         for zone in self.zones():
-            raw = _number(_read_text(zone / "energy_uj"))
+            raw = number(read_text(zone / "energy_uj"))
             if raw is None:
                 return None  # one zone unreadable: a partial sum would look like a saving
-            wrap = _number(_read_text(zone / "max_energy_range_uj"))
+            wrap = number(read_text(zone / "max_energy_range_uj"))
             readings.append((zone.name, int(raw), int(wrap) if wrap else None))
         if not readings:
             return None
@@ -112,16 +112,16 @@ class BatterySource:
         self.root = root
 
     def batteries(self) -> list[Path]:
-        return [s for s in _children(self.root) if _read_text(s / "type") == "Battery"]
+        return [s for s in children(self.root) if read_text(s / "type") == "Battery"]
 
     def read(self) -> float | None:
         total = None
         for supply in self.batteries():
             watts = battery_watts(
-                status=_read_text(supply / "status"),
-                power_uw=_number(_read_text(supply / "power_now")),
-                current_ua=_number(_read_text(supply / "current_now")),
-                voltage_uv=_number(_read_text(supply / "voltage_now")),
+                status=read_text(supply / "status"),
+                power_uw=number(read_text(supply / "power_now")),
+                current_ua=number(read_text(supply / "current_now")),
+                voltage_uv=number(read_text(supply / "voltage_now")),
             )
             if watts is None:
                 return None
@@ -175,7 +175,7 @@ def termux_watts(raw: dict[str, Any]) -> float | None:
         return None
     if plugged.startswith("PLUGGED"):
         return None
-    current, voltage = _number(raw.get("current")), _number(raw.get("voltage"))
+    current, voltage = number(raw.get("current")), number(raw.get("voltage"))
     if current is None or voltage is None or current == 0 or voltage <= 0:
         return None
     amps = abs(current) / (1e6 if abs(current) >= 10_000 else 1e3)
@@ -226,7 +226,7 @@ def load_source(spec: str) -> EnergySource | None:
 
 
 def _watts(text: str, where: str) -> float:
-    watts = _number(text)
+    watts = number(text)
     if watts is None or watts <= 0:
         raise ConfigError(f"{where} wants a positive number of watts, not {text!r}")
     return watts

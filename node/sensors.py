@@ -95,7 +95,7 @@ def parse_termux(raw: dict[str, Any]) -> Power:
         charging = True
     elif plugged == "UNPLUGGED" or status in ("DISCHARGING", "NOT_CHARGING"):
         charging = False
-    return Power(_number(raw.get("percentage")), charging, _number(raw.get("temperature")))
+    return Power(number(raw.get("percentage")), charging, number(raw.get("temperature")))
 
 
 class SysfsSource:
@@ -107,18 +107,18 @@ class SysfsSource:
     def read(self) -> Power:
         battery_pct = charging = battery_temp = None
         mains_online = False
-        for supply in _children(self.root / "power_supply"):
-            kind = _read_text(supply / "type")
+        for supply in children(self.root / "power_supply"):
+            kind = read_text(supply / "type")
             if kind == "Battery":
-                battery_pct = _number(_read_text(supply / "capacity"))
-                status = (_read_text(supply / "status") or "").lower()
+                battery_pct = number(read_text(supply / "capacity"))
+                status = (read_text(supply / "status") or "").lower()
                 if status in ("charging", "full"):
                     charging = True
                 elif status in ("discharging", "not charging"):
                     charging = False
-                tenths = _number(_read_text(supply / "temp"))
+                tenths = number(read_text(supply / "temp"))
                 battery_temp = tenths / 10 if tenths is not None else None
-            elif kind in ("Mains", "USB", "Wireless") and _read_text(supply / "online") == "1":
+            elif kind in ("Mains", "USB", "Wireless") and read_text(supply / "online") == "1":
                 mains_online = True
         if charging is None and battery_pct is not None:
             charging = mains_online
@@ -126,9 +126,9 @@ class SysfsSource:
 
     def _hottest_zone(self) -> float | None:
         temps = []
-        for zone in _children(self.root / "thermal"):
+        for zone in children(self.root / "thermal"):
             if zone.name.startswith("thermal_zone"):
-                milli = _number(_read_text(zone / "temp"))
+                milli = number(read_text(zone / "temp"))
                 # Some zones report garbage (negative or absurd values) when their sensor is off.
                 if milli is not None and 0 < milli < 150_000:
                     temps.append(milli / 1000)
@@ -171,9 +171,9 @@ class SimulatedSource:
             return Power()
         charging = raw.get("charging")
         return Power(
-            _number(raw.get("battery_pct")),
+            number(raw.get("battery_pct")),
             charging if isinstance(charging, bool) else None,
-            _number(raw.get("temp_c")),
+            number(raw.get("temp_c")),
         )
 
 
@@ -244,24 +244,27 @@ def is_termux() -> bool:
 # ---------------------------------------------------------------- helpers
 
 
-def _number(value: object) -> float | None:
+def number(value: object) -> float | None:
+    """``value`` as a finite float, or None (shared with energy.py for sysfs and Termux readings)."""
     if isinstance(value, bool) or value is None:
         return None
     try:
-        number = float(value)  # type: ignore[arg-type]
+        got = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-    return number if number == number and abs(number) != float("inf") else None
+    return got if got == got and abs(got) != float("inf") else None
 
 
-def _read_text(path: Path) -> str | None:
+def read_text(path: Path) -> str | None:
+    """A sysfs file's stripped text, or None when it cannot be read."""
     try:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError):  # PermissionError included: SELinux on phones
         return None
 
 
-def _children(path: Path) -> list[Path]:
+def children(path: Path) -> list[Path]:
+    """A directory's entries, sorted; none when it cannot be listed."""
     try:
         return sorted(path.iterdir())
     except OSError:
