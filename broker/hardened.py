@@ -286,7 +286,7 @@ class HardenedBroker(Broker):
         # stuck subscriber kept every later finished delivery alive: memory without bound.
         self._deliveries: set[asyncio.Task[None]] = set()
         self._backlog: dict[BrokerProtocolHandler, int] = {}
-        #: messages dropped per client id because its backlog was full
+        #: messages dropped per client id because its backlog was full, kept while its session lives
         self.dropped: dict[str, int] = {}
         #: the TLS listeners' contexts, so a reissued certificate can be loaded into them
         self.ssl_contexts: list[ssl.SSLContext] = []
@@ -550,6 +550,17 @@ class HardenedBroker(Broker):
                 dropped=count,
                 queue_limit=self.limits.max_queued_messages,
             )
+
+    # A login may invent any number of client ids, so a drop count lives only as long as its
+    # session: both of amqtt's ways of forgetting a session forget the count too.
+
+    async def _delete_session(self, client_id: str) -> None:
+        self.dropped.pop(client_id, None)
+        await super()._delete_session(client_id)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        self.dropped.pop(client_id, None)
+        await super()._cleanup_session(client_id)
 
     async def _shutdown_broadcast_loop(self) -> None:
         for task in list(self._deliveries):
