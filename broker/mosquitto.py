@@ -41,10 +41,10 @@ class MosquittoConfig:
     tls: TLSFiles | None = None
     #: a Mosquitto bridge config (deploy/mosquitto/bridge.conf) appended to the generated one
     bridge: Path | None = None
-    #: the same packet size and queue depth the embedded broker enforces
-    limits: BrokerLimits = BrokerLimits()
     #: seconds between checks that the certificate still names every address we are reached by
     tls_recheck_s: float = RECHECK_S
+    #: the same packet size and queue depth the embedded broker enforces
+    limits: BrokerLimits = BrokerLimits()
 
 
 def write_config(config: MosquittoConfig) -> Path:

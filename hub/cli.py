@@ -435,17 +435,6 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
     if optional:
         http.add_argument("--no-http", action="store_true", help="no HTTP gateway")
     p.add_argument(
-        "--api-key-header",
-        metavar="NAME",
-        type=_header_name,
-        help="also take the token, bare, in this header (like X-Api-Key), for clients that cannot set Authorization",
-    )
-    p.add_argument(
-        "--allow-anonymous",
-        action="store_true",
-        help="serve API requests that carry no token at all: only on a LAN you trust (default: the token is required)",
-    )
-    p.add_argument(
         "--model-alias",
         metavar="ALIAS=MODEL",
         action="append",
@@ -464,6 +453,23 @@ def _http_arguments(p: argparse.ArgumentParser, *, optional: bool = True) -> Non
         type=_config_value(check_origin),
         help="let web pages from ORIGIN (http://host:port, or *) call the API from a browser"
         " (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--api-key-header",
+        metavar="NAME",
+        type=_header_name,
+        help="also take the token, bare, in this header (like X-Api-Key), for clients that cannot set Authorization",
+    )
+    p.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve API requests that carry no token at all: only on a LAN you trust (default: the token is required)",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics (Prometheus) without the token, for a scraper on a network you trust "
+        "(default: scrapers send the token, as `authorization` in their scrape config)",
     )
 
 
@@ -535,10 +541,11 @@ def _gateway(
             swarm=swarm,
             tls_cert=tls_files.cert if tls_files else None,
             tls_key=tls_files.key if tls_files else None,
-            api_key_header=args.api_key_header,
-            allow_anonymous=args.allow_anonymous,
             models=ModelNames(aliases=dict(args.model_alias or ()), fallback=not args.no_model_fallback),
             cors_origins=tuple(args.cors_origin or ()),
+            api_key_header=args.api_key_header,
+            allow_anonymous=args.allow_anonymous,
+            metrics_public=args.metrics_public,
         ),
         url,
         ca_file=ca_file,

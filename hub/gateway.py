@@ -15,6 +15,8 @@ which it keeps up across broker restarts.
 
     GET  /                      the chat page (hub/static/index.html)      no auth
     GET  /health                {"status", "hub", "nodes_online", "max_tokens_limit"}   no auth
+    GET  /healthz               200 while the broker link is up and the hub online, else 503   no auth
+    GET  /metrics               Prometheus text format (``prometheus.py``)   token unless metrics_public
     GET  /v1/models[/{id}]      models of the nodes online or paused: context length, capabilities
     POST /v1/chat/completions   chat, streamed (SSE) or not; JSON schema; tool calls
     POST /v1/embeddings         one vector per input text
@@ -54,6 +56,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import structlog
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -65,13 +68,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nova_swarm.broker.connection import reconnecting
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from nova_swarm.broker.messages import Answer, PromptRequest, StreamChunk
-from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker.topics import DEFAULT_SWARM, Topics, check_id
 from nova_swarm.broker.url import BrokerURL
 
 from . import ollama_api, openai_api
 from . import anthropic_api, completions_api, responses_api
 from .client import SwarmClient
 from .leniency import IGNORED_HEADER, ignored_header
+from .prometheus import MetricsBoard, SwarmCollector, SwarmView
 from .model_names import ModelNames
 from .http_timeouts import HttpTimeouts, TimedConfig
 from .join import JoinRefused, JoinService
@@ -115,6 +119,9 @@ class GatewayConfig:
     api_key_header: str | None = None
     #: requests with no token at all are served (for a trusted LAN only); a wrong token is still refused
     allow_anonymous: bool = False
+    #: ``/metrics`` is served without the token, for scrapers on a trusted network (it shows node
+    #: ids, models, load and counts, never a prompt or an answer); by default it takes the token
+    metrics_public: bool = False
 
     def __post_init__(self) -> None:
         check_id(self.swarm, what="swarm id")
@@ -222,6 +229,10 @@ class Gateway:
         self._link_up = asyncio.Event()
         self._socket: socket.socket | None = None
         self._started = int(time.time())
+        #: the hub's metrics as they come over MQTT, and /metrics' registry reading them at scrape time
+        self._board = MetricsBoard(Topics(config.swarm))
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(SwarmCollector(self._swarm_view))
         #: set once the HTTP server accepts connections (``port`` is then the real one)
         self.ready = asyncio.Event()
         self.port = config.port
@@ -324,7 +335,9 @@ class Gateway:
 
     async def _keep_linked(self) -> None:
         def connect() -> SwarmClient:
-            return SwarmClient(self._url, swarm=self.config.swarm, ca_file=self._ca_file, watch=True)
+            return SwarmClient(
+                self._url, swarm=self.config.swarm, ca_file=self._ca_file, watch=True, metrics=self._board.feed
+            )
 
         await reconnecting(connect, self._linked, name="gateway")
 
@@ -371,6 +384,12 @@ class Gateway:
                 Route("/", self._index, methods=["GET"]),
                 Route("/static/{name}", self._static, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/healthz", self._healthz, methods=["GET"]),
+                Route(
+                    "/metrics",
+                    self._metrics if self.config.metrics_public else self._guarded(self._metrics),
+                    methods=["GET"],
+                ),
                 Route("/v1/models", self._guarded(self._models), methods=["GET"]),
                 Route("/v1/models/{model:path}", self._guarded(self._model), methods=["GET"]),
                 Route("/v1/chat/completions", self._guarded(self._chat), methods=["POST"]),
@@ -517,6 +536,28 @@ class Gateway:
     async def _health(self, request: Request) -> Response:
         client = self._client
         return JSONResponse(openai_api.health(client.hub if client else None, client.fleet if client else None))
+
+    async def _healthz(self, request: Request) -> Response:
+        """Liveness and readiness for probes: 200 while the broker link is up and the hub online."""
+        client = self._client
+        linked = client is not None
+        hub = client.hub.state if client is not None and client.hub is not None else "unknown"
+        ready = linked and hub == "online"
+        body = {"status": "ok" if ready else "unavailable", "broker": "up" if linked else "down", "hub": hub}
+        return JSONResponse(body, status_code=200 if ready else 503, headers={"Cache-Control": "no-store"})
+
+    async def _metrics(self, request: Request) -> Response:
+        """The Prometheus text format, built from the swarm's state at this moment (``prometheus.py``)."""
+        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _swarm_view(self) -> SwarmView:
+        client = self._client
+        return SwarmView(
+            linked=client is not None,
+            hub=client.hub if client is not None else None,
+            fleet=client.fleet if client is not None else None,
+            board=self._board,
+        )
 
     async def _models(self, request: Request) -> Response:
         client = await self._swarm()
@@ -972,7 +1013,8 @@ class _AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            quiet = scope["path"] in ("/health", "/v1/swarm/nodes")  # polled by the chat page
+            # polled by the chat page, probes and scrapers
+            quiet = scope["path"] in ("/health", "/v1/swarm/nodes", "/healthz", "/metrics")
             (log.debug if quiet else log.info)(
                 "http",
                 method=scope["method"],
