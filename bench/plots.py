@@ -1,4 +1,4 @@
-"""PNG plots of a run (matplotlib, headless): one per section and a summary of all six."""
+"""PNG plots of a run (matplotlib, headless): one per section and a summary of them all."""
 
 from __future__ import annotations
 
@@ -97,6 +97,29 @@ def _recovery(ax: Any, s: SectionResult) -> None:
         ax.annotate(f"{v:.2g} s", (v, i), va="center", fontsize=8)
 
 
+def _linkdown(ax: Any, s: SectionResult) -> None:
+    from .linkdown import TARGET_MAX_S, TARGET_P50_S
+
+    brokers = list(s.data)
+    phases = (("restart_s", "restart"), ("answer_s", "answer"), ("rejoin_s", "rejoin"))
+    width = 0.8 / len(brokers)
+    for b, broker in enumerate(brokers):
+        d = s.data[broker]
+        xs = [i + b * width for i in range(len(phases))]
+        p50 = [d[key]["p50"] for key, _ in phases]
+        worst = [d[key]["max"] - d[key]["p50"] for key, _ in phases]
+        ax.bar(xs, p50, width, yerr=[[0] * len(phases), worst], capsize=3, label=f"{broker} (p50, bar to max)",
+               color=COLOURS.get(broker, "#333"))  # fmt: skip
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], [name for _, name in phases])
+    # the targets are for the restart only: draw them over its bars, not across the plot
+    left, right = -width / 2, (len(brokers) - 0.5) * width
+    ax.hlines(TARGET_P50_S, left, right, color="k", ls=":", lw=1, label=f"restart target p50 {TARGET_P50_S:g} s")
+    ax.hlines(TARGET_MAX_S, left, right, color="grey", ls="--", lw=1, label=f"restart target max {TARGET_MAX_S:g} s")
+    ax.set_ylabel("seconds (rejoin: from the link coming back)")
+    ax.set_title("5b. Recovery after the link goes down")
+    ax.legend(fontsize=8)
+
+
 def _memory(ax: Any, s: SectionResult) -> None:
     names, values = [], []
     for broker, d in s.data.get("brokers", {}).items():
@@ -121,6 +144,7 @@ DRAW: dict[str, Callable[[Any, SectionResult], None]] = {
     "scaling": _scaling,
     "race": _race,
     "recovery": _recovery,
+    "linkdown": _linkdown,
     "memory": _memory,
 }
 
@@ -146,7 +170,8 @@ def draw(sections: list[SectionResult], out_dir: Path, stem: str, caption: str) 
         plt.close(fig)
         written.append(path)
     if drawable:
-        fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+        columns = (len(drawable) + 1) // 2
+        fig, axes = plt.subplots(2, columns, figsize=(6 * columns, 10), squeeze=False)
         for ax, s in zip(axes.flat, drawable, strict=False):
             try:
                 DRAW[s.key](ax, s)
