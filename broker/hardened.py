@@ -382,6 +382,12 @@ class HardenedBroker(Broker):
             await self._answer(writer, framing.NOT_AUTHORIZED)
             log.warning("connection refused", peer=peer, client_id=connect.client_id, why="login refused")
             return None
+        if session.client_id and self._held_by_another_login(session):
+            # MQTT lets the newcomer close the first connection (MQTT-3.1.4-2); between logins
+            # that would let any client silence another whose id it learnt. Same login: take over.
+            await self._answer(writer, framing.IDENTIFIER_REJECTED)
+            log.warning("connection refused", peer=peer, client_id=connect.client_id, why="id held by another login")
+            return None
         if session.client_id:
             await self._take_over(session.client_id, peer)
         # What amqtt's _initialize_client_session does after reading the CONNECT, now that the
@@ -416,6 +422,14 @@ class HardenedBroker(Broker):
                 await writer.drain()
         except (TimeoutError, *_GONE):
             pass
+
+    def _held_by_another_login(self, session: Session) -> bool:
+        """Is ``session``'s client id connected right now under a different username?"""
+        current = self._sessions.get(session.client_id)
+        if current is None:
+            return False
+        held, handler = current
+        return handler is not None and held.transitions.is_connected() and held.username != session.username
 
     async def _take_over(self, client_id: str, peer: str) -> None:
         """A second login with a connected client id closes the first connection (MQTT-3.1.4-2).

@@ -11,7 +11,9 @@ hub's or a node's client id can silence it. Two defences, one per broker:
       node-{node_id}-{12 hex}     a node
 
 * The embedded broker (``plugins.PasswordAuth``) also refuses, before anything else happens,
-  any login that uses an id in these namespaces that is not its own (:func:`client_id_allowed`).
+  any login that uses an id in these namespaces that is not its own (:func:`client_id_allowed`),
+  and (``hardened.py``) any id that another login holds connected right now, so client logins,
+  which pick their own ids, cannot knock each other off either.
   Mosquitto cannot tie ids to users with a password file and an ACL file, so there the
   unguessable suffix is what isolates the hub and the nodes.
 

@@ -213,6 +213,25 @@ async def test_another_logins_persistent_session_is_never_handed_over(broker: Ru
     async with persistent(alice) as client:
         assert await received(client, 2.0) == []
 
+async def test_a_connected_client_id_cannot_be_taken_by_another_login(broker: RunningBroker) -> None:
+    """Client logins pick their own ids. On the embedded broker, Bob cannot close Alice's
+    connection by connecting under her id; Alice herself can take it over (a reconnect)."""
+    if broker.engine != "amqtt":
+        pytest.skip("Mosquitto lets any login take over a connected client id (README, Security)")
+    alice, bob = await broker.client_login("alice"), await broker.client_login("bob")
+    async with raw_client(alice, "alices-laptop") as first:
+        await first.subscribe(T.reply("alice"), qos=1)
+        with pytest.raises(aiomqtt.MqttError):
+            async with raw_client(bob, "alices-laptop"):
+                pass
+        # Alice's first connection is still up and still gets her replies.
+        async with raw_client(broker.url(Role.HUB), "hub-side") as hub:
+            await hub.publish(T.reply("alice"), b"still yours", qos=1)
+        assert await received(first, 2.0) == [(T.reply("alice"), b"still yours")]
+    async with raw_client(alice, "alices-laptop"):
+        assert await try_to_take(alice, "alices-laptop", hold_s=0.2)  # her own login takes it over
+
+
 def test_a_node_login_with_a_non_ascii_client_id_is_refused_not_an_error() -> None:
     # A client id is any UTF-8 a peer sends; hmac.compare_digest refuses non-ASCII str outright.
     from nova_swarm.broker.identity import client_id_allowed
