@@ -17,7 +17,7 @@ from nova_swarm.hub.client import SwarmClient
 from .config import BenchConfig
 from .fleet import Fleet, fleet_config
 from .load import run_async
-from .results import SectionResult, Table, fmt
+from .section import SectionResult, Table, fmt
 from .stack import Stack
 from .stats import ratio
 from .targets import Target, all_below

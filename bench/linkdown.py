@@ -33,7 +33,7 @@ from .config import BenchConfig
 from .lan import Lan, check_available
 from .procs import BIN, PYTHON
 from .recovery import _next_task
-from .results import SectionResult, Table, fmt
+from .section import SectionResult, Table, fmt
 from .stack import Stack, StackConfig, Watcher
 from .stats import Summary
 from .targets import Target

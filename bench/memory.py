@@ -21,7 +21,7 @@ from nova_swarm.broker.home import Role
 from .config import BenchConfig
 from .overhead import bundled_model
 from .procs import PYTHON, rss_mb
-from .results import SectionResult, Table, fmt
+from .section import SectionResult, Table, fmt
 from .stack import Stack, StackConfig
 
 HUB_TARGET_MB = 150.0

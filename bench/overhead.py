@@ -24,7 +24,7 @@ from nova_swarm.broker.messages import GenParams, PromptRequest
 from nova_swarm.hub.client import SwarmClient
 
 from .config import BenchConfig
-from .results import SectionResult, Table, fmt
+from .section import SectionResult, Table, fmt
 from .stack import Stack
 from .stats import Summary, ratio
 from .targets import Target

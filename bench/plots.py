@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .results import SectionResult
+from .section import SectionResult
 
 COLOURS = {"amqtt": "#1f77b4", "mosquitto": "#2ca02c", "celery": "#d62728", "direct": "#7f7f7f"}
 

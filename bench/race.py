@@ -14,7 +14,7 @@ from nova_swarm.hub.client import SwarmClient
 from .config import BenchConfig
 from .dispatch import swarm_load
 from .fleet import Fleet, fleet_config
-from .results import SectionResult, Table, fmt
+from .section import SectionResult, Table, fmt
 from .stack import Stack
 from .stats import tail_cut
 

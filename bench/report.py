@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .results import SectionResult, Table
+from .section import SectionResult, Table
 from .targets import Target, missed
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from . import celery_baseline, dispatch, linkdown, memory, overhead, plots, race, recovery, report, scaling
 from .config import SECTIONS, BenchConfig
 from .load import LoadResult
-from .results import SectionResult
+from .section import SectionResult
 from .stack import Stack, StackConfig
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from .fleet import Fleet, fleet_config
 from .load import run_async
 from .overhead import WARM_PROMPT
 from .overhead import request as llama_request
-from .results import SectionResult, Table, fmt
+from .section import SectionResult, Table, fmt
 from .stack import Stack
 from .stats import efficiency
 from .targets import Target

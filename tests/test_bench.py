@@ -18,7 +18,7 @@ import pytest
 
 from nova_swarm.bench import dispatch, linkdown, recovery, report, scaling
 from nova_swarm.bench.config import SECTIONS, BenchConfig
-from nova_swarm.bench.results import Table
+from nova_swarm.bench.section import Table
 from nova_swarm.bench.stats import Summary, efficiency, percentile, ratio, tail_cut
 from nova_swarm.bench.targets import Target, all_below, missed
 
