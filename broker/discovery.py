@@ -110,7 +110,7 @@ def encode_txt(announcement: Announcement) -> dict[str, str]:
     return txt
 
 
-def decode_txt(properties: Mapping[bytes | str, bytes | str | None]) -> dict[str, object]:
+def decode_txt(properties: Mapping[bytes, bytes | None] | Mapping[str, str | None]) -> dict[str, object]:
     """Swarm, tls, engine, key id and gateway port from a TXT record; ``ProtocolError`` says what
     is wrong with one that is not ours or is damaged. Unknown keys are ignored (later versions may
     add some)."""

@@ -112,6 +112,8 @@ class BoundedWriter(StreamWriterAdapter):
     only ``CLOSE_GRACE_S``, then aborts the socket (amqtt's close waited on ``drain()`` for ever,
     holding the file descriptor)."""
 
+    is_closed: bool  # set by amqtt's __init__
+
     async def close(self) -> None:
         if self.is_closed:
             return
@@ -281,7 +283,7 @@ class HardenedBroker(Broker):
         self.limits = limits or BrokerLimits()
         self._subscriptions = _Snapshots(self._subscriptions)  # type: ignore[has-type]
         # Bounded, so many publishers together also wait for fan-out instead of queueing without end.
-        self._broadcast_queue = asyncio.Queue(maxsize=BROADCAST_BACKLOG)
+        self._broadcast_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=BROADCAST_BACKLOG)
         # Deliveries in flight. amqtt kept them in a deque it only emptied from the front, so one
         # stuck subscriber kept every later finished delivery alive: memory without bound.
         self._deliveries: set[asyncio.Task[None]] = set()

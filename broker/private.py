@@ -21,11 +21,11 @@ next file after a rotation).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging.handlers
 import os
 import stat
 from pathlib import Path
-from typing import IO
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -124,9 +124,9 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     :meth:`_open`, so overriding it covers every file the handler makes.
     """
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> io.TextIOWrapper:
         fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)  # the handler closes it
 
 
 def _tighten(path: Path, mode: int) -> None:

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
@@ -99,7 +99,8 @@ class Stream:
             reply_waiter = asyncio.ensure_future(asyncio.shield(self._reply))
             getter = asyncio.ensure_future(self._ready.get())
             try:
-                done, _ = await asyncio.wait({getter, reply_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiters: set[asyncio.Future[Any]] = {getter, reply_waiter}
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 reply_waiter.cancel()
                 if not getter.done():

@@ -70,7 +70,8 @@ class TimedH11Protocol(H11Protocol):
         #: what the running deadline waits for: "headers", "body", or None
         self._awaiting: str | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    # uvicorn's own signature narrows asyncio's (BaseTransport) to Transport; ours must match it
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm("headers")
 
