@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import limits as defaults
 from . import argtypes, logs, tls
+from . import limits as defaults
 from .errors import ConfigError
 from .fdlimit import raise_open_file_limit
 from .home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome

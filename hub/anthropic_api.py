@@ -75,6 +75,7 @@ class MessagesCall:
     #: fields accepted that changed nothing (``leniency.ignored_header``)
     ignored: tuple[str, ...] = ()
 
+
 _FIELDS = frozenset(
     {
         "model",
@@ -193,7 +194,7 @@ def _output_config(raw: Any, ignored: list[str]) -> dict[str, Any]:
         return {}
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
         raise bad_request(
-            "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}", param="output_config"
+            '\'output_config.format\' must be {"type": "json_schema", "schema": {...}}', param="output_config"
         )
     return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}}
 
@@ -403,7 +404,7 @@ class MessageEvents:
         self._tools = False
 
     def opening(self) -> list[bytes]:
-        start = {
+        start: dict[str, Any] = {
             "id": self.id,
             "type": "message",
             "role": "assistant",

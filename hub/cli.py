@@ -86,7 +86,6 @@ from .model_names import ModelNames, parse_alias
 from .retrieval import RetrievalConfig
 from .top import run_top
 
-
 CONFIG_DIR_HELP = "default: $NOVA_SWARM_HOME or ~/.config/nova-swarm"
 #: a request's deadline: what PromptRequest.timeout_s accepts
 REQUEST_TIMEOUT = argtypes.float_range(0.0, 3600.0, low_open=True)
@@ -141,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve, broker_role="hub")
     _hub_arguments(serve)
     _http_arguments(serve)
-    serve.add_argument(
-        "--db", type=argtypes.file_to_write, help="SQLite file (default: hub.sqlite in the config dir)"
-    )
+    serve.add_argument("--db", type=argtypes.file_to_write, help="SQLite file (default: hub.sqlite in the config dir)")
     serve.add_argument(
         "--mqtt-version",
         choices=["auto", "3.1.1", "5"],
@@ -230,9 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the node finds the hub by mDNS when it joins, and again whenever the address changes",
     )
-    enroll.add_argument(
-        "--port", type=argtypes.port, help="broker port nodes connect to (default: where `up` listens)"
-    )
+    enroll.add_argument("--port", type=argtypes.port, help="broker port nodes connect to (default: where `up` listens)")
     enroll.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
 
     revoke = sub.add_parser("revoke", help="cut one node off: its login is removed and its connection dropped")
@@ -282,9 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the accounts, verify the receipts' chain and signatures, or export them (%(default)s)",
     )
     ledger.add_argument("--json", action="store_true", help="show: the accounts as JSON")
-    ledger.add_argument(
-        "--out", type=argtypes.file_to_write, help="export: write JSON Lines here (default: stdout)"
-    )
+    ledger.add_argument("--out", type=argtypes.file_to_write, help="export: write JSON Lines here (default: stdout)")
     ledger.add_argument("--key", help="verify: the hub's public key (default: this machine's hub)")
     _credit_arguments(ledger)
     ledger.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
@@ -333,13 +326,9 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
     positive = argtypes.positive_int
     p.add_argument("--max-inflight", type=positive, default=d.max_inflight, help="requests worked on at once")
     p.add_argument("--max-queued", type=positive, default=d.max_queued, help="requests waiting for a free node")
-    p.add_argument(
-        "--rate-limit", type=positive, default=d.requests_per_minute, help="requests per client per minute"
-    )
+    p.add_argument("--rate-limit", type=positive, default=d.requests_per_minute, help="requests per client per minute")
     p.add_argument("--max-tokens", type=positive, default=d.max_tokens, help="largest max_tokens a request may ask")
-    p.add_argument(
-        "--max-payload", type=positive, default=d.max_payload_bytes, help="largest prompt message, bytes"
-    )
+    p.add_argument("--max-payload", type=positive, default=d.max_payload_bytes, help="largest prompt message, bytes")
     p.add_argument(
         "--metrics-interval",
         type=argtypes.non_negative_float,

@@ -157,8 +157,8 @@ def build_wheel(version: str, *, requires: list[str], packages: dict[str, Path] 
     ]
     files[f"{dist_info}/METADATA"] = ("\n".join(meta) + "\n").encode()
     files[f"{dist_info}/WHEEL"] = (
-        "Wheel-Version: 1.0\nGenerator: nova-swarm hub\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    ).encode()
+        b"Wheel-Version: 1.0\nGenerator: nova-swarm hub\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     entry_points = "".join(
         f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(points.items())) + "\n"
         for group, points in NODE_ENTRY_POINTS.items()

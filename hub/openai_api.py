@@ -214,9 +214,7 @@ _EMBED_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "t
 _ECHOED_MESSAGE_KEYS = frozenset({"refusal", "annotations", "audio", "function_call"})
 
 
-def requested_model(
-    body: dict[str, Any], known_models: set[str] | None, names: ModelNames | None = None
-) -> str | None:
+def requested_model(body: dict[str, Any], known_models: set[str] | None, names: ModelNames | None = None) -> str | None:
     """The model to route to (None: any node), or 404 when the swarm has nothing by that name.
 
     ``known_models`` is every model in the hub's node table; None when the table has not been
@@ -307,9 +305,7 @@ def _embed_texts(raw: Any) -> list[Any]:
         raise bad_request(exc.message, param="input") from exc
     if all(isinstance(t, str) for t in raw):
         return raw
-    raise bad_request(
-        "'input' must be all strings or all token arrays (lists of integers), not a mix", param="input"
-    )
+    raise bad_request("'input' must be all strings or all token arrays (lists of integers), not a mix", param="input")
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -58,8 +58,17 @@ _FIELDS = frozenset(
 )
 #: fields that change nothing here (no storage, one answer at a time, no caching to key)
 _IGNORED = frozenset(
-    {"store", "metadata", "user", "parallel_tool_calls", "service_tier", "safety_identifier", "prompt_cache_key",
-     "truncation", "include"}
+    {
+        "store",
+        "metadata",
+        "user",
+        "parallel_tool_calls",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "truncation",
+        "include",
+    }
 )
 #: stateful or hosted features the swarm does not have: refused at any value but "none"
 _REFUSED = frozenset(
@@ -149,8 +158,11 @@ def _input(raw: Any) -> list[dict[str, Any]]:
                 raise bad_request(f"{where}.role must be user, assistant, system or developer", param=where)
             out.append({"role": role, "content": _parts(where, item.get("content"))})
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
             if out and out[-1]["role"] == "assistant" and not out[-1]["content"] and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)
             else:
@@ -160,8 +172,11 @@ def _input(raw: Any) -> list[dict[str, Any]]:
             content = output if isinstance(output, str) else _parts(where, output)
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         else:
-            raise bad_request(f"{where} is a {kind or 'malformed'!s} item; the swarm takes messages and "
-                              "function calls and their outputs", param=where)
+            raise bad_request(
+                f"{where} is a {kind or 'malformed'!s} item; the swarm takes messages and "
+                "function calls and their outputs",
+                param=where,
+            )
     return out
 
 
@@ -176,8 +191,10 @@ def _parts(where: str, content: Any) -> str:
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
         else:
-            raise bad_request(f"{where}.content[{i}] is a {kind or 'malformed'!s} part; the swarm's models read "
-                              "text only", param=where)
+            raise bad_request(
+                f"{where}.content[{i}] is a {kind or 'malformed'!s} part; the swarm's models read text only",
+                param=where,
+            )
     return "\n".join(texts)
 
 
@@ -249,8 +266,14 @@ def _message_item(request_id: str, text: str, status: str) -> dict[str, Any]:
 
 
 def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": f"fc_{call_id}", "call_id": call_id, "name": name,
-            "arguments": arguments, "status": status}
+    return {
+        "type": "function_call",
+        "id": f"fc_{call_id}",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
 
 
 def response(answer: Answer, *, created: int) -> dict[str, Any]:
@@ -306,8 +329,15 @@ class ResponseEvents:
         self._open = len(self._items) - 1
         out.append(self._event("response.output_item.added", output_index=self._open, item=item))
         if item["type"] == "message":
-            out.append(self._event("response.content_part.added", item_id=item["id"], output_index=self._open,
-                                   content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+            out.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=self._open,
+                    content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": []},
+                )
+            )
         return out
 
     def _finish(self) -> list[bytes]:
@@ -323,8 +353,14 @@ class ResponseEvents:
             out.append(self._event("response.output_text.done", text=text, logprobs=[], **ids))
             out.append(self._event("response.content_part.done", part=item["content"][0], **ids))
         else:
-            out.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                   arguments=item["arguments"]))
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=item["arguments"],
+                )
+            )
         out.append(self._event("response.output_item.done", output_index=index, item=item))
         return out
 
@@ -336,15 +372,24 @@ class ResponseEvents:
         item = self._items[self._open]
         item["content"][0]["text"] += text
         self.text += text
-        out.append(self._event("response.output_text.delta", item_id=item["id"], output_index=self._open,
-                               content_index=0, delta=text, logprobs=[]))
+        out.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=item["id"],
+                output_index=self._open,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
         return out
 
     def _arguments(self, index: int, arguments: str) -> bytes:
         item = self._items[index]
         item["arguments"] += arguments
-        return self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                           delta=arguments)
+        return self._event(
+            "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=arguments
+        )
 
     def piece(self, chunk: StreamChunk) -> list[bytes]:
         if chunk.restart and (self.text or self._calls):

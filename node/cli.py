@@ -69,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the most RAM the model may take (700M, 2G, or a profile: phone-2gb, phone-3gb, phone-4gb,"
         " phone-6gb); a model that needs more is refused (default: $NOVA_SWARM_RAM_BUDGET, else what is free)",
     )
-    run.add_argument(
-        "--slots", type=argtypes.positive_int, default=1, help="tasks generated at once (%(default)s)"
-    )
+    run.add_argument("--slots", type=argtypes.positive_int, default=1, help="tasks generated at once (%(default)s)")
     run.add_argument(
         "--queue-max",
         type=argtypes.count,

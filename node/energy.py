@@ -272,9 +272,7 @@ class EnergyMeter:
     """Samples of one source as a running total of joules. Thread-safe: the sampling loop's
     worker thread and a task's worker thread both feed it."""
 
-    def __init__(
-        self, source: EnergySource, *, clock: Callable[[], float] = time.monotonic, keep: int = 4096
-    ) -> None:
+    def __init__(self, source: EnergySource, *, clock: Callable[[], float] = time.monotonic, keep: int = 4096) -> None:
         self.source = source
         self.clock = clock
         self._samples: deque[_Sample] = deque(maxlen=keep)

@@ -297,4 +297,3 @@ async def test_a_cancelled_request_is_not_a_failure(amqtt: RunningBroker, tmp_pa
         assert "0 failed, 1 cancelled" in text.stdout, text.stdout
     finally:
         procs.close()
-

@@ -385,9 +385,7 @@ print(json.dumps(sorted(found.addresses)))
 """
 
 
-def test_the_hub_announces_once_the_network_is_up_and_again_when_its_address_changes(
-    lan: Lan, tmp_path: Path
-) -> None:
+def test_the_hub_announces_once_the_network_is_up_and_again_when_its_address_changes(lan: Lan, tmp_path: Path) -> None:
     """A hub that starts before the Wi-Fi is up is announced once it is; a new address (a new
     DHCP lease) is announced within seconds, and a phone that looks then finds it."""
     phone = lan.phones[0]

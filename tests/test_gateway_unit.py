@@ -383,7 +383,12 @@ def test_models_lists_what_serves_now() -> None:
 def test_health_and_nodes() -> None:
     hub = HubStatus(hub_id="hub", state="online", nodes_online=3, max_tokens=4096)
     unknown = {"status": "ok", "hub": "unknown", "max_tokens_limit": None}
-    assert openai_api.health(hub, FLEET) == {"status": "ok", "hub": "online", "nodes_online": 3, "max_tokens_limit": 4096}
+    assert openai_api.health(hub, FLEET) == {
+        "status": "ok",
+        "hub": "online",
+        "nodes_online": 3,
+        "max_tokens_limit": 4096,
+    }
     assert openai_api.health(None, FLEET) == {**unknown, "nodes_online": 2}
     assert openai_api.health(None, None) == {**unknown, "nodes_online": 0}
     assert openai_api.nodes(None) == {"ts": None, "nodes": []}

@@ -92,8 +92,8 @@ def test_the_prometheus_dashboard_queries_only_exported_series_and_labels(tmp_pa
             used |= names
             # a legend names only labels these series carry (aggregations keep what `by` keeps)
             kept = re.search(r"by \(([a-z_, ]+)\)", expr)
-            available = {label.strip() for label in kept[1].split(",")} if kept else set.union(
-                *(labels_of[n] for n in names)
+            available = (
+                {label.strip() for label in kept[1].split(",")} if kept else set.union(*(labels_of[n] for n in names))
             )
             for label in re.findall(r"\{\{\s*([a-z_]+)\s*\}\}", target["legendFormat"]):
                 assert label in available, (panel["title"], label, available)

@@ -193,7 +193,6 @@ def test_client_logins_share_the_node_namespace_and_come_from_the_cli(home: Swar
     assert swarm_hub("enroll").returncode != 0  # a node or --client: one of them
 
 
-
 async def test_another_logins_persistent_session_is_never_handed_over(broker: RunningBroker) -> None:
     """Bob keeps a session (clean_session off) and a private reply is queued for it while he is
     away; Alice, connecting with Bob's client id and her own login, must not get it."""
@@ -212,6 +211,7 @@ async def test_another_logins_persistent_session_is_never_handed_over(broker: Ru
         await client.publish(T.reply("bob"), b"for bob only", qos=1)
     async with persistent(alice) as client:
         assert await received(client, 2.0) == []
+
 
 async def test_a_connected_client_id_cannot_be_taken_by_another_login(broker: RunningBroker) -> None:
     """Client logins pick their own ids. On the embedded broker, Bob cannot close Alice's

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.timeout(600)
 #: so the packages in our site-packages (NOVA_SWARM_DEPS_SITE) fit it
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 
+
 def deps_site(tmp_path: Path) -> Path:
     """Our site-packages minus nova-swarm itself (its editable install): what the installer's venv
     may take third-party packages from, so pip never sees another nova-swarm."""
@@ -53,6 +54,7 @@ def deps_site(tmp_path: Path) -> Path:
         if not entry.name.startswith(("__editable__", "nova_swarm")):
             (site / entry.name).symlink_to(entry)
     return site
+
 
 LINE = re.compile(
     r"curl -fsS (?:--pinnedpubkey '(?P<pin>sha256//[A-Za-z0-9+/]{43}=)' -k )?"

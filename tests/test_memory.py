@@ -200,9 +200,7 @@ def node_argv(procs: Processes, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def test_a_node_on_a_simulated_2gb_phone_refuses_gemma_at_start_with_the_numbers(
-    procs: Processes, gemma: Path
-) -> None:
+def test_a_node_on_a_simulated_2gb_phone_refuses_gemma_at_start_with_the_numbers(procs: Processes, gemma: Path) -> None:
     out = procs.run(node_argv(procs, "--model", str(gemma), "--ram-budget", "phone-2gb"), timeout=120)
     assert out.returncode == 2, out.stderr
     assert re.search(

@@ -110,9 +110,7 @@ def test_an_older_looser_config_dir_is_made_private(open_umask: None, tmp_path: 
     finally:
         logs.configure()  # back to stderr only: the file handler is closed
     found = modes(home.path)
-    assert {name: found[name] for name in loose if name in found} == {
-        name: 0o600 for name in loose if name in found
-    }
+    assert {name: found[name] for name in loose if name in found} == {name: 0o600 for name in loose if name in found}
     assert "hub.sqlite" in found and "logs/hub.log" in found
     home.ensure()
     assert not_private(home.path) == []

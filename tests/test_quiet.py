@@ -34,7 +34,6 @@ from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.hub import HubConfig
 from nova_swarm.hub.lifecycle import AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
 from nova_swarm.hub.registry import Registry
-
 from nova_swarm.node import NodeConfig
 
 from .conftest import BIN, Processes, RunningBroker, hub_config, nodes_available, running_hub, until
@@ -174,7 +173,10 @@ async def test_a_frozen_busy_node_loses_its_task_in_seconds_and_its_late_result_
             watch = Connection(broker.url(Role.HUB), client_id="quiet-watch")
             async with watch:
                 await watch.subscribe(
-                    T.all_nodes(NodeTopic.TASK), T.all_nodes(NodeTopic.PROGRESS), T.all_nodes(NodeTopic.RESULT), T.reply()
+                    T.all_nodes(NodeTopic.TASK),
+                    T.all_nodes(NodeTopic.PROGRESS),
+                    T.all_nodes(NodeTopic.RESULT),
+                    T.reply(),
                 )
                 tasks: list[tuple[str, str, float]] = []  # (node, task id, when)
                 progress: dict[str, set[str]] = {}
@@ -240,7 +242,9 @@ def test_the_keepalive_lets_heartbeats_stand_in_for_pings() -> None:
     assert keepalive_for(10.0) == 15 and written_off_after(10.0) == 22.5
     assert all(keepalive_for(h) > h for h in (0.5, 1.0, 7.0, 10.0, 30.0, 60.0))
     assert keepalive_for(0.5) == 5  # never a keepalive that pings several times a second
-    assert HubConfig(db_path=Path("unused")).heartbeat_timeout_s == written_off_after(NodeConfig(node_id="n").heartbeat_s)
+    assert HubConfig(db_path=Path("unused")).heartbeat_timeout_s == written_off_after(
+        NodeConfig(node_id="n").heartbeat_s
+    )
 
 
 async def test_an_idle_frozen_node_is_written_off_within_its_keepalive_window(
@@ -270,7 +274,8 @@ async def test_an_idle_frozen_node_is_written_off_within_its_keepalive_window(
                 finally:
                     os.killpg(proc.pid, signal.SIGCONT)
                 took = time.monotonic() - frozen_at
-                print(f"\n[{broker.engine}] idle frozen node written off after {took:.1f} s (window {written_off_after(1.0)} s)")
+                window = written_off_after(1.0)
+                print(f"\n[{broker.engine}] idle frozen node written off after {took:.1f} s (window {window} s)")
                 assert states[-1].reason == "connection lost"
                 assert took < written_off_after(1.0) + 5.0  # the broker checks on its own clock
             finally:
