@@ -7,7 +7,7 @@ ARGS   ?=
 # apt-get needs root; use sudo when we are not.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench chaos fuzz install install-node package build-deps test-deps clean
+.PHONY: run test lint bench chaos fuzz install install-node package build-deps test-deps clean
 
 # Debian packages the install needs: a C++ toolchain (llama-cpp-python compiles from source)
 # and venv support. Only what is missing is installed.
@@ -59,6 +59,17 @@ run: install
 
 test: install test-deps
 	$(BIN)/pytest $(ARGS)
+
+# ruff (rules and formatting) over all the code, and mypy over the package. The package's parts
+# install under nova_swarm.* from top-level folders (pyproject's package-dir), a mapping mypy cannot
+# follow, so it checks them through a tree of links in build/lint.
+LINTED := broker hub node bench tests
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	@mkdir -p build/lint/nova_swarm
+	@for part in broker hub node bench; do ln -sfn ../../../$$part build/lint/nova_swarm/$$part; done
+	cd build/lint && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p nova_swarm
 
 # The full chaos run: 500 prompts while nodes, the hub and the broker are killed (about 3 minutes).
 chaos: install
