@@ -79,7 +79,7 @@ chaos: install
 # direct llama-cpp, dispatch against Celery + Redis, scaling, race tails, recovery and memory.
 # Results, tables and plots go to bench/results/.
 bench: install test-deps
-	$(BIN)/swarm-hub bench $(ARGS)
+	$(BIN)/swarm-bench $(ARGS)
 
 # Property-based fuzzing of every parser and of the live prompt topic, with many more examples.
 fuzz: install

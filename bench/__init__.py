@@ -1,10 +1,6 @@
-"""``swarm-hub bench``: the benchmark suite (overhead, dispatch vs Celery, scaling, race tail,
-recovery, memory), one module per section, plus the processes and load they need.
+"""``swarm-bench``: the benchmark suite (overhead, dispatch vs Celery, scaling, race tail,
+recovery, link down, memory), one module per section, plus the processes and load they need.
 
-Heavy imports (llama-cpp, Celery, matplotlib) happen only inside a run, so ``swarm-hub`` itself
-stays fast to start.
+Heavy imports (llama-cpp, Celery, matplotlib) happen only inside a run, so ``swarm-bench --help``
+stays fast.
 """
-
-from .cli import add_arguments, run
-
-__all__ = ["add_arguments", "run"]

@@ -1,6 +1,6 @@
 """A virtual LAN of phones, made of Linux network namespaces, for the benchmark and the tests.
 
-It lives in the benchmark package because `swarm-hub bench` is installed and cannot import
+It lives in the benchmark package because `swarm-bench` is installed and cannot import
 ``tests/``; ``tests/lan.py`` re-exports it.
 
 ::

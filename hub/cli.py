@@ -33,8 +33,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 # Only its flags load with the CLI; a run imports the hub and node parts it measures.
-from nova_swarm.bench import add_arguments as add_bench_arguments
-from nova_swarm.bench import run as run_bench
 from nova_swarm.broker import argtypes, discovery, logs, net, tls
 from nova_swarm.broker.cli import ENGINES, check_port_free, local_until_ready
 from nova_swarm.broker.connection import HEARTBEAT_S, Connection, Protocol, wait_for_broker, written_off_after
@@ -281,10 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--key", help="verify: the hub's public key (default: this machine's hub)")
     _credit_arguments(ledger)
     ledger.add_argument("--config-dir", type=Path, help=CONFIG_DIR_HELP)
-    bench = sub.add_parser(
-        "bench", help="benchmarks: overhead, dispatch vs Celery, scaling, race, recovery, memory (make bench)"
-    )
-    add_bench_arguments(bench)
     gateway = sub.add_parser("gateway", help="the OpenAI-compatible HTTP API and chat page, without a hub")
     common(gateway)
     _http_arguments(gateway, optional=False)
@@ -1273,7 +1267,6 @@ SYNC_COMMANDS = {
     "key": cmd_key,
     "token": cmd_token,
     "ledger": cmd_ledger,
-    "bench": run_bench,
 }
 
 

@@ -1,4 +1,4 @@
-"""`swarm-hub bench`: the quick run end to end, and the pure statistics and target checks.
+"""`swarm-bench`: the quick run end to end, and the pure statistics and target checks.
 
 The end-to-end test runs the real command (brokers, hub, nodes, llama, Celery + Redis) for about
 a minute and a half; it carries the ``llama`` and ``mosquitto`` markers, so ``-m "not llama"``
@@ -46,7 +46,7 @@ def test_quick_run_prints_every_section(tmp_path: Path) -> None:
         pytest.fail("the benchmark compares against Celery + Redis: apt-get install redis-server")
     out = tmp_path / "results"
     run = subprocess.run(
-        [str(BIN / "swarm-hub"), "bench", "--quick", "--out", str(out)],
+        [str(BIN / "swarm-bench"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=400,

@@ -26,6 +26,19 @@ def test_node_and_hub_never_import_each_other_and_the_contract_imports_neither()
     assert not {m for m in imports_of("node") if m.startswith("nova_swarm.hub")}
     assert not {m for m in imports_of("hub") if m.startswith("nova_swarm.node")}
     assert not {m for m in imports_of("broker") if m.startswith(("nova_swarm.hub", "nova_swarm.node"))}
+    # the benchmark drives hub and node together, so nothing of the product imports it
+    for part in ("broker", "hub", "node"):
+        assert not {m for m in imports_of(part) if m.startswith("nova_swarm.bench")}, part
+
+
+def test_loading_every_hub_module_loads_no_node_code() -> None:
+    code = (
+        "import importlib, pkgutil, sys, nova_swarm.hub as hub\n"
+        "for m in pkgutil.iter_modules(hub.__path__): importlib.import_module('nova_swarm.hub.' + m.name)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('nova_swarm.node', 'nova_swarm.bench')))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_a_node_does_not_load_the_brokers_dependencies() -> None:
