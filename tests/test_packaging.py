@@ -68,3 +68,14 @@ def test_the_wheel_and_sdist_build_with_all_three_parts(tmp_path: Path) -> None:
     for extra in ("node", "hub", "broker"):
         assert f"Provides-Extra: {extra}" in metadata
     assert 'llama-cpp-python>=0.3.2; extra == "node"' in metadata
+
+
+def test_a_client_of_the_swarm_does_not_load_the_hub() -> None:
+    code = (
+        "import sys, nova_swarm.hub.client\n"
+        "loaded = sorted(m for m in ('nova_swarm.hub.hub', 'jsonschema', 'amqtt') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "from nova_swarm.hub import Hub, SwarmClient\n"  # the package's names still load on use
+        "assert Hub.__module__ == 'nova_swarm.hub.hub' and SwarmClient.__module__ == 'nova_swarm.hub.client'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
