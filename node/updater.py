@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import structlog
 from packaging.version import Version
@@ -32,15 +32,14 @@ from nova_swarm.broker.connection import Connection
 from nova_swarm.broker.errors import ConfigError, ConnectionLost, UpdateRefused
 from nova_swarm.broker.messages import BundleManifest, ModelPin, PinReport
 from nova_swarm.broker.signing import PublicKey
+from nova_swarm.broker.topics import Topics
 from nova_swarm.broker.version import __version__
 
 from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manifest
+from .config import NodeConfig
 from .engine import Engine
 from .memory import RamPolicy
 from .models import CATALOGUE, ModelCache, pull
-
-if TYPE_CHECKING:
-    from .agent import Node
 
 log = structlog.get_logger("nova_swarm.node.updates")
 
@@ -71,8 +70,27 @@ class UpdateSetup:
     ram: RamPolicy = RamPolicy()
 
 
+class Updated(Protocol):
+    """What the updater needs of the node it updates (``agent.Node`` is one). A protocol, so
+    ``agent`` imports this module and not the other way round."""
+
+    config: NodeConfig
+    topics: Topics
+    engine: Engine
+    model_path: Path | None
+
+    @property
+    def swapping(self) -> bool: ...
+
+    async def send_status(self) -> None: ...
+
+    async def switch_engine(self, model_path: Path, reason: str) -> None: ...
+
+    async def restart_for_update(self, version: str) -> None: ...
+
+
 class Updater:
-    def __init__(self, node: Node, setup: UpdateSetup) -> None:
+    def __init__(self, node: Updated, setup: UpdateSetup) -> None:
         self.node = node
         self.setup = setup
         self.bundle_report: PinReport | None = None
