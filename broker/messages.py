@@ -201,8 +201,9 @@ class PromptRequest(Wire):
     timeout_s: float | None = Field(default=None, gt=0.0, le=3600.0)
     #: only nodes the owner marked trusted; nothing of it is kept on disk (no journal, no text)
     private: bool = False
-    #: ``chat`` generates text; ``embed`` returns one vector per ``input`` text
-    kind: Literal["chat", "embed"] = "chat"
+    #: ``chat`` generates text; ``embed`` returns one vector per ``input`` text; ``complete``
+    #: continues ``prompt`` as raw text, with no chat template (llama-server's ``/completion``)
+    kind: Literal["chat", "embed", "complete"] = "chat"
     #: the texts to embed (``kind: "embed"`` only)
     input: list[str] | None = Field(default=None, min_length=1, max_length=256)
     #: tokens as they are generated, on the request's stream topic (``Topics.stream``)
@@ -225,6 +226,16 @@ class PromptRequest(Wire):
             return self
         if self.input is not None:
             raise ValueError("'input' is for embed requests; a chat request gives 'prompt' or 'messages'")
+        if self.kind == "complete":
+            # The text goes to the model as it is: a blank line or an indent is a fair prefix
+            # to continue, so only the empty text is refused.
+            if not self.prompt or self.messages is not None:
+                raise ValueError("a complete request gives 'prompt' (the text to continue), not 'messages'")
+            if self.tools is not None or self.tool_choice is not None:
+                raise ValueError("a complete request continues a text: it cannot call tools")
+            if self.retrieval:
+                raise ValueError("retrieval adds context to a chat; a complete request continues its text as it is")
+            return self
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.prompt is not None and not self.prompt.strip():
@@ -333,13 +344,21 @@ class Task(Wire):
     params: GenParams
     timeout_s: float = Field(gt=0)
     model: str | None = None
-    kind: Literal["chat", "embed"] = "chat"
+    kind: Literal["chat", "embed", "complete"] = "chat"
     input: list[str] | None = None
+    #: the text to continue (``kind: "complete"`` only; ``messages`` is empty then)
+    prompt: str | None = None
     #: send tokens on the node's stream topic as they come (``NodeChunk``)
     stream: bool = False
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+
+    @model_validator(mode="after")
+    def _prompt_iff_complete(self) -> Task:
+        if (self.kind == "complete") != (self.prompt is not None):
+            raise ValueError("'prompt' must be given exactly when kind is 'complete'")
+        return self
 
 
 class Cancel(Wire):
@@ -459,8 +478,9 @@ class NodeState(StrEnum):
 
 
 #: ``stream``: tokens as they come; ``embed``: embedding vectors; ``json_schema``: answers
-#: constrained to a schema; ``tools``: OpenAI-style tool calls
-Capability = Literal["stream", "embed", "json_schema", "tools"]
+#: constrained to a schema; ``tools``: OpenAI-style tool calls; ``complete``: raw text
+#: continuation (``kind: "complete"``)
+Capability = Literal["stream", "embed", "json_schema", "tools", "complete"]
 
 
 class ModelInfo(Wire):

@@ -5,11 +5,13 @@ messages and back. No I/O.
     Answer --completion--> a ``text_completion`` object (dict)
     StreamChunk... + Answer --CompletionChunks--> ``text_completion`` chunks (SSE, then DONE)
 
-The swarm's nodes run chat models through their chat template, and the wire has no raw-prompt
-kind: the prompt travels as the one user turn of a chat, and the answer is the model's reply to
-it, not a byte-for-byte continuation of the prompt's text. Autocompletion plugins that send a
-code prefix get the model's answer to that prefix. What the legacy API asks for and this cannot
-give is refused clearly rather than faked: ``suffix`` (fill-in-the-middle), ``echo: true``,
+The prompt travels as a ``kind: "complete"`` request: a node runs its model on the text as it
+is, with no chat template, and the answer is what the model writes next, as llama-server and
+OpenAI's legacy API give it, so autocompletion plugins that send a code prefix get its
+continuation. Only nodes that announce the ``complete`` capability get such requests; with none
+online the request fails with ``unsupported`` (503), as embeddings do. ``echo: true`` puts the
+prompt in front of the continuation (in a stream, as the first chunk). What the legacy API asks
+for and this cannot give is refused clearly rather than faked: ``suffix`` (fill-in-the-middle),
 ``n``/``best_of`` above 1, ``logprobs``, and prompts given as token arrays.
 """
 
@@ -33,6 +35,8 @@ class CompletionCall:
     request: PromptRequest
     include_usage: bool = False
     ignored: tuple[str, ...] = ()
+    #: ``echo: true``: the prompt, which goes in front of the answer's text ("" without echo)
+    echo: str = ""
 
 
 _FIELDS = frozenset(
@@ -65,11 +69,12 @@ def completion_request(
     prompt = _prompt(body.get("prompt"))
     if body.get("suffix"):
         raise bad_request(
-            "'suffix' (fill-in-the-middle) is not supported: the swarm's nodes continue a chat, not a text",
+            "'suffix' (fill-in-the-middle) is not supported: the swarm's nodes continue a text, they do not fill a gap",
             param="suffix",
         )
-    if body.get("echo"):
-        raise bad_request("'echo': true is not supported; the client has its prompt already", param="echo")
+    echo = body.get("echo")
+    if echo not in (None, True, False):
+        raise bad_request("'echo' must be true or false", param="echo")
     if body.get("best_of") not in (None, 1):
         raise bad_request("'best_of' above 1 is not supported (one answer per request)", param="best_of")
     params: dict[str, Any] = {}
@@ -86,13 +91,14 @@ def completion_request(
             raise bad_request("'stream_options' must be an object", param="stream_options")
         include_usage = options.get("include_usage") is True
     fields: dict[str, Any] = {
-        "messages": [{"role": "user", "content": prompt}],
+        "kind": "complete",
+        "prompt": prompt,
         "params": params,
         "model": requested_model(body, known_models, names),
         "stream": body.get("stream") or False,
         **{name: body[name] for name in SWARM_FIELDS if body.get(name) is not None},
     }
-    return CompletionCall(validate(fields), include_usage=include_usage, ignored=ignored)
+    return CompletionCall(validate(fields), include_usage=include_usage, ignored=ignored, echo=prompt if echo else "")
 
 
 def _prompt(raw: Any) -> str:
@@ -112,13 +118,14 @@ def _prompt(raw: Any) -> str:
     raise bad_request("'prompt' must be a string (or a list of one string)", param="prompt")
 
 
-def completion(answer: Answer, *, created: int) -> dict[str, Any]:
+def completion(answer: Answer, *, created: int, echo: str = "") -> dict[str, Any]:
+    """The whole ``text_completion``; ``echo`` (the prompt, when asked for) goes before the text."""
     return {
         "id": f"cmpl-{answer.id}",
         "object": "text_completion",
         "created": created,
         "model": answer.model,
-        "choices": [{"index": 0, "text": answer.text, "finish_reason": _finish(answer), "logprobs": None}],
+        "choices": [{"index": 0, "text": echo + answer.text, "finish_reason": _finish(answer), "logprobs": None}],
         "usage": usage(answer.usage),
         "system_fingerprint": None,
         "swarm": swarm_info(answer),
@@ -132,14 +139,19 @@ def _finish(answer: Answer) -> str:
 
 class CompletionChunks:
     """The chunks of one streamed completion: ``text_completion`` objects with the next text,
-    the last with ``finish_reason``, then a usage chunk when asked for. ``gateway.py`` frames
-    each with ``openai_api.sse`` and ends with DONE."""
+    the last with ``finish_reason``, then a usage chunk when asked for. With ``echo`` (the
+    prompt), the first chunk is the prompt. ``gateway.py`` frames each with ``openai_api.sse``
+    and ends with DONE."""
 
-    def __init__(self, request_id: str, *, model: str, created: int, include_usage: bool = False) -> None:
+    def __init__(
+        self, request_id: str, *, model: str, created: int, include_usage: bool = False, echo: str = ""
+    ) -> None:
         self.id = f"cmpl-{request_id}"
         self.model = model
         self.created = created
         self.include_usage = include_usage
+        self.echo = echo
+        #: what the node has streamed so far (the echoed prompt is not part of it)
         self.text = ""
 
     def _chunk(self, text: str, finish: str | None = None) -> dict[str, Any]:
@@ -153,7 +165,7 @@ class CompletionChunks:
         }
 
     def opening(self) -> list[dict[str, Any]]:
-        return []
+        return [self._chunk(self.echo)] if self.echo else []
 
     def piece(self, chunk: StreamChunk) -> list[dict[str, Any]]:
         if chunk.restart and self.text:

@@ -698,11 +698,13 @@ class Gateway:
         headers = ignored_header(call.ignored)
         if not call.request.stream:
             answer = await self._ask(request, client, call.request)
-            return JSONResponse(completions_api.completion(answer, created=int(time.time())), headers=headers)
+            return JSONResponse(
+                completions_api.completion(answer, created=int(time.time()), echo=call.echo), headers=headers
+            )
 
         def events(request_id: str, model: str) -> _Events:
             chunks = completions_api.CompletionChunks(
-                request_id, model=model, created=int(time.time()), include_usage=call.include_usage
+                request_id, model=model, created=int(time.time()), include_usage=call.include_usage, echo=call.echo
             )
             return _OpenAIEvents(chunks)
 

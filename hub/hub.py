@@ -830,7 +830,7 @@ class Hub:
             task_id = uuid.uuid4().hex
             remaining = run.machine.deadline - loop.time()
             max_tokens = req.params.max_tokens
-            if max_tokens is None and req.kind == "chat":
+            if max_tokens is None and req.kind != "embed":
                 max_tokens = self._default_length(node, remaining)
             timeout = self._attempt_timeout(node, max_tokens, remaining)
             run.machine.assigned(
@@ -858,6 +858,7 @@ class Hub:
                 model=req.model,
                 kind=req.kind,
                 input=req.input,
+                prompt=req.prompt if req.kind == "complete" else None,
                 # best_of_n ranks whole answers: its nodes have nothing to stream to anyone
                 stream=req.stream and req.strategy == "race",
                 response_format=req.response_format,
@@ -1347,9 +1348,9 @@ class Hub:
 def _needs(req: PromptRequest) -> frozenset[str]:
     """The capabilities (``Announce.capabilities``) a node must have to serve ``req``. Streaming
     is not one: a node that cannot stream answers whole, and the hub streams that in one piece."""
-    needs = set()
-    if req.kind == "embed":
-        needs.add("embed")
+    needs: set[str] = set()
+    if req.kind in ("embed", "complete"):
+        needs.add(req.kind)
     if req.tools and req.tool_choice != "none":
         needs.add("tools")
     if req.wants_json() is not None:

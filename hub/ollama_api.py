@@ -322,18 +322,22 @@ def chat_request(body: Any, *, served: set[str] | None = None, names: ModelNames
 
 
 def generate_request(body: Any, *, served: set[str] | None = None, names: ModelNames | None = None) -> OllamaCall:
-    """``/api/generate``: the prompt (and ``system``) through the model's chat template."""
+    """``/api/generate``: the prompt (and ``system``) through the model's chat template, or with
+    ``raw: true`` the prompt as it is, continued by the model (``kind: "complete"``; Ollama then
+    applies no template and no ``system``, which is therefore named as ignored)."""
     body = _object(body)
     model = _name(body)
     _think(body)
     for name in _UNSUPPORTED_GENERATE:
         if body.get(name):
             raise bad_request(f"'{name}' is not supported by this swarm", param=name)
-    if body.get("raw"):
-        # the swarm always applies the model's chat template: a raw prompt would be read otherwise
-        raise bad_request("'raw' prompts are not supported: the swarm applies the model's chat template", param="raw")
+    raw = body.get("raw")
+    if raw not in (None, True, False):
+        raise bad_request("'raw' must be true or false", param="raw")
     params, ignored_options = _options(body)
     ignored = _fields(body, _GENERATE) + ignored_options
+    if raw and body.get("system"):
+        ignored.append("system")
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string", param="prompt")
@@ -344,8 +348,11 @@ def generate_request(body: Any, *, served: set[str] | None = None, names: ModelN
         resolve_model(model, served, names)
         return OllamaCall(None, model=model, stream=_stream(body), ignored=tuple(ignored))
     fields = _common(body, params, served, names)
-    messages = [{"role": "system", "content": system}] if system else []
-    fields["messages"] = [*messages, {"role": "user", "content": prompt}]
+    if raw:
+        fields.update(kind="complete", prompt=prompt)
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        fields["messages"] = [*messages, {"role": "user", "content": prompt}]
     stream = _stream(body)
     fields["stream"] = stream
     return OllamaCall(validate(fields), model=model, stream=stream, ignored=tuple(ignored))

@@ -550,19 +550,33 @@ class Node:
 
             if task.kind == "embed":
                 return await self._embed(job, started)
-            plan = tools.plan(
-                [m.engine_dict() for m in task.messages],
-                tools=task.tools,
-                tool_choice=task.tool_choice,
-                response_schema=task.response_format.answer_schema() if task.response_format else None,
-            )
-            decoder = plan.decoder()
+            schema = task.response_format.answer_schema() if task.response_format else None
+            if task.kind == "complete":
+                # Raw text: no template and no tools, so nothing to decode but the text itself.
+                decoder = tools.Decoder()
+                prompt = task.prompt or ""  # the Task model guarantees one for this kind
+
+                def run(on_text: Callable[[str], None] | None) -> Generation:
+                    return self.engine.complete(prompt, job.sampling, should_stop, schema=schema, on_text=on_text)
+
+            else:
+                plan = tools.plan(
+                    [m.engine_dict() for m in task.messages],
+                    tools=task.tools,
+                    tool_choice=task.tool_choice,
+                    response_schema=schema,
+                )
+                decoder = plan.decoder()
+
+                def run(on_text: Callable[[str], None] | None) -> Generation:
+                    return self.engine.generate(
+                        plan.messages, job.sampling, should_stop, schema=plan.schema, on_text=on_text
+                    )
+
             chunks = _ChunkSender(self, task.task_id) if task.stream else None
             on_text = chunks.from_thread(decoder) if chunks is not None else None
             try:
-                gen = await asyncio.to_thread(
-                    self.engine.generate, plan.messages, job.sampling, should_stop, schema=plan.schema, on_text=on_text
-                )
+                gen = await asyncio.to_thread(run, on_text)
             except Exception as exc:  # the engine boundary: a crash must become a reply, not a dead node
                 return self._engine_failed(job, exc, "engine")
             finally:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from nova_swarm.broker.errors import ConfigError
 
 #: what an engine can do beyond plain chat; the node announces these (``messages.Capability``)
-STREAM, EMBED, JSON_SCHEMA, TOOLS = "stream", "embed", "json_schema", "tools"
+STREAM, EMBED, JSON_SCHEMA, TOOLS, COMPLETE = "stream", "embed", "json_schema", "tools", "complete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,21 @@ class Engine(Protocol):
         ``json_schema`` in their capabilities constrain sampling to it). ``on_text`` is called
         from the generating thread with each new piece of text, in order; the pieces join up to
         ``Generation.text``."""
+        ...
+
+    def complete(
+        self,
+        prompt: str,
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Blocking: the model's continuation of ``prompt`` as it is, with no chat template
+        (``Generation.text`` is what follows the prompt, not the prompt). Otherwise as
+        ``generate``. Only engines with ``complete`` in their capabilities; others raise
+        EngineError."""
         ...
 
     def embed(self, texts: Sequence[str]) -> Embedding:

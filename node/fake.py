@@ -16,12 +16,12 @@ from typing import Any
 
 from nova_swarm.broker.errors import EngineError
 
-from .engine import EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
+from .engine import COMPLETE, EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
 
 TextRule = Callable[[str], str]
 DelayRule = Callable[[str], float]
 
-ALL_CAPABILITIES = frozenset({STREAM, EMBED, JSON_SCHEMA, TOOLS})
+ALL_CAPABILITIES = frozenset({STREAM, EMBED, JSON_SCHEMA, TOOLS, COMPLETE})
 
 
 class FakeEngine:
@@ -73,9 +73,57 @@ class FakeEngine:
         ``schema`` is ignored on purpose: a test scripts an answer that breaks it to see what the
         hub does. With ``on_text``, each word streams as a piece (with the whitespace before it,
         so that line breaks, and markdown with them, come through)."""
+        prompt = str(messages[-1].get("content") or "") if messages else ""
+        return self._scripted(
+            prompt,
+            lambda: (self._echoed(messages, sampling) if self._echo else self._reply(prompt)).strip(),
+            sampling,
+            should_stop,
+            on_text,
+            prompt_tokens=sum(len(str(m.get("content") or "").split()) for m in messages),
+        )
+
+    def complete(
+        self,
+        prompt: str,
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """The scripted reply for the prompt as its continuation, leading whitespace kept (a
+        continuation often starts with a space or a line break). With ``echo``, a fixed
+        continuation that names what reached the engine: ``" ... (fake continuation of N
+        characters, max_tokens M, temperature T)"``. Only with ``complete`` among the
+        capabilities, as an engine that cannot would refuse."""
+        if COMPLETE not in self._info.capabilities:
+            raise EngineError("this engine cannot continue a raw text")
+
+        def text() -> str:
+            if self._echo:
+                return (
+                    f" ... (fake continuation of {len(prompt)} characters, max_tokens {sampling.max_tokens},"
+                    f" temperature {sampling.temperature})"
+                )
+            return self._reply(prompt)
+
+        return self._scripted(prompt, text, sampling, should_stop, on_text, prompt_tokens=len(prompt.split()))
+
+    def _scripted(
+        self,
+        prompt: str,
+        text: Callable[[], str],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        on_text: Callable[[str], None] | None,
+        *,
+        prompt_tokens: int,
+    ) -> Generation:
+        """Wait the scripted delay (stopping early when asked), then give ``text()`` a word a
+        token, cut to ``max_tokens``."""
         with self._lock:
             self.calls += 1
-        prompt = str(messages[-1].get("content") or "") if messages else ""
         started = time.monotonic()
         give_up = started + self._delay(prompt)
         stopped = False
@@ -86,8 +134,7 @@ class FakeEngine:
             time.sleep(min(0.01, max(0.0, give_up - time.monotonic())))
         if self._fail_with is not None:
             raise RuntimeError(self._fail_with)
-        text = "" if stopped else self._echoed(messages, sampling) if self._echo else self._reply(prompt)
-        pieces = re.findall(r"\s*\S+", text.strip())[: sampling.max_tokens]
+        pieces = [] if stopped else re.findall(r"\s*\S+", text())[: sampling.max_tokens]
         sent: list[str] = []
         for piece in pieces:
             if on_text is not None:
@@ -99,7 +146,7 @@ class FakeEngine:
         return Generation(
             text="".join(sent),
             finish_reason="stop",
-            prompt_tokens=sum(len(str(m.get("content") or "").split()) for m in messages),
+            prompt_tokens=prompt_tokens,
             completion_tokens=len(sent),
             ttft_s=None,
             generate_s=time.monotonic() - started,

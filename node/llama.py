@@ -1,4 +1,5 @@
-"""The llama-cpp-python engine: one model, in-process, chat completion and embeddings.
+"""The llama-cpp-python engine: one model, in-process, chat completion, raw text completion
+and embeddings.
 
 The one place where llama-cpp's exceptions become ``EngineError``.
 """
@@ -17,7 +18,7 @@ from typing import Any, cast
 
 from nova_swarm.broker.errors import ConfigError, EngineError
 
-from .engine import EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
+from .engine import COMPLETE, EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
 from .models import model_name, sha256_file
 from .tools import as_text_turns
 
@@ -80,7 +81,7 @@ class LlamaEngine:
             )
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"llama-cpp could not load {path}: {exc}") from exc
-        capabilities = {STREAM, JSON_SCHEMA, TOOLS} | ({EMBED} if embeddings else set())
+        capabilities = {STREAM, JSON_SCHEMA, TOOLS, COMPLETE} | ({EMBED} if embeddings else set())
         self._info = EngineInfo(
             name=name or model_name(path),
             sha256=sha256_file(path),
@@ -120,9 +121,54 @@ class LlamaEngine:
         schema: Mapping[str, Any] | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        # llama-cpp's chat API takes no stopping criteria, so we stream and stop between chunks,
-        # and count tokens with a pass-through logits processor: it runs once per sampled token
-        # and sees the whole context, which gives exact usage and time to first token.
+        def start(**common: Any) -> Any:
+            # Templates know system/user/assistant; tool calls and results become text.
+            return self._llm.create_chat_completion(messages=as_text_turns(messages), **common)  # type: ignore[arg-type]
+
+        def text_of(choice: Mapping[str, Any]) -> str:
+            return str(choice["delta"].get("content") or "")
+
+        return self._run(start, text_of, sampling, should_stop, schema=schema, on_text=on_text)
+
+    # ------------------------------------------------------------ raw text completion
+
+    def complete(
+        self,
+        prompt: str,
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """The continuation of ``prompt`` as it is: no chat template, as llama-server's
+        ``/completion`` (special tokens written in the text, such as ``<|im_start|>``, are read
+        as those tokens, as llama-server reads them)."""
+
+        def start(**common: Any) -> Any:
+            return self._llm.create_completion(prompt=prompt, **common)
+
+        def text_of(choice: Mapping[str, Any]) -> str:
+            return str(choice.get("text") or "")
+
+        return self._run(start, text_of, sampling, should_stop, schema=schema, on_text=on_text)
+
+    def _run(
+        self,
+        start: Callable[..., Any],
+        text_of: Callable[[Mapping[str, Any]], str],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        *,
+        schema: Mapping[str, Any] | None,
+        on_text: Callable[[str], None] | None,
+    ) -> Generation:
+        """One streamed generation, chat or raw: ``start`` opens llama-cpp's stream with the
+        sampling arguments, ``text_of`` takes the new text out of one chunk's choice."""
+        # llama-cpp's streaming APIs take no stopping criteria here, so we stream and stop
+        # between chunks, and count tokens with a pass-through logits processor: it runs once
+        # per sampled token and sees the whole context, which gives exact usage and time to
+        # first token.
         prompt_tokens: list[int] = []
         token_times: list[float] = []
 
@@ -142,9 +188,7 @@ class LlamaEngine:
             started = time.monotonic()
             stream: Any = None
             try:
-                stream = self._llm.create_chat_completion(
-                    # Templates know system/user/assistant; tool calls and results become text.
-                    messages=as_text_turns(messages),  # type: ignore[arg-type]
+                stream = start(
                     max_tokens=sampling.max_tokens,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p if sampling.top_p is not None else 0.95,
@@ -167,7 +211,7 @@ class LlamaEngine:
                 )
                 for chunk in cast(Iterator[dict[str, Any]], stream):
                     choice = chunk["choices"][0]
-                    piece = choice["delta"].get("content") or ""
+                    piece = text_of(choice)
                     if piece:
                         pieces.append(piece)
                         if on_text is not None:

@@ -1,10 +1,12 @@
 """OpenAI's legacy text completions (``/v1/completions``): the translation on its own, then the
 ``openai`` package's ``completions.create`` against a real gateway, amqtt broker, hub and
-llama-cpp node (SmolLM2)."""
+llama-cpp node (SmolLM2), whose text must be llama-cpp's own raw continuation of the prompt."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -13,6 +15,7 @@ from nova_swarm.broker.messages import Answer, StreamChunk, Usage
 from nova_swarm.hub import completions_api
 from nova_swarm.hub.openai_api import ApiError
 
+from .conftest import bundled_model_path
 from .test_openai_gateway import MODEL, Swarm, ahttp, engine, swarm  # noqa: F401  (fixtures)
 
 
@@ -50,7 +53,9 @@ def test_request_translation() -> None:
         known_models={MODEL},
     )
     req = call.request
-    assert [(m.role, m.content) for m in req.chat()] == [("user", "def add(a, b):")]
+    # the text as it is, to be continued: no chat turn
+    assert (req.kind, req.prompt, req.messages) == ("complete", "def add(a, b):", None)
+    assert call.echo == ""
     p = req.params
     assert (p.max_tokens, p.temperature, p.top_p, p.stop) == (16, 0.2, 0.5, ["\n\n"])
     assert req.stream and call.include_usage and call.ignored == ("user",)
@@ -65,7 +70,7 @@ def test_request_translation() -> None:
         ({"prompt": "  "}, "'prompt' is empty"),
         ({"prompt": None}, "'prompt' must be a string"),
         ({"suffix": "return x"}, "'suffix'"),
-        ({"echo": True}, "'echo'"),
+        ({"echo": "yes"}, "'echo'"),
         ({"n": 2}, "n=2"),
         ({"best_of": 3}, "'best_of'"),
         ({"logprobs": 5}, "logprobs"),
@@ -97,7 +102,66 @@ def test_response_shapes() -> None:
         writer.piece(StreamChunk(id="r1", seq=1, node_id="beta", text="x", restart=True))
 
 
+def test_echo_puts_the_prompt_before_the_continuation() -> None:
+    call = completions_api.completion_request({"model": MODEL, "prompt": "def f(x):", "echo": True})
+    assert call.echo == "def f(x):" and call.request.prompt == "def f(x):"
+    whole = completions_api.completion(answer("\n    return x"), created=1, echo=call.echo)
+    assert whole["choices"][0]["text"] == "def f(x):\n    return x"
+
+    writer = completions_api.CompletionChunks("r1", model=MODEL, created=1, echo=call.echo)
+    chunks = writer.opening() + writer.piece(StreamChunk(id="r1", seq=0, node_id="alpha", text="\n    "))
+    chunks += writer.closing(answer("\n    return x"))
+    assert [c["choices"][0]["text"] for c in chunks] == ["def f(x):", "\n    ", "return x"]
+    # without echo nothing comes before the continuation
+    assert completions_api.CompletionChunks("r1", model=MODEL, created=1).opening() == []
+
+
 # ---------------------------------------------------------------- the openai package, end to end
+
+CODE = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[Any]:
+    """llama-cpp itself, in the test process, on the same model: what a raw continuation is."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(bundled_model_path()), n_ctx=2048, n_threads=2, verbose=False)
+    yield llm
+    llm.close()
+
+
+def greedy(reference: Any, prompt: str, max_tokens: int) -> tuple[str, str, int]:
+    """Text, finish reason and completion tokens of llama-cpp's greedy continuation."""
+    done = reference.create_completion(prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+    choice = done["choices"][0]
+    return str(choice["text"]), str(choice["finish_reason"]), int(done["usage"]["completion_tokens"])
+
+
+@pytest.mark.llama
+async def test_a_completion_continues_the_prompt_as_llama_cpp_does(swarm: Swarm, reference: Any) -> None:  # noqa: F811
+    expected, finish, tokens = greedy(reference, CODE, 24)
+    assert expected.strip()  # the model has something to say, or the comparison proves nothing
+
+    done = await swarm.client.completions.create(model=MODEL, prompt=CODE, temperature=0, max_tokens=24)
+    text = done.choices[0].text
+    assert text == expected, (text, expected)
+    assert done.choices[0].finish_reason == finish
+    assert done.usage is not None and done.usage.completion_tokens == tokens
+    # a chat reply would not go on with the function's body, nor talk about it
+    assert not text.lstrip().lower().startswith(("sure", "here", "certainly", "the ", "to "))
+
+    stream = await swarm.client.completions.create(model=MODEL, prompt=CODE, temperature=0, max_tokens=24, stream=True)
+    pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) > 1
+
+    echoed = await swarm.client.completions.create(model=MODEL, prompt=CODE, temperature=0, max_tokens=24, echo=True)
+    assert echoed.choices[0].text == CODE + expected
+    stream = await swarm.client.completions.create(
+        model=MODEL, prompt=CODE, temperature=0, max_tokens=24, echo=True, stream=True
+    )
+    pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert pieces[0] == CODE and "".join(pieces) == CODE + expected
 
 
 @pytest.mark.llama
@@ -122,9 +186,11 @@ async def test_completion(swarm: Swarm) -> None:  # noqa: F811
 async def test_streamed_completion(swarm: Swarm) -> None:  # noqa: F811
     stream = await swarm.client.completions.create(
         model=MODEL,
-        prompt="Write a very long story about a dragon who learns to bake bread.",
+        # a text to continue (the prompt is not a chat turn): a story's first words
+        prompt="Once upon a time, in a small village at the foot of a mountain, there lived a dragon who",
         max_tokens=96,
         temperature=0.7,
+        seed=7,
         stream=True,
         stream_options={"include_usage": True},
     )

@@ -15,7 +15,7 @@ import pytest
 from nova_swarm.broker.errors import EngineError
 from nova_swarm.broker.messages import FunctionDef, NamedFunction, NamedToolChoice, Tool, ToolCallDelta
 from nova_swarm.node import tools
-from nova_swarm.node.engine import EMBED, JSON_SCHEMA, STREAM, TOOLS, Engine, Sampling
+from nova_swarm.node.engine import COMPLETE, EMBED, JSON_SCHEMA, STREAM, TOOLS, Engine, Sampling
 from nova_swarm.node.fake import FakeEngine
 from nova_swarm.node.llama import LlamaEngine, unsupported
 
@@ -95,7 +95,7 @@ def test_the_fake_ignores_the_schema_and_reports_its_capabilities() -> None:
     with pytest.raises(EngineError):
         fake.embed(["x"])
     assert len(FakeEngine(dimension=5).embed(["x"]).vectors[0]) == 5
-    assert FakeEngine().info.capabilities == {STREAM, EMBED, JSON_SCHEMA, TOOLS}
+    assert FakeEngine().info.capabilities == {STREAM, EMBED, JSON_SCHEMA, TOOLS, COMPLETE}
 
 
 # ---------------------------------------------------------------- llama-cpp
@@ -103,7 +103,7 @@ def test_the_fake_ignores_the_schema_and_reports_its_capabilities() -> None:
 
 @pytest.mark.llama
 def test_llama_capabilities(llama: LlamaEngine) -> None:
-    assert llama.info.capabilities == {STREAM, EMBED, JSON_SCHEMA, TOOLS}
+    assert llama.info.capabilities == {STREAM, EMBED, JSON_SCHEMA, TOOLS, COMPLETE}
 
 
 @pytest.mark.llama

@@ -323,7 +323,7 @@ def wrong_values(field: str, text: st.SearchStrategy[str]) -> st.SearchStrategy[
             st.floats(min_value=3600, exclude_min=True),
         ),
         "private": st.one_of(st.integers(), text, containers, st.none()),
-        "kind": json_values(text).filter(lambda v: v not in ("chat", "embed")),
+        "kind": json_values(text).filter(lambda v: v not in ("chat", "embed", "complete")),
         # a chat request (these all are) takes no input, whatever it holds
         "input": st.one_of(not_a_string(text), st.lists(text, min_size=1, max_size=2)),
         "stream": st.one_of(st.integers(), text, containers, st.none()),

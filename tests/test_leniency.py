@@ -252,7 +252,7 @@ async def test_models_list_context_length_and_capabilities(swarm: Swarm, engine:
     assert card["context_length"] == engine.info.ctx
     assert card["max_tokens"] == CAP  # the node allows more; the hub's cap is what a request gets
     assert card["capabilities"][0] == "chat"
-    assert {"embed", "stream", "json_schema", "tools"} <= set(card["capabilities"])
+    assert {"embed", "stream", "json_schema", "tools", "complete"} <= set(card["capabilities"])
     status, _, raw = await ahttp(f"{swarm.base}/health")
     assert status == 200 and json.loads(raw)["max_tokens_limit"] == CAP
 

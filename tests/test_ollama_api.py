@@ -51,6 +51,7 @@ from .conftest import (
     stop_process,
     until,
 )
+from .test_completions import CODE, greedy, reference  # noqa: F401  (a fixture)
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 OTHER = "Qwen2.5-0.5B-Instruct.Q8_0"
@@ -210,10 +211,20 @@ def test_generate_and_embed_requests() -> None:
     # no prompt: Ollama's "load the model", answered without asking the swarm
     loading = api.generate_request({"model": MODEL}, served={MODEL})
     assert loading.request is None and api.loaded("generate", MODEL, created_at="t")["done_reason"] == "load"
-    for field, value in (("raw", True), ("context", [1, 2]), ("suffix", "end"), ("template", "{{ .Prompt }}")):
+    for field, value in (("raw", "yes"), ("context", [1, 2]), ("suffix", "end"), ("template", "{{ .Prompt }}")):
         with pytest.raises(ApiError) as refused:
             api.generate_request({"model": MODEL, "prompt": "x", field: value})
         assert refused.value.param == field
+
+    # raw: the prompt as it is, continued by the model; Ollama applies no system prompt then
+    raw = api.generate_request(
+        {"model": MODEL, "prompt": "def f(x):", "raw": True, "system": "Be brief.", "format": "json", "stream": False}
+    )
+    assert raw.request is not None and raw.request.kind == "complete" and raw.request.prompt == "def f(x):"
+    assert raw.request.messages is None and raw.request.wants_json() == {"type": "object"}
+    assert raw.ignored == ("system",) and raw.request.stream is False
+    unraw = api.generate_request({"model": MODEL, "prompt": "Why?", "raw": False})
+    assert unraw.request is not None and unraw.request.kind == "chat"
 
     embed = api.embed_request({"model": MODEL, "input": "the cat", "truncate": True, "options": {"temperature": 1}})
     assert embed.request is not None and embed.request.kind == "embed" and embed.request.input == ["the cat"]
@@ -437,6 +448,27 @@ async def test_options_reach_the_node_and_no_ops_are_named(swarm: Swarm) -> None
         options={"num_predict": 60},
     )
     assert isinstance(json.loads(shaped.message.content or "")["name"], str)
+
+
+@pytest.mark.llama
+async def test_a_raw_generate_continues_the_prompt_as_llama_cpp_does(swarm: Swarm, reference: Any) -> None:  # noqa: F811
+    expected, finish, tokens = greedy(reference, CODE, 24)
+    options = {"temperature": 0, "num_predict": 24}
+    done = await swarm.client.generate(model=MODEL, prompt=CODE, raw=True, options=options)
+    assert done.response == expected, (done.response, expected)
+    assert done.done_reason == finish and done.eval_count == tokens
+    streamed = await swarm.client.generate(model=MODEL, prompt=CODE, raw=True, options=options, stream=True)
+    pieces = [part.response async for part in streamed]
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) > 1
+    # without raw the same prompt is a chat turn, answered through the template
+    chatted = await swarm.client.generate(model=MODEL, prompt=CODE, options=options)
+    assert chatted.response != expected
+    # a JSON schema constrains a raw continuation too (a grammar on the node)
+    person = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    shaped = await swarm.client.generate(
+        model=MODEL, prompt="A person, as JSON: ", raw=True, format=person, options={"num_predict": 60}
+    )
+    assert isinstance(json.loads(shaped.response)["name"], str)
 
 
 @pytest.mark.llama
