@@ -183,7 +183,7 @@ def test_the_hub_announces_only_beyond_loopback_and_unless_told_not_to(tmp_path:
     from argparse import Namespace
 
     from nova_swarm.broker.home import LocalSwarm, SwarmHome
-    from nova_swarm.hub.cli import _announcer
+    from nova_swarm.hub.cli.serve import _announcer
 
     home = SwarmHome(tmp_path)
     home.ensure()

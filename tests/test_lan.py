@@ -93,7 +93,7 @@ def test_lan_addresses_and_certificate_names_inside_the_lan(tmp_path: Path) -> N
         phone.run(["ip", "link", "set", "eth0", "down"])
         none, mdns, names = _python_in(phone, code)
         assert none == [] and phone.address not in names
-        code = "import json; from nova_swarm.hub.cli import _lan_host; print(json.dumps(_lan_host()))"
+        code = "import json; from nova_swarm.hub.cli.admin import _lan_host; print(json.dumps(_lan_host()))"
         host = _python_in(phone, code)
         assert host == mdns
 
