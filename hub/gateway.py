@@ -71,15 +71,14 @@ from nova_swarm.broker.messages import Answer, PromptRequest, StreamChunk
 from nova_swarm.broker.topics import DEFAULT_SWARM, Topics, check_id
 from nova_swarm.broker.url import BrokerURL
 
-from . import ollama_api, openai_api
-from . import anthropic_api, completions_api, responses_api
+from . import anthropic_api, completions_api, ollama_api, openai_api, responses_api
 from .client import SwarmClient
-from .leniency import IGNORED_HEADER, ignored_header
-from .prometheus import MetricsBoard, SwarmCollector, SwarmView
-from .model_names import ModelNames
 from .http_timeouts import HttpTimeouts, TimedConfig
 from .join import JoinRefused, JoinService
+from .leniency import IGNORED_HEADER, ignored_header
+from .model_names import ModelNames
 from .openai_api import ApiError, ChatChunks
+from .prometheus import MetricsBoard, SwarmCollector, SwarmView
 
 log = structlog.get_logger("nova_swarm.gateway")
 
@@ -619,53 +618,12 @@ class Gateway:
             raise
 
     async def _chat_stream(self, request: Request, client: SwarmClient, call: openai_api.ChatCall) -> Response:
-        prompt = call.request.model_copy(update={"id": uuid.uuid4().hex})
-        assert prompt.id is not None
-        stack = AsyncExitStack()
-        stream = await stack.enter_async_context(client.streaming(prompt, timeout=self._wait_s(prompt)))
-        chunks = stream.__aiter__()
-        answer: Answer | None = None
-        try:
-            # Wait for the first piece before answering 200, so that a request the hub refuses
-            # (no node, unknown model, busy) gets its real HTTP status.
-            first = await _unless_gone(request, anext(chunks, None))
-            if first is None:
-                answer = await stream.answer()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
-            raise
-        model = prompt.model or _model_of(client, first.node_id if first else None) or "unknown"
-        writer = ChatChunks(prompt.id, model=model, created=int(time.time()), include_usage=call.include_usage)
+        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+            model = requested or served or "unknown"
+            chunks = ChatChunks(request_id, model=model, created=int(time.time()), include_usage=call.include_usage)
+            return _OpenAIEvents(chunks)
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                yield openai_api.sse(writer.opening())
-                if first is not None:
-                    for event in writer.piece(first):
-                        yield openai_api.sse(event)
-                    async for piece in chunks:
-                        for event in writer.piece(piece):
-                            yield openai_api.sse(event)
-                for event in writer.closing(answer or await stream.answer()):
-                    yield openai_api.sse(event)
-                yield openai_api.DONE
-            except ApiError as exc:
-                yield openai_api.sse(exc.body())
-            except RequestFailed as exc:
-                yield openai_api.sse(openai_api.error_from(exc).body())
-            except ConnectionLost:
-                yield openai_api.sse(ApiError(503, "the gateway lost the broker", code="broker_unreachable").body())
-            finally:
-                # Leaving the streaming block before the answer came cancels the request at the hub.
-                with anyio.CancelScope(shield=True):
-                    await stack.aclose()
-
-        return _EventStream(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ignored_header(call.ignored)},
-        )
+        return await self._relay(request, client, call.request, events, headers=ignored_header(call.ignored))
 
     # ---------------------------------------------------------------- Anthropic's API, text completions
 
@@ -685,8 +643,8 @@ class Gateway:
             answer = await self._ask(request, client, call.request)
             return JSONResponse(anthropic_api.message(answer), headers=headers)
 
-        def events(request_id: str, model: str) -> _Events:
-            return anthropic_api.MessageEvents(request_id, model=model)
+        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+            return anthropic_api.MessageEvents(request_id, model=requested or served or "unknown")
 
         return await self._relay(request, client, call.request, events, headers=headers)
 
@@ -702,7 +660,8 @@ class Gateway:
                 completions_api.completion(answer, created=int(time.time()), echo=call.echo), headers=headers
             )
 
-        def events(request_id: str, model: str) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+            model = requested or served or "unknown"
             chunks = completions_api.CompletionChunks(
                 request_id, model=model, created=int(time.time()), include_usage=call.include_usage, echo=call.echo
             )
@@ -720,7 +679,8 @@ class Gateway:
             answer = await self._ask(request, client, call.request)
             return JSONResponse(responses_api.response(answer, created=int(time.time())), headers=headers)
 
-        def events(request_id: str, model: str) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+            model = requested or served or "unknown"
             return responses_api.ResponseEvents(request_id, model=model, created=int(time.time()))
 
         return await self._relay(request, client, call.request, events, headers=headers)
@@ -730,11 +690,13 @@ class Gateway:
         request: Request,
         client: SwarmClient,
         prompt: PromptRequest,
-        events: Callable[[str, str], _Events],
+        events: Callable[[str, str | None, str | None], _Events],
         *,
         headers: dict[str, str],
+        media_type: str = "text/event-stream",
     ) -> Response:
-        """A streamed answer as server-sent events, written by ``events(request_id, model)``."""
+        """A streamed answer, written by ``events(request_id, requested model, serving node's model)``:
+        server-sent events, or Ollama's NDJSON lines."""
         prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
         assert prompt.id is not None
         stack = AsyncExitStack()
@@ -750,8 +712,7 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
             raise
-        model = prompt.model or _model_of(client, first.node_id if first else None) or "unknown"
-        writer = events(prompt.id, model)
+        writer = events(prompt.id, prompt.model, _model_of(client, first.node_id if first else None))
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -780,9 +741,7 @@ class Gateway:
                     await stack.aclose()
 
         return _EventStream(
-            body(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+            body(), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
         )
 
     # ---------------------------------------------------------------- Ollama's API
@@ -866,44 +825,12 @@ class Gateway:
         if not call.stream:
             answer = await self._ask(request, client, call.request)
             return JSONResponse(ollama_api.response(kind, answer, created_at=created_at), headers=headers)
-        prompt = call.request.model_copy(update={"id": uuid.uuid4().hex})
-        stack = AsyncExitStack()
-        stream = await stack.enter_async_context(client.streaming(prompt, timeout=self._wait_s(prompt)))
-        chunks = stream.__aiter__()
-        answer: Answer | None = None
-        try:
-            # As for OpenAI streams: the first piece before the 200, so a refusal keeps its status.
-            first = await _unless_gone(request, anext(chunks, None))
-            if first is None:
-                answer = await stream.answer()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
-            raise
-        model = _model_of(client, first.node_id if first else None) or prompt.model or call.model
-        lines = ollama_api.Lines(kind, model=model, created_at=created_at)
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                if first is not None:
-                    for line in lines.piece(first):
-                        yield ollama_api.ndjson(line)
-                    async for piece in chunks:
-                        for line in lines.piece(piece):
-                            yield ollama_api.ndjson(line)
-                for line in lines.closing(answer or await stream.answer()):
-                    yield ollama_api.ndjson(line)
-            except ApiError as exc:
-                yield ollama_api.ndjson(ollama_api.error_body(exc))
-            except RequestFailed as exc:
-                yield ollama_api.ndjson(ollama_api.error_body(openai_api.error_from(exc)))
-            except ConnectionLost:
-                yield ollama_api.ndjson({"error": "the gateway lost the swarm's broker"})
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await stack.aclose()
+        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+            # Ollama's clients show the model that answered, so the node's own name comes first.
+            return _OllamaEvents(ollama_api.Lines(kind, model=served or requested or call.model, created_at=created_at))
 
-        return _EventStream(body(), media_type=NDJSON, headers={"Cache-Control": "no-cache", **headers})
+        return await self._relay(request, client, call.request, events, headers=headers, media_type=NDJSON)
 
 
 #: the Ollama routes served (any other method on them is a 405)
@@ -929,7 +856,7 @@ def _anthropic_error(exc: ApiError) -> Response:
 
 
 class _Events(Protocol):
-    """What ``Gateway._relay`` writes a stream with: framed server-sent events."""
+    """What ``Gateway._relay`` writes a stream with: its framed events (SSE, or NDJSON lines)."""
 
     def opening(self) -> list[bytes]: ...
     def piece(self, chunk: StreamChunk) -> list[bytes]: ...
@@ -940,7 +867,7 @@ class _Events(Protocol):
 class _OpenAIEvents:
     """An OpenAI-style chunk writer (dicts) as framed events: ``data:`` lines, DONE at the end."""
 
-    def __init__(self, chunks: completions_api.CompletionChunks) -> None:
+    def __init__(self, chunks: ChatChunks | completions_api.CompletionChunks) -> None:
         self._chunks = chunks
 
     def opening(self) -> list[bytes]:
@@ -954,6 +881,25 @@ class _OpenAIEvents:
 
     def failure(self, exc: ApiError) -> list[bytes]:
         return [openai_api.sse(exc.body())]
+
+
+class _OllamaEvents:
+    """Ollama's lines (dicts) as NDJSON: no opening, and the error as a last line."""
+
+    def __init__(self, lines: ollama_api.Lines) -> None:
+        self._lines = lines
+
+    def opening(self) -> list[bytes]:
+        return []
+
+    def piece(self, chunk: StreamChunk) -> list[bytes]:
+        return [ollama_api.ndjson(line) for line in self._lines.piece(chunk)]
+
+    def closing(self, answer: Answer) -> list[bytes]:
+        return [ollama_api.ndjson(line) for line in self._lines.closing(answer)]
+
+    def failure(self, exc: ApiError) -> list[bytes]:
+        return [ollama_api.ndjson(ollama_api.error_body(exc))]
 
 
 def _ollama_error(exc: ApiError) -> Response:

@@ -533,7 +533,7 @@ class Lines:
             raise ApiError(
                 502,
                 "the node streaming this answer was lost after part of it was sent, and another node started over:"
-                " ask again, or with \"stream\": false",
+                ' ask again, or with "stream": false',
                 code="node_lost",
             )
         if not chunk.text:
@@ -578,4 +578,3 @@ def embed_response(answer: Answer, *, model: str) -> dict[str, Any]:
 def embeddings_response(answer: Answer) -> dict[str, Any]:
     """``/api/embeddings`` (the older route): the one vector."""
     return {"embedding": (answer.embeddings or [[]])[0]}
-

@@ -490,8 +490,8 @@ class ChatChunks:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
         }
 
-    def opening(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""})
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""})]
 
     def piece(self, chunk: StreamChunk) -> list[dict[str, Any]]:
         """The chunks for one StreamChunk; ApiError for a restart that OpenAI's format cannot say."""

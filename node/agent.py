@@ -36,6 +36,7 @@ from nova_swarm.broker.connection import (
     reconnecting,
 )
 from nova_swarm.broker.errors import ConfigError, EngineError, ErrorCode, ProtocolError
+from nova_swarm.broker.identity import node_client_id
 from nova_swarm.broker.messages import (
     Announce,
     Cancel,
@@ -55,14 +56,13 @@ from nova_swarm.broker.messages import (
     Usage,
     decode,
 )
-from nova_swarm.broker.identity import node_client_id
 from nova_swarm.broker.topics import NodeTopic, Topics
 from nova_swarm.broker.url import BrokerURL
 from nova_swarm.broker.version import __version__
 
 from . import homeassistant, sensors, tools
-from .energy import EnergyMeter, Mark, sample_while_busy
 from .config import NodeConfig
+from .energy import EnergyMeter, Mark, sample_while_busy
 from .engine import Engine, Generation, Sampling
 from .guard import Guard, Pause, Resume
 from .updater import Updater, UpdateSetup

@@ -271,7 +271,7 @@ def test_tool_calls_come_back_in_openai_shape() -> None:
 
 def test_stream_chunks_in_order() -> None:
     chunks = ChatChunks("r1", model="SmolLM2", created=1, include_usage=True)
-    events = [chunks.opening()]
+    events = [*chunks.opening()]
     events += chunks.piece(StreamChunk(id="r1", seq=0, node_id="alpha", text="Hel"))
     events += chunks.piece(StreamChunk(id="r1", seq=1, node_id="alpha", text="lo"))
     events += chunks.closing(answer(text="Hello there"))  # " there" never came as a chunk
@@ -288,7 +288,7 @@ def test_stream_chunks_in_order() -> None:
 
 def test_streamed_tool_calls() -> None:
     chunks = ChatChunks("r2", model="m", created=1)
-    events = [chunks.opening()]
+    events = [*chunks.opening()]
     first = ToolCallDelta(index=0, id="call_1", type="function", function=FunctionDelta(name="add", arguments=""))
     more = ToolCallDelta(index=0, function=FunctionDelta(arguments='{"a": 1}'))
     events += chunks.piece(StreamChunk(id="r2", seq=0, node_id="alpha", tool_calls=[first]))
@@ -306,7 +306,7 @@ def test_streamed_tool_calls() -> None:
 def test_tool_calls_not_streamed_come_from_the_answer() -> None:
     chunks = ChatChunks("r3", model="m", created=1)
     call = ToolCall(id="call_1", function=FunctionCall(name="add", arguments="{}"))
-    events = [chunks.opening(), *chunks.closing(answer(text="", tool_calls=[call]))]
+    events = [*chunks.opening(), *chunks.closing(answer(text="", tool_calls=[call]))]
     parsed = [ChatCompletionChunk.model_validate(e) for e in events]
     delta = parsed[1].choices[0].delta.tool_calls
     assert delta is not None and delta[0].index == 0 and delta[0].id == "call_1"

@@ -82,17 +82,34 @@ def test_a_client_of_the_swarm_does_not_load_the_hub() -> None:
 
 
 def module_graph(package: str) -> dict[str, set[str]]:
-    """Which modules of ``package`` each of its modules imports, type-only imports included."""
-    names = {path.stem for path in (ROOT / package).glob("*.py")}
+    """Which modules of ``package`` (subpackages too, dotted) each of its modules imports,
+    type-only imports included."""
+    root = ROOT / package
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__"): path
+        for path in root.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
     graph: dict[str, set[str]] = {}
-    for path in (ROOT / package).glob("*.py"):
+    for name, path in modules.items():
+        here = name.split(".") if path.name == "__init__.py" and name else name.split(".")[:-1]
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"nova_swarm.{package}."):
-                deps.add((node.module or "").split(".")[2])
-        graph[path.stem] = deps & names
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+                stem = [*base, *(node.module.split(".") if node.module else [])]
+            elif (node.module or "").startswith(f"nova_swarm.{package}."):
+                stem = (node.module or "").split(".")[2:]
+            else:
+                continue
+            for alias in node.names:  # `from . import x` names modules; `from .x import y` names x
+                for candidate in (".".join([*stem, alias.name]), ".".join(stem)):
+                    if candidate in modules and candidate != name:
+                        deps.add(candidate)
+                        break
+        graph[name] = deps
     return graph
 
 
