@@ -45,6 +45,7 @@ from nova_swarm.broker.messages import (
     MAX_FANOUT,
     Answer,
     ErrorReply,
+    JsonSchemaFormat,
     PromptRequest,
     Task,
     TaskResult,
@@ -697,6 +698,11 @@ def like(value: Any, text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     return json_values(text)
 
 
+def wire_keys(model: type[Wire]) -> set[str]:
+    """The keys ``model`` has on the wire: a field's alias where it has one (``schema`` for ``schema_``)."""
+    return {field.alias or name for name, field in model.model_fields.items()}
+
+
 def mutate(
     draw: st.DrawFn, seed: dict[str, Any], model: type[Wire], text: st.SearchStrategy[str]
 ) -> tuple[dict[str, Any], str]:
@@ -705,7 +711,7 @@ def mutate(
     body = dict(seed)
     kind = draw(st.sampled_from(["tweak", "replace", "drop", "unknown", "none"]))
     if kind in ("tweak", "replace"):
-        field = draw(st.sampled_from(sorted(model.model_fields)))
+        field = draw(st.sampled_from(sorted(wire_keys(model))))
         if kind == "tweak":
             body[field] = draw(like(seed.get(field), text))
         else:
@@ -713,7 +719,9 @@ def mutate(
     elif kind == "drop":
         del body[draw(st.sampled_from(sorted(body)))]
     elif kind == "unknown":
-        body[draw(text.filter(lambda k: k not in model.model_fields))] = draw(json_values(text))
+        body[draw(text.filter(lambda k: k not in model.model_fields and k not in wire_keys(model)))] = draw(
+            json_values(text)
+        )
     return body, kind
 
 
@@ -757,6 +765,8 @@ def test_decode_raises_nothing_but_protocol_error(model: type[Wire], payload: by
 
 
 @given(case=mutated_seeds(wild_text))
+# Found by CI: ``description`` dropped; the test took ``schema`` (the alias of ``schema_``) for missing.
+@example(case=(JsonSchemaFormat, '{"name": "person", "schema": {"type": "object"}, "strict": true}', "drop"))
 def test_decode_of_a_broken_message_is_the_message_or_protocol_error(case: tuple[type[Wire], bytes | str, str]) -> None:
     model, payload, kind = case
     out = decode_or_protocol_error(model, payload)
@@ -766,8 +776,9 @@ def test_decode_of_a_broken_message_is_the_message_or_protocol_error(case: tuple
     if kind == "unknown":  # extra="forbid", all the way down
         assert out is None
     if kind == "drop" and out is not None:
-        dropped = set(model.model_fields) - set(json.loads(payload))
-        assert all(not model.model_fields[name].is_required() for name in dropped)
+        present = set(json.loads(payload))
+        dropped = [field for name, field in model.model_fields.items() if (field.alias or name) not in present]
+        assert all(not field.is_required() for field in dropped)
 
 
 @given(case=mutated_seeds(wild_text))
