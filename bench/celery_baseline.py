@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from nova_swarm.broker.net import free_port, wait_listening
+from nova_swarm.broker.link.net import free_port, wait_listening
 
 from .load import LoadResult, run_threads
 from .procs import PYTHON, Procs

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nova_swarm.broker.errors import RequestFailed
-from nova_swarm.broker.messages import GenParams, PromptRequest
+from nova_swarm.broker.contract.errors import RequestFailed
+from nova_swarm.broker.contract.messages import GenParams, PromptRequest
 from nova_swarm.hub.client import SwarmClient
 
 from .config import BenchConfig

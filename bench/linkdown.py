@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from nova_swarm.broker.contract.messages import GenParams, PromptRequest
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import GenParams, PromptRequest
 from nova_swarm.hub.client import SwarmClient
 
 from .config import BenchConfig

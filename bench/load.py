@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nova_swarm.broker.errors import RequestFailed
+from nova_swarm.broker.contract.errors import RequestFailed
 
 from .stats import Summary
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from nova_swarm.broker.messages import GenParams, PromptRequest
+from nova_swarm.broker.contract.messages import GenParams, PromptRequest
 from nova_swarm.hub.client import SwarmClient
 
 from .config import BenchConfig

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nova_swarm.broker.messages import GenParams, PromptRequest
+from nova_swarm.broker.contract.messages import GenParams, PromptRequest
 from nova_swarm.hub.client import SwarmClient
 
 from .config import BenchConfig

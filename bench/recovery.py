@@ -18,8 +18,8 @@ import time
 import uuid
 from typing import Any
 
+from nova_swarm.broker.contract.messages import GenParams, PromptRequest
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import GenParams, PromptRequest
 from nova_swarm.hub.client import SwarmClient
 
 from .config import BenchConfig

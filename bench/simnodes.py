@@ -20,9 +20,9 @@ import struct
 import sys
 import time
 
-from nova_swarm.broker.messages import Announce, Heartbeat, ModelInfo, NodeState, Status
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.contract.messages import Announce, Heartbeat, ModelInfo, NodeState, Status
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.contract.version import __version__
 
 
 def _varint(n: int) -> bytes:

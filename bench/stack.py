@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from nova_swarm.broker.connection import Connection, wait_for_broker
-from nova_swarm.broker.errors import ConnectionLost, ProtocolError
+from nova_swarm.broker.contract.errors import ConnectionLost, ProtocolError
+from nova_swarm.broker.contract.messages import HubStatus, Status, Task, decode
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.messages import HubStatus, Status, Task, decode
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.topics import NodeTopic, Topics
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.connection import Connection, wait_for_broker
+from nova_swarm.broker.link.net import free_port
+from nova_swarm.broker.link.url import BrokerURL
 
 from .procs import BIN, PYTHON, Procs, child_pid, rss_mb
 

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from nova_swarm.broker.server.cli import main
 
 sys.exit(main())

@@ -15,6 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from nova_swarm.broker.home import SwarmHome
+
+
+def home_from(args: argparse.Namespace) -> SwarmHome:
+    """The swarm home ``--config-dir`` names, or the default one: every command takes the flag."""
+    return SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
+
 
 class Parser(argparse.ArgumentParser):
     """argparse's own parser, except that an error is one line: argparse prints the whole usage

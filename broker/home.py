@@ -39,12 +39,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .passwords import write_password_file
-from .private import open_private, private_dir, tighten_tree, write_private
-from .signing import PublicKey, SigningKey
-from .topics import DEFAULT_SWARM, check_id, check_login_name, check_node_id
-from .url import BrokerURL
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.signing import PublicKey, SigningKey
+from nova_swarm.broker.contract.topics import DEFAULT_SWARM, check_id, check_login_name, check_node_id
+from nova_swarm.broker.link.url import BrokerURL
+from nova_swarm.broker.passwords import write_password_file
+from nova_swarm.broker.private import open_private, private_dir, tighten_tree, write_private
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883

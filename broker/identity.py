@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from .home import Role
+from nova_swarm.broker.home import Role
 
 HUB_PREFIX = "hub-"
 NODE_PREFIX = "node-"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import structlog
 
-from .logfilter import RateLimit
-from .private import PrivateRotatingFileHandler, private_dir
+from nova_swarm.broker.logfilter import RateLimit
+from nova_swarm.broker.private import PrivateRotatingFileHandler, private_dir
 
 #: a file is rotated past this size, and this many old ones are kept (logs/hub.log.1 ... .3)
 MAX_BYTES = 5 * 2**20

@@ -15,7 +15,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .private import write_private
+from nova_swarm.broker.private import write_private
 
 ITERATIONS = 101
 SALT_BYTES = 12

@@ -31,9 +31,8 @@ from typing import Any, NoReturn
 
 import structlog
 
-from nova_swarm.broker.connection import Connection, ConnectionLost
-from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
+from nova_swarm.broker.contract.messages import (
     Answer,
     CancelRequest,
     ErrorReply,
@@ -46,8 +45,9 @@ from nova_swarm.broker.messages import (
     decode_reply,
     decode_stream,
 )
-from nova_swarm.broker.topics import SHARED_SCOPE, Topics, check_id
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.contract.topics import SHARED_SCOPE, Topics, check_id
+from nova_swarm.broker.link.connection import Connection, ConnectionLost
+from nova_swarm.broker.link.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.client")
 

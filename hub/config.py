@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nova_swarm.broker.connection import HEARTBEAT_S, Protocol, written_off_after
-from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker.link.connection import HEARTBEAT_S, Protocol, written_off_after
 
 from .credits import CreditRates
 from .intake import Limits

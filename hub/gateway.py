@@ -65,11 +65,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nova_swarm.broker.connection import reconnecting
-from nova_swarm.broker.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
-from nova_swarm.broker.messages import Answer, PromptRequest, StreamChunk
-from nova_swarm.broker.topics import DEFAULT_SWARM, Topics, check_id
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
+from nova_swarm.broker.contract.topics import DEFAULT_SWARM, Topics, check_id
+from nova_swarm.broker.link.connection import reconnecting
+from nova_swarm.broker.link.url import BrokerURL
 
 from . import anthropic_api, completions_api, ollama_api, openai_api, responses_api
 from .client import SwarmClient
@@ -103,7 +103,7 @@ class GatewayConfig:
     connect_wait_s: float = 5.0
     #: on shutdown, how long open responses (streams) may finish before they are cut
     shutdown_grace_s: int = 5
-    #: HTTPS with this certificate and key (the broker's, from ``broker/tls.py``); None: plain HTTP
+    #: HTTPS with this certificate and key (the broker's, from ``broker/server/tls.py``); None: plain HTTP
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: how long a client may take to send a request's headers, and its body (``http_timeouts.py``)

@@ -28,11 +28,8 @@ from typing import TypeAlias
 
 import structlog
 
-from nova_swarm.broker.connection import Connection, ConnectionLost, Message, Will, raise_if_cancelled, reconnecting
-from nova_swarm.broker.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
-from nova_swarm.broker.home import SwarmHome
-from nova_swarm.broker.identity import hub_client_id
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
+from nova_swarm.broker.contract.messages import (
     Announce,
     Answer,
     CancelRequest,
@@ -56,11 +53,21 @@ from nova_swarm.broker.messages import (
     ToolCallDelta,
     decode,
 )
-from nova_swarm.broker.messages import Cancel as CancelMessage
-from nova_swarm.broker.signing import SigningKey
-from nova_swarm.broker.topics import SHARED_SCOPE, NodeTopic, Topics
-from nova_swarm.broker.url import BrokerURL
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.contract.messages import Cancel as CancelMessage
+from nova_swarm.broker.contract.signing import SigningKey
+from nova_swarm.broker.contract.topics import SHARED_SCOPE, NodeTopic, Topics
+from nova_swarm.broker.contract.version import __version__
+from nova_swarm.broker.home import SwarmHome
+from nova_swarm.broker.identity import hub_client_id
+from nova_swarm.broker.link.connection import (
+    Connection,
+    ConnectionLost,
+    Message,
+    Will,
+    raise_if_cancelled,
+    reconnecting,
+)
+from nova_swarm.broker.link.url import BrokerURL
 
 from . import credits, metrics, pins, rerank, retrieval
 from .client import SwarmClient

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import structlog
 from pydantic import ValidationError
 
-from nova_swarm.broker.connection import Message
-from nova_swarm.broker.errors import ConfigError, ErrorCode
-from nova_swarm.broker.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
-from nova_swarm.broker.topics import SHARED_SCOPE, Topics
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode
+from nova_swarm.broker.contract.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
+from nova_swarm.broker.contract.topics import SHARED_SCOPE, Topics
+from nova_swarm.broker.link.connection import Message
 
 from .nesting import loads_top_level
 from .schemas import MAX_SCHEMA_DEPTH, request_problem

@@ -42,12 +42,12 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import Enrolment, SwarmHome
 from nova_swarm.broker.private import write_private
-from nova_swarm.broker.version import __version__
 
-from .pins import source_root
+from .pins import node_files, source_root
 
 DIST_NAME = "nova-swarm"
 #: the console script and engine entry points a node needs (the rest belong to the hub)
@@ -134,18 +134,12 @@ def node_requirements() -> list[str]:
 
 
 def build_wheel(version: str, *, requires: list[str], packages: dict[str, Path] | None = None) -> bytes:
-    """A wheel of the node's code: ``nova_swarm.broker`` and ``nova_swarm.node`` with the
+    """A wheel of the node's code: ``nova_swarm.broker`` (less its server) and ``nova_swarm.node`` with the
     ``swarm-node`` script, ``Requires-Dist`` set to ``requires``. Deterministic: the same files
     give the same bytes."""
     if version.endswith("+unknown"):
         raise ConfigError("this hub runs from a source tree that was never installed: pip install -e . first")
-    files: dict[str, bytes] = {}
-    for name, root in sorted((packages or source_root()).items()):
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root)
-            if path.is_dir() or "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo"):
-                continue
-            files[f"nova_swarm/{name}/{rel.as_posix()}"] = path.read_bytes()
+    files = node_files(packages or source_root())
     dist_info = f"nova_swarm-{version}.dist-info"
     meta = [
         "Metadata-Version: 2.1",

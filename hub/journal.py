@@ -27,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from nova_swarm.broker.messages import PromptRequest
+from nova_swarm.broker.contract.messages import PromptRequest
 from nova_swarm.broker.private import private_database
 
 log = structlog.get_logger("nova_swarm.hub")

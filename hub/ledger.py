@@ -30,9 +30,9 @@ from typing import IO, Any
 
 import structlog
 
-from nova_swarm.broker.errors import ConfigError, SignatureError
+from nova_swarm.broker.contract.errors import ConfigError, SignatureError
+from nova_swarm.broker.contract.signing import PublicKey, SigningKey, canonical
 from nova_swarm.broker.private import private_database
-from nova_swarm.broker.signing import PublicKey, SigningKey, canonical
 
 log = structlog.get_logger("nova_swarm.hub.ledger")
 

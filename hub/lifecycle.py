@@ -38,8 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.messages import ErrorInfo, Strategy, TaskResult
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import ErrorInfo, Strategy, TaskResult
 
 
 class RequestState(StrEnum):

@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.messages import UNKNOWN, HubMetrics, NodeMetrics, NodeState
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, NodeMetrics, NodeState
 
 from .credits import Contribution, CreditRates
 from .registry import NodeRecord, Registry

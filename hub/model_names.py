@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from nova_swarm.broker.errors import ConfigError, ErrorCode, RequestFailed
-from nova_swarm.broker.messages import NodeRow, NodeState, NodeTable
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import NodeRow, NodeState, NodeTable
 
 #: the ``model`` a client may send to let any node answer (as it may leave ``model`` out)
 ANY_MODEL = "auto"

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from nova_swarm.broker.errors import RequestFailed
-from nova_swarm.broker.messages import Answer, NodeTable, PromptRequest, StreamChunk, ToolCall
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.contract.errors import RequestFailed
+from nova_swarm.broker.contract.messages import Answer, NodeTable, PromptRequest, StreamChunk, ToolCall
+from nova_swarm.broker.contract.version import __version__
 
 from . import model_names
 from .leniency import OptionError, ollama_options

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from nova_swarm.broker.errors import ErrorCode, RequestFailed
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import (
     Answer,
     HubStatus,
     NodeState,

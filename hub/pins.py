@@ -24,17 +24,24 @@ from typing import Any
 
 from packaging.version import Version
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.messages import BUNDLE_PACKAGES, BundleManifest, ModelPin, decode, parse_version
-from nova_swarm.broker.signing import SigningKey
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.messages import (
+    BUNDLE_LEAVES_OUT,
+    BUNDLE_PACKAGES,
+    BundleManifest,
+    ModelPin,
+    decode,
+    parse_version,
+)
+from nova_swarm.broker.contract.signing import SigningKey
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.link.connection import Connection
 
 #: well under every broker's packet limit (EMQX defaults to 1 MB)
 CHUNK_BYTES = 256 * 1024
 #: a fixed timestamp for every archive entry: the same code and version give the same sha256
 _EPOCH = (2020, 1, 1, 0, 0, 0)
-_VERSION_FILE = "nova_swarm/broker/version.py"
+_VERSION_FILE = "nova_swarm/broker/contract/version.py"
 
 
 def source_root() -> dict[str, Path]:
@@ -59,17 +66,26 @@ def tree_from(directory: Path) -> dict[str, Path]:
     raise ConfigError(f"{directory} has no broker/ and node/ packages to bundle")
 
 
-def pack_bundle(packages: dict[str, Path], version: str) -> bytes:
-    """A deterministic zip of the node's code, with ``__version__`` stamped to ``version`` so the
-    running node announces exactly the bundle it came from."""
-    parse_version(version)
-    entries: dict[str, bytes] = {}
+def node_files(packages: dict[str, Path]) -> dict[str, bytes]:
+    """The node's source files by archive name (``nova_swarm/node/agent.py``), in a stable order:
+    what a bundle and the join wheel both carry. No caches, and no broker server code."""
+    files: dict[str, bytes] = {}
     for name, root in sorted(packages.items()):
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
             if path.is_dir() or "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo"):
                 continue
-            entries[f"nova_swarm/{name}/{rel.as_posix()}"] = path.read_bytes()
+            if any(f"{name}/{rel.as_posix()}".startswith(f"{leave}/") for leave in BUNDLE_LEAVES_OUT):
+                continue
+            files[f"nova_swarm/{name}/{rel.as_posix()}"] = path.read_bytes()
+    return files
+
+
+def pack_bundle(packages: dict[str, Path], version: str) -> bytes:
+    """A deterministic zip of the node's code, with ``__version__`` stamped to ``version`` so the
+    running node announces exactly the bundle it came from."""
+    parse_version(version)
+    entries = node_files(packages)
     entries[_VERSION_FILE] = (
         f'"""The version of this node bundle, stamped by `swarm-hub bundle publish`."""\n\n__version__ = {version!r}\n'
     ).encode()

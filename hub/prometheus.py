@@ -29,9 +29,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from nova_swarm.broker.errors import ProtocolError
-from nova_swarm.broker.messages import UNKNOWN, HubMetrics, HubStatus, NodeMetrics, NodeTable, decode, describe
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.errors import ProtocolError
+from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, HubStatus, NodeMetrics, NodeTable, decode, describe
+from nova_swarm.broker.contract.topics import Topics
 
 from .metrics import LEDGER_TOTALS
 

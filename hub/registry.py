@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from packaging.version import InvalidVersion, Version
 
-from nova_swarm.broker.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, PinReport, Status
+from nova_swarm.broker.contract.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, PinReport, Status
 
 TIMEOUT_REASON = "heartbeat timeout"
 

@@ -25,8 +25,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.messages import Answer, PromptRequest, StreamChunk
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
 
 from .leniency import LLAMA_SAMPLING
 from .model_names import ModelNames

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import structlog
 
-from nova_swarm.broker.errors import ConfigError, ProtocolError, SwarmError
-from nova_swarm.broker.messages import ChatMessage
+from nova_swarm.broker.contract.errors import ConfigError, ProtocolError, SwarmError
+from nova_swarm.broker.contract.messages import ChatMessage
 
 log = structlog.get_logger("nova_swarm.hub")
 

@@ -14,7 +14,7 @@ from typing import Any
 from jsonschema import exceptions as schema_errors
 from jsonschema import validators
 
-from nova_swarm.broker.messages import NamedToolChoice, PromptRequest, TaskResult, Tool
+from nova_swarm.broker.contract.messages import NamedToolChoice, PromptRequest, TaskResult, Tool
 
 from .nesting import nesting_depth
 

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from nova_swarm.broker.messages import Announce, Heartbeat, NodeState
+from nova_swarm.broker.contract.messages import Announce, Heartbeat, NodeState
 from nova_swarm.broker.private import private_database
 
 from .registry import NodeRecord

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nova_swarm.broker.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.errors import ErrorCode, RequestFailed
 
 #: where tiktoken would download cl100k_base from; its cache names the file by this URL's sha1
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"

@@ -31,11 +31,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from nova_swarm.broker.connection import Backoff, Connection, Message
-from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError
-from nova_swarm.broker.messages import HubMetrics, HubStatus, NodeState, NodeTable, decode
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ProtocolError
+from nova_swarm.broker.contract.messages import HubMetrics, HubStatus, NodeState, NodeTable, decode
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.link.connection import Backoff, Connection, Message
+from nova_swarm.broker.link.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.top")
 
@@ -44,7 +44,7 @@ REFRESH_S = 0.5
 #: a report older than this is marked with its age. The hub re-sends its status at least every
 #: 10 s by default and metrics every 5 s, so this means the hub (or our connection) is gone.
 STALE_S = 30.0
-#: error codes are snake_case (broker/errors.py); a newer hub's unknown codes still fit
+#: error codes are snake_case (broker/contract/errors.py); a newer hub's unknown codes still fit
 _ERROR_CODE = re.compile(r"^[a-z0-9_]{1,64}$")
 _STATE_STYLE = {NodeState.ONLINE: "green", NodeState.PAUSED: "yellow", NodeState.OFFLINE: "red"}
 #: a snapshot (output not a terminal) waits this long for the hub's retained reports...

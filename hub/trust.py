@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode
 
 BAD_CODES = frozenset({ErrorCode.DEADLINE_EXCEEDED.value, ErrorCode.ENGINE_ERROR.value, ErrorCode.NODE_LOST.value})
 

@@ -26,18 +26,8 @@ from typing import get_args
 
 import structlog
 
-from nova_swarm.broker.connection import (
-    Connection,
-    ConnectionLost,
-    Message,
-    Will,
-    keepalive_for,
-    raise_if_cancelled,
-    reconnecting,
-)
-from nova_swarm.broker.errors import ConfigError, EngineError, ErrorCode, ProtocolError
-from nova_swarm.broker.identity import node_client_id
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ConfigError, EngineError, ErrorCode, ProtocolError
+from nova_swarm.broker.contract.messages import (
     Announce,
     Cancel,
     Capability,
@@ -56,9 +46,19 @@ from nova_swarm.broker.messages import (
     Usage,
     decode,
 )
-from nova_swarm.broker.topics import NodeTopic, Topics
-from nova_swarm.broker.url import BrokerURL
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
+from nova_swarm.broker.contract.version import __version__
+from nova_swarm.broker.identity import node_client_id
+from nova_swarm.broker.link.connection import (
+    Connection,
+    ConnectionLost,
+    Message,
+    Will,
+    keepalive_for,
+    raise_if_cancelled,
+    reconnecting,
+)
+from nova_swarm.broker.link.url import BrokerURL
 
 from . import homeassistant, sensors, tools
 from .config import NodeConfig

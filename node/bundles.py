@@ -33,10 +33,10 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from nova_swarm.broker.errors import ProtocolError, UpdateRefused
-from nova_swarm.broker.messages import BUNDLE_PACKAGES, BundleManifest, ModelPin, decode, parse_version
+from nova_swarm.broker.contract.errors import ProtocolError, UpdateRefused
+from nova_swarm.broker.contract.messages import BUNDLE_PACKAGES, BundleManifest, ModelPin, decode, parse_version
+from nova_swarm.broker.contract.signing import PublicKey
 from nova_swarm.broker.private import private_dir, write_private
-from nova_swarm.broker.signing import PublicKey
 
 #: A zip bomb guard: the node's code is well under a megabyte.
 MAX_UNPACKED_BYTES = 64 * 2**20

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import structlog
 
-from nova_swarm.broker import argtypes, discovery, logs
-from nova_swarm.broker.cli import home_from
-from nova_swarm.broker.errors import ConfigError, DiscoveryError
+from nova_swarm.broker import argtypes, logs
+from nova_swarm.broker.argtypes import home_from
+from nova_swarm.broker.contract.errors import ConfigError, DiscoveryError
+from nova_swarm.broker.contract.homeassistant import DEFAULT_PREFIX
+from nova_swarm.broker.contract.signing import PublicKey
+from nova_swarm.broker.contract.topics import check_node_id
 from nova_swarm.broker.home import Joined, SwarmHome, parse_join_token
-from nova_swarm.broker.homeassistant import DEFAULT_PREFIX
+from nova_swarm.broker.link import discovery
+from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.private import write_private
-from nova_swarm.broker.signing import PublicKey
-from nova_swarm.broker.topics import check_node_id
-from nova_swarm.broker.url import BrokerURL
 
 from . import energy, sensors
 from .bundles import RESTART_EXIT, BundleStore

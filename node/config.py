@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from nova_swarm.broker.connection import HEARTBEAT_S
-from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.topics import DEFAULT_SWARM, RESERVED_NODE_IDS, check_id, check_node_id
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.topics import DEFAULT_SWARM, RESERVED_NODE_IDS, check_id, check_node_id
+from nova_swarm.broker.link.connection import HEARTBEAT_S
 
 from .guard import GuardConfig
 from .homeassistant import HomeAssistantConfig

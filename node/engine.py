@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 
 #: what an engine can do beyond plain chat; the node announces these (``messages.Capability``)
 STREAM, EMBED, JSON_SCHEMA, TOOLS, COMPLETE = "stream", "embed", "json_schema", "tools", "complete"

@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from nova_swarm.broker.homeassistant import BIRTH, DEFAULT_PREFIX, HomeAssistantTopics
-from nova_swarm.broker.messages import NodeState
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.homeassistant import BIRTH, DEFAULT_PREFIX, HomeAssistantTopics
+from nova_swarm.broker.contract.messages import NodeState
+from nova_swarm.broker.contract.topics import Topics
 
 MANUFACTURER = "nova-swarm"
 MODEL = "nova-swarm node"

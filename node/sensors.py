@@ -26,7 +26,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from nova_swarm.broker.messages import parse_version
+from nova_swarm.broker.contract.messages import parse_version
+from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.private import private_dir
-from nova_swarm.broker.version import __version__
 
 from .bundles import RESTART_EXIT, BundleStore
 

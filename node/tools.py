@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.messages import (
     FunctionCall,
     FunctionDelta,
     NamedToolChoice,

@@ -28,12 +28,12 @@ from typing import Literal, Protocol
 import structlog
 from packaging.version import Version
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ConfigError, ConnectionLost, UpdateRefused
-from nova_swarm.broker.messages import BundleManifest, ModelPin, PinReport
-from nova_swarm.broker.signing import PublicKey
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, UpdateRefused
+from nova_swarm.broker.contract.messages import BundleManifest, ModelPin, PinReport
+from nova_swarm.broker.contract.signing import PublicKey
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.contract.version import __version__
+from nova_swarm.broker.link.connection import Connection
 
 from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manifest
 from .config import NodeConfig

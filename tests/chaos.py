@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nova_swarm.broker.connection import Backoff, Connection, ConnectionLost, reconnecting, wait_for_broker
-from nova_swarm.broker.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.contract.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.contract.messages import Answer, ErrorReply, GenParams, PromptRequest, decode_reply
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.messages import Answer, ErrorReply, GenParams, PromptRequest, decode_reply
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Backoff, Connection, ConnectionLost, reconnecting, wait_for_broker
+from nova_swarm.broker.link.net import free_port
 
 BIN = Path(sys.executable).parent
 #: replies that say "not now": the client sends the same id again after the hinted delay

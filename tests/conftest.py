@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.connection import Connection, wait_for_broker
-from nova_swarm.broker.errors import ConnectionLost
+from nova_swarm.broker.contract.errors import ConnectionLost
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.identity import node_client_id
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.connection import Connection, wait_for_broker
+from nova_swarm.broker.link.net import free_port
+from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.hub import Hub, HubConfig
 from nova_swarm.node import Engine, Node, NodeConfig
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nova_swarm.broker.acl import Access, allowed, covers, mosquitto_acl, role_of
 from nova_swarm.broker.home import Role
+from nova_swarm.broker.server.acl import Access, allowed, covers, mosquitto_acl, role_of
 
 R, W = Access.READ, Access.WRITE
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import anthropic
 import pytest
 
-from nova_swarm.broker.messages import Answer, FunctionCall, StreamChunk, ToolCall, ToolCallDelta, Usage
+from nova_swarm.broker.contract.messages import Answer, FunctionCall, StreamChunk, ToolCall, ToolCallDelta, Usage
 from nova_swarm.hub import anthropic_api
 from nova_swarm.hub.openai_api import ApiError
 

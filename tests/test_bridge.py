@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from nova_swarm.broker.contract.messages import Answer, HubMetrics, NodeMetrics
 from nova_swarm.broker.home import SwarmHome
-from nova_swarm.broker.messages import Answer, HubMetrics, NodeMetrics
-from nova_swarm.broker.net import free_port, wait_listening
+from nova_swarm.broker.link.net import free_port, wait_listening
 from nova_swarm.node import FakeEngine
 
 from .conftest import hub_config, nodes_available, require_mosquitto, running_hub, running_node, start_broker

@@ -12,13 +12,13 @@ import stat
 import aiomqtt
 import pytest
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.embedded import EmbeddedBrokerConfig, amqtt_config
-from nova_swarm.broker.errors import ConfigError, ConnectionLost, ProtocolError
+from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ProtocolError
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.identity import node_client_id
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection
+from nova_swarm.broker.link.net import free_port
+from nova_swarm.broker.server.embedded import EmbeddedBrokerConfig, amqtt_config
 
 from .conftest import RunningBroker
 
@@ -124,7 +124,7 @@ async def test_retained_leak_is_closed(home: SwarmHome, hardened: bool) -> None:
     does not, and our client drops unsolicited topics either way."""
     from amqtt.broker import Broker
 
-    from nova_swarm.broker.hardened import HardenedBroker
+    from nova_swarm.broker.server.hardened import HardenedBroker
 
     port = free_port()
     config = amqtt_config(EmbeddedBrokerConfig("127.0.0.1", port, "main", home.password_file))
@@ -198,7 +198,7 @@ async def test_fan_out_survives_clients_subscribing_meanwhile(home: SwarmHome) -
     leaving meanwhile killed the walk and the message with it. Ours walks a snapshot."""
     from amqtt.broker import Broker
 
-    from nova_swarm.broker.hardened import HardenedBroker
+    from nova_swarm.broker.server.hardened import HardenedBroker
 
     def walk_while_subscribing(broker: Broker) -> int:
         table = broker._subscriptions

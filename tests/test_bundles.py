@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.errors import UpdateRefused
-from nova_swarm.broker.messages import BundleManifest
-from nova_swarm.broker.signing import SigningKey
+from nova_swarm.broker.contract.errors import UpdateRefused
+from nova_swarm.broker.contract.messages import BundleManifest
+from nova_swarm.broker.contract.signing import SigningKey
 from nova_swarm.hub import pins
 from nova_swarm.node.bundles import BundleStore, assemble, check_bundle, unpack, verify_manifest
 
@@ -34,10 +34,12 @@ def test_packing_is_deterministic_and_stamps_the_version(archive: bytes, tmp_pat
     assert pins.pack_bundle(pins.source_root(), "0.2.1") != archive
     unpack(archive, tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py")}
-    assert "nova_swarm/node/agent.py" in names and "nova_swarm/broker/messages.py" in names
+    assert "nova_swarm/node/agent.py" in names and "nova_swarm/broker/contract/messages.py" in names
     assert not any("hub/" in n or "__pycache__" in n for n in names)
     # The unpacked bundle is importable on its own path and reports its own version.
-    probe = "import nova_swarm.broker.version as v, nova_swarm.node.agent as a; print(v.__version__, a.__file__)"
+    probe = (
+        "import nova_swarm.broker.contract.version as v, nova_swarm.node.agent as a; print(v.__version__, a.__file__)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True
     )

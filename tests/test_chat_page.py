@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.net import free_port
+from nova_swarm.broker.link.net import free_port
 
 from .conftest import Processes, RunningBroker, until, wait_online
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.net import free_port
+from nova_swarm.broker.link.net import free_port
 
 from .conftest import BIN, require_mosquitto
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker import cli as broker_cli
-from nova_swarm.broker.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import PromptRequest
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.messages import PromptRequest
+from nova_swarm.broker.server import cli as broker_cli
 from nova_swarm.hub import cli as hub_cli
 from nova_swarm.hub.client import SwarmClient
 from nova_swarm.node import cli as node_cli

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from nova_swarm.broker.messages import Answer, StreamChunk, Usage
+from nova_swarm.broker.contract.messages import Answer, StreamChunk, Usage
 from nova_swarm.hub import completions_api
 from nova_swarm.hub.openai_api import ApiError
 

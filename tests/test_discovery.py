@@ -22,12 +22,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nova_swarm.broker import discovery
-from nova_swarm.broker.discovery import Announcement, Found
-from nova_swarm.broker.errors import DiscoveryError, ProtocolError
+from nova_swarm.broker.contract.errors import DiscoveryError, ProtocolError
+from nova_swarm.broker.contract.signing import PublicKey, SigningKey
 from nova_swarm.broker.home import Joined, join_token, parse_join_token
-from nova_swarm.broker.signing import PublicKey, SigningKey
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link import discovery
+from nova_swarm.broker.link.discovery import Announcement, Found
+from nova_swarm.broker.link.url import BrokerURL
 
 from .lan import Host, Lan, LanUnavailable, check_available
 
@@ -281,7 +281,7 @@ def _wait_answered_by(hub: Host, node_id: str, timeout: float = 90) -> dict[str,
 # name, its own key. It announces from the second phone's namespace until killed.
 _DECOY = """
 import asyncio, sys
-from nova_swarm.broker import discovery
+from nova_swarm.broker.link import discovery
 
 async def main():
     decoy = discovery.Announcement(swarm="main", port=8883, tls=True, engine="amqtt",
@@ -377,8 +377,8 @@ def test_a_hub_with_no_discovery_is_not_found(lan: Lan, tmp_path: Path) -> None:
 
 _FIND = """
 import asyncio, json, sys
-from nova_swarm.broker import discovery
-from nova_swarm.broker.signing import PublicKey
+from nova_swarm.broker.link import discovery
+from nova_swarm.broker.contract.signing import PublicKey
 
 found = asyncio.run(discovery.find("main", PublicKey.parse(sys.argv[1]), timeout=10))
 print(json.dumps(sorted(found.addresses)))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.link.connection import Connection
 
 from .conftest import BIN, Processes, RunningBroker, env_for, require_mosquitto, wait_online
 

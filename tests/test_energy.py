@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.messages import UNKNOWN, Answer, PromptRequest, TaskResult, decode
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import UNKNOWN, Answer, PromptRequest, TaskResult, decode
 from nova_swarm.hub import SwarmClient
 from nova_swarm.hub.ledger import receipts
 from nova_swarm.hub.metrics import node_metrics

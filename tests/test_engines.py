@@ -12,8 +12,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from nova_swarm.broker.errors import EngineError
-from nova_swarm.broker.messages import FunctionDef, NamedFunction, NamedToolChoice, Tool, ToolCallDelta
+from nova_swarm.broker.contract.errors import EngineError
+from nova_swarm.broker.contract.messages import FunctionDef, NamedFunction, NamedToolChoice, Tool, ToolCallDelta
 from nova_swarm.node import tools
 from nova_swarm.node.engine import COMPLETE, EMBED, JSON_SCHEMA, STREAM, TOOLS, Engine, Sampling
 from nova_swarm.node.fake import FakeEngine

@@ -3,7 +3,7 @@
 Two layers:
 
 - pure parsers, no I/O: ``hub.intake.parse_prompt``, and ``decode`` for every wire model in
-  ``broker/messages.py`` plus ``decode_reply``, fed random bytes, invalid UTF-8, payloads past the
+  ``broker/contract/messages.py`` plus ``decode_reply``, fed random bytes, invalid UTF-8, payloads past the
   limits, deeply nested JSON, random JSON and valid messages with one field broken;
 - the live swarm: garbage on the prompt topic must get exactly one error reply each and leave
   the hub serving; garbage on a node's task and cancel topics must leave the node answering.
@@ -37,11 +37,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
-from nova_swarm.broker import messages
-from nova_swarm.broker.connection import Connection, Message
-from nova_swarm.broker.errors import ErrorCode, ProtocolError
-from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract import messages
+from nova_swarm.broker.contract.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.contract.messages import (
     MAX_FANOUT,
     Answer,
     ErrorReply,
@@ -53,7 +51,9 @@ from nova_swarm.broker.messages import (
     decode,
     decode_reply,
 )
-from nova_swarm.broker.topics import Topics, is_concrete
+from nova_swarm.broker.contract.topics import Topics, is_concrete
+from nova_swarm.broker.home import Role
+from nova_swarm.broker.link.connection import Connection, Message
 from nova_swarm.hub import Hub, Limits, SwarmClient
 from nova_swarm.hub.intake import Accepted, Rejected, parse_prompt
 from nova_swarm.node import FakeEngine

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.hub.gateway import Gateway, GatewayConfig
 from nova_swarm.hub.http_timeouts import HttpTimeouts

@@ -12,8 +12,8 @@ import pytest
 from openai.types import CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from nova_swarm.broker.errors import ConfigError, ErrorCode, RequestFailed
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import (
     Answer,
     FunctionCall,
     FunctionDelta,

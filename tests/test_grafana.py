@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.messages import HubMetrics, NodeMetrics
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.messages import HubMetrics, NodeMetrics
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.hub.metrics import LEDGER_TOTALS
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

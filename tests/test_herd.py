@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.connection import Connection, reconnecting
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection, reconnecting
 
 from .conftest import start_broker
 

@@ -3,7 +3,7 @@
 Each test starts the real broker (``python -m nova_swarm.broker``) on a free loopback port and
 attacks it with raw sockets carrying hand-built MQTT packets, so no client library can tidy up
 what the broker is sent. The limits are small here (``--max-packet``, ``--max-queued``,
-``--connect-timeout``) so each attack is cheap; the defaults are in ``broker/limits.py``.
+``--connect-timeout``) so each attack is cheap; the defaults are in ``broker/contract/limits.py``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import PromptRequest
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.identity import hub_client_id
-from nova_swarm.broker.messages import PromptRequest
 from nova_swarm.hub import SwarmClient
 
 from .conftest import RunningBroker, hub_config, running_hub, start_broker, until
@@ -474,7 +474,7 @@ async def test_a_takeover_closes_the_old_connection(broker: RunningBroker) -> No
 
 
 def test_the_framing_rules_directly() -> None:
-    from nova_swarm.broker import framing
+    from nova_swarm.broker.server import framing
 
     assert framing.remaining_length(b"") is None
     assert framing.remaining_length(b"\x80") is None

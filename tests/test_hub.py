@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import ErrorReply, GenParams, PromptRequest, decode_reply
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import ErrorReply, GenParams, PromptRequest, decode_reply
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Limits, SwarmClient
 from nova_swarm.hub.store import Store
 from nova_swarm.node import FakeEngine

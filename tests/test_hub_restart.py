@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.contract.messages import Answer, HubStatus, PromptRequest, decode, decode_reply
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, HubStatus, PromptRequest, decode, decode_reply
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.node import FakeEngine
 
 from .conftest import (

@@ -13,11 +13,11 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from nova_swarm.broker.contract.messages import PromptRequest
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.identity import hub_client_id, node_client_id
-from nova_swarm.broker.messages import PromptRequest
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.hub.client import SwarmClient
 from nova_swarm.node.fake import FakeEngine
 

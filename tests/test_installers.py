@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import Joined, SwarmHome, join_token
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.url import BrokerURL
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.link.net import free_port
+from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.hub import join
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from nova_swarm.broker.connection import Message
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.link.connection import Message
 from nova_swarm.hub.intake import Accepted, Limits, Rejected, default_max_tokens, parse_prompt, split_key
 
 T = Topics("main")

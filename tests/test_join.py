@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import SwarmHome
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.link.net import free_port
 from nova_swarm.hub import join
 
 from .conftest import BIN, stop_process
@@ -182,7 +182,7 @@ def test_the_served_wheel_installs_into_a_fresh_venv(up: Up, tmp_path: Path) -> 
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     names = zipfile.ZipFile(wheel).namelist()
-    assert "nova_swarm/node/agent.py" in names and "nova_swarm/broker/topics.py" in names
+    assert "nova_swarm/node/agent.py" in names and "nova_swarm/broker/contract/topics.py" in names
     assert not [n for n in names if n.startswith("nova_swarm/hub/")]  # the node's code only
     meta = zipfile.ZipFile(wheel).read(f"nova_swarm-{__version__}.dist-info/METADATA").decode()
     assert "Requires-Dist: llama-cpp-python>=0.3.2" in meta and "amqtt" not in meta

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nova_swarm.broker.messages import PromptRequest
+from nova_swarm.broker.contract.messages import PromptRequest
 from nova_swarm.hub.journal import Entry, Journal, JournalWriter, digest
 
 

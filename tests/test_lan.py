@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from nova_swarm.broker.home import parse_join_token
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.url import BrokerURL
 
 from .lan import SUBNET, Host, Lan, LanUnavailable, check_available
 
@@ -65,7 +65,7 @@ def _python_in(host: Host, code: str) -> Any:
 
 
 def test_lan_addresses_here_are_never_loopback_or_link_local() -> None:
-    from nova_swarm.broker import net
+    from nova_swarm.broker.link import net
 
     found = net.lan_addresses()
     listed = subprocess.run(["ip", "-o", "addr", "show", "up"], capture_output=True, text=True, check=True).stdout
@@ -78,7 +78,7 @@ def test_lan_addresses_and_certificate_names_inside_the_lan(tmp_path: Path) -> N
     with _lan(tmp_path, 1) as lan:
         phone = lan.phones[0]
         code = (
-            "import json; from nova_swarm.broker import net, tls; "
+            "import json; from nova_swarm.broker.link import net; from nova_swarm.broker.server import tls; "
             "print(json.dumps([net.lan_addresses(), net.mdns_name(), tls.broker_names('0.0.0.0')]))"
         )
         hub_addresses, mdns, names = _python_in(lan.hub, code)
@@ -101,7 +101,7 @@ def test_lan_addresses_and_certificate_names_inside_the_lan(tmp_path: Path) -> N
 def test_certificate_is_reissued_for_a_new_address_with_the_same_ca_and_key(tmp_path: Path) -> None:
     from cryptography import x509
 
-    from nova_swarm.broker import tls
+    from nova_swarm.broker.server import tls
 
     def san(files: tls.TLSFiles) -> set[str]:
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
@@ -306,7 +306,9 @@ def _start_swarm(
 def test_phones_answer_over_tls_and_plaintext_is_refused(lan: Lan, tmp_path: Path) -> None:
     # The last phone joins by the hub's mDNS name: its resolver has the name (mDNS itself is
     # discovery's business), and the certificate must name it for TLS to verify.
-    mdns = _python_in(lan.hub, "import json; from nova_swarm.broker import net; print(json.dumps(net.mdns_name()))")
+    mdns = _python_in(
+        lan.hub, "import json; from nova_swarm.broker.link import net; print(json.dumps(net.mdns_name()))"
+    )
     by_name = lan.phones[-1]
     lan.resolve(by_name, mdns, lan.hub.address)
     swarm = _start_swarm(lan, tmp_path, enroll_host={by_name.name: mdns}, one_line=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.messages import Answer, PromptRequest
+from nova_swarm.broker.contract.signing import SigningKey
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, PromptRequest
-from nova_swarm.broker.signing import SigningKey
 from nova_swarm.hub import SwarmClient, credits, metrics
 from nova_swarm.hub.credits import CreditRates
 from nova_swarm.hub.ledger import Ledger, ReceiptBody, export, receipts, uptime, verify

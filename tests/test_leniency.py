@@ -28,7 +28,7 @@ from typing import Any
 import openai
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.hub import Hub
 from nova_swarm.hub.gateway import Gateway, GatewayConfig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.messages import ErrorInfo, TaskResult
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import ErrorInfo, TaskResult
 from nova_swarm.hub.lifecycle import (
     ATTEMPT_TRANSITIONS,
     REQUEST_TRANSITIONS,

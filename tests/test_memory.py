@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.messages import Answer, GenParams, PromptRequest
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, GenParams, PromptRequest
 from nova_swarm.hub import SwarmClient
 from nova_swarm.node.llama import LlamaEngine
 from nova_swarm.node.memory import (

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from nova_swarm.broker.errors import ErrorCode, ProtocolError
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ErrorCode, ProtocolError
+from nova_swarm.broker.contract.messages import (
     Answer,
     ErrorInfo,
     ErrorReply,

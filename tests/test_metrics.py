@@ -7,11 +7,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, NodeMetrics, PromptRequest
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import UNKNOWN, HubMetrics, NodeMetrics, PromptRequest
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub.metrics import ALL_TAGS, Window
 from nova_swarm.hub.registry import Registry
 from nova_swarm.node import FakeEngine

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError, ErrorCode, RequestFailed
-from nova_swarm.broker.messages import NodeRow, NodeState, NodeTable
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import NodeRow, NodeState, NodeTable
 from nova_swarm.hub import cli
 from nova_swarm.hub.leniency import IGNORED_HEADER, ignored_header
 from nova_swarm.hub.model_names import ModelNames, catalogue, parse_alias, resolve, served_models

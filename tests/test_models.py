@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.node.cli import resolve_model
 from nova_swarm.node.models import ModelCache, pull
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import Cancel, ChatMessage, GenParams, Task, TaskResult, decode
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Cancel, ChatMessage, GenParams, Task, TaskResult, decode
-from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.node import FakeEngine
 
 from .conftest import RunningBroker, running_node, until

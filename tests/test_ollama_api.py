@@ -18,9 +18,7 @@ import httpx
 import ollama
 import pytest
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.messages import (
     Answer,
     Cancel,
     NodeRow,
@@ -32,7 +30,9 @@ from nova_swarm.broker.messages import (
     Usage,
     decode,
 )
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.home import Role, SwarmHome
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Hub
 from nova_swarm.hub import ollama_api as api
 from nova_swarm.hub.gateway import Gateway, GatewayConfig, check_header_name

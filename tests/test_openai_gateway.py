@@ -18,10 +18,10 @@ import jsonschema
 import openai
 import pytest
 
-from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.contract.messages import Cancel, decode
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.messages import Cancel, decode
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Hub
 from nova_swarm.hub.gateway import Gateway, GatewayConfig
 from nova_swarm.node.llama import LlamaEngine

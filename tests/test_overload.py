@@ -11,11 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import Answer, PromptRequest, decode_reply
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, PromptRequest, decode_reply
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection
 
 from .conftest import Processes, RunningBroker, wait_online
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import io
+import os
 import subprocess
 import sys
 import zipfile
@@ -29,6 +31,43 @@ def test_node_and_hub_never_import_each_other_and_the_contract_imports_neither()
     # the benchmark drives hub and node together, so nothing of the product imports it
     for part in ("broker", "hub", "node"):
         assert not {m for m in imports_of(part) if m.startswith("nova_swarm.bench")}, part
+
+
+def test_the_contract_and_the_link_never_import_the_server() -> None:
+    for part in ("broker/contract", "broker/link"):
+        assert not {m for m in imports_of(part) if m.startswith("nova_swarm.broker.server")}, part
+    # the contract stands alone: the link builds on it, never the other way round
+    assert not {m for m in imports_of("broker/contract") if m.startswith("nova_swarm.broker.link")}
+    # imports within broker/ are spelled out, so the checks above see every one of them
+    for path in (ROOT / "broker").rglob("*.py"):
+        relative = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+        assert not relative, path
+
+
+def test_a_node_bundle_carries_no_server_code_and_a_node_runs_from_it(tmp_path: Path) -> None:
+    from nova_swarm.hub.pins import pack_bundle, source_root
+    from nova_swarm.node.bundles import unpack
+
+    archive = pack_bundle(source_root(), "9.9.9")
+    names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
+    assert "nova_swarm/broker/contract/topics.py" in names and "nova_swarm/broker/link/connection.py" in names
+    assert not [n for n in names if n.startswith("nova_swarm/broker/server/")]
+    unpack(archive, tmp_path)
+    # Every node module loads from the bundle alone, and none of them reaches for the server.
+    code = (
+        "import importlib, pkgutil, sys, nova_swarm.broker, nova_swarm.node as node\n"
+        f"assert nova_swarm.broker.__file__.startswith({str(tmp_path)!r}), nova_swarm.broker.__file__\n"
+        "for m in pkgutil.iter_modules(node.__path__):\n"
+        "    if m.name != '__main__': importlib.import_module('nova_swarm.node.' + m.name)\n"
+        "mods = {n: getattr(m, '__file__', None) for n, m in sys.modules.items() if n.startswith('nova_swarm.')}\n"
+        f"elsewhere = [n for n, f in mods.items() if f and not f.startswith({str(tmp_path)!r})]\n"
+        "assert not elsewhere, elsewhere\n"
+        "assert not [m for m in sys.modules if m.startswith('nova_swarm.broker.server')]\n"
+        "from nova_swarm.broker.contract.version import __version__\n"
+        "assert __version__ == '9.9.9', __version__\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env)
 
 
 def test_loading_every_hub_module_loads_no_node_code() -> None:
@@ -58,7 +97,14 @@ def test_the_wheel_and_sdist_build_with_all_three_parts(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("nova_swarm-*.whl"))
     assert next(tmp_path.glob("nova_swarm-*.tar.gz"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for part in ("broker/topics.py", "broker/py.typed", "hub/hub.py", "node/agent.py", "node/llama.py"):
+    for part in (
+        "broker/contract/topics.py",
+        "broker/server/cli.py",
+        "broker/py.typed",
+        "hub/hub.py",
+        "node/agent.py",
+        "node/llama.py",
+    ):
         assert f"nova_swarm/{part}" in names
     meta = next(n for n in names if n.endswith("entry_points.txt"))
     entry_points = zipfile.ZipFile(wheel).read(meta).decode()

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from nova_swarm.broker.contract.messages import NodeState, PromptRequest
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import NodeState, PromptRequest
 from nova_swarm.hub import SwarmClient
 from nova_swarm.node import FakeEngine
 from nova_swarm.node.guard import GuardConfig

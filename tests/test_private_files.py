@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from nova_swarm.broker import logs
+from nova_swarm.broker.contract.signing import SigningKey
 from nova_swarm.broker.home import SwarmHome
 from nova_swarm.broker.private import private_database, private_dir, write_private
-from nova_swarm.broker.signing import SigningKey
 from nova_swarm.hub.journal import Journal
 from nova_swarm.hub.ledger import Ledger
 

@@ -19,12 +19,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nova_swarm.broker.errors import ProtocolError
+from nova_swarm.broker.contract.errors import ProtocolError
+from nova_swarm.broker.contract.messages import HubMetrics, HubStatus, NodeMetrics, NodeRow, NodeState, NodeTable
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import GATEWAY_LOGIN, SwarmHome
-from nova_swarm.broker.messages import HubMetrics, HubStatus, NodeMetrics, NodeRow, NodeState, NodeTable
-from nova_swarm.broker.net import free_port
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.net import free_port
+from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.hub.gateway import Gateway, GatewayConfig
 from nova_swarm.hub.prometheus import MetricsBoard, SwarmCollector, SwarmView
 from nova_swarm.node.fake import FakeEngine

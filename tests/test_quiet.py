@@ -16,10 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from nova_swarm.broker.connection import Connection, keepalive_for, written_off_after
-from nova_swarm.broker.errors import ErrorCode
-from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import (
     Answer,
     Heartbeat,
     NodeProgress,
@@ -30,7 +28,9 @@ from nova_swarm.broker.messages import (
     decode,
     decode_reply,
 )
-from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
+from nova_swarm.broker.home import Role
+from nova_swarm.broker.link.connection import Connection, keepalive_for, written_off_after
 from nova_swarm.hub import HubConfig
 from nova_swarm.hub.lifecycle import AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
 from nova_swarm.hub.registry import Registry

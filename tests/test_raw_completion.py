@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from nova_swarm.broker.errors import EngineError, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.errors import EngineError, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import Announce, GenParams, PromptRequest, Task
+from nova_swarm.broker.contract.topics import NodeTopic
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Announce, GenParams, PromptRequest, Task
-from nova_swarm.broker.topics import NodeTopic
 from nova_swarm.hub import SwarmClient
 from nova_swarm.node import FakeEngine
 from nova_swarm.node.engine import COMPLETE, STREAM, Sampling

@@ -12,11 +12,11 @@ import signal
 from collections import defaultdict
 from pathlib import Path
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import Answer, ErrorReply, PromptRequest, decode_reply
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, ErrorReply, PromptRequest, decode_reply
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Limits
 from nova_swarm.node import FakeEngine
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from nova_swarm.broker.messages import Answer, FunctionCall, StreamChunk, ToolCall, ToolCallDelta, Usage
+from nova_swarm.broker.contract.messages import Answer, FunctionCall, StreamChunk, ToolCall, ToolCallDelta, Usage
 from nova_swarm.hub import responses_api
 from nova_swarm.hub.openai_api import ApiError
 

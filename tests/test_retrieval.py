@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from nova_swarm.broker.errors import ConfigError, ErrorCode, RequestFailed
-from nova_swarm.broker.messages import ChatMessage
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import ChatMessage
 from nova_swarm.hub.retrieval import (
     EMBED_BATCH,
     RetrievalConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from nova_swarm.broker.messages import Announce, ModelInfo, NodeState
+from nova_swarm.broker.contract.messages import Announce, ModelInfo, NodeState
 from nova_swarm.hub.registry import NodeRecord, Registry
 from nova_swarm.hub.rerank import Candidate, RuleReranker, repetition
 from nova_swarm.hub.scheduler import Scheduler
@@ -80,7 +80,7 @@ def test_scheduler_skips_full_nodes_and_marks_down_busy_ones() -> None:
 def test_registry_liveness_needs_live_messages() -> None:
     reg = Registry(heartbeat_timeout_s=5.0)
     reg.on_announce(announce("a"), live=False, now=100.0)
-    from nova_swarm.broker.messages import Status
+    from nova_swarm.broker.contract.messages import Status
 
     reg.on_status(Status(node_id="a", state=NodeState.ONLINE), live=False, now=100.0)
     assert reg.eligible(model=None, exclude=frozenset(), now=100.0) == []  # retained only: not yet live
@@ -104,7 +104,7 @@ def test_reranker_prefers_relevant_agreeing_answers() -> None:
 
 
 def test_scheduler_prefers_cool_charging_nodes_when_it_has_a_choice() -> None:
-    from nova_swarm.broker.messages import Heartbeat
+    from nova_swarm.broker.contract.messages import Heartbeat
 
     def with_heartbeat(node_id: str, temp_c: float | None, charging: bool | None, battery: float | None) -> NodeRecord:
         rec = node(node_id)

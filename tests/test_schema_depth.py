@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.connection import Connection, Message
-from nova_swarm.broker.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.messages import ErrorReply, PromptRequest, TaskResult, decode_reply
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import ErrorReply, PromptRequest, TaskResult, decode_reply
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.link.connection import Connection, Message
 from nova_swarm.hub import Hub
 from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt
 from nova_swarm.hub.journal import canonical

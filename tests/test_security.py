@@ -17,12 +17,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ConnectionLost
+from nova_swarm.broker.contract.errors import ConnectionLost
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.identity import node_client_id
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.connection import Connection
+from nova_swarm.broker.link.url import BrokerURL
 
 from .conftest import BIN, Processes, RunningBroker, env_for, start_broker, wait_online
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError, SignatureError
+from nova_swarm.broker.contract.errors import ConfigError, SignatureError
+from nova_swarm.broker.contract.signing import PublicKey, SigningKey, canonical
 from nova_swarm.broker.home import SwarmHome, parse_join_token
-from nova_swarm.broker.signing import PublicKey, SigningKey, canonical
 from nova_swarm.hub.cli import main as swarm_hub
 
 SIGNED = {"kind": "bundle", "version": "0.2.0", "chunks": ["ab" * 32], "created": 1.5, "name": "é"}

@@ -13,10 +13,8 @@ from typing import TypeVar
 
 import pytest
 
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ErrorCode, RequestFailed
-from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ErrorCode, RequestFailed
+from nova_swarm.broker.contract.messages import (
     Answer,
     Cancel,
     ErrorReply,
@@ -29,7 +27,9 @@ from nova_swarm.broker.messages import (
     Task,
     decode,
 )
-from nova_swarm.broker.topics import NodeTopic, Topics
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
+from nova_swarm.broker.home import Role
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import SwarmClient
 from nova_swarm.hub.client import Stream
 from nova_swarm.hub.retrieval import RetrievalConfig

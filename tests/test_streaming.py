@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.topics import Topics
 
 from .conftest import Processes, require_mosquitto, wait_online
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.messages import (
     ChatMessage,
     FunctionCall,
     FunctionDef,

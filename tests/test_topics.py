@@ -1,4 +1,4 @@
-"""topics.md and broker/topics.py describe the same contract."""
+"""topics.md and broker/contract/topics.py describe the same contract."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.errors import ConfigError
-from nova_swarm.broker.topics import CATALOGUE, NodeTopic, Topics, is_concrete, matches
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.topics import CATALOGUE, NodeTopic, Topics, is_concrete, matches
 
 TOPICS_MD = Path(__file__).resolve().parent.parent / "topics.md"
 ROW = re.compile(r"^\| `(swarm/[^`]+)` \| ([^|]+) \| ([^|]+) \| (\d) \| (yes|no) \|$")

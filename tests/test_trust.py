@@ -7,8 +7,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from nova_swarm.broker.contract.messages import Announce, Answer, ErrorReply, ModelInfo, PromptRequest
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Announce, Answer, ErrorReply, ModelInfo, PromptRequest
 from nova_swarm.hub import SwarmClient
 from nova_swarm.hub.registry import Registry
 from nova_swarm.hub.scheduler import Scheduler
@@ -92,7 +92,7 @@ async def test_a_node_returning_garbage_loses_trust_and_stops_being_chosen(
 
 
 def test_a_new_node_never_works_a_request_alone_while_a_proven_node_is_free(tmp_path: Path) -> None:
-    from nova_swarm.broker.url import BrokerURL
+    from nova_swarm.broker.link.url import BrokerURL
     from nova_swarm.hub import Hub
 
     hub = Hub(hub_config(tmp_path), BrokerURL("127.0.0.1", 1))  # the rule alone: nothing connects

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
-from nova_swarm.broker.connection import Connection
+from nova_swarm.broker.contract.messages import Answer, ErrorReply, GenParams, PromptRequest, Status, decode
+from nova_swarm.broker.contract.signing import SigningKey
+from nova_swarm.broker.contract.topics import NodeTopic, Topics
+from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.messages import Answer, ErrorReply, GenParams, PromptRequest, Status, decode
-from nova_swarm.broker.signing import SigningKey
-from nova_swarm.broker.topics import NodeTopic, Topics
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import SwarmClient, pins
 
 from .conftest import Processes, RunningBroker, bundled_model_path, nodes_until, wait_online
@@ -176,7 +176,7 @@ async def test_a_published_bundle_reaches_three_nodes_and_each_runs_it(any_procs
         store = tmp_path / "state" / "nova-swarm" / node_id / "bundles"
         # The code came from the bundle: the stamped version is only in the unpacked copy.
         assert (store / "current").resolve().name == "0.9.0"
-        stamped = (store / "current" / "nova_swarm" / "broker" / "version.py").read_text()
+        stamped = (store / "current" / "nova_swarm" / "broker" / "contract" / "version.py").read_text()
         assert "__version__ = '0.9.0'" in stamped
         assert not (store / "trial.json").exists()  # it came up healthy
         assert "restarting into bundle 0.9.0" in procs.log(f"node-{node_id}")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nova_swarm.broker import argtypes, logs
-from nova_swarm.broker.errors import ConnectionLost, SwarmError
+from nova_swarm.broker.contract.errors import ConnectionLost, SwarmError
 from nova_swarm.broker.fdlimit import raise_open_file_limit
 
 from . import admin, ask, release, serve

@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nova_swarm.broker import argtypes, net
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ConfigError, SwarmError
+from nova_swarm.broker import argtypes
+from nova_swarm.broker.contract.errors import ConfigError, SwarmError
+from nova_swarm.broker.contract.homeassistant import HomeAssistantTopics
+from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import (
     Joined,
     Role,
     SwarmHome,
     join_token,
 )
-from nova_swarm.broker.homeassistant import HomeAssistantTopics
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link import net
+from nova_swarm.broker.link.connection import Connection
+from nova_swarm.broker.link.url import BrokerURL
 
 from .. import join
 from .common import (

@@ -14,12 +14,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from nova_swarm.broker import argtypes
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ConfigError, RequestFailed
-from nova_swarm.broker.home import (
-    Role,
-)
-from nova_swarm.broker.messages import (
+from nova_swarm.broker.contract.errors import ConfigError, RequestFailed
+from nova_swarm.broker.contract.messages import (
     MAX_FANOUT,
     Answer,
     GenParams,
@@ -30,7 +26,11 @@ from nova_swarm.broker.messages import (
     ResponseFormat,
     decode,
 )
-from nova_swarm.broker.topics import Topics
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.home import (
+    Role,
+)
+from nova_swarm.broker.link.connection import Connection
 
 from ..client import SwarmClient
 from ..top import run_top

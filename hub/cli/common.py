@@ -12,7 +12,7 @@ from nova_swarm.broker.home import (
     Role,
     SwarmHome,
 )
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link.url import BrokerURL
 
 from ..credits import CreditRates
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nova_swarm.broker import argtypes
-from nova_swarm.broker.connection import Connection
-from nova_swarm.broker.errors import ConfigError, ProtocolError
+from nova_swarm.broker.contract.errors import ConfigError, ProtocolError
+from nova_swarm.broker.contract.signing import PublicKey
+from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import (
     Role,
 )
-from nova_swarm.broker.signing import PublicKey
-from nova_swarm.broker.topics import Topics
-from nova_swarm.broker.version import __version__
+from nova_swarm.broker.link.connection import Connection
 
 from .. import credits, ledger, pins
 from ..credits import CreditRates

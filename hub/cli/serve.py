@@ -12,10 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nova_swarm.broker import argtypes, discovery, logs, tls
-from nova_swarm.broker.cli import ENGINES, check_port_free, local_until_ready
-from nova_swarm.broker.connection import HEARTBEAT_S, Protocol, wait_for_broker, written_off_after
-from nova_swarm.broker.errors import ConfigError
+from nova_swarm.broker import argtypes, logs
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.topics import DEFAULT_SWARM
 from nova_swarm.broker.home import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -24,8 +23,11 @@ from nova_swarm.broker.home import (
     Role,
     SwarmHome,
 )
-from nova_swarm.broker.topics import DEFAULT_SWARM
-from nova_swarm.broker.url import BrokerURL
+from nova_swarm.broker.link import discovery
+from nova_swarm.broker.link.connection import HEARTBEAT_S, Protocol, wait_for_broker, written_off_after
+from nova_swarm.broker.link.url import BrokerURL
+from nova_swarm.broker.server import tls
+from nova_swarm.broker.server.cli import ENGINES, check_port_free, local_until_ready
 
 from .. import join
 from ..config import HubConfig

@@ -15,7 +15,7 @@ from packaging.version import InvalidVersion
 from packaging.version import Version as PackagingVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError, ErrorCode, ProtocolError
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError
 
 #: Request ids become log keys and correlation values; keep them printable and short.
 RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
@@ -619,6 +619,8 @@ class NodeTable(Wire):
 
 #: The packages a node bundle carries: everything a node imports from nova-swarm, and nothing else.
 BUNDLE_PACKAGES = ("broker", "node")
+#: ...less these subpackages, which only a hub runs (the brokers it starts).
+BUNDLE_LEAVES_OUT = ("broker/server",)
 
 
 def parse_version(text: str) -> PackagingVersion:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 
 #: The gateway takes request bodies up to 1 MiB; the task that carries one to a node adds its
 #: envelope and JSON escaping (up to twice the text for non-ASCII). 2 MiB leaves that headroom;

@@ -34,12 +34,12 @@ from zeroconf import BadTypeInNameException, IPVersion, NonUniqueNameException, 
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from . import net
-from .errors import ConfigError, DiscoveryError, ProtocolError
-from .home import Joined
-from .signing import PublicKey
-from .topics import check_id
-from .url import BrokerURL
+from nova_swarm.broker.contract.errors import ConfigError, DiscoveryError, ProtocolError
+from nova_swarm.broker.contract.signing import PublicKey
+from nova_swarm.broker.contract.topics import check_id
+from nova_swarm.broker.home import Joined
+from nova_swarm.broker.link import net
+from nova_swarm.broker.link.url import BrokerURL
 
 SERVICE_TYPE = "_nova-swarm._tcp.local."
 TXT_VERSION = "1"

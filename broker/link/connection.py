@@ -37,10 +37,10 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import ConfigError, ConnectionLost, ProtocolError
-from .limits import SESSION_EXPIRY_S
-from .topics import is_concrete, matches
-from .url import BrokerURL
+from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ProtocolError
+from nova_swarm.broker.contract.limits import SESSION_EXPIRY_S
+from nova_swarm.broker.contract.topics import is_concrete, matches
+from nova_swarm.broker.link.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.connection")
 

@@ -25,8 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import ConfigError, SignatureError
-from .private import write_private
+from nova_swarm.broker.contract.errors import ConfigError, SignatureError
+from nova_swarm.broker.private import write_private
 
 
 def canonical(value: Any) -> bytes:

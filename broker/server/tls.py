@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from . import net
-from .errors import ConfigError
-from .private import write_private
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.link import net
+from nova_swarm.broker.private import write_private
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

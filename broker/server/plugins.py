@@ -15,9 +15,9 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from .acl import Access, allowed, role_of
-from .identity import client_id_allowed
-from .passwords import LoginCheck
+from nova_swarm.broker.identity import client_id_allowed
+from nova_swarm.broker.passwords import LoginCheck
+from nova_swarm.broker.server.acl import Access, allowed, role_of
 
 #: Where PasswordAuth leaves the login and role it verified, for TopicACL: the role of a plain
 #: name (a node or a client login) is known only from the password file, which only

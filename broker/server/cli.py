@@ -12,14 +12,15 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import argtypes, logs, tls
-from . import limits as defaults
-from .errors import ConfigError
-from .fdlimit import raise_open_file_limit
-from .home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome
-from .limits import BrokerLimits
-from .private import write_private
-from .topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker import argtypes, logs
+from nova_swarm.broker.contract import limits as defaults
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.limits import BrokerLimits
+from nova_swarm.broker.contract.topics import DEFAULT_SWARM, check_id
+from nova_swarm.broker.fdlimit import raise_open_file_limit
+from nova_swarm.broker.home import DEFAULT_HOST, DEFAULT_PORT, LocalSwarm, SwarmHome
+from nova_swarm.broker.private import write_private
+from nova_swarm.broker.server import tls
 
 ENGINES = ("amqtt", "mosquitto")
 PORT_TAKEN_HINT = " (is another broker, such as Debian's mosquitto service, on that port? pick another with --port)"
@@ -82,10 +83,6 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, engine_flag: str = 
     )
 
 
-def home_from(args: argparse.Namespace) -> SwarmHome:
-    return SwarmHome(args.config_dir) if args.config_dir else SwarmHome.default()
-
-
 async def run_broker(
     home: SwarmHome,
     local: LocalSwarm,
@@ -125,8 +122,8 @@ async def _serve(
 ) -> None:
     tls_files = tls.ensure(home.tls_dir, tls.broker_names(local.host)) if local.tls else None
     if local.engine == "mosquitto":
-        from .mosquitto import MosquittoConfig
-        from .mosquitto import serve as serve_mosquitto
+        from nova_swarm.broker.server.mosquitto import MosquittoConfig
+        from nova_swarm.broker.server.mosquitto import serve as serve_mosquitto
 
         await serve_mosquitto(
             MosquittoConfig(
@@ -143,8 +140,8 @@ async def _serve(
             on_ready=ready,
         )
     else:
-        from .embedded import EmbeddedBrokerConfig
-        from .embedded import serve as serve_amqtt
+        from nova_swarm.broker.server.embedded import EmbeddedBrokerConfig
+        from nova_swarm.broker.server.embedded import serve as serve_amqtt
 
         await serve_amqtt(
             EmbeddedBrokerConfig(
@@ -231,12 +228,14 @@ async def _serve_until_signalled(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(
-        level=args.log_level, json=args.log_json, file=logs.file_for(args, home_from(args).log_file("broker"))
+        level=args.log_level, json=args.log_json, file=logs.file_for(args, argtypes.home_from(args).log_file("broker"))
     )
     raise_open_file_limit()  # every connection is a file; Mosquitto inherits the limit too
     local = LocalSwarm(swarm=args.swarm, host=args.host, port=args.port, engine=args.engine, tls=args.tls)
     try:
-        asyncio.run(_serve_until_signalled(home_from(args), local, args.bridge, limits_from(args), args.tls_recheck))
+        asyncio.run(
+            _serve_until_signalled(argtypes.home_from(args), local, args.bridge, limits_from(args), args.tls_recheck)
+        )
     except ConfigError as exc:
         print(f"swarm-broker: {exc}", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ from typing import Any
 
 import structlog
 
-from .errors import ConfigError
-from .limits import SESSION_EXPIRY_S, BrokerLimits
-from .passwords import FileWatch, LoginCheck
-from .tls import RECHECK_S, TLSFiles
-from .tls import watch as watch_certificate
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.limits import SESSION_EXPIRY_S, BrokerLimits
+from nova_swarm.broker.passwords import FileWatch, LoginCheck
+from nova_swarm.broker.server.tls import RECHECK_S, TLSFiles
+from nova_swarm.broker.server.tls import watch as watch_certificate
 
 log = structlog.get_logger("nova_swarm.broker")
 
@@ -48,8 +48,8 @@ def amqtt_config(config: EmbeddedBrokerConfig) -> dict[str, Any]:
         # The hub's persistent session outlives a restart, not a hub gone for good (limits.py).
         "session_expiry_interval": SESSION_EXPIRY_S,
         "plugins": {
-            "nova_swarm.broker.plugins.PasswordAuth": {"password_file": str(config.password_file)},
-            "nova_swarm.broker.plugins.TopicACL": {"swarm": config.swarm},
+            "nova_swarm.broker.server.plugins.PasswordAuth": {"password_file": str(config.password_file)},
+            "nova_swarm.broker.server.plugins.TopicACL": {"swarm": config.swarm},
         },
     }
 
@@ -58,7 +58,7 @@ async def serve(config: EmbeddedBrokerConfig, *, on_ready: Callable[[], None] | 
     """Run the broker until cancelled."""
     from amqtt.errors import BrokerError
 
-    from .hardened import HardenedBroker
+    from nova_swarm.broker.server.hardened import HardenedBroker
 
     # amqtt logs every connection at INFO through stdlib logging; keep its chatter at WARNING.
     # HardenedBroker logs each connection's end itself, in one line: amqtt's own warnings about

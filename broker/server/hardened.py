@@ -47,9 +47,9 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from . import framing
-from .limits import BrokerLimits
-from .passwords import LoginCheck
+from nova_swarm.broker.contract.limits import BrokerLimits
+from nova_swarm.broker.passwords import LoginCheck
+from nova_swarm.broker.server import framing
 
 log = structlog.get_logger("nova_swarm.broker")
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError
 
 ROOT = "swarm"
 _ID = re.compile(r"^[a-z0-9_-]{1,64}$")

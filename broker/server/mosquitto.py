@@ -17,14 +17,14 @@ from pathlib import Path
 
 import structlog
 
-from .acl import mosquitto_acl
-from .errors import ConfigError
-from .limits import SESSION_EXPIRY_S, BrokerLimits
-from .net import wait_listening
-from .passwords import FileWatch, read_client_logins
-from .private import private_dir, write_private
-from .tls import RECHECK_S, TLSFiles
-from .tls import watch as watch_certificate
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.limits import SESSION_EXPIRY_S, BrokerLimits
+from nova_swarm.broker.link.net import wait_listening
+from nova_swarm.broker.passwords import FileWatch, read_client_logins
+from nova_swarm.broker.private import private_dir, write_private
+from nova_swarm.broker.server.acl import mosquitto_acl
+from nova_swarm.broker.server.tls import RECHECK_S, TLSFiles
+from nova_swarm.broker.server.tls import watch as watch_certificate
 
 log = structlog.get_logger("nova_swarm.broker")
 

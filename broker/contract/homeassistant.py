@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .topics import check_id, is_concrete
+from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.topics import check_id, is_concrete
 
 DEFAULT_PREFIX = "homeassistant"
 #: what Home Assistant publishes on ``<prefix>/status`` when it starts (its birth message)
