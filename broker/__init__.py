@@ -16,7 +16,8 @@ from nova_swarm.broker.contract.errors import (
 )
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import LocalSwarm, Login, Role, SwarmHome
-from nova_swarm.broker.link.connection import Connection, Message, Will
+from nova_swarm.broker.link.base import Message, Will
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.broker.link.url import BrokerURL
 
 __all__ = [

@@ -46,7 +46,8 @@ from nova_swarm.broker.contract.messages import (
     decode_stream,
 )
 from nova_swarm.broker.contract.topics import SHARED_SCOPE, Topics, check_id
-from nova_swarm.broker.link.connection import Connection, ConnectionLost
+from nova_swarm.broker.link.base import Links
+from nova_swarm.broker.link.connection import ConnectionLost, links_for
 from nova_swarm.broker.link.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.client")
@@ -135,8 +136,9 @@ class Stream:
 class SwarmClient:
     def __init__(
         self,
-        url: BrokerURL,
+        url: BrokerURL | None = None,
         *,
+        links: Links | None = None,
         swarm: str = "main",
         ca_file: Path | None = None,
         watch: bool = False,
@@ -145,12 +147,13 @@ class SwarmClient:
         self.topics = Topics(swarm)
         self.name = f"c-{uuid.uuid4().hex[:12]}"
         #: the login our requests belong to (the shared scope on a broker without logins)
-        self.scope = _scope_of(url)
+        links = links_for(url, links, ca_file=ca_file)
+        self.scope = _scope_of(links.url)
         shared = self.scope == SHARED_SCOPE
         self.reply_topic = self.topics.reply(self.scope, self.name)
         self._prompt_topic = self.topics.prompt(None if shared else self.scope)
         self._cancel_topic = self.topics.cancel(None if shared else self.scope)
-        self._conn = Connection(url, client_id=self.name, ca_file=ca_file)
+        self._conn = links.open(client_id=self.name)
         self._waiting: dict[str, asyncio.Future[Answer | ErrorReply]] = {}
         self._streams: dict[str, Stream] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -186,7 +189,7 @@ class SwarmClient:
 
     async def wait_closed(self) -> NoReturn:
         """Until the connection ends, then ``ConnectionLost`` saying why: for owners that
-        reconnect (``broker.connection.reconnecting``)."""
+        reconnect (``broker.link.reconnect.reconnecting``)."""
         error: BaseException | None = None
         if self._reader is not None:
             await asyncio.wait([self._reader])

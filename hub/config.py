@@ -7,7 +7,8 @@ from pathlib import Path
 
 from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.broker.contract.topics import DEFAULT_SWARM, check_id
-from nova_swarm.broker.link.connection import HEARTBEAT_S, Protocol, written_off_after
+from nova_swarm.broker.link.base import MqttVersion
+from nova_swarm.broker.link.connection import HEARTBEAT_S, written_off_after
 
 from .credits import CreditRates
 from .intake import Limits
@@ -53,7 +54,7 @@ class HubConfig:
     journal_keep_s: float = 600.0
     #: how many recent request ids are checked for retries without touching the disk
     journal_remember: int = 100_000
-    protocol: Protocol = "auto"
+    protocol: MqttVersion = "auto"
     seed: int | None = None
     #: retrieval: add snippets from a local folder to chat prompts (off when None)
     retrieval: RetrievalConfig | None = None

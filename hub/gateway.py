@@ -68,7 +68,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
 from nova_swarm.broker.contract.topics import DEFAULT_SWARM, Topics, check_id
-from nova_swarm.broker.link.connection import reconnecting
+from nova_swarm.broker.link.base import Links
+from nova_swarm.broker.link.connection import links_for
+from nova_swarm.broker.link.reconnect import reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 
 from . import anthropic_api, completions_api, ollama_api, openai_api, responses_api
@@ -217,11 +219,17 @@ class _ClientGone(Exception):
 
 class Gateway:
     def __init__(
-        self, config: GatewayConfig, url: BrokerURL, *, ca_file: Path | None = None, join: JoinService | None = None
+        self,
+        config: GatewayConfig,
+        url: BrokerURL | None = None,
+        *,
+        links: Links | None = None,
+        ca_file: Path | None = None,
+        join: JoinService | None = None,
     ) -> None:
+        """The broker is ``url`` (MQTT, ``ca_file`` for TLS) or ``links`` (a memory broker's in a test)."""
         self.config = config
-        self._url = url
-        self._ca_file = ca_file
+        self._links = links_for(url, links, ca_file=ca_file)
         #: what /join/ serves; None: no such routes (404)
         self._join = join
         self._client: SwarmClient | None = None
@@ -334,9 +342,7 @@ class Gateway:
 
     async def _keep_linked(self) -> None:
         def connect() -> SwarmClient:
-            return SwarmClient(
-                self._url, swarm=self.config.swarm, ca_file=self._ca_file, watch=True, metrics=self._board.feed
-            )
+            return SwarmClient(links=self._links, swarm=self.config.swarm, watch=True, metrics=self._board.feed)
 
         await reconnecting(connect, self._linked, name="gateway")
 
@@ -344,7 +350,7 @@ class Gateway:
         """One connection's life: requests use ``client`` until the broker drops it."""
         self._client = client
         self._link_up.set()
-        log.info("gateway connected to the broker", broker=self._url.redacted())
+        log.info("gateway connected to the broker", broker=self._links.url.redacted())
         try:
             await client.wait_closed()
         finally:

@@ -1,12 +1,14 @@
 """The hub: takes prompts, fans them out to nodes, and answers every one.
 
-    hub = Hub(config, url)
-    await hub.run()          # until hub.stop()
+    async with Hub(config, url) as hub:     # or Hub(config, links=MemoryBroker().links())
+        ...                                 # it serves until the block ends
+
+(or ``await hub.run()`` until ``hub.stop()``, as ``swarm-hub serve`` does).
 
 Each accepted prompt gets a coroutine that drives its ``RequestMachine`` (``lifecycle.py``):
 the machine decides, this module does the I/O. Every prompt ends in exactly one reply on its
 reply topic, an answer or an error; replies that cannot be sent while the broker is away wait
-in an outbox and go out on reconnect.
+in an outbox (``broker/link/outbox.py``) and go out on reconnect.
 
 Accepted prompts and their replies are journalled (``journal.py``): a hub that crashes resumes
 what it had accepted, and a client that sends the same request id again gets the same reply.
@@ -20,10 +22,10 @@ import json
 import random
 import time
 import uuid
-from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import TracebackType
 from typing import TypeAlias
 
 import structlog
@@ -59,14 +61,10 @@ from nova_swarm.broker.contract.topics import SHARED_SCOPE, NodeTopic, Topics
 from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import SwarmHome
 from nova_swarm.broker.identity import hub_client_id
-from nova_swarm.broker.link.connection import (
-    Connection,
-    ConnectionLost,
-    Message,
-    Will,
-    raise_if_cancelled,
-    reconnecting,
-)
+from nova_swarm.broker.link.base import Link, Links, Message, Will
+from nova_swarm.broker.link.connection import ConnectionLost, links_for
+from nova_swarm.broker.link.outbox import Outbox
+from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 
 from . import credits, metrics, pins, rerank, retrieval
@@ -145,13 +143,17 @@ class Hub:
     def __init__(
         self,
         config: HubConfig,
-        url: BrokerURL,
+        url: BrokerURL | None = None,
         *,
+        links: Links | None = None,
         reranker: rerank.Reranker | None = None,
         ca_file: Path | None = None,
     ) -> None:
+        """The broker is ``url`` (MQTT, with ``ca_file`` for TLS) or ``links`` (any ``Links``:
+        a ``MemoryBroker``'s in a test)."""
         self.config = config
-        self.url = url
+        self.links = links_for(url, links, ca_file=ca_file)
+        self.url = self.links.url
         self.topics = Topics(config.swarm)
         self.registry = Registry(heartbeat_timeout_s=config.heartbeat_timeout_s)
         self.winrates = WinRates(half_life_s=config.winrate_half_life_s)
@@ -161,7 +163,6 @@ class Hub:
         self.rates = config.credit_rates
         self.scheduler = Scheduler(self.winrates, random.Random(config.seed), self.trust)
         self.reranker = reranker or rerank.load_reranker(config.reranker)
-        self._ca_file = ca_file
         self._store: Store | None = None
         self._runs: dict[str, _Run] = {}
         self._by_task: dict[str, _Run] = {}
@@ -175,9 +176,10 @@ class Hub:
         self._trusted_mtime: int | None = None
         self._resume: tuple[list[Entry], list[Unsent]] | None = None
         self._settle_until = 0.0
-        self._outbox: deque[tuple[str, bytes, bool, bytes | None]] = deque()
-        self._conn: Connection | None = None
+        self._outbox = Outbox()
         self._tg: asyncio.TaskGroup | None = None
+        #: the task group ``async with Hub(...)`` runs the hub in
+        self._owner: asyncio.TaskGroup | None = None
         self._stop_requested = asyncio.Event()
         #: set once the hub said it is offline: no status publish may say "online" after that
         self._gone_offline = False
@@ -211,7 +213,30 @@ class Hub:
         """Requests their client cancelled since the hub started."""
         return self.window.cancelled_total
 
+    @property
+    def _conn(self) -> Link | None:
+        """The broker link we have now, if any."""
+        return self._outbox.link
+
     # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Hub:
+        """Start serving in a task group this block owns; ``ready`` is set once online."""
+        if self._owner is not None:
+            raise ConfigError("this hub is already running")
+        self._owner = asyncio.TaskGroup()
+        await self._owner.__aenter__()
+        self._owner.create_task(self.run())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop as ``stop()`` does (drain, go offline, journal flushed) and wait until stopped."""
+        owner, self._owner = self._owner, None
+        assert owner is not None
+        self.stop()
+        await owner.__aexit__(exc_type, exc, tb)
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -272,23 +297,21 @@ class Hub:
                 self._ledger.close()
             log.info("hub stopped", answered=self.answered, failed=self.failed)
 
-    def _connect(self) -> Connection:
+    def _connect(self) -> Link:
         offline = HubStatus(hub_id=self.config.hub_id, state="offline")
-        return Connection(
-            self.url,
+        return self.links.open(
             # Derived from the hub's password: stable across restarts, and no other login can
             # take it over (identity.py).
             client_id=hub_client_id(self.config.swarm, self.url.password),
             will=Will(self.topics.hub_status(), offline.encode()),
             protocol=self.config.protocol,
-            ca_file=self._ca_file,
             # The broker keeps our subscriptions and queues QoS 1 prompts while the hub restarts
             # (so a fire-and-forget mosquitto_pub sent meanwhile is still answered); this needs
             # the client id to stay the same from one run to the next.
             persistent=True,
         )
 
-    async def _session(self, conn: Connection) -> None:
+    async def _session(self, conn: Link) -> None:
         t = self.topics
         await conn.subscribe(
             t.prompt(),
@@ -307,8 +330,7 @@ class Hub:
         # heartbeats while the hub is away (amqtt delivers at the subscription's QoS), where
         # they would crowd out the prompts the queue is for.
         await conn.subscribe(t.all_nodes(NodeTopic.HEARTBEAT), t.all_nodes(NodeTopic.PROGRESS), qos=0)
-        await self._flush_outbox(conn)
-        self._conn = conn
+        await self._outbox.attach(conn)
         now = asyncio.get_running_loop().time()
         for run in self._runs.values():  # we heard nothing while away: nobody's silence counts
             run.machine.excuse_silence(now)
@@ -329,7 +351,7 @@ class Hub:
                 async for message in conn.messages():
                     await self._on_message(message)
         finally:
-            self._conn = None
+            self._outbox.detach()
 
     async def _drain(self) -> None:
         """Stop starting prompts, give in-flight requests a moment, then fail the rest clearly.
@@ -1142,7 +1164,7 @@ class Hub:
             self._embed_model = models[0]
         if self._embedder is None:
             self._embedder = await self._exits.enter_async_context(
-                SwarmClient(self.url, swarm=self.config.swarm, ca_file=self._ca_file)
+                SwarmClient(links=self.links, swarm=self.config.swarm)
             )
         try:
             answer = await self._embedder.ask(
@@ -1234,30 +1256,7 @@ class Hub:
         self, topic: str, payload: bytes, *, retain: bool = False, correlation: bytes | None = None
     ) -> None:
         """Publish now, or keep the message for the next connection: nothing is dropped."""
-        tried = None
-        while (conn := self._conn) is not None and conn is not tried:
-            try:
-                await conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
-                return
-            except ConnectionLost:
-                # A publish on a link that died can take its whole timeout to fail; a session
-                # that began meanwhile has flushed the outbox already: try it, or this would
-                # wait for the reconnect after next.
-                tried = conn
-            except ProtocolError as exc:
-                # Intake only lets valid topics through; this is a bug, and no broker would take it.
-                log.error("dropped a message no broker would accept", error=str(exc))
-                return
-        if tried is not None:
-            log.warning("message held until the broker is back", topic=topic)
-        self._outbox.append((topic, payload, retain, correlation))
-
-    async def _flush_outbox(self, conn: Connection) -> None:
-        """Send what waited for a connection; runs once at the start of each session."""
-        while self._outbox:
-            topic, payload, retain, correlation = self._outbox[0]
-            await conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation)
-            self._outbox.popleft()
+        await self._outbox.send(topic, payload, retain=retain, correlation=correlation)
 
     def status(self) -> HubStatus:
         counts = self.registry.counts(time.time())
@@ -1311,7 +1310,7 @@ class Hub:
             if self._conn is not None:  # live readings only: nothing is queued for later
                 await self._publish_metrics(self._conn)
 
-    async def _publish_metrics(self, conn: Connection) -> None:
+    async def _publish_metrics(self, conn: Link) -> None:
         now, mono = time.time(), asyncio.get_running_loop().time()
         t = self.topics
         hub = self.window.hub_metrics(mono, self.registry, inflight=len(self._runs), queued=len(self._waiting))

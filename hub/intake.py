@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from nova_swarm.broker.contract.errors import ConfigError, ErrorCode
 from nova_swarm.broker.contract.messages import MAX_FANOUT, ErrorInfo, PromptRequest, describe
 from nova_swarm.broker.contract.topics import SHARED_SCOPE, Topics
-from nova_swarm.broker.link.connection import Message
+from nova_swarm.broker.link.base import Message
 
 from .nesting import loads_top_level
 from .schemas import MAX_SCHEMA_DEPTH, request_problem

@@ -34,7 +34,9 @@ from rich.text import Text
 from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ProtocolError
 from nova_swarm.broker.contract.messages import HubMetrics, HubStatus, NodeState, NodeTable, decode
 from nova_swarm.broker.contract.topics import Topics
-from nova_swarm.broker.link.connection import Backoff, Connection, Message
+from nova_swarm.broker.link.base import Message
+from nova_swarm.broker.link.connection import Connection
+from nova_swarm.broker.link.reconnect import Backoff
 from nova_swarm.broker.link.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.top")

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import get_args
 
 import structlog
@@ -49,15 +50,10 @@ from nova_swarm.broker.contract.messages import (
 from nova_swarm.broker.contract.topics import NodeTopic, Topics
 from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.identity import node_client_id
-from nova_swarm.broker.link.connection import (
-    Connection,
-    ConnectionLost,
-    Message,
-    Will,
-    keepalive_for,
-    raise_if_cancelled,
-    reconnecting,
-)
+from nova_swarm.broker.link.base import Link, Links, Message, Will
+from nova_swarm.broker.link.connection import ConnectionLost, keepalive_for, links_for
+from nova_swarm.broker.link.outbox import Outbox
+from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 
 from . import homeassistant, sensors, tools
@@ -91,8 +87,9 @@ class Node:
         self,
         config: NodeConfig,
         engine: Engine,
-        url: BrokerURL,
+        url: BrokerURL | None = None,
         *,
+        links: Links | None = None,
         ca_file: Path | None = None,
         sensor: sensors.Source | None = None,
         updates: UpdateSetup | None = None,
@@ -107,16 +104,16 @@ class Node:
         self.energy = energy
         #: set while a task runs: the energy source is sampled then
         self._measuring = asyncio.Event()
-        self.url = url
+        #: the broker: MQTT to ``url`` (``ca_file`` for TLS), or ``links`` (a memory broker's in a test)
+        self.links = links_for(url, links, ca_file=ca_file)
+        self.url = self.links.url
         self.topics = Topics(config.swarm)
-        self._ca_file = ca_file
         self._queued: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}
         self._work = asyncio.Condition()
         #: set while the node holds tasks: it then shows progress (``_progress``)
         self._holding = asyncio.Event()
-        self._outbox: deque[tuple[str, bytes, bool]] = deque()
-        self._conn: Connection | None = None
+        self._outbox = Outbox()
         self._stop_requested = asyncio.Event()
         self.connected = asyncio.Event()
         self.profile_tokens_per_s = 0.0
@@ -135,11 +132,36 @@ class Node:
         self.model_path: Path | None = self.updates.model_path
         self.updater = Updater(self, self.updates)
         self._tg: asyncio.TaskGroup | None = None
+        #: the task group ``async with Node(...)`` runs the node in
+        self._owner: asyncio.TaskGroup | None = None
         #: set when a new bundle is installed: the CLI exits so the supervisor restarts into it
         self.restart_requested = False
         self._online_reported = False
 
+    @property
+    def _conn(self) -> Link | None:
+        """The broker link we have now, if any."""
+        return self._outbox.link
+
     # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Node:
+        """Start the node in a task group this block owns; ``connected`` is set once online."""
+        if self._owner is not None:
+            raise ConfigError("this node is already running")
+        self._owner = asyncio.TaskGroup()
+        await self._owner.__aenter__()
+        self._owner.create_task(self.run())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop as ``stop()`` does (hand back or finish its tasks, go offline) and wait for it."""
+        owner, self._owner = self._owner, None
+        assert owner is not None
+        self.stop()
+        await owner.__aexit__(exc_type, exc, tb)
 
     def stop(self) -> None:
         """Ask the node to stop: no new tasks, drain or hand back the rest, go offline."""
@@ -176,20 +198,18 @@ class Node:
             self.profile_tokens_per_s = gen.completion_tokens / gen.generate_s
         log.info("profiled engine", node_id=self.config.node_id, tokens_per_s=round(self.profile_tokens_per_s, 1))
 
-    def _connect(self) -> Connection:
+    def _connect(self) -> Link:
         offline = Status(node_id=self.config.node_id, state=NodeState.OFFLINE, reason="connection lost")
-        return Connection(
-            self.url,
+        return self.links.open(
             # Derived from our password: no other login can take our connection over.
             client_id=node_client_id(self.config.node_id, self.url.password),
             will=Will(self.topics.node_status(self.config.node_id), offline.encode()),
-            ca_file=self._ca_file,
             # Heartbeats double as keepalive traffic, so a healthy node never wakes its radio for
             # a ping, and the broker writes off a dropped one within 1.5 keepalives (connection.py).
             keepalive=keepalive_for(self.config.heartbeat_s),
         )
 
-    async def _session(self, conn: Connection) -> None:
+    async def _session(self, conn: Link) -> None:
         node_id = self.config.node_id
         await conn.subscribe(
             self.topics.node_cancel(node_id), self.topics.hub_status(), self.topics.model(), self.topics.bundle(), qos=1
@@ -201,8 +221,7 @@ class Node:
         if self.config.home_assistant.enabled:
             await conn.subscribe(self.config.home_assistant.topics.status(), qos=1)
             await self._publish_discovery(conn)
-        await self._flush_outbox(conn)
-        self._conn = conn
+        await self._outbox.attach(conn)
         try:
             self.connected.set()
             log.info("node online", node_id=node_id, broker=self.url.redacted(), version=__version__)
@@ -215,7 +234,7 @@ class Node:
                 async for message in conn.messages():
                     await self._on_message(message, conn, tg)
         finally:
-            self._conn = None
+            self._outbox.detach()
             self.connected.clear()
 
     async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
@@ -243,7 +262,7 @@ class Node:
 
     # ------------------------------------------------------------------ messages in
 
-    async def _on_message(self, message: Message, conn: Connection, session: asyncio.TaskGroup) -> None:
+    async def _on_message(self, message: Message, conn: Link, session: asyncio.TaskGroup) -> None:
         topic = message.topic
         if topic == self.topics.hub_status():
             await self._on_hub_status(message)
@@ -669,21 +688,9 @@ class Node:
 
     async def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish now, or keep it for the next connection: a result is never dropped."""
-        tried = None
-        while (conn := self._conn) is not None and conn is not tried:
-            try:
-                await conn.publish(topic, payload, qos=1, retain=retain)
-                return
-            except ConnectionLost:
-                # A publish on a link that died can take its whole timeout to fail; a new session
-                # that began meanwhile has flushed the outbox already, so try it rather than
-                # leave this (a thawed phone's result) waiting for the reconnect after next.
-                tried = conn
-        if tried is not None:
-            log.warning("message held until the broker is back", topic=topic)
-        self._outbox.append((topic, payload, retain))
+        await self._outbox.send(topic, payload, retain=retain)
 
-    async def _publish_discovery(self, conn: Connection) -> None:
+    async def _publish_discovery(self, conn: Link) -> None:
         """Describe this node to Home Assistant (retained): after every connect and every HA start."""
         cfg = self.config
         payload = homeassistant.discovery_payload(
@@ -692,21 +699,14 @@ class Node:
         topic = cfg.home_assistant.topics.device_config(cfg.node_id)
         await conn.publish(topic, homeassistant.encode(payload), qos=1, retain=True)
 
-    async def _flush_outbox(self, conn: Connection) -> None:
-        """Send what waited for a connection; runs once at the start of each session."""
-        while self._outbox:
-            topic, payload, retain = self._outbox[0]
-            await conn.publish(topic, payload, qos=1, retain=retain)
-            self._outbox.popleft()
-
-    async def _heartbeats(self, conn: Connection) -> None:
+    async def _heartbeats(self, conn: Link) -> None:
         topic = self.topics.node_heartbeat(self.config.node_id)
         while True:
             raise_if_cancelled()
             await conn.publish(topic, self._heartbeat().encode(), qos=0)
             await asyncio.sleep(self.config.heartbeat_s)
 
-    async def _progress(self, conn: Connection) -> None:
+    async def _progress(self, conn: Link) -> None:
         """While the node holds tasks, say so every ``progress_s``: the hub gives a task whose node
         goes quiet to another node within seconds (a phone off Wi-Fi or frozen keeps its socket
         half-open, so nothing else would tell). Idle, it sends nothing and sleeps."""

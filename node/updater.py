@@ -33,7 +33,7 @@ from nova_swarm.broker.contract.messages import BundleManifest, ModelPin, PinRep
 from nova_swarm.broker.contract.signing import PublicKey
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.contract.version import __version__
-from nova_swarm.broker.link.connection import Connection
+from nova_swarm.broker.link.base import Link
 
 from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manifest
 from .config import NodeConfig
@@ -131,7 +131,7 @@ class Updater:
 
     # ------------------------------------------------------------------ bundles
 
-    async def on_bundle(self, payload: bytes, conn: Connection, tg: asyncio.TaskGroup) -> None:
+    async def on_bundle(self, payload: bytes, conn: Link, tg: asyncio.TaskGroup) -> None:
         if not payload:
             self.bundle_report = None  # unpublished: nothing to follow
             return
@@ -167,9 +167,7 @@ class Updater:
             self._bad_chunks[index] = actual
         self._chunk_arrived.set()
 
-    async def _fetch_bundle(
-        self, manifest: BundleManifest, envelope: bytes, conn: Connection, store: BundleStore
-    ) -> None:
+    async def _fetch_bundle(self, manifest: BundleManifest, envelope: bytes, conn: Link, store: BundleStore) -> None:
         version = manifest.version
         self._fetching, self._chunks, self._bad_chunks = manifest, {}, {}
         await self._report("bundle", version, "fetching", f"{len(manifest.chunks)} chunks, {manifest.size_bytes} bytes")

@@ -31,8 +31,9 @@ from nova_swarm.broker.contract.errors import ErrorCode, ProtocolError
 from nova_swarm.broker.contract.messages import Answer, ErrorReply, GenParams, PromptRequest, decode_reply
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.link.connection import Backoff, Connection, ConnectionLost, reconnecting, wait_for_broker
+from nova_swarm.broker.link.connection import Connection, ConnectionLost, wait_for_broker
 from nova_swarm.broker.link.net import free_port
+from nova_swarm.broker.link.reconnect import Backoff, reconnecting
 
 BIN = Path(sys.executable).parent
 #: replies that say "not now": the client sends the same id again after the hinted delay

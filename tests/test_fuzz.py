@@ -53,7 +53,8 @@ from nova_swarm.broker.contract.messages import (
 )
 from nova_swarm.broker.contract.topics import Topics, is_concrete
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.link.connection import Connection, Message
+from nova_swarm.broker.link.base import Message
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Hub, Limits, SwarmClient
 from nova_swarm.hub.intake import Accepted, Rejected, parse_prompt
 from nova_swarm.node import FakeEngine

@@ -15,7 +15,8 @@ import pytest
 
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.link.connection import Connection, reconnecting
+from nova_swarm.broker.link.connection import Connection
+from nova_swarm.broker.link.reconnect import reconnecting
 
 from .conftest import start_broker
 

@@ -20,7 +20,8 @@ from nova_swarm.broker.contract.messages import Heartbeat, NodeState, Status
 from nova_swarm.broker.contract.topics import Topics, is_concrete
 from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.broker.link.connection import Connection, Message
+from nova_swarm.broker.link.base import Message
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.broker.link.net import free_port
 from nova_swarm.node import FakeEngine
 from nova_swarm.node.homeassistant import HomeAssistantConfig, discovery_payload, encode, expire_after, is_birth

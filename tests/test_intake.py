@@ -7,7 +7,7 @@ import pytest
 
 from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.topics import Topics
-from nova_swarm.broker.link.connection import Message
+from nova_swarm.broker.link.base import Message
 from nova_swarm.hub.intake import Accepted, Limits, Rejected, default_max_tokens, parse_prompt, split_key
 
 T = Topics("main")

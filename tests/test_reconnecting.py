@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from nova_swarm.broker.contract.errors import ConnectionLost
-from nova_swarm.broker.link.connection import Backoff, reconnecting
+from nova_swarm.broker.link.reconnect import Backoff, reconnecting
 
 
 async def test_cancelling_a_session_whose_connection_fails_meanwhile_stops_the_loop() -> None:

@@ -19,7 +19,8 @@ from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.messages import ErrorReply, PromptRequest, TaskResult, decode_reply
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
-from nova_swarm.broker.link.connection import Connection, Message
+from nova_swarm.broker.link.base import Message
+from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Hub
 from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt
 from nova_swarm.hub.journal import canonical

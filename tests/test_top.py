@@ -17,7 +17,7 @@ from rich.console import Console
 
 from nova_swarm.broker.contract.messages import HubMetrics, HubStatus, NodeRow, NodeState, NodeTable
 from nova_swarm.broker.contract.topics import Topics
-from nova_swarm.broker.link.connection import Message
+from nova_swarm.broker.link.base import Message
 from nova_swarm.hub.top import Reports, apply, render
 
 from .conftest import BIN, Processes, RunningBroker, env_for, wait_online

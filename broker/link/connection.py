@@ -5,7 +5,7 @@
         async for message in conn.messages():
             ...
 
-Reconnecting is a loop the caller writes around ``async with`` (see ``reconnecting``).
+Reconnecting is a loop the caller writes around ``async with`` (``reconnect.reconnecting``).
 What this layer adds on top of aiomqtt:
 
 - TCP_NODELAY on the socket: without it a QoS 1 round trip took 44-88 ms (BROKERS.md).
@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar
 
 import aiomqtt
 import structlog
@@ -40,11 +37,11 @@ from paho.mqtt.properties import Properties
 from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ProtocolError
 from nova_swarm.broker.contract.limits import SESSION_EXPIRY_S
 from nova_swarm.broker.contract.topics import is_concrete, matches
+from nova_swarm.broker.link.base import Links, Message, MqttVersion, Will
 from nova_swarm.broker.link.url import BrokerURL
 
 log = structlog.get_logger("nova_swarm.connection")
 
-Protocol = Literal["auto", "3.1.1", "5"]
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 #: A node's heartbeat interval unless told otherwise (``NodeConfig.heartbeat_s``).
@@ -74,27 +71,8 @@ def written_off_after(heartbeat_s: float) -> float:
     return 1.5 * keepalive_for(heartbeat_s)
 
 
-@dataclass(frozen=True, slots=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    #: MQTT 5 request/response properties, when the publisher set them.
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
 class Connection:
-    """An open MQTT connection; use it as an async context manager."""
+    """An open MQTT connection (a ``base.Link``); use it as an async context manager."""
 
     def __init__(
         self,
@@ -103,7 +81,7 @@ class Connection:
         client_id: str | None = None,
         will: Will | None = None,
         keepalive: int = 30,
-        protocol: Protocol = "3.1.1",
+        protocol: MqttVersion = "3.1.1",
         ca_file: Path | None = None,
         timeout: float = 10.0,
         persistent: bool = False,
@@ -298,79 +276,6 @@ async def probe_mqtt5(url: BrokerURL, tls_context: ssl.SSLContext | None = None,
             pass
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Reconnect delays: exponential with full jitter, so a restarted broker is not stampeded."""
-
-    first: float = 0.5
-    cap: float = 15.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        rng = rng or random.Random()
-        return rng.uniform(0, min(self.cap, self.first * 2**attempt))
-
-
-def raise_if_cancelled() -> None:
-    """Call once per turn of a forever-loop that publishes.
-
-    On Python 3.11, ``asyncio.wait_for`` (which aiomqtt uses inside ``publish``) swallows a cancel
-    that lands just as the awaited thing completes; the loop would go round forever and its
-    TaskGroup would never close. The task still counts the cancel request, so honour it here.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-#: what ``reconnecting`` keeps up: a Connection, or something that owns one (a SwarmClient)
-Link = TypeVar("Link")
-
-
-async def reconnecting(
-    connect: Callable[[], AbstractAsyncContextManager[Link]],
-    session: Callable[[Link], Awaitable[None]],
-    *,
-    name: str,
-    backoff: Backoff = Backoff(),
-) -> None:
-    """Run ``session`` on a fresh connection, again and again, until it returns or is cancelled.
-
-    A session ends its connection by raising ``ConnectionLost``; ``connect`` makes a
-    ``Connection`` or anything that owns one and raises ``ConnectionLost`` when it cannot."""
-    attempt = 0
-    while True:
-        try:
-            async with connect() as conn:
-                attempt = 0
-                await session(conn)
-                return
-        except ConnectionLost as exc:
-            error = str(exc)
-        except BaseExceptionGroup as group:
-            # A session runs its loops in a TaskGroup, which wraps the ConnectionLost.
-            lost, rest = group.split(ConnectionLost)
-            if rest is not None or lost is None:
-                raise
-            error = "; ".join(sorted({str(e) for e in _leaves(lost)}))
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # We were cancelled while the connection was failing: a TaskGroup then reports the
-            # connection's error, not the cancellation. Reconnecting would swallow the cancel
-            # and the owner would wait for us forever.
-            raise asyncio.CancelledError
-        delay = backoff.delay(attempt)
-        attempt += 1
-        log.warning("connection lost, reconnecting", who=name, error=error, retry_in_s=round(delay, 2))
-        await asyncio.sleep(delay)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
 async def wait_for_broker(
     url: BrokerURL,
     *,
@@ -394,3 +299,43 @@ async def wait_for_broker(
             last = exc
             await asyncio.sleep(0.1)
     raise ConnectionLost(f"broker {url.redacted()} not ready after {timeout:.0f} s: {last}")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttLinks:
+    """``base.Links`` over the network: each link a :class:`Connection` to the broker at ``url``."""
+
+    url: BrokerURL
+    ca_file: Path | None = None
+
+    def open(
+        self,
+        *,
+        client_id: str | None = None,
+        will: Will | None = None,
+        keepalive: int = 30,
+        protocol: MqttVersion = "3.1.1",
+        timeout: float = 10.0,
+        persistent: bool = False,
+    ) -> Connection:
+        return Connection(
+            self.url,
+            client_id=client_id,
+            will=will,
+            keepalive=keepalive,
+            protocol=protocol,
+            ca_file=self.ca_file,
+            timeout=timeout,
+            persistent=persistent,
+        )
+
+
+def links_for(url: BrokerURL | None, links: Links | None, *, ca_file: Path | None = None) -> Links:
+    """The links an owner was given: ``links`` (a memory broker's, in a test), or MQTT to ``url``.
+    Exactly one of the two."""
+    if (url is None) == (links is None):
+        raise ConfigError("give a broker url or links to one, not both or neither")
+    if links is not None:
+        return links
+    assert url is not None
+    return MqttLinks(url, ca_file)

@@ -24,7 +24,8 @@ from nova_swarm.broker.home import (
     SwarmHome,
 )
 from nova_swarm.broker.link import discovery
-from nova_swarm.broker.link.connection import HEARTBEAT_S, Protocol, wait_for_broker, written_off_after
+from nova_swarm.broker.link.base import MqttVersion
+from nova_swarm.broker.link.connection import HEARTBEAT_S, wait_for_broker, written_off_after
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.server import tls
 from nova_swarm.broker.server.cli import ENGINES, check_port_free, local_until_ready
@@ -168,7 +169,7 @@ def _hub_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _hub_config(
-    args: argparse.Namespace, home: SwarmHome, swarm: str, db: Path | None = None, protocol: Protocol = "auto"
+    args: argparse.Namespace, home: SwarmHome, swarm: str, db: Path | None = None, protocol: MqttVersion = "auto"
 ) -> HubConfig:
     return HubConfig(
         protocol=protocol,
@@ -449,7 +450,7 @@ async def _up(args: argparse.Namespace, home: SwarmHome, local: LocalSwarm, star
     try:
         await wait_for_broker(home.url(Role.HUB), exited=broker.poll)
         # We know the broker we started: Mosquitto speaks MQTT 5, amqtt only 3.1.1.
-        protocol: Protocol = "5" if local.engine == "mosquitto" else "3.1.1"
+        protocol: MqttVersion = "5" if local.engine == "mosquitto" else "3.1.1"
         hub = Hub(_hub_config(args, home, local.swarm, protocol=protocol), home.url(Role.HUB))
         gateway = _gateway(
             args,
