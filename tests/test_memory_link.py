@@ -245,3 +245,15 @@ async def test_hub_and_node_leave_no_task_behind(tmp_path: Path) -> None:
     assert broker.retained(hub.topics.hub_status()) is not None and broker.connected() == []
     with pytest.raises(ConfigError, match="not both"):
         Hub(hub_config(tmp_path), broker.links().url, links=broker.links())
+
+
+async def test_the_readme_s_in_process_swarm_runs_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in readme.split("```python\n")[1:] if "MemoryBroker()" in b).split("```")[0]
+    lines = code.splitlines()
+    body = "\n".join("    " + line for line in lines if not line.startswith("from ") and line.strip())
+    program = "\n".join(line for line in lines if line.startswith("from ")) + "\nasync def main(path):\n" + body
+    scope: dict[str, Any] = {}
+    exec(program + "\n    return answer\n", scope)  # noqa: S102 - our own README
+    answer = await within(scope["main"](tmp_path / "hub.sqlite"), 20)
+    assert answer.text == "hi"
