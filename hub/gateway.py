@@ -50,7 +50,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -72,6 +71,7 @@ from nova_swarm.broker.link.base import Links
 from nova_swarm.broker.link.connection import links_for
 from nova_swarm.broker.link.reconnect import reconnecting
 from nova_swarm.broker.link.url import BrokerURL
+from nova_swarm.broker.service import Service
 
 from . import anthropic_api, completions_api, ollama_api, openai_api, responses_api
 from .client import SwarmClient
@@ -217,7 +217,7 @@ class _ClientGone(Exception):
     """The HTTP client disconnected before its answer came."""
 
 
-class Gateway:
+class Gateway(Service):
     def __init__(
         self,
         config: GatewayConfig,
@@ -257,7 +257,6 @@ class Gateway:
             ),
             started=self.ready.set,
         )
-        self._group: asyncio.TaskGroup | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -318,27 +317,16 @@ class Gateway:
         self._server.should_exit = True
 
     async def __aenter__(self) -> Gateway:
-        self.bind()
-        self._group = asyncio.TaskGroup()
-        await self._group.__aenter__()
-        task = self._group.create_task(self.run())
+        self.bind()  # the port is ours before anything starts: ``port`` is then the real one
+        return await super().__aenter__()
+
+    async def started(self, running: asyncio.Task[None]) -> None:
+        """The block begins once the gateway listens (or its ``run()`` failed)."""
         ready = asyncio.ensure_future(self.ready.wait())
         try:
-            await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError as exc:
-            # run() failed at once and its task group cancelled us: raise its error instead.
-            await self._group.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+            await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        assert self._group is not None
-        await self._group.__aexit__(exc_type, exc, tb)
 
     async def _keep_linked(self) -> None:
         def connect() -> SwarmClient:

@@ -25,7 +25,6 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
 from typing import TypeAlias
 
 import structlog
@@ -66,6 +65,7 @@ from nova_swarm.broker.link.connection import ConnectionLost, links_for
 from nova_swarm.broker.link.outbox import Outbox
 from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
+from nova_swarm.broker.service import Service
 
 from . import credits, metrics, pins, rerank, retrieval
 from .client import SwarmClient
@@ -139,7 +139,7 @@ class _Run:
     node_seq: dict[str, int] = field(default_factory=dict)
 
 
-class Hub:
+class Hub(Service):
     def __init__(
         self,
         config: HubConfig,
@@ -178,8 +178,6 @@ class Hub:
         self._settle_until = 0.0
         self._outbox = Outbox()
         self._tg: asyncio.TaskGroup | None = None
-        #: the task group ``async with Hub(...)`` runs the hub in
-        self._owner: asyncio.TaskGroup | None = None
         self._stop_requested = asyncio.Event()
         #: set once the hub said it is offline: no status publish may say "online" after that
         self._gone_offline = False
@@ -219,24 +217,6 @@ class Hub:
         return self._outbox.link
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> Hub:
-        """Start serving in a task group this block owns; ``ready`` is set once online."""
-        if self._owner is not None:
-            raise ConfigError("this hub is already running")
-        self._owner = asyncio.TaskGroup()
-        await self._owner.__aenter__()
-        self._owner.create_task(self.run())
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop as ``stop()`` does (drain, go offline, journal flushed) and wait until stopped."""
-        owner, self._owner = self._owner, None
-        assert owner is not None
-        self.stop()
-        await owner.__aexit__(exc_type, exc, tb)
 
     def stop(self) -> None:
         self._stop_requested.set()

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import get_args
 
 import structlog
@@ -55,6 +54,7 @@ from nova_swarm.broker.link.connection import ConnectionLost, keepalive_for, lin
 from nova_swarm.broker.link.outbox import Outbox
 from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
+from nova_swarm.broker.service import Service
 
 from . import homeassistant, sensors, tools
 from .config import NodeConfig
@@ -82,7 +82,7 @@ class _Job:
     cancel_reason: ErrorCode = ErrorCode.CANCELLED
 
 
-class Node:
+class Node(Service):
     def __init__(
         self,
         config: NodeConfig,
@@ -132,8 +132,6 @@ class Node:
         self.model_path: Path | None = self.updates.model_path
         self.updater = Updater(self, self.updates)
         self._tg: asyncio.TaskGroup | None = None
-        #: the task group ``async with Node(...)`` runs the node in
-        self._owner: asyncio.TaskGroup | None = None
         #: set when a new bundle is installed: the CLI exits so the supervisor restarts into it
         self.restart_requested = False
         self._online_reported = False
@@ -144,24 +142,6 @@ class Node:
         return self._outbox.link
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> Node:
-        """Start the node in a task group this block owns; ``connected`` is set once online."""
-        if self._owner is not None:
-            raise ConfigError("this node is already running")
-        self._owner = asyncio.TaskGroup()
-        await self._owner.__aenter__()
-        self._owner.create_task(self.run())
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop as ``stop()`` does (hand back or finish its tasks, go offline) and wait for it."""
-        owner, self._owner = self._owner, None
-        assert owner is not None
-        self.stop()
-        await owner.__aexit__(exc_type, exc, tb)
 
     def stop(self) -> None:
         """Ask the node to stop: no new tasks, drain or hand back the rest, go offline."""

@@ -202,14 +202,9 @@ def hub_config(tmp_path: Path, **overrides: Any) -> HubConfig:
 
 @asynccontextmanager
 async def running_hub(broker: RunningBroker, config: HubConfig) -> AsyncIterator[Hub]:
-    hub = Hub(config, broker.url(Role.HUB))
-    task = asyncio.create_task(hub.run())
-    try:
+    async with Hub(config, broker.url(Role.HUB)) as hub:
         await within(asyncio.shield(hub.ready.wait()), 15)
         yield hub
-    finally:
-        hub.stop()
-        await within(task, 30)
 
 
 @asynccontextmanager
@@ -218,14 +213,10 @@ async def running_node(
 ) -> AsyncIterator[Node]:
     settings: dict[str, Any] = {"node_id": node_id, "heartbeat_s": 0.5, "profile_tokens": 0, "drain_s": 2.0}
     settings.update(overrides)
-    node = Node(NodeConfig(**settings), engine, await broker.enrolled(node_id), sensor=sensor, energy=energy)
-    task = asyncio.create_task(node.run())
-    try:
+    url = await broker.enrolled(node_id)
+    async with Node(NodeConfig(**settings), engine, url, sensor=sensor, energy=energy) as node:
         await within(asyncio.shield(node.connected.wait()), 15)
         yield node
-    finally:
-        node.stop()
-        await within(task, 30)
 
 
 async def nodes_available(hub: Hub, count: int) -> None:
