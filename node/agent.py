@@ -16,34 +16,26 @@ switch (``updater.py``) holds the node the same way while it swaps engines.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
 import structlog
 
-from nova_swarm.broker.contract.errors import ConfigError, EngineError, ErrorCode, ProtocolError
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError
 from nova_swarm.broker.contract.messages import (
     Announce,
     Cancel,
     Capability,
-    ErrorInfo,
     Heartbeat,
     HubStatus,
     ModelInfo,
-    NodeChunk,
     NodeProgress,
     NodeState,
     Status,
     Task,
     TaskResult,
-    Timings,
-    ToolCallDelta,
-    Usage,
     decode,
 )
 from nova_swarm.broker.contract.topics import NodeTopic, Topics
@@ -56,30 +48,18 @@ from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
-from . import homeassistant, sensors, tools
+from . import homeassistant, sensors
 from .config import NodeConfig
-from .energy import EnergyMeter, Mark, sample_while_busy
-from .engine import Engine, Generation, Sampling
+from .energy import EnergyMeter, sample_while_busy
+from .engine import Engine
+from .execution import Executor, Job, failure, profile, sampling_for
 from .guard import Guard, Pause, Resume
 from .updater import Updater, UpdateSetup
 
 log = structlog.get_logger("nova_swarm.node")
 
-PROFILE_PROMPT = [{"role": "user", "content": "Count from one to twenty."}]
-
-
 #: what a node may announce (``messages.Capability``); an engine's other claims are not ours to pass on
 CAPABILITIES = frozenset(get_args(Capability))
-
-
-@dataclass(eq=False)
-class _Job:
-    task: Task
-    sampling: Sampling
-    received: float
-    deadline: float
-    cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: ErrorCode = ErrorCode.CANCELLED
 
 
 class Node(Service):
@@ -108,8 +88,8 @@ class Node(Service):
         self.links = links_for(url, links, ca_file=ca_file)
         self.url = self.links.url
         self.topics = Topics(config.swarm)
-        self._queued: deque[_Job] = deque()
-        self._running: dict[str, _Job] = {}
+        self._queued: deque[Job] = deque()
+        self._running: dict[str, Job] = {}
         self._work = asyncio.Condition()
         #: set while the node holds tasks: it then shows progress (``_progress``)
         self._holding = asyncio.Event()
@@ -117,10 +97,8 @@ class Node(Service):
         self._stop_requested = asyncio.Event()
         self.connected = asyncio.Event()
         self.profile_tokens_per_s = 0.0
-        self._recent_tokens_per_s: float | None = None
-        self.tokens_served = 0
-        self.tasks_done = 0
-        self.tasks_failed = 0
+        #: runs each task on the engine, and counts what the node served
+        self._executor = Executor(config.node_id)
         #: which run of the hub we work for (its ``started_at``); a new one means a restarted hub
         self._hub_started_at: float | None = None
         #: why the node takes no work apart from its guard (a model switch), or None
@@ -169,14 +147,9 @@ class Node(Service):
         log.info("node stopped", node_id=self.config.node_id, tasks_done=self.tasks_done)
 
     async def _profile(self) -> None:
-        """A short generation at start-up, so the hub can tell fast nodes from slow ones."""
-        if self.config.profile_tokens <= 0:
-            return
-        sampling = Sampling(max_tokens=self.config.profile_tokens, temperature=0.0, seed=0)
-        gen = await asyncio.to_thread(self.engine.generate, PROFILE_PROMPT, sampling, lambda: False)
-        if gen.completion_tokens and gen.generate_s > 0:
-            self.profile_tokens_per_s = gen.completion_tokens / gen.generate_s
-        log.info("profiled engine", node_id=self.config.node_id, tokens_per_s=round(self.profile_tokens_per_s, 1))
+        if self.config.profile_tokens > 0:
+            self.profile_tokens_per_s = await profile(self.engine, self.config.profile_tokens)
+            log.info("profiled engine", tokens_per_s=round(self.profile_tokens_per_s, 1))
 
     def _connect(self) -> Link:
         offline = Status(node_id=self.config.node_id, state=NodeState.OFFLINE, reason="connection lost")
@@ -284,7 +257,7 @@ class Node(Service):
     async def _on_task(self, task: Task) -> None:
         with structlog.contextvars.bound_contextvars(request_id=task.request_id, task_id=task.task_id):
             now = time.monotonic()
-            job = _Job(task, self._clamp(task), received=now, deadline=now + task.timeout_s)
+            job = Job(task, sampling_for(task, self.config), received=now, deadline=now + task.timeout_s)
             if task.task_id in self._running or any(j.task.task_id == task.task_id for j in self._queued):
                 log.info("ignored duplicate delivery")  # QoS 1 may deliver twice
                 return
@@ -487,21 +460,6 @@ class Node(Service):
                 return
         await self._send_result(self._failure(job, ErrorCode.CANCELLED, f"cancelled by hub: {cancel.reason}"))
 
-    def _clamp(self, task: Task) -> Sampling:
-        p = task.params
-        cfg = self.config
-        return Sampling(
-            max_tokens=min(p.max_tokens or cfg.default_max_tokens or cfg.max_tokens, cfg.max_tokens),
-            temperature=min(cfg.default_temperature if p.temperature is None else p.temperature, cfg.max_temperature),
-            top_p=p.top_p,
-            seed=p.seed,
-            stop=tuple(p.stop or ()),
-            top_k=p.top_k,
-            min_p=p.min_p,
-            repeat_penalty=p.repeat_penalty,
-            typical_p=p.typical_p,
-        )
-
     # ------------------------------------------------------------------ work
 
     async def _worker(self) -> None:
@@ -520,148 +478,33 @@ class Node(Service):
                 self._measuring.set()
             mark = self.energy.begin() if self.energy is not None else None
             try:
-                result = await self._execute(job)
+                result = await self._executor.run(job, self.engine, chunks_to=self._publish_chunk)
             finally:
                 sharing = len(self._running)
                 self._running.pop(job.task.task_id, None)
                 if not self._running:
                     self._measuring.clear()
-            if mark is not None and result.ok:
-                result = result.model_copy(update={"energy_j": self._energy_used(mark, sharing)})
+            if self.energy is not None and mark is not None and result.ok:
+                joules = self.energy.end(mark, sharing=sharing)
+                result = result.model_copy(update={"energy_j": None if joules is None else round(joules, 3)})
             await self._send_result(result)
 
-    def _energy_used(self, mark: Mark, sharing: int) -> float | None:
-        """The device's joules since ``mark``, split evenly among the tasks running at the end
-        (with one slot, all of it: the figure is the whole device's draw while the task ran)."""
-        assert self.energy is not None
-        joules = self.energy.end(mark)
-        return None if joules is None else round(joules / max(sharing, 1), 3)
-
-    async def _execute(self, job: _Job) -> TaskResult:
-        task = job.task
-        with structlog.contextvars.bound_contextvars(request_id=task.request_id, task_id=task.task_id):
-            started = time.monotonic()
-            if started > job.deadline:
-                return self._failure(job, ErrorCode.DEADLINE_EXCEEDED, "task expired while queued on the node")
-
-            def should_stop() -> bool:
-                return job.cancel.is_set() or time.monotonic() > job.deadline
-
-            if task.kind == "embed":
-                return await self._embed(job, started)
-            schema = task.response_format.answer_schema() if task.response_format else None
-            if task.kind == "complete":
-                # Raw text: no template and no tools, so nothing to decode but the text itself.
-                decoder = tools.Decoder()
-                prompt = task.prompt or ""  # the Task model guarantees one for this kind
-
-                def run(on_text: Callable[[str], None] | None) -> Generation:
-                    return self.engine.complete(prompt, job.sampling, should_stop, schema=schema, on_text=on_text)
-
-            else:
-                plan = tools.plan(
-                    [m.engine_dict() for m in task.messages],
-                    tools=task.tools,
-                    tool_choice=task.tool_choice,
-                    response_schema=schema,
-                )
-                decoder = plan.decoder()
-
-                def run(on_text: Callable[[str], None] | None) -> Generation:
-                    return self.engine.generate(
-                        plan.messages, job.sampling, should_stop, schema=plan.schema, on_text=on_text
-                    )
-
-            chunks = _ChunkSender(self, task.task_id) if task.stream else None
-            on_text = chunks.from_thread(decoder) if chunks is not None else None
-            try:
-                gen = await asyncio.to_thread(run, on_text)
-            except Exception as exc:  # the engine boundary: a crash must become a reply, not a dead node
-                return self._engine_failed(job, exc, "engine")
-            finally:
-                if chunks is not None:
-                    await chunks.close()
-            if gen.stopped:
-                if job.cancel.is_set():
-                    return self._failure(job, job.cancel_reason, "generation stopped before it finished")
-                return self._failure(job, ErrorCode.DEADLINE_EXCEEDED, "generation ran past the task's deadline")
-            self.tokens_served += gen.completion_tokens
-            self.tasks_done += 1
-            if gen.completion_tokens and gen.generate_s > 0:
-                self._recent_tokens_per_s = gen.completion_tokens / gen.generate_s
-            log.info("answered", tokens=gen.completion_tokens, ms=round(gen.generate_s * 1000, 1))
-            outcome = decoder.finish(gen.text, finish_reason=gen.finish_reason)
-            if chunks is not None and (outcome.tail_text or outcome.tail_calls):
-                # What the decoder held back (text that might have begun a tool call) goes out
-                # before the result, so the stream adds up to the answer.
-                chunks.push(outcome.tail_text, outcome.tail_calls)
-                await chunks.close()
-            return self._success(job, gen, outcome, queue_s=started - job.received)
-
-    async def _embed(self, job: _Job, started: float) -> TaskResult:
-        task = job.task
-        try:
-            embedding = await asyncio.to_thread(self.engine.embed, task.input or [])
-        except Exception as exc:  # the engine boundary, as in _execute
-            return self._engine_failed(job, exc, "embedding")
-        self.tasks_done += 1
-        return TaskResult(
-            task_id=task.task_id,
-            request_id=task.request_id,
-            node_id=self.config.node_id,
-            ok=True,
-            model=self.engine.info.name,
-            finish_reason="stop",
-            embeddings=embedding.vectors,
-            usage=Usage(
-                prompt_tokens=embedding.prompt_tokens, completion_tokens=0, total_tokens=embedding.prompt_tokens
-            ),
-            timings=Timings(queue_ms=(started - job.received) * 1000, generate_ms=embedding.embed_s * 1000),
-        )
-
-    def _engine_failed(self, job: _Job, exc: Exception, what: str) -> TaskResult:
-        """The engine raised: its own ``EngineError`` is reported as it is, anything else as a crash."""
-        self.tasks_failed += 1
-        if isinstance(exc, EngineError):
-            log.error(f"{what} failed", error=exc.message)
-            return self._failure(job, ErrorCode.ENGINE_ERROR, exc.message)
-        log.exception(f"{what} crashed")
-        return self._failure(job, ErrorCode.ENGINE_ERROR, f"engine crashed: {type(exc).__name__}: {exc}")
-
-    def _success(self, job: _Job, gen: Generation, outcome: tools.Outcome, *, queue_s: float) -> TaskResult:
-        return TaskResult(
-            task_id=job.task.task_id,
-            request_id=job.task.request_id,
-            node_id=self.config.node_id,
-            ok=True,
-            text=outcome.content,
-            tool_calls=outcome.tool_calls or None,
-            model=self.engine.info.name,
-            finish_reason=outcome.finish_reason,
-            usage=Usage(
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens,
-                total_tokens=gen.prompt_tokens + gen.completion_tokens,
-            ),
-            timings=Timings(
-                queue_ms=queue_s * 1000,
-                ttft_ms=gen.ttft_s * 1000 if gen.ttft_s is not None else None,
-                generate_ms=gen.generate_s * 1000,
-                tokens_per_s=gen.completion_tokens / gen.generate_s if gen.generate_s > 0 else None,
-            ),
-        )
-
-    def _failure(self, job: _Job, code: ErrorCode, message: str) -> TaskResult:
-        return TaskResult(
-            task_id=job.task.task_id,
-            request_id=job.task.request_id,
-            node_id=self.config.node_id,
-            ok=False,
-            model=self.engine.info.name,
-            error=ErrorInfo(code=code, message=message),
-        )
+    def _failure(self, job: Job, code: ErrorCode, message: str) -> TaskResult:
+        return failure(job, self.config.node_id, self.engine.info.name, code, message)
 
     # ------------------------------------------------------------------ messages out
+
+    @property
+    def tasks_done(self) -> int:
+        """Tasks answered since the node started."""
+        return self._executor.tasks_done
+
+    async def _publish_chunk(self, payload: bytes) -> None:
+        """A piece of a streamed answer, now or never (the result carries the whole answer)."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("no broker link")
+        await conn.publish(self.topics.node_stream(self.config.node_id), payload, qos=1)
 
     async def _send_result(self, result: TaskResult) -> None:
         await self._send(self.topics.node_result(self.config.node_id), result.encode())
@@ -743,80 +586,13 @@ class Node(Service):
             temp_c=reading.temp_c,
             ram_free_mb=reading.ram_free_mb,
             load=reading.load,
-            tokens_per_s=self._recent_tokens_per_s,
+            tokens_per_s=self._executor.recent_tokens_per_s,
             busy=len(self._running),
             slots=self.config.slots,
             queued=len(self._queued),
-            tokens_served=self.tokens_served,
+            tokens_served=self._executor.tokens_served,
             tasks_done=self.tasks_done,
-            tasks_failed=self.tasks_failed,
+            tasks_failed=self._executor.tasks_failed,
             paused=not self._accepting(),
             pauses=self.guard.pauses,
         )
-
-
-class _ChunkSender:
-    """Publishes a streamed task's pieces as they come, on the node's stream topic.
-
-    The engine produces text in its worker thread; pieces are handed to the loop and sent in
-    order, each publish carrying whatever piled up meanwhile, so a slow broker costs fewer,
-    bigger chunks rather than a growing backlog. Chunks are not kept while the broker is away:
-    the result carries the whole answer, and the hub makes the stream whole from it."""
-
-    def __init__(self, node: Node, task_id: str) -> None:
-        self._node = node
-        self._task_id = task_id
-        self._topic = node.topics.node_stream(node.config.node_id)
-        self._loop = asyncio.get_running_loop()
-        self._text: list[str] = []
-        self._calls: list[ToolCallDelta] = []
-        self._more = asyncio.Event()
-        self._closing = False
-        self._seq = 0
-        self._sender = asyncio.create_task(self._run())
-
-    def from_thread(self, decoder: tools.Decoder) -> Callable[[str], None]:
-        """``on_text`` for the engine: decode in the engine's thread, send from the loop."""
-
-        def on_text(piece: str) -> None:
-            text, calls = decoder.feed(piece)
-            if text or calls:
-                self._loop.call_soon_threadsafe(self.push, text, calls)
-
-        return on_text
-
-    def push(self, text: str, calls: list[ToolCallDelta]) -> None:
-        self._text.append(text)
-        self._calls.extend(calls)
-        self._more.set()
-
-    async def close(self) -> None:
-        """Send what is pending, then stop (before the task's result goes out). Safe to call
-        again after a last ``push`` (the decoder's tail): that is sent at once."""
-        self._closing = True
-        self._more.set()
-        await self._sender
-        await self._flush()
-
-    async def _run(self) -> None:
-        while True:
-            await self._more.wait()
-            self._more.clear()
-            await self._flush()
-            if self._closing and not self._text and not self._calls:
-                return
-
-    async def _flush(self) -> None:
-        """Send what piled up as one chunk, if anything did."""
-        if not self._text and not self._calls:
-            return
-        text, self._text = "".join(self._text), []
-        calls, self._calls = tools.merge_deltas(self._calls), []
-        chunk = NodeChunk(task_id=self._task_id, seq=self._seq, text=text, tool_calls=calls or None)
-        self._seq += 1
-        conn = self._node._conn
-        if conn is not None:
-            try:
-                await conn.publish(self._topic, chunk.encode(), qos=1)
-            except ConnectionLost:
-                log.debug("stream chunk dropped: no broker; the result carries it")

@@ -310,11 +310,14 @@ class EnergyMeter:
             self.sample()
         return Mark(self.clock())
 
-    def end(self, mark: Mark) -> float | None:
-        """A task ends: the joules the device used since ``mark``, or None when unknown."""
+    def end(self, mark: Mark, *, sharing: int = 1) -> float | None:
+        """A task ends: the joules the device used since ``mark``, or None when unknown, split
+        evenly among the ``sharing`` tasks running at the end (with one slot, all of it: the
+        figure is the whole device's draw while the task ran)."""
         if self.source.cheap:
             self.sample()
-        return self.between(mark.t, self.clock())
+        joules = self.between(mark.t, self.clock())
+        return None if joules is None else joules / max(sharing, 1)
 
     def between(self, t0: float, t1: float) -> float | None:
         with self._lock:
