@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeAlias
 
@@ -67,12 +67,12 @@ from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
-from . import credits, metrics, pins, rerank, retrieval
+from . import accounting, credits, metrics, pins, rerank, retrieval
 from .client import SwarmClient
 from .config import HubConfig
 from .intake import Accepted, Rejected, default_max_tokens, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
-from .ledger import Ledger, ReceiptBody, receipts, sha256_text
+from .ledger import Ledger, receipts
 from .ledger import uptime as ledger_uptime
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
 from .ratelimit import RateLimiter
@@ -125,8 +125,8 @@ class _Run:
     #: task ids assigned and not yet released
     tracked: set[str] = field(default_factory=set)
     pending: Dispatch | None = None
-    #: task ids that already have a receipt in the ledger (a result may be delivered twice)
-    receipted: set[str] = field(default_factory=set)
+    #: its attempts as they settle, for the hub's observers (receipts, win rates, energy)
+    settlement: accounting.Settlement = field(init=False)
     #: what the nodes are given: the request's chat, with retrieved context when that is on
     messages: list[ChatMessage] = field(default_factory=list)
     #: the client's stream: the next ``seq`` to send, the attempt whose tokens it has, and the
@@ -137,6 +137,9 @@ class _Run:
     streamed_calls: bool = False
     #: per attempt, the next chunk ``seq`` expected from its node (QoS 1 may deliver twice)
     node_seq: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.settlement = accounting.Settlement(accounting.Asked.of(self.accepted.request, self.digest))
 
 
 class Hub(Service):
@@ -195,6 +198,19 @@ class Hub(Service):
         self._embedder: SwarmClient | None = None
         self._embed_model: str | None = None
         self._exits = AsyncExitStack()
+        self.observers = self._observers()
+
+    def _observers(self) -> list[accounting.Observer]:
+        """Who hears of every settled attempt and request (``accounting.py``). ``run`` builds them
+        again once it has loaded the ledger and the stored win rates."""
+        return [
+            accounting.LedgerObserver(
+                registry=self.registry, trust=self.trust, ledger=self._ledger, accounts=self.accounts, rates=self.rates
+            ),
+            accounting.WinRateObserver(self.winrates),
+            accounting.EnergyObserver(self.registry),
+            accounting.WindowObserver(self.window),
+        ]
 
     @property
     def answered(self) -> int:
@@ -245,6 +261,7 @@ class Hub(Service):
             )
             log.info("trust rebuilt from the ledger", receipts=self.trust.replay(r.body for r in past))
             self.accounts = credits.by_node(past, self.rates, uptime_s=up)
+        self.observers = self._observers()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -478,55 +495,16 @@ class Hub(Service):
                 error = ErrorInfo(code=ErrorCode.INVALID_OUTPUT, message=f"node {node_id}: {problem}")
                 result = result.model_copy(update={"ok": False, "error": error})
         if not result.ok:
-            self._receipt(run, result, won=False)  # an answer's receipt waits to know if it won
+            # At once, so trust moves before a retry picks a node; an answer's receipt waits to
+            # know whether it won.
+            self._observe(run.settlement.result_failed(result, ts=time.time()))
         run.inbox.put_nowait(result)
 
-    def _receipt(
-        self, run: _Run, result: TaskResult, *, won: bool, rank: int | None = None, ranked: int | None = None
-    ) -> None:
-        """One finished task: it moves the node's trust, and goes in the ledger (cost and earnings,
-        never text)."""
-        if result.task_id in run.receipted:
-            return
-        run.receipted.add(result.task_id)
-        rec = self.registry.nodes.get(result.node_id)
-        body = self._receipt_body(run, result, rec, won=won, rank=rank, ranked=ranked)
-        if rec is not None and result.ok:
-            rec.energy.add(result.energy_j, body.completion_tokens)
-        if self._ledger is None:
-            self.trust.record(asdict(body))
-            return
-        receipt = self._ledger.append(body)
-        self.trust.record(receipt.body)
-        credits.record(self.accounts, receipt.body, self.rates)
-
-    def _receipt_body(
-        self, run: _Run, result: TaskResult, rec: NodeRecord | None, *, won: bool, rank: int | None, ranked: int | None
-    ) -> ReceiptBody:
-        model = rec.announce.model if rec is not None and rec.announce is not None else None
-        same_model = model is not None and result.model in (None, model.name)
-        usage, timings = result.usage, result.timings
-        return ReceiptBody(
-            ts=time.time(),
-            request_id=result.request_id,
-            node_id=result.node_id,
-            model=result.model or (model.name if model else None),
-            model_sha256=model.sha256 if model and same_model else None,
-            model_size_bytes=model.size_bytes if model and same_model else None,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            wall_ms=round(timings.queue_ms + timings.generate_ms, 2) if timings else 0.0,
-            energy_j=result.energy_j,
-            prompt_sha256=run.digest,
-            result_sha256=sha256_text(result.text) if result.ok and result.text is not None else None,
-            strategy=run.accepted.request.strategy,
-            won=won,
-            ok=result.ok,
-            error_code=result.error.code.value if result.error else None,
-            rank=rank,
-            ranked=ranked,
-            private=run.accepted.request.private,
-        )
+    def _observe(self, events: list[accounting.AttemptSettled]) -> None:
+        """The one place settled attempts are accounted for: every observer hears of each."""
+        for event in events:
+            for observer in self.observers:
+                observer.attempt_settled(event)
 
     async def _guarded_prompt(self, message: Message) -> None:
         """A prompt runs in the hub's task group: a bug in handling one must not stop the hub."""
@@ -984,14 +962,7 @@ class Hub(Service):
                 for s, _, a in ranked
             ]
         winner = answers[0]
-        out_of = len(answers) if req.strategy == "best_of_n" else None
-        for i, a in enumerate(answers, 1):
-            self._receipt(run, a, won=a is winner, rank=i if out_of else None, ranked=out_of)
-        tags = req.all_tags()
-        now = time.time()
-        self.winrates.record(winner.node_id, tags, won=True, now=now)
-        for loser in {*action.losers, *(a.node_id for a in answers[1:])} - {winner.node_id}:
-            self.winrates.record(loser, tags, won=False, now=now)
+        self._observe(run.settlement.request_answered(answers, action.losers, ts=time.time()))
         loop = asyncio.get_running_loop()
         answer = Answer(
             id=run.machine.request_id,
@@ -1009,14 +980,13 @@ class Hub(Service):
             embeddings=winner.embeddings,
         )
         await self._end_stream(run, winner=winner)
-        self.window.answered(loop.time(), answer.latency_ms)
+        for observer in self.observers:
+            observer.request_answered(loop.time(), answer.latency_ms)
         log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
         await self._settle(run, answer)
 
     async def _finish_failed(self, run: _Run, error: ErrorInfo, losers: tuple[str, ...]) -> None:
-        now = time.time()
-        for loser in losers:
-            self.winrates.record(loser, run.accepted.request.all_tags(), won=False, now=now)
+        self._observe(run.settlement.request_failed(losers, ts=time.time()))
         self._count_failure(error.code)
         log.info("request failed", code=error.code.value, reason=error.message)
         await self._end_stream(run, error=error)
@@ -1278,7 +1248,9 @@ class Hub(Service):
             await asyncio.sleep(0.5)  # at most two status publishes a second, however busy
 
     def _count_failure(self, code: ErrorCode) -> None:
-        self.window.failed(asyncio.get_running_loop().time(), code)
+        at = asyncio.get_running_loop().time()
+        for observer in self.observers:
+            observer.request_failed(at, code)
 
     async def _metrics_loop(self) -> None:
         interval = self.config.metrics_interval_s
