@@ -17,19 +17,17 @@ what it had accepted, and a client that sends the same request id again gets the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
 import uuid
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeAlias
 
 import structlog
 
-from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError
 from nova_swarm.broker.contract.messages import (
     Announce,
     Answer,
@@ -67,9 +65,9 @@ from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
-from . import accounting, credits, metrics, pins, rerank, retrieval
-from .client import SwarmClient
+from . import accounting, credits, metrics, pins, rerank
 from .config import HubConfig
+from .context import Context
 from .intake import Accepted, Rejected, default_max_tokens, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, receipts
@@ -193,11 +191,17 @@ class Hub(Service):
         self.started_at = time.time()
         #: retrieval (``config.retrieval``): the document index, and the hub's own swarm client
         #: that asks nodes for embeddings; both made on first use
-        self._index: retrieval.Retriever | None = None
-        self._retrieval_lock = asyncio.Lock()
-        self._embedder: SwarmClient | None = None
-        self._embed_model: str | None = None
-        self._exits = AsyncExitStack()
+        self._context = (
+            Context(
+                config.retrieval,
+                links=self.links,
+                swarm=config.swarm,
+                registry=self.registry,
+                timeout_s=config.default_timeout_s,
+            )
+            if config.retrieval is not None
+            else None
+        )
         self.observers = self._observers()
 
     def _observers(self) -> list[accounting.Observer]:
@@ -286,7 +290,8 @@ class Hub(Service):
                 for task in [*background, writer]:
                     task.cancel()
         finally:
-            await self._exits.aclose()
+            if self._context is not None:
+                await self._context.aclose()
             await self._persist()
             self._store.close()
             journal.close()
@@ -634,8 +639,8 @@ class Hub(Service):
                         # What the previous run streamed is unknown: start over, numbered past
                         # anything it can have sent, so readers drop it rather than splice.
                         run.stream_seq, run.streamed_from = int(time.time() * 1000), ""
-                if self._retrieval_wanted(req):
-                    run.messages = await self._with_retrieved_context(run.messages, private=req.private)
+                if self._context is not None and self._context.wanted(req):
+                    run.messages = await self._context.add(run.messages, private=req.private)
                 await self._drive(run)
             except Exception:
                 # One request's bug must not take the hub down; its client still gets a reply.
@@ -1081,53 +1086,6 @@ class Hub(Service):
     async def _stream_out(self, run: _Run, message: StreamChunk | StreamEnd) -> None:
         run.stream_seq = message.seq + 1
         await self._send(self.topics.stream(run.accepted.reply_topic, run.machine.request_id), message.encode())
-
-    # ------------------------------------------------------------------ retrieval
-
-    def _retrieval_wanted(self, req: PromptRequest) -> bool:
-        return self.config.retrieval is not None and req.kind == "chat" and req.retrieval is not False
-
-    async def _with_retrieved_context(self, messages: list[ChatMessage], *, private: bool) -> list[ChatMessage]:
-        retriever = await self._retriever()
-        snippets = await retriever.search(retrieval.query_of(messages), private=private)
-        log.info("retrieved context", snippets=len(snippets), mode=retriever.mode)
-        return retrieval.with_context(messages, snippets)
-
-    async def _retriever(self) -> retrieval.Retriever:
-        """The document index, built on first use: by then nodes that can embed are online."""
-        assert self.config.retrieval is not None
-        async with self._retrieval_lock:
-            if self._index is None:
-                self._index = await retrieval.Retriever.build(self.config.retrieval, self._embed_with_swarm)
-                log.info("indexed documents", snippets=self._index.size, mode=self._index.mode)
-            return self._index
-
-    async def _embed_with_swarm(self, texts: list[str]) -> list[list[float]]:
-        """Embeddings from the swarm's own nodes, asked over the broker like any client would."""
-        now = time.time()
-        if self._embed_model is None:
-            # One model for the whole index: vectors of two models do not compare.
-            able = self.registry.eligible(model=None, exclude=frozenset(), now=now, needs=frozenset({"embed"}))
-            models = sorted(n.announce.model.name for n in able if n.announce is not None)
-            if not models:
-                raise RequestFailed(ErrorCode.UNSUPPORTED, "no online node can embed")
-            self._embed_model = models[0]
-        if self._embedder is None:
-            self._embedder = await self._exits.enter_async_context(
-                SwarmClient(links=self.links, swarm=self.config.swarm)
-            )
-        try:
-            answer = await self._embedder.ask(
-                PromptRequest(kind="embed", input=texts, model=self._embed_model), timeout=self.config.default_timeout_s
-            )
-        except ConnectionLost:
-            # The broker went away under it: the next call connects afresh (the stack holds
-            # only this client).
-            self._embedder = None
-            with contextlib.suppress(ConnectionLost):
-                await self._exits.aclose()
-            raise
-        return answer.embeddings or []  # the retriever checks the count and the sizes
 
     def _release(self, run: _Run, task_id: str) -> None:
         """The hub no longer counts this attempt against its node's capacity."""

@@ -220,7 +220,8 @@ async def test_retrieval_adds_the_best_snippets_of_a_folder_as_context(amqtt: Ru
 
                 await client.ask(PromptRequest(prompt="Tyre pressure?", retrieval=False), timeout=30)
                 assert [m.role for m in (await within(tasks.get(), 10)).messages] == ["user"]
-    assert hub._index is not None and hub._index.mode == "tfidf"
+    index = hub._context.index if hub._context is not None else None
+    assert index is not None and index.mode == "tfidf"
 
 
 async def test_a_stream_reader_drops_duplicates_waits_for_gaps_and_follows_a_restart() -> None:
