@@ -11,7 +11,8 @@ Request states and their transitions::
        └───────────┴──────> (FAILED, on no eligible node or a spent deadline)
 
 Attempt states: ASSIGNED, then exactly one of DONE, FAILED, LOST, TIMED_OUT, CANCELLED; or
-ASSIGNED, QUIET (the node went silent), then one of those.
+ASSIGNED, QUIET (the node went silent), then one of those. Every move is written out at the
+bottom of this file as a table keyed by (state, event): ``REQUEST_EVENTS``, ``ATTEMPT_EVENTS``.
 
 ``want`` is how many good answers finish the request: 1 for ``race`` (first wins, the rest are
 cancelled) and ``fanout`` for ``best_of_n`` (all are ranked). A failed, lost or timed-out
@@ -59,21 +60,25 @@ class AttemptState(StrEnum):
     QUIET = "quiet"
 
 
-REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
-    RequestState.PENDING: frozenset({RequestState.RUNNING, RequestState.FAILED}),
-    RequestState.RUNNING: frozenset({RequestState.DONE, RequestState.FAILED}),
-    RequestState.DONE: frozenset(),
-    RequestState.FAILED: frozenset(),
-}
+class RequestEvent(StrEnum):
+    """What moves a request (the tables at the bottom say where to)."""
 
-_ENDS = frozenset(
-    {AttemptState.DONE, AttemptState.FAILED, AttemptState.LOST, AttemptState.TIMED_OUT, AttemptState.CANCELLED}
-)
-ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
-    AttemptState.ASSIGNED: _ENDS | {AttemptState.QUIET},
-    AttemptState.QUIET: _ENDS,
-    **{s: frozenset() for s in _ENDS},
-}
+    ASSIGNED = "assigned"  # a node took an attempt
+    ANSWERED = "answered"  # enough good answers came
+    GAVE_UP = "gave_up"  # no answer can come: deadline, no node, every attempt failed, a cancel
+
+
+class AttemptEvent(StrEnum):
+    """What moves an attempt."""
+
+    ANSWERED = "answered"
+    FAILED = "failed"  # the node answered with an error
+    NODE_LOST = "node_lost"
+    WENT_QUIET = "went_quiet"  # no sign of progress for its quiet window
+    DEADLINE = "deadline"
+    CANCELLED = "cancelled"
+
+
 #: attempts whose answer still counts
 _OPEN = (AttemptState.ASSIGNED, AttemptState.QUIET)
 
@@ -143,7 +148,15 @@ class Attempt:
         """When the attempt counts as quiet, unless it is heard of before then."""
         return None if self.quiet_s is None else self.heard + self.quiet_s
 
+    def on(self, event: AttemptEvent) -> None:
+        """Move as ``ATTEMPT_EVENTS`` says ``event`` moves an attempt in this state."""
+        to = ATTEMPT_EVENTS[self.state].get(event)
+        if to is None:
+            raise TransitionError(f"attempt {self.task_id}: {event} in state {self.state}")
+        self.state = to
+
     def move(self, to: AttemptState) -> None:
+        """Move straight to ``to``, if some event could."""
         if to not in ATTEMPT_TRANSITIONS[self.state]:
             raise TransitionError(f"attempt {self.task_id}: {self.state} -> {to}")
         self.state = to
@@ -205,7 +218,7 @@ class RequestMachine:
         if self.finished:
             raise TransitionError(f"request {self.request_id} is {self.state}; cannot assign")
         if self.state is RequestState.PENDING:
-            self._move(RequestState.RUNNING)
+            self._on(RequestEvent.ASSIGNED)
         self.attempts[task_id] = Attempt(task_id, node_id, min(deadline, self.deadline), quiet_s=quiet_s, heard=now)
 
     def on_progress(self, task_id: str, now: float) -> None:
@@ -237,10 +250,10 @@ class RequestMachine:
         if self.finished or attempt is None or attempt.state not in _OPEN:
             return []  # a late answer from an attempt we already wrote off: ignore it
         if result.ok:
-            attempt.move(AttemptState.DONE)
+            attempt.on(AttemptEvent.ANSWERED)
             self.answers.append(result)
         else:
-            attempt.move(AttemptState.FAILED)
+            attempt.on(AttemptEvent.FAILED)
             attempt.error = result.error
             self.last_error = result.error
         return self._settle(now)
@@ -274,7 +287,7 @@ class RequestMachine:
         lost = False
         for attempt in [*self.active(), *self.quiet()]:
             if attempt.node_id == node_id:
-                attempt.move(AttemptState.LOST)
+                attempt.on(AttemptEvent.NODE_LOST)
                 attempt.error = ErrorInfo(code=ErrorCode.NODE_LOST, message=f"node {node_id} {reason}")
                 self.last_error = attempt.error
                 lost = True
@@ -294,7 +307,7 @@ class RequestMachine:
             if attempt.state is AttemptState.ASSIGNED and quiet_at is not None and quiet_at <= now < attempt.deadline:
                 # The node stopped showing signs of life: another node takes the request, and
                 # this one's answer still counts should it come first (see the docstring).
-                attempt.move(AttemptState.QUIET)
+                attempt.on(AttemptEvent.WENT_QUIET)
                 attempt.error = ErrorInfo(
                     code=ErrorCode.NODE_LOST,
                     message=f"node {attempt.node_id} went quiet: no progress for {attempt.quiet_s:g} s",
@@ -303,7 +316,7 @@ class RequestMachine:
                 actions.append(Quiet(attempt.task_id, attempt.node_id))
                 continue
             if now >= attempt.deadline:
-                attempt.move(AttemptState.TIMED_OUT)
+                attempt.on(AttemptEvent.DEADLINE)
                 attempt.error = ErrorInfo(
                     code=ErrorCode.DEADLINE_EXCEEDED, message=f"node {attempt.node_id} missed its deadline"
                 )
@@ -341,7 +354,7 @@ class RequestMachine:
         for attempt in [*self.active(), *self.quiet()]:
             if attempt.task_id == keep:
                 continue
-            attempt.move(AttemptState.CANCELLED)
+            attempt.on(AttemptEvent.CANCELLED)
             cancels.append(Cancel(attempt.task_id, attempt.node_id, reason))
         return cancels
 
@@ -349,12 +362,12 @@ class RequestMachine:
         return tuple(sorted({a.node_id for a in self.attempts.values()} - winners))
 
     def _succeed(self) -> list[Action]:
-        self._move(RequestState.DONE)
+        self._on(RequestEvent.ANSWERED)
         answers = tuple(self.answers)
         return [Succeed(answers, self._losers({r.node_id for r in answers}))]
 
     def _fail(self, error: ErrorInfo) -> list[Action]:
-        self._move(RequestState.FAILED)
+        self._on(RequestEvent.GAVE_UP)
         return [Fail(error, self._losers(set()))]
 
     def _deadline_message(self) -> str:
@@ -364,7 +377,47 @@ class RequestMachine:
             return f"no answer before the deadline; last problem: {self.last_error.message}"
         return "no answer before the deadline"
 
-    def _move(self, to: RequestState) -> None:
-        if to not in REQUEST_TRANSITIONS[self.state]:
-            raise TransitionError(f"request {self.request_id}: {self.state} -> {to}")
+    def _on(self, event: RequestEvent) -> None:
+        to = REQUEST_EVENTS[self.state].get(event)
+        if to is None:
+            raise TransitionError(f"request {self.request_id}: {event} in state {self.state}")
         self.state = to
+
+
+# ---------------------------------------------------------------- the transition tables
+#
+# Every move a request or an attempt can make, keyed by (state, event), in the manner of h11's
+# _state.py. A pair missing here is a bug in the hub (TransitionError), never a silent no-op.
+
+REQUEST_EVENTS: dict[RequestState, dict[RequestEvent, RequestState]] = {
+    RequestState.PENDING: {RequestEvent.ASSIGNED: RequestState.RUNNING, RequestEvent.GAVE_UP: RequestState.FAILED},
+    RequestState.RUNNING: {
+        RequestEvent.ASSIGNED: RequestState.RUNNING,  # another attempt: a racer, a retry, a candidate
+        RequestEvent.ANSWERED: RequestState.DONE,
+        RequestEvent.GAVE_UP: RequestState.FAILED,
+    },
+    RequestState.DONE: {},
+    RequestState.FAILED: {},
+}
+
+_ENDINGS = {
+    AttemptEvent.ANSWERED: AttemptState.DONE,
+    AttemptEvent.FAILED: AttemptState.FAILED,
+    AttemptEvent.NODE_LOST: AttemptState.LOST,
+    AttemptEvent.DEADLINE: AttemptState.TIMED_OUT,
+    AttemptEvent.CANCELLED: AttemptState.CANCELLED,
+}
+ATTEMPT_EVENTS: dict[AttemptState, dict[AttemptEvent, AttemptState]] = {
+    AttemptState.ASSIGNED: {**_ENDINGS, AttemptEvent.WENT_QUIET: AttemptState.QUIET},
+    # Quiet is not over: its node may come back and answer, but it cannot go quiet twice.
+    AttemptState.QUIET: dict(_ENDINGS),
+    **{end: {} for end in _ENDINGS.values()},
+}
+
+#: where each state can go at all, whatever the event
+REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    state: frozenset(to for to in events.values() if to is not state) for state, events in REQUEST_EVENTS.items()
+}
+ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
+    state: frozenset(events.values()) for state, events in ATTEMPT_EVENTS.items()
+}

@@ -7,12 +7,17 @@ import pytest
 from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.messages import ErrorInfo, TaskResult
 from nova_swarm.hub.lifecycle import (
+    ATTEMPT_EVENTS,
     ATTEMPT_TRANSITIONS,
+    REQUEST_EVENTS,
     REQUEST_TRANSITIONS,
+    Attempt,
+    AttemptEvent,
     AttemptState,
     Cancel,
     Dispatch,
     Fail,
+    RequestEvent,
     RequestMachine,
     RequestState,
     Succeed,
@@ -148,6 +153,23 @@ def test_transition_tables_forbid_leaving_a_final_state() -> None:
         m.assigned(task_id="t2", node_id="b", deadline=50)
     with pytest.raises(TransitionError):
         m.attempts["t1"].move(AttemptState.FAILED)
+
+
+def test_every_state_and_event_pair_is_in_the_tables_or_refused() -> None:
+    for state in AttemptState:
+        for event in AttemptEvent:
+            attempt = Attempt("t1", "a", deadline=10.0, state=state)
+            target = ATTEMPT_EVENTS[state].get(event)
+            if target is None:
+                with pytest.raises(TransitionError):
+                    attempt.on(event)
+            else:
+                attempt.on(event)
+                assert attempt.state is target
+    assert AttemptEvent.WENT_QUIET not in ATTEMPT_EVENTS[AttemptState.QUIET]  # quiet once, not twice
+    assert ATTEMPT_EVENTS[AttemptState.QUIET][AttemptEvent.ANSWERED] is AttemptState.DONE  # a late answer counts
+    assert REQUEST_EVENTS[RequestState.PENDING].get(RequestEvent.ANSWERED) is None  # no answer without a node
+    assert all(not REQUEST_EVENTS[s] for s in (RequestState.DONE, RequestState.FAILED))
 
 
 def test_a_spent_deadline_fails_at_once() -> None:
