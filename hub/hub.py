@@ -37,7 +37,6 @@ from nova_swarm.broker.contract.messages import (
     ChatMessage,
     ErrorInfo,
     ErrorReply,
-    FunctionDelta,
     Heartbeat,
     HubStatus,
     NodeChunk,
@@ -45,12 +44,8 @@ from nova_swarm.broker.contract.messages import (
     NodeState,
     PromptRequest,
     Status,
-    StreamChunk,
-    StreamEnd,
     Task,
     TaskResult,
-    ToolCall,
-    ToolCallDelta,
     decode,
 )
 from nova_swarm.broker.contract.messages import Cancel as CancelMessage
@@ -82,6 +77,7 @@ from .registry import NodeRecord, Registry
 from .scheduler import Scheduler
 from .schemas import answer_problem
 from .store import Store
+from .streams import ClientStream, StreamMessage
 from .trust import Trust
 from .winrate import WinRates
 
@@ -123,6 +119,8 @@ class _Run:
     digest: str
     machine: RequestMachine
     started: float
+    #: what the client reads when it streams (``streams.py``)
+    stream: ClientStream
     inbox: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
     #: task ids assigned and not yet released
     tracked: set[str] = field(default_factory=set)
@@ -131,14 +129,6 @@ class _Run:
     receipted: set[str] = field(default_factory=set)
     #: what the nodes are given: the request's chat, with retrieved context when that is on
     messages: list[ChatMessage] = field(default_factory=list)
-    #: the client's stream: the next ``seq`` to send, the attempt whose tokens it has, and the
-    #: text sent so far (so the end can make the stream add up to the answer)
-    stream_seq: int = 0
-    streamed_from: str | None = None
-    streamed: list[str] = field(default_factory=list)
-    streamed_calls: bool = False
-    #: per attempt, the next chunk ``seq`` expected from its node (QoS 1 may deliver twice)
-    node_seq: dict[str, int] = field(default_factory=dict)
 
 
 class Hub:
@@ -607,7 +597,12 @@ class Hub:
             stream=req.stream,
         )
         return _Run(
-            accepted, entry.digest, machine, started=loop.time(), messages=req.chat() if req.kind == "chat" else []
+            accepted,
+            entry.digest,
+            machine,
+            started=loop.time(),
+            stream=ClientStream(accepted.request_id, on=req.stream),
+            messages=req.chat() if req.kind == "chat" else [],
         )
 
     async def _serve(self, accepted: Accepted, *, resumed: Entry | None = None) -> None:
@@ -653,7 +648,7 @@ class Hub:
                     if req.stream:
                         # What the previous run streamed is unknown: start over, numbered past
                         # anything it can have sent, so readers drop it rather than splice.
-                        run.stream_seq, run.streamed_from = int(time.time() * 1000), ""
+                        run.stream.resume(int(time.time() * 1000))
                 if self._retrieval_wanted(req):
                     run.messages = await self._with_retrieved_context(run.messages, private=req.private)
                 await self._drive(run)
@@ -1040,75 +1035,22 @@ class Hub:
 
     async def _forward_chunk(self, run: _Run, chunk: NodeChunk) -> list[Action]:
         """Pass a node's piece on to the client when its attempt leads the stream."""
-        if chunk.seq < run.node_seq.get(chunk.task_id, 0):
-            return []  # delivered twice (QoS 1)
-        # A gap (a chunk lost on the way) cannot be filled from here: the end of the stream
-        # makes it whole from the node's full result.
-        run.node_seq[chunk.task_id] = chunk.seq + 1
+        if not run.stream.received(chunk):
+            return []
         forward, actions = run.machine.on_chunk(chunk.task_id, asyncio.get_running_loop().time())
         if forward:
-            restart = run.streamed_from not in (None, chunk.task_id)
-            if run.streamed_from != chunk.task_id:
-                run.streamed_from, run.streamed, run.streamed_calls = chunk.task_id, [], False
-            run.streamed.append(chunk.text)
-            run.streamed_calls |= bool(chunk.tool_calls)
             node_id = run.machine.attempts[chunk.task_id].node_id
-            await self._stream_out(
-                run,
-                StreamChunk(
-                    id=run.machine.request_id,
-                    seq=run.stream_seq,
-                    node_id=node_id,
-                    text=chunk.text,
-                    tool_calls=chunk.tool_calls,
-                    restart=restart,
-                ),
-            )
+            await self._stream_out(run, [run.stream.forward(chunk, node_id)])
         return actions
 
     async def _end_stream(self, run: _Run, *, winner: TaskResult | None = None, error: ErrorInfo | None = None) -> None:
-        """Close a streamed request's stream: first whatever makes the chunks add up to the
-        answer (the rest of a gapped stream, or all of it when another node's answer won),
-        then the end message with usage, timings and the finish reason."""
-        if not run.accepted.request.stream:
-            return
-        rid = run.machine.request_id
-        if winner is not None:
-            sent = "".join(run.streamed) if run.streamed_from == winner.task_id else None
-            calls_missing = bool(winner.tool_calls) and not (sent is not None and run.streamed_calls)
-            if sent is None or calls_missing or not winner.text.startswith(sent):
-                if winner.text or winner.tool_calls:
-                    await self._stream_out(
-                        run,
-                        StreamChunk(
-                            id=rid,
-                            seq=run.stream_seq,
-                            node_id=winner.node_id,
-                            text=winner.text,
-                            tool_calls=_as_deltas(winner.tool_calls),
-                            restart=run.streamed_from is not None,
-                        ),
-                    )
-            elif len(winner.text) > len(sent):
-                rest = winner.text[len(sent) :]
-                await self._stream_out(run, StreamChunk(id=rid, seq=run.stream_seq, node_id=winner.node_id, text=rest))
-            end = StreamEnd(
-                id=rid,
-                seq=run.stream_seq,
-                ok=True,
-                node_id=winner.node_id,
-                model=winner.model,
-                finish_reason=winner.finish_reason,
-                usage=winner.usage,
-                timings=winner.timings,
-            )
-        else:
-            end = StreamEnd(id=rid, seq=run.stream_seq, ok=False, error=error)
-        await self._stream_out(run, end)
+        """Close a streamed request's stream so its pieces add up to the answer (``streams.py``)."""
+        await self._stream_out(run, run.stream.end(winner=winner, error=error))
 
-    async def _stream_out(self, run: _Run, message: StreamChunk | StreamEnd) -> None:
-        run.stream_seq = message.seq + 1
-        await self._send(self.topics.stream(run.accepted.reply_topic, run.machine.request_id), message.encode())
+    async def _stream_out(self, run: _Run, messages: list[StreamMessage]) -> None:
+        topic = self.topics.stream(run.accepted.reply_topic, run.machine.request_id)
+        for message in messages:
+            await self._send(topic, message.encode())
 
     # ------------------------------------------------------------------ retrieval
 
@@ -1363,18 +1305,3 @@ def _needs(req: PromptRequest) -> frozenset[str]:
     if req.wants_json() is not None:
         needs.add("json_schema")
     return frozenset(needs)
-
-
-def _as_deltas(calls: list[ToolCall] | None) -> list[ToolCallDelta] | None:
-    """Whole tool calls as the stream's deltas: one piece each, with everything in it."""
-    if not calls:
-        return None
-    return [
-        ToolCallDelta(
-            index=i,
-            id=c.id,
-            type="function",
-            function=FunctionDelta(name=c.function.name, arguments=c.function.arguments),
-        )
-        for i, c in enumerate(calls)
-    ]
