@@ -67,11 +67,12 @@ from nova_swarm.broker.link.url import BrokerURL
 from . import credits, metrics, pins, rerank, retrieval
 from .client import SwarmClient
 from .config import HubConfig
-from .intake import Accepted, Rejected, default_max_tokens, parse_prompt, scoped_key, split_key
+from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, ReceiptBody, receipts, sha256_text
 from .ledger import uptime as ledger_uptime
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
+from .placement import Placement, Shortfall, Wait
 from .ratelimit import RateLimiter
 from .registry import NodeRecord, Registry
 from .scheduler import Scheduler
@@ -150,6 +151,7 @@ class Hub:
         self.accounts: dict[str, credits.Contribution] = {}
         self.rates = config.credit_rates
         self.scheduler = Scheduler(self.winrates, random.Random(config.seed), self.trust)
+        self.placement = Placement(config, self.registry, self.scheduler, self.trust)
         self.reranker = reranker or rerank.load_reranker(config.reranker)
         self._ca_file = ca_file
         self._store: Store | None = None
@@ -794,52 +796,34 @@ class Hub:
         return follow_up
 
     async def _dispatch(self, run: _Run, action: Dispatch) -> list[Action]:
+        """Carry out the placement's decision (``placement.py``) for ``action``."""
         req = run.accepted.request
         loop = asyncio.get_running_loop()
-        now = time.time()
-        exclude = action.exclude
-        if req.private:  # only the nodes their owner trusts
-            exclude |= frozenset(self.registry.nodes) - self._trusted_nodes()
-        needs = _needs(req)
-        eligible = self.registry.eligible(model=req.model, exclude=exclude, now=now, needs=needs)
-        # With every node paused for now (too hot, switching models) the request waits for one
-        # to come back, up to its deadline, rather than failing at once.
-        if (
-            not eligible
-            and loop.time() >= self._settle_until
-            and not self.registry.resting(model=req.model, exclude=exclude, now=now, needs=needs)
-        ):
-            self._waiting.pop(run, None)
-            if req.private:
-                why = ErrorInfo(
-                    code=ErrorCode.NO_ELIGIBLE_NODES,
-                    message="no node trusted with private requests is online (swarm-hub enroll NODE --trusted)",
-                    retry_after_s=5.0,
-                )
-            else:
-                why = self._why_no_nodes(req.model, action.exclude, now, needs)
-            return run.machine.shortfall(action.count, why, loop.time())
-        picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
-        picked = self._with_a_proven_node(picked, eligible, req, now)
-        if not picked:
-            # Every eligible node is full (or nodes are still coming back): wait for capacity
-            # or the deadline, in line behind those already waiting.
+        decision = self.placement.place(
+            req,
+            action.count,
+            action.exclude,
+            trusted=self._trusted_nodes() if req.private else frozenset(),
+            now=time.time(),
+            settling=loop.time() < self._settle_until,
+        )
+        if isinstance(decision, Wait):
+            # In line behind those already waiting, for capacity or the deadline.
             run.pending = action
             self._waiting.setdefault(run, None)
             return []
         self._waiting.pop(run, None)
-        for node in picked:
+        if isinstance(decision, Shortfall):
+            return run.machine.shortfall(decision.missing, decision.error, loop.time())
+        for node in decision.nodes:
             task_id = uuid.uuid4().hex
-            remaining = run.machine.deadline - loop.time()
-            max_tokens = req.params.max_tokens
-            if max_tokens is None and req.kind != "embed":
-                max_tokens = self._default_length(node, remaining)
-            timeout = self._attempt_timeout(node, max_tokens, remaining)
+            terms = self.placement.terms(node, req, run.machine.deadline - loop.time())
+            max_tokens, timeout = terms.max_tokens, terms.timeout_s
             run.machine.assigned(
                 task_id=task_id,
                 node_id=node.node_id,
                 deadline=loop.time() + timeout,
-                quiet_s=self._quiet_window(node),
+                quiet_s=terms.quiet_s,
                 now=loop.time(),
             )
             node.inflight += 1
@@ -872,13 +856,8 @@ class Hub:
             # refuses unknown fields) can take a plain chat task while the fleet updates.
             payload = task.model_dump_json(exclude_defaults=True).encode()
             await self._send(self.topics.node_task(node.node_id), payload)
-        if len(picked) < action.count:
-            error = ErrorInfo(
-                code=ErrorCode.NO_ELIGIBLE_NODES,
-                message=f"only {len(picked)} of {action.count} wanted nodes were free",
-                retry_after_s=5.0,
-            )
-            return run.machine.shortfall(action.count - len(picked), error, loop.time())
+        if decision.short is not None:
+            return run.machine.shortfall(decision.short.missing, decision.short.error, loop.time())
         return []
 
     def _trusted_nodes(self) -> frozenset[str]:
@@ -897,60 +876,6 @@ class Hub:
             self._trusted_mtime = mtime
             self._trusted = frozenset(e.node_id for e in found.values() if e.trusted)
         return self._trusted
-
-    def _with_a_proven_node(
-        self, picked: list[NodeRecord], eligible: list[NodeRecord], req: PromptRequest, now: float
-    ) -> list[NodeRecord]:
-        """Probation: a new node never works a request alone while a proven node could join it.
-        In a race the proven node runs alongside; in best_of_n it takes the last seat. With no
-        proven node free (a new swarm), new nodes work alone: they have to start somewhere."""
-        if not picked or not all(self.trust.on_probation(n.node_id) for n in picked):
-            return picked
-        proven = [n for n in eligible if n not in picked and not self.trust.on_probation(n.node_id)]
-        extra = self.scheduler.pick(proven, 1, tags=req.all_tags(), now=now)
-        if not extra:
-            return picked
-        if req.strategy == "best_of_n" and len(picked) >= 2:
-            return [*picked[:-1], *extra]
-        return [*picked, *extra]
-
-    def _quiet_window(self, node: NodeRecord) -> float | None:
-        """How long an attempt on ``node`` may show no progress: ``quiet_s``, and never less than
-        a few of the node's own progress intervals; None for a node that promised none."""
-        every = node.announce.progress_s if node.announce is not None else None
-        return None if every is None else max(self.config.quiet_s, 3 * every)
-
-    def _default_length(self, node: NodeRecord, remaining: float) -> int:
-        """``max_tokens`` for a chat request that gives none (``intake.default_max_tokens``), by
-        the node's recent speed, else the one it measured at start."""
-        heard = node.heartbeat.tokens_per_s if node.heartbeat is not None else None
-        speed = heard or (node.announce.tokens_per_s if node.announce is not None else None)
-        return default_max_tokens(self.config.limits.max_tokens, speed, remaining)
-
-    def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
-        announce = node.announce
-        tokens = min(max_tokens or self.config.limits.max_tokens, announce.max_tokens if announce else 512)
-        speed = max(announce.tokens_per_s if announce else 1.0, 1.0)
-        expected = tokens / speed
-        return max(0.05, min(remaining, max(self.config.attempt_min_s, self.config.attempt_slack * expected)))
-
-    def _why_no_nodes(self, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str]) -> ErrorInfo:
-        online = self.registry.eligible(model=None, exclude=frozenset(), now=now)
-        if not online:
-            message = "no node is online"
-        elif model is not None and not any(n.announce and n.announce.model.name == model for n in online):
-            message = f"no online node serves model {model!r}"
-        elif needs and not self.registry.eligible(model=model, exclude=frozenset(), now=now, needs=needs):
-            return ErrorInfo(
-                code=ErrorCode.UNSUPPORTED,
-                message=f"no online node{' serving ' + repr(model) if model else ''} can do {', '.join(sorted(needs))}",
-                retry_after_s=5.0,
-            )
-        elif exclude:
-            message = "every eligible node has already been tried for this request"
-        else:
-            message = "no eligible node"
-        return ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message=message, retry_after_s=5.0)
 
     async def _cancel(self, action: Cancel) -> None:
         cancel = CancelMessage(task_id=action.task_id, reason=action.reason)
@@ -1292,16 +1217,3 @@ class Hub:
             await self._persist()
             await self._journal.prune(time.time())
             self.limiter.forget_idle(asyncio.get_running_loop().time())
-
-
-def _needs(req: PromptRequest) -> frozenset[str]:
-    """The capabilities (``Announce.capabilities``) a node must have to serve ``req``. Streaming
-    is not one: a node that cannot stream answers whole, and the hub streams that in one piece."""
-    needs: set[str] = set()
-    if req.kind in ("embed", "complete"):
-        needs.add(req.kind)
-    if req.tools and req.tool_choice != "none":
-        needs.add("tools")
-    if req.wants_json() is not None:
-        needs.add("json_schema")
-    return frozenset(needs)

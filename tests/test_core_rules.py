@@ -1,25 +1,42 @@
 """The hub's protocol rules, called directly: no broker, no asyncio, no clock but the ``now``
 passed in (as h11 tests its ``_state.py``).
 
-* ``streams.py``: what a streaming client is sent, and that it adds up to the answer.
+* ``streams.py``: what a streaming client is sent, and that it adds up to the answer;
+* ``placement.py``: which nodes a request goes to, and on what terms.
 """
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
+import pytest
+
 from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.messages import (
+    Announce,
     ErrorInfo,
     FunctionCall,
     FunctionDelta,
+    Heartbeat,
+    ModelInfo,
     NodeChunk,
+    NodeState,
+    PromptRequest,
     StreamChunk,
     StreamEnd,
     TaskResult,
     ToolCall,
     ToolCallDelta,
 )
+from nova_swarm.hub.config import HubConfig
 from nova_swarm.hub.lifecycle import Cancel, RequestMachine
+from nova_swarm.hub.placement import Assign, Placement, Shortfall, Terms, Wait, needs
+from nova_swarm.hub.registry import NodeRecord, Registry
+from nova_swarm.hub.scheduler import Scheduler
 from nova_swarm.hub.streams import ClientStream, StreamMessage
+from nova_swarm.hub.trust import Trust
+from nova_swarm.hub.winrate import WinRates
 
 # ---------------------------------------------------------------- streams
 
@@ -159,3 +176,160 @@ def test_pieces_are_deduplicated_per_attempt() -> None:
     assert s.received(piece("t1", 0)) and s.received(piece("t2", 0))  # each attempt counts its own
     assert not s.received(piece("t1", 0)) and not s.received(piece("t2", 0))
     assert s.received(piece("t1", 1)) and not s.received(piece("t1", 1))
+
+
+# ---------------------------------------------------------------- placement
+
+
+def announce(node_id: str, *, model: str = "m", capabilities: tuple[str, ...] = (), **kw: object) -> Announce:
+    return Announce.model_validate(
+        {
+            "node_id": node_id,
+            "model": ModelInfo(name=model, sha256="0" * 64, size_bytes=1, ctx=512),
+            "threads": 1,
+            "tokens_per_s": 10.0,
+            "ram_total_mb": None,
+            "device": "laptop",
+            "agent_version": "t",
+            "slots": 1,
+            "queue_max": 0,
+            "max_tokens": 256,
+            "max_temperature": 1.0,
+            "ts": 0.0,
+            "capabilities": list(capabilities),
+            **kw,
+        }
+    )
+
+
+def swarm(*nodes: Announce, state: NodeState = NodeState.ONLINE) -> tuple[Placement, Registry, Trust]:
+    registry = Registry(heartbeat_timeout_s=30.0)
+    for a in nodes:
+        registry.nodes[a.node_id] = NodeRecord(a.node_id, a, state, last_seen=0.0)
+    trust = Trust()
+    config = HubConfig(db_path=Path("unused.db"), quiet_s=2.0, attempt_min_s=10.0, attempt_slack=3.0)
+    return Placement(config, registry, Scheduler(WinRates(), random.Random(0), trust), trust), registry, trust
+
+
+def place(
+    p: Placement,
+    req: PromptRequest,
+    count: int = 1,
+    exclude: frozenset[str] = frozenset(),
+    *,
+    trusted: frozenset[str] = frozenset(),
+    settling: bool = False,
+) -> Assign | Wait | Shortfall:
+    return p.place(req, count, exclude, trusted=trusted, now=1.0, settling=settling)
+
+
+def test_what_a_request_needs_of_its_node() -> None:
+    assert needs(PromptRequest(prompt="x")) == frozenset()
+    assert needs(PromptRequest(prompt="x", stream=True)) == frozenset()  # any node can stream, whole
+    assert needs(PromptRequest(kind="embed", input=["x"])) == {"embed"}
+    assert needs(PromptRequest(kind="complete", prompt="x")) == {"complete"}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert needs(PromptRequest.model_validate({"prompt": "x", "tools": [tool]})) == {"tools"}
+    assert needs(PromptRequest.model_validate({"prompt": "x", "tools": [tool], "tool_choice": "none"})) == frozenset()
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+    assert needs(PromptRequest.model_validate({"prompt": "x", "response_format": schema})) == {"json_schema"}
+
+
+def test_free_nodes_are_assigned_and_a_partial_fit_says_what_is_missing() -> None:
+    p, registry, _ = swarm(announce("a"), announce("b"))
+    decision = place(p, PromptRequest(prompt="x"), 2)
+    assert isinstance(decision, Assign) and {n.node_id for n in decision.nodes} == {"a", "b"}
+    assert decision.short is None
+    registry.nodes["b"].inflight = 1  # b is full (one slot, no queue)
+    decision = place(p, PromptRequest(prompt="x"), 2)
+    assert isinstance(decision, Assign) and [n.node_id for n in decision.nodes] == ["a"]
+    assert decision.short == Shortfall(
+        1, ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message="only 1 of 2 wanted nodes were free", retry_after_s=5.0)
+    )
+
+
+def test_a_request_waits_for_full_paused_or_returning_nodes() -> None:
+    p, registry, _ = swarm(announce("a"))
+    registry.nodes["a"].inflight = 1
+    assert place(p, PromptRequest(prompt="x")) == Wait()  # full: wait for its slot
+    p, _, _ = swarm(announce("a"), state=NodeState.PAUSED)
+    assert place(p, PromptRequest(prompt="x")) == Wait()  # paused by its guard: wait for it
+    p, _, _ = swarm()
+    assert place(p, PromptRequest(prompt="x"), settling=True) == Wait()  # nodes still coming back
+    assert place(p, PromptRequest(prompt="x")) == Shortfall(
+        1, ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message="no node is online", retry_after_s=5.0)
+    )
+
+
+@pytest.mark.parametrize(
+    ("req", "exclude", "code", "message"),
+    [
+        (PromptRequest(prompt="x", model="other"), (), "no_eligible_nodes", "no online node serves model 'other'"),
+        (PromptRequest(kind="embed", input=["x"]), (), "unsupported", "no online node can do embed"),
+        (
+            PromptRequest(prompt="x", model="m", kind="complete"),
+            (),
+            "unsupported",
+            "no online node serving 'm' can do complete",
+        ),
+        (
+            PromptRequest(prompt="x"),
+            ("a",),
+            "no_eligible_nodes",
+            "every eligible node has already been tried for this request",
+        ),
+    ],
+)
+def test_why_no_node_can_take_a_request(req: PromptRequest, exclude: tuple[str, ...], code: str, message: str) -> None:
+    p, _, _ = swarm(announce("a"))
+    decision = place(p, req, 1, frozenset(exclude))
+    assert isinstance(decision, Shortfall) and decision.missing == 1
+    assert (decision.error.code.value, decision.error.message) == (code, message)
+
+
+def test_a_private_request_goes_only_to_trusted_nodes() -> None:
+    p, _, _ = swarm(announce("a"), announce("b"))
+    private = PromptRequest(prompt="x", private=True)
+    for _ in range(20):
+        decision = place(p, private, trusted=frozenset({"b"}))
+        assert isinstance(decision, Assign) and [n.node_id for n in decision.nodes] == ["b"]
+    decision = place(p, private)
+    assert isinstance(decision, Shortfall) and "trusted with private requests" in decision.error.message
+    # a public request ignores the trusted set
+    decision = place(p, PromptRequest(prompt="x"), 2, trusted=frozenset({"b"}))
+    assert isinstance(decision, Assign) and len(decision.nodes) == 2
+
+
+def test_a_new_node_is_joined_by_a_proven_one() -> None:
+    p, registry, trust = swarm(announce("vet"), announce("new"))
+    for _ in range(trust.config.probation_tasks):
+        trust.answered("vet")
+    seen = set()
+    for _ in range(20):
+        decision = place(p, PromptRequest(prompt="x"), 1)
+        assert isinstance(decision, Assign)
+        seen.add(tuple(sorted(n.node_id for n in decision.nodes)))
+    assert seen <= {("vet",), ("new", "vet")} and ("new", "vet") in seen  # never the newcomer alone
+
+
+def test_the_terms_of_an_attempt() -> None:
+    p, registry, _ = swarm(announce("slow"), announce("live", progress_s=1.5))
+    slow, live = registry.nodes["slow"], registry.nodes["live"]
+    # no length asked: what 10 tokens/s writes in most of the 120 s left; and the time for the
+    # node's cap of 256 of them, three times over
+    terms = p.terms(slow, PromptRequest(prompt="x"), 120.0)
+    assert (terms.max_tokens, terms.timeout_s, terms.quiet_s) == (960, pytest.approx(76.8), None)
+    # a node that promised progress every 1.5 s may be quiet for 3 of them, never less than quiet_s
+    assert p.terms(live, PromptRequest(prompt="x"), 120.0).quiet_s == 4.5
+    # the request's own length; never past the deadline; never under the floor unless the deadline says so
+    asked = PromptRequest.model_validate({"prompt": "x", "params": {"max_tokens": 20}})
+    assert p.terms(slow, asked, 120.0) == Terms(max_tokens=20, timeout_s=10.0, quiet_s=None)
+    assert p.terms(slow, asked, 3.0).timeout_s == 3.0
+    assert p.terms(slow, asked, -1.0).timeout_s == 0.05
+    # what the node can write before the deadline, by its recent speed
+    slow.heartbeat = Heartbeat(
+        node_id="slow", ts=0, battery_pct=None, charging=None, temp_c=None, ram_free_mb=None, load=None,
+        tokens_per_s=2.0, busy=0, slots=1, queued=0, tokens_served=0, tasks_done=0, tasks_failed=0,
+    )  # fmt: skip
+    assert p.terms(slow, PromptRequest(prompt="x"), 10.0).max_tokens == 16
+    assert p.terms(slow, PromptRequest(kind="embed", input=["x"]), 10.0).max_tokens is None
