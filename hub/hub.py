@@ -65,6 +65,7 @@ from nova_swarm.broker.link.connection import (
 from nova_swarm.broker.link.url import BrokerURL
 
 from . import credits, metrics, pins, rerank, retrieval
+from .capacity import Capacity
 from .client import SwarmClient
 from .config import HubConfig
 from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
@@ -123,8 +124,6 @@ class _Run:
     #: what the client reads when it streams (``streams.py``)
     stream: ClientStream
     inbox: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
-    #: task ids assigned and not yet released
-    tracked: set[str] = field(default_factory=set)
     pending: Dispatch | None = None
     #: task ids that already have a receipt in the ledger (a result may be delivered twice)
     receipted: set[str] = field(default_factory=set)
@@ -156,7 +155,8 @@ class Hub:
         self._ca_file = ca_file
         self._store: Store | None = None
         self._runs: dict[str, _Run] = {}
-        self._by_task: dict[str, _Run] = {}
+        #: which attempts hold a place on which node, and which run each task id belongs to
+        self.capacity: Capacity[_Run] = Capacity()
         #: runs waiting for a free node, oldest first (a dict keeps insertion order)
         self._waiting: dict[_Run, None] = {}
         self.limiter = RateLimiter(per_minute=config.limits.requests_per_minute)
@@ -435,7 +435,7 @@ class Hub:
             run.inbox.put_nowait(_ClientCancel(cancel.reason))
 
     def _on_chunk(self, node_id: str, chunk: NodeChunk) -> None:
-        run = self._by_task.get(chunk.task_id)
+        run = self.capacity.route(chunk.task_id)
         attempt = run.machine.attempts.get(chunk.task_id) if run is not None else None
         if run is not None and attempt is not None and attempt.node_id == node_id:
             run.inbox.put_nowait(_Chunk(chunk))
@@ -447,13 +447,13 @@ class Hub:
             return
         now = asyncio.get_running_loop().time()
         for task_id in progress.tasks:
-            run = self._by_task.get(task_id)
+            run = self.capacity.route(task_id)
             attempt = run.machine.attempts.get(task_id) if run is not None else None
             if run is not None and attempt is not None and attempt.node_id == node_id:
                 run.machine.on_progress(task_id, now)
 
     def _on_result(self, node_id: str, result: TaskResult) -> None:
-        run = self._by_task.get(result.task_id)
+        run = self.capacity.route(result.task_id)
         attempt = run.machine.attempts.get(result.task_id) if run is not None else None
         if run is None or attempt is None or not (result.node_id == node_id == attempt.node_id):
             # Late (its attempt was written off) or not ours: ignore it, cleanly.
@@ -662,10 +662,10 @@ class Hub:
                         run, ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error"), ()
                     )
             finally:
-                for task_id in list(run.tracked):
+                for task_id in self.capacity.held(run):
                     self._release(run, task_id)
                 for task_id in run.machine.attempts:  # quiet ones kept their route until now
-                    self._by_task.pop(task_id, None)
+                    self.capacity.forget(task_id)
                 self._waiting.pop(run, None)
                 self._runs.pop(accepted.key, None)
 
@@ -826,9 +826,7 @@ class Hub:
                 quiet_s=terms.quiet_s,
                 now=loop.time(),
             )
-            node.inflight += 1
-            run.tracked.add(task_id)
-            self._by_task[task_id] = run
+            self.capacity.assign(run, task_id, node)
             task = Task(
                 task_id=task_id,
                 request_id=run.machine.request_id,
@@ -1026,20 +1024,14 @@ class Hub:
 
     def _release(self, run: _Run, task_id: str) -> None:
         """The hub no longer counts this attempt against its node's capacity."""
-        if task_id not in run.tracked:
-            return
-        run.tracked.discard(task_id)
         attempt = run.machine.attempts.get(task_id)
-        if attempt is None or attempt.state is not AttemptState.QUIET:
-            self._by_task.pop(task_id, None)  # a quiet attempt's answer still counts: keep its route
-        if attempt is not None:
-            node = self.registry.nodes.get(attempt.node_id)
-            if node is not None and node.inflight > 0:
-                node.inflight -= 1
-        self._wake_waiters()
+        # A quiet attempt's answer still counts: it keeps its route.
+        quiet = attempt is not None and attempt.state is AttemptState.QUIET
+        if self.capacity.release(task_id, keep_route=quiet):
+            self._wake_waiters()
 
     def _release_settled(self, run: _Run) -> None:
-        for task_id in list(run.tracked):
+        for task_id in self.capacity.held(run):
             attempt = run.machine.attempts.get(task_id)
             if attempt is not None and attempt.state is not AttemptState.ASSIGNED:
                 self._release(run, task_id)

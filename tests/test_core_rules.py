@@ -2,7 +2,8 @@
 passed in (as h11 tests its ``_state.py``).
 
 * ``streams.py``: what a streaming client is sent, and that it adds up to the answer;
-* ``placement.py``: which nodes a request goes to, and on what terms.
+* ``placement.py``: which nodes a request goes to, and on what terms;
+* ``capacity.py``: which attempts hold a place on a node, released exactly once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nova_swarm.broker.contract.messages import (
     ToolCall,
     ToolCallDelta,
 )
+from nova_swarm.hub.capacity import Capacity
 from nova_swarm.hub.config import HubConfig
 from nova_swarm.hub.lifecycle import Cancel, RequestMachine
 from nova_swarm.hub.placement import Assign, Placement, Shortfall, Terms, Wait, needs
@@ -333,3 +335,63 @@ def test_the_terms_of_an_attempt() -> None:
     )  # fmt: skip
     assert p.terms(slow, PromptRequest(prompt="x"), 10.0).max_tokens == 16
     assert p.terms(slow, PromptRequest(kind="embed", input=["x"]), 10.0).max_tokens is None
+
+
+# ---------------------------------------------------------------- capacity
+
+
+def test_an_attempt_holds_one_place_until_it_is_released_once() -> None:
+    node = NodeRecord("a", announce("a"), NodeState.ONLINE)
+    cap: Capacity[str] = Capacity()
+    cap.assign("run1", "t1", node)
+    cap.assign("run1", "t2", node)
+    cap.assign("run2", "t3", node)
+    assert node.inflight == 3 and sorted(cap.held("run1")) == ["t1", "t2"] and cap.route("t3") == "run2"
+    assert cap.release("t1") and node.inflight == 2
+    # again, from another path (a settled attempt, then the request's end): nothing more
+    assert not cap.release("t1") and node.inflight == 2
+    assert cap.route("t1") is None and cap.held("run1") == ["t2"]
+    assert not cap.release("never-assigned") and node.inflight == 2
+    with pytest.raises(ValueError, match="already assigned"):
+        cap.assign("run1", "t2", node)
+    assert node.inflight == 2
+
+
+def test_a_quiet_attempt_frees_its_place_but_keeps_its_route_until_forgotten() -> None:
+    node = NodeRecord("a", announce("a"), NodeState.ONLINE)
+    cap: Capacity[str] = Capacity()
+    cap.assign("run", "t1", node)
+    assert cap.release("t1", keep_route=True) and node.inflight == 0
+    assert cap.route("t1") == "run" and cap.held("run") == [] and not cap.holds("t1")
+    cap.forget("t1")
+    assert cap.route("t1") is None and node.inflight == 0
+    # forgetting a task that still holds its place frees it, once
+    cap.assign("run", "t2", node)
+    cap.forget("t2")
+    cap.forget("t2")
+    assert node.inflight == 0 and not cap.release("t2")
+
+
+def test_no_order_of_releases_can_take_a_node_below_what_it_runs() -> None:
+    rng = random.Random(7)
+    nodes = [NodeRecord(n, announce(n), NodeState.ONLINE) for n in "abc"]
+    cap: Capacity[int] = Capacity()
+    running: dict[str, NodeRecord] = {}
+    for i in range(300):
+        task = f"t{i % 40}"
+        op = rng.choice(["assign", "release", "quiet", "forget"])
+        if op == "assign" and not cap.holds(task):
+            node = rng.choice(nodes)
+            cap.assign(i % 3, task, node)
+            running[task] = node
+        elif op == "release":
+            assert cap.release(task) == (task in running)
+            running.pop(task, None)
+        elif op == "quiet":
+            cap.release(task, keep_route=True)
+            running.pop(task, None)
+        elif op == "forget":
+            cap.forget(task)
+            running.pop(task, None)
+        for node in nodes:
+            assert node.inflight == sum(1 for n in running.values() if n is node)
