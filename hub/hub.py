@@ -36,7 +36,6 @@ from nova_swarm.broker.contract.messages import (
     ChatMessage,
     ErrorInfo,
     ErrorReply,
-    FunctionDelta,
     Heartbeat,
     HubStatus,
     NodeChunk,
@@ -44,12 +43,8 @@ from nova_swarm.broker.contract.messages import (
     NodeState,
     PromptRequest,
     Status,
-    StreamChunk,
-    StreamEnd,
     Task,
     TaskResult,
-    ToolCall,
-    ToolCallDelta,
     decode,
 )
 from nova_swarm.broker.contract.messages import Cancel as CancelMessage
@@ -66,18 +61,21 @@ from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
 from . import accounting, credits, metrics, pins, rerank
+from .capacity import Capacity
 from .config import HubConfig
 from .context import Context
-from .intake import Accepted, Rejected, default_max_tokens, parse_prompt, scoped_key, split_key
+from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
 from .journal import Entry, Journal, JournalWriter, Unsent, canonical, digest
 from .ledger import Ledger, receipts
 from .ledger import uptime as ledger_uptime
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
+from .placement import Placement, Shortfall, Wait
 from .ratelimit import RateLimiter
-from .registry import NodeRecord, Registry
+from .registry import Registry
 from .scheduler import Scheduler
 from .schemas import answer_problem
 from .store import Store
+from .streams import ClientStream, StreamMessage
 from .trust import Trust
 from .winrate import WinRates
 
@@ -119,22 +117,14 @@ class _Run:
     digest: str
     machine: RequestMachine
     started: float
+    #: what the client reads when it streams (``streams.py``)
+    stream: ClientStream
     inbox: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
-    #: task ids assigned and not yet released
-    tracked: set[str] = field(default_factory=set)
     pending: Dispatch | None = None
     #: its attempts as they settle, for the hub's observers (receipts, win rates, energy)
     settlement: accounting.Settlement = field(init=False)
     #: what the nodes are given: the request's chat, with retrieved context when that is on
     messages: list[ChatMessage] = field(default_factory=list)
-    #: the client's stream: the next ``seq`` to send, the attempt whose tokens it has, and the
-    #: text sent so far (so the end can make the stream add up to the answer)
-    stream_seq: int = 0
-    streamed_from: str | None = None
-    streamed: list[str] = field(default_factory=list)
-    streamed_calls: bool = False
-    #: per attempt, the next chunk ``seq`` expected from its node (QoS 1 may deliver twice)
-    node_seq: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.settlement = accounting.Settlement(accounting.Asked.of(self.accepted.request, self.digest))
@@ -163,10 +153,12 @@ class Hub(Service):
         self.accounts: dict[str, credits.Contribution] = {}
         self.rates = config.credit_rates
         self.scheduler = Scheduler(self.winrates, random.Random(config.seed), self.trust)
+        self.placement = Placement(config, self.registry, self.scheduler, self.trust)
         self.reranker = reranker or rerank.load_reranker(config.reranker)
         self._store: Store | None = None
         self._runs: dict[str, _Run] = {}
-        self._by_task: dict[str, _Run] = {}
+        #: which attempts hold a place on which node, and which run each task id belongs to
+        self.capacity: Capacity[_Run] = Capacity()
         #: runs waiting for a free node, oldest first (a dict keeps insertion order)
         self._waiting: dict[_Run, None] = {}
         self.limiter = RateLimiter(per_minute=config.limits.requests_per_minute)
@@ -467,7 +459,7 @@ class Hub(Service):
             run.inbox.put_nowait(_ClientCancel(cancel.reason))
 
     def _on_chunk(self, node_id: str, chunk: NodeChunk) -> None:
-        run = self._by_task.get(chunk.task_id)
+        run = self.capacity.route(chunk.task_id)
         attempt = run.machine.attempts.get(chunk.task_id) if run is not None else None
         if run is not None and attempt is not None and attempt.node_id == node_id:
             run.inbox.put_nowait(_Chunk(chunk))
@@ -479,13 +471,13 @@ class Hub(Service):
             return
         now = asyncio.get_running_loop().time()
         for task_id in progress.tasks:
-            run = self._by_task.get(task_id)
+            run = self.capacity.route(task_id)
             attempt = run.machine.attempts.get(task_id) if run is not None else None
             if run is not None and attempt is not None and attempt.node_id == node_id:
                 run.machine.on_progress(task_id, now)
 
     def _on_result(self, node_id: str, result: TaskResult) -> None:
-        run = self._by_task.get(result.task_id)
+        run = self.capacity.route(result.task_id)
         attempt = run.machine.attempts.get(result.task_id) if run is not None else None
         if run is None or attempt is None or not (result.node_id == node_id == attempt.node_id):
             # Late (its attempt was written off) or not ours: ignore it, cleanly.
@@ -592,7 +584,12 @@ class Hub(Service):
             stream=req.stream,
         )
         return _Run(
-            accepted, entry.digest, machine, started=loop.time(), messages=req.chat() if req.kind == "chat" else []
+            accepted,
+            entry.digest,
+            machine,
+            started=loop.time(),
+            stream=ClientStream(accepted.request_id, on=req.stream),
+            messages=req.chat() if req.kind == "chat" else [],
         )
 
     async def _serve(self, accepted: Accepted, *, resumed: Entry | None = None) -> None:
@@ -638,7 +635,7 @@ class Hub(Service):
                     if req.stream:
                         # What the previous run streamed is unknown: start over, numbered past
                         # anything it can have sent, so readers drop it rather than splice.
-                        run.stream_seq, run.streamed_from = int(time.time() * 1000), ""
+                        run.stream.resume(int(time.time() * 1000))
                 if self._context is not None and self._context.wanted(req):
                     run.messages = await self._context.add(run.messages, private=req.private)
                 await self._drive(run)
@@ -650,10 +647,10 @@ class Hub(Service):
                         run, ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the hub hit an internal error"), ()
                     )
             finally:
-                for task_id in list(run.tracked):
+                for task_id in self.capacity.held(run):
                     self._release(run, task_id)
                 for task_id in run.machine.attempts:  # quiet ones kept their route until now
-                    self._by_task.pop(task_id, None)
+                    self.capacity.forget(task_id)
                 self._waiting.pop(run, None)
                 self._runs.pop(accepted.key, None)
 
@@ -784,57 +781,37 @@ class Hub(Service):
         return follow_up
 
     async def _dispatch(self, run: _Run, action: Dispatch) -> list[Action]:
+        """Carry out the placement's decision (``placement.py``) for ``action``."""
         req = run.accepted.request
         loop = asyncio.get_running_loop()
-        now = time.time()
-        exclude = action.exclude
-        if req.private:  # only the nodes their owner trusts
-            exclude |= frozenset(self.registry.nodes) - self._trusted_nodes()
-        needs = _needs(req)
-        eligible = self.registry.eligible(model=req.model, exclude=exclude, now=now, needs=needs)
-        # With every node paused for now (too hot, switching models) the request waits for one
-        # to come back, up to its deadline, rather than failing at once.
-        if (
-            not eligible
-            and loop.time() >= self._settle_until
-            and not self.registry.resting(model=req.model, exclude=exclude, now=now, needs=needs)
-        ):
-            self._waiting.pop(run, None)
-            if req.private:
-                why = ErrorInfo(
-                    code=ErrorCode.NO_ELIGIBLE_NODES,
-                    message="no node trusted with private requests is online (swarm-hub enroll NODE --trusted)",
-                    retry_after_s=5.0,
-                )
-            else:
-                why = self._why_no_nodes(req.model, action.exclude, now, needs)
-            return run.machine.shortfall(action.count, why, loop.time())
-        picked = self.scheduler.pick(eligible, action.count, tags=req.all_tags(), now=now) if eligible else []
-        picked = self._with_a_proven_node(picked, eligible, req, now)
-        if not picked:
-            # Every eligible node is full (or nodes are still coming back): wait for capacity
-            # or the deadline, in line behind those already waiting.
+        decision = self.placement.place(
+            req,
+            action.count,
+            action.exclude,
+            trusted=self._trusted_nodes() if req.private else frozenset(),
+            now=time.time(),
+            settling=loop.time() < self._settle_until,
+        )
+        if isinstance(decision, Wait):
+            # In line behind those already waiting, for capacity or the deadline.
             run.pending = action
             self._waiting.setdefault(run, None)
             return []
         self._waiting.pop(run, None)
-        for node in picked:
+        if isinstance(decision, Shortfall):
+            return run.machine.shortfall(decision.missing, decision.error, loop.time())
+        for node in decision.nodes:
             task_id = uuid.uuid4().hex
-            remaining = run.machine.deadline - loop.time()
-            max_tokens = req.params.max_tokens
-            if max_tokens is None and req.kind != "embed":
-                max_tokens = self._default_length(node, remaining)
-            timeout = self._attempt_timeout(node, max_tokens, remaining)
+            terms = self.placement.terms(node, req, run.machine.deadline - loop.time())
+            max_tokens, timeout = terms.max_tokens, terms.timeout_s
             run.machine.assigned(
                 task_id=task_id,
                 node_id=node.node_id,
                 deadline=loop.time() + timeout,
-                quiet_s=self._quiet_window(node),
+                quiet_s=terms.quiet_s,
                 now=loop.time(),
             )
-            node.inflight += 1
-            run.tracked.add(task_id)
-            self._by_task[task_id] = run
+            self.capacity.assign(run, task_id, node)
             task = Task(
                 task_id=task_id,
                 request_id=run.machine.request_id,
@@ -862,13 +839,8 @@ class Hub(Service):
             # refuses unknown fields) can take a plain chat task while the fleet updates.
             payload = task.model_dump_json(exclude_defaults=True).encode()
             await self._send(self.topics.node_task(node.node_id), payload)
-        if len(picked) < action.count:
-            error = ErrorInfo(
-                code=ErrorCode.NO_ELIGIBLE_NODES,
-                message=f"only {len(picked)} of {action.count} wanted nodes were free",
-                retry_after_s=5.0,
-            )
-            return run.machine.shortfall(action.count - len(picked), error, loop.time())
+        if decision.short is not None:
+            return run.machine.shortfall(decision.short.missing, decision.short.error, loop.time())
         return []
 
     def _trusted_nodes(self) -> frozenset[str]:
@@ -887,60 +859,6 @@ class Hub(Service):
             self._trusted_mtime = mtime
             self._trusted = frozenset(e.node_id for e in found.values() if e.trusted)
         return self._trusted
-
-    def _with_a_proven_node(
-        self, picked: list[NodeRecord], eligible: list[NodeRecord], req: PromptRequest, now: float
-    ) -> list[NodeRecord]:
-        """Probation: a new node never works a request alone while a proven node could join it.
-        In a race the proven node runs alongside; in best_of_n it takes the last seat. With no
-        proven node free (a new swarm), new nodes work alone: they have to start somewhere."""
-        if not picked or not all(self.trust.on_probation(n.node_id) for n in picked):
-            return picked
-        proven = [n for n in eligible if n not in picked and not self.trust.on_probation(n.node_id)]
-        extra = self.scheduler.pick(proven, 1, tags=req.all_tags(), now=now)
-        if not extra:
-            return picked
-        if req.strategy == "best_of_n" and len(picked) >= 2:
-            return [*picked[:-1], *extra]
-        return [*picked, *extra]
-
-    def _quiet_window(self, node: NodeRecord) -> float | None:
-        """How long an attempt on ``node`` may show no progress: ``quiet_s``, and never less than
-        a few of the node's own progress intervals; None for a node that promised none."""
-        every = node.announce.progress_s if node.announce is not None else None
-        return None if every is None else max(self.config.quiet_s, 3 * every)
-
-    def _default_length(self, node: NodeRecord, remaining: float) -> int:
-        """``max_tokens`` for a chat request that gives none (``intake.default_max_tokens``), by
-        the node's recent speed, else the one it measured at start."""
-        heard = node.heartbeat.tokens_per_s if node.heartbeat is not None else None
-        speed = heard or (node.announce.tokens_per_s if node.announce is not None else None)
-        return default_max_tokens(self.config.limits.max_tokens, speed, remaining)
-
-    def _attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
-        announce = node.announce
-        tokens = min(max_tokens or self.config.limits.max_tokens, announce.max_tokens if announce else 512)
-        speed = max(announce.tokens_per_s if announce else 1.0, 1.0)
-        expected = tokens / speed
-        return max(0.05, min(remaining, max(self.config.attempt_min_s, self.config.attempt_slack * expected)))
-
-    def _why_no_nodes(self, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str]) -> ErrorInfo:
-        online = self.registry.eligible(model=None, exclude=frozenset(), now=now)
-        if not online:
-            message = "no node is online"
-        elif model is not None and not any(n.announce and n.announce.model.name == model for n in online):
-            message = f"no online node serves model {model!r}"
-        elif needs and not self.registry.eligible(model=model, exclude=frozenset(), now=now, needs=needs):
-            return ErrorInfo(
-                code=ErrorCode.UNSUPPORTED,
-                message=f"no online node{' serving ' + repr(model) if model else ''} can do {', '.join(sorted(needs))}",
-                retry_after_s=5.0,
-            )
-        elif exclude:
-            message = "every eligible node has already been tried for this request"
-        else:
-            message = "no eligible node"
-        return ErrorInfo(code=ErrorCode.NO_ELIGIBLE_NODES, message=message, retry_after_s=5.0)
 
     async def _cancel(self, action: Cancel) -> None:
         cancel = CancelMessage(task_id=action.task_id, reason=action.reason)
@@ -1017,92 +935,33 @@ class Hub(Service):
 
     async def _forward_chunk(self, run: _Run, chunk: NodeChunk) -> list[Action]:
         """Pass a node's piece on to the client when its attempt leads the stream."""
-        if chunk.seq < run.node_seq.get(chunk.task_id, 0):
-            return []  # delivered twice (QoS 1)
-        # A gap (a chunk lost on the way) cannot be filled from here: the end of the stream
-        # makes it whole from the node's full result.
-        run.node_seq[chunk.task_id] = chunk.seq + 1
+        if not run.stream.received(chunk):
+            return []
         forward, actions = run.machine.on_chunk(chunk.task_id, asyncio.get_running_loop().time())
         if forward:
-            restart = run.streamed_from not in (None, chunk.task_id)
-            if run.streamed_from != chunk.task_id:
-                run.streamed_from, run.streamed, run.streamed_calls = chunk.task_id, [], False
-            run.streamed.append(chunk.text)
-            run.streamed_calls |= bool(chunk.tool_calls)
             node_id = run.machine.attempts[chunk.task_id].node_id
-            await self._stream_out(
-                run,
-                StreamChunk(
-                    id=run.machine.request_id,
-                    seq=run.stream_seq,
-                    node_id=node_id,
-                    text=chunk.text,
-                    tool_calls=chunk.tool_calls,
-                    restart=restart,
-                ),
-            )
+            await self._stream_out(run, [run.stream.forward(chunk, node_id)])
         return actions
 
     async def _end_stream(self, run: _Run, *, winner: TaskResult | None = None, error: ErrorInfo | None = None) -> None:
-        """Close a streamed request's stream: first whatever makes the chunks add up to the
-        answer (the rest of a gapped stream, or all of it when another node's answer won),
-        then the end message with usage, timings and the finish reason."""
-        if not run.accepted.request.stream:
-            return
-        rid = run.machine.request_id
-        if winner is not None:
-            sent = "".join(run.streamed) if run.streamed_from == winner.task_id else None
-            calls_missing = bool(winner.tool_calls) and not (sent is not None and run.streamed_calls)
-            if sent is None or calls_missing or not winner.text.startswith(sent):
-                if winner.text or winner.tool_calls:
-                    await self._stream_out(
-                        run,
-                        StreamChunk(
-                            id=rid,
-                            seq=run.stream_seq,
-                            node_id=winner.node_id,
-                            text=winner.text,
-                            tool_calls=_as_deltas(winner.tool_calls),
-                            restart=run.streamed_from is not None,
-                        ),
-                    )
-            elif len(winner.text) > len(sent):
-                rest = winner.text[len(sent) :]
-                await self._stream_out(run, StreamChunk(id=rid, seq=run.stream_seq, node_id=winner.node_id, text=rest))
-            end = StreamEnd(
-                id=rid,
-                seq=run.stream_seq,
-                ok=True,
-                node_id=winner.node_id,
-                model=winner.model,
-                finish_reason=winner.finish_reason,
-                usage=winner.usage,
-                timings=winner.timings,
-            )
-        else:
-            end = StreamEnd(id=rid, seq=run.stream_seq, ok=False, error=error)
-        await self._stream_out(run, end)
+        """Close a streamed request's stream so its pieces add up to the answer (``streams.py``)."""
+        await self._stream_out(run, run.stream.end(winner=winner, error=error))
 
-    async def _stream_out(self, run: _Run, message: StreamChunk | StreamEnd) -> None:
-        run.stream_seq = message.seq + 1
-        await self._send(self.topics.stream(run.accepted.reply_topic, run.machine.request_id), message.encode())
+    async def _stream_out(self, run: _Run, messages: list[StreamMessage]) -> None:
+        topic = self.topics.stream(run.accepted.reply_topic, run.machine.request_id)
+        for message in messages:
+            await self._send(topic, message.encode())
 
     def _release(self, run: _Run, task_id: str) -> None:
         """The hub no longer counts this attempt against its node's capacity."""
-        if task_id not in run.tracked:
-            return
-        run.tracked.discard(task_id)
         attempt = run.machine.attempts.get(task_id)
-        if attempt is None or attempt.state is not AttemptState.QUIET:
-            self._by_task.pop(task_id, None)  # a quiet attempt's answer still counts: keep its route
-        if attempt is not None:
-            node = self.registry.nodes.get(attempt.node_id)
-            if node is not None and node.inflight > 0:
-                node.inflight -= 1
-        self._wake_waiters()
+        # A quiet attempt's answer still counts: it keeps its route.
+        quiet = attempt is not None and attempt.state is AttemptState.QUIET
+        if self.capacity.release(task_id, keep_route=quiet):
+            self._wake_waiters()
 
     def _release_settled(self, run: _Run) -> None:
-        for task_id in list(run.tracked):
+        for task_id in self.capacity.held(run):
             attempt = run.machine.attempts.get(task_id)
             if attempt is not None and attempt.state is not AttemptState.ASSIGNED:
                 self._release(run, task_id)
@@ -1259,31 +1118,3 @@ class Hub(Service):
             await self._persist()
             await self._journal.prune(time.time())
             self.limiter.forget_idle(asyncio.get_running_loop().time())
-
-
-def _needs(req: PromptRequest) -> frozenset[str]:
-    """The capabilities (``Announce.capabilities``) a node must have to serve ``req``. Streaming
-    is not one: a node that cannot stream answers whole, and the hub streams that in one piece."""
-    needs: set[str] = set()
-    if req.kind in ("embed", "complete"):
-        needs.add(req.kind)
-    if req.tools and req.tool_choice != "none":
-        needs.add("tools")
-    if req.wants_json() is not None:
-        needs.add("json_schema")
-    return frozenset(needs)
-
-
-def _as_deltas(calls: list[ToolCall] | None) -> list[ToolCallDelta] | None:
-    """Whole tool calls as the stream's deltas: one piece each, with everything in it."""
-    if not calls:
-        return None
-    return [
-        ToolCallDelta(
-            index=i,
-            id=c.id,
-            type="function",
-            function=FunctionDelta(name=c.function.name, arguments=c.function.arguments),
-        )
-        for i, c in enumerate(calls)
-    ]

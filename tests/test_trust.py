@@ -104,12 +104,12 @@ def test_a_new_node_never_works_a_request_alone_while_a_proven_node_is_free(tmp_
     nodes = hub.registry.nodes
     vet, new, new2 = nodes["veteran"], nodes["newcomer"], nodes["other-newcomer"]
     race, best = PromptRequest(prompt="x"), PromptRequest(prompt="x", strategy="best_of_n", fanout=2)
-    assert hub._with_a_proven_node([new], [new, vet], race, 0.0) == [new, vet]  # a proven node runs alongside
-    assert hub._with_a_proven_node([new, new2], [new, new2, vet], best, 0.0) == [new, vet]  # and takes a seat
-    assert hub._with_a_proven_node([vet], [new, vet], race, 0.0) == [vet]
-    assert hub._with_a_proven_node([new], [new, new2], race, 0.0) == [new]  # a new swarm: nobody proven yet
+    assert hub.placement.with_a_proven_node([new], [new, vet], race, 0.0) == [new, vet]  # a proven node runs alongside
+    assert hub.placement.with_a_proven_node([new, new2], [new, new2, vet], best, 0.0) == [new, vet]  # and takes a seat
+    assert hub.placement.with_a_proven_node([vet], [new, vet], race, 0.0) == [vet]
+    assert hub.placement.with_a_proven_node([new], [new, new2], race, 0.0) == [new]  # a new swarm: nobody proven yet
     vet.inflight = vet.capacity  # the veteran is full: the newcomer may work alone rather than wait
-    assert hub._with_a_proven_node([new], [new, vet], race, 0.0) == [new]
+    assert hub.placement.with_a_proven_node([new], [new, vet], race, 0.0) == [new]
 
 
 async def test_a_private_request_reaches_only_trusted_nodes_and_leaves_no_text(
