@@ -9,7 +9,8 @@ import urllib.request
 from pathlib import Path
 
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.hub.gateway import Gateway, GatewayConfig
+from nova_swarm.hub.gateway import Gateway
+from nova_swarm.hub.gateway_config import GatewayConfig
 
 from .conftest import RunningBroker, start_broker
 

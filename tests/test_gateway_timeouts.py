@@ -15,7 +15,8 @@ import pytest
 
 from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.broker.home import Role, SwarmHome
-from nova_swarm.hub.gateway import Gateway, GatewayConfig
+from nova_swarm.hub.gateway import Gateway
+from nova_swarm.hub.gateway_config import GatewayConfig
 from nova_swarm.hub.http_timeouts import HttpTimeouts
 
 from .conftest import RunningBroker

@@ -28,7 +28,7 @@ from nova_swarm.broker.contract.messages import (
     Usage,
 )
 from nova_swarm.hub import openai_api
-from nova_swarm.hub.gateway import GatewayConfig, browser_host, parse_listen
+from nova_swarm.hub.gateway_config import GatewayConfig, browser_host, parse_listen
 from nova_swarm.hub.openai_api import ApiError, ChatChunks
 
 USER = [{"role": "user", "content": "hi"}]

@@ -31,7 +31,8 @@ import pytest
 from nova_swarm.broker.contract.errors import ConfigError
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.hub import Hub
-from nova_swarm.hub.gateway import Gateway, GatewayConfig
+from nova_swarm.hub.gateway import Gateway
+from nova_swarm.hub.gateway_config import GatewayConfig
 from nova_swarm.hub.intake import Limits
 from nova_swarm.hub.leniency import IGNORED_HEADER, OptionError, ollama_options
 from nova_swarm.hub.model_names import ModelNames

@@ -23,7 +23,8 @@ from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Hub
-from nova_swarm.hub.gateway import Gateway, GatewayConfig
+from nova_swarm.hub.gateway import Gateway
+from nova_swarm.hub.gateway_config import GatewayConfig
 from nova_swarm.node.llama import LlamaEngine
 
 from .conftest import RunningBroker, bundled_model_path, hub_config, nodes_available, running_hub, running_node, until

@@ -25,7 +25,8 @@ from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import GATEWAY_LOGIN, SwarmHome
 from nova_swarm.broker.link.net import free_port
 from nova_swarm.broker.link.url import BrokerURL
-from nova_swarm.hub.gateway import Gateway, GatewayConfig
+from nova_swarm.hub.gateway import Gateway
+from nova_swarm.hub.gateway_config import GatewayConfig
 from nova_swarm.hub.prometheus import MetricsBoard, SwarmCollector, SwarmView
 from nova_swarm.node.fake import FakeEngine
 

@@ -32,10 +32,10 @@ from nova_swarm.broker.server.cli import ENGINES, check_port_free, local_until_r
 
 from .. import join
 from ..config import HubConfig
-from ..gateway import (
+from ..gateway import Gateway
+from ..gateway_config import (
     DEFAULT_HTTP_HOST,
     DEFAULT_HTTP_PORT,
-    Gateway,
     GatewayConfig,
     check_header_name,
     check_origin,
