@@ -45,13 +45,11 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import anyio
 import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -59,12 +57,12 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
-from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
+from nova_swarm.broker.contract.messages import Answer, PromptRequest
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.link.base import Links
 from nova_swarm.broker.link.connection import links_for
@@ -81,10 +79,9 @@ from .leniency import IGNORED_HEADER, ignored_header
 from .model_names import ModelNames
 from .openai_api import ApiError, ChatChunks
 from .prometheus import MetricsBoard, SwarmCollector, SwarmView
+from .relay import NDJSON, SSE, ClientGone, Events, EventsFor, OllamaEvents, OpenAIEvents, stream_answer, unless_gone
 
 log = structlog.get_logger("nova_swarm.gateway")
-
-T = TypeVar("T")
 
 
 class _Server(uvicorn.Server):
@@ -102,26 +99,6 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             self._started()
-
-
-class _EventStream(StreamingResponse):
-    """A streaming response that always closes its generator, however the response ended.
-
-    A client that goes away cancels the response while its generator may sit at a ``yield``;
-    closing it here runs its ``finally`` at once, which cancels the request at the hub."""
-
-    async def stream_response(self, send: Send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            body = self.body_iterator
-            if hasattr(body, "aclose"):
-                with anyio.CancelScope(shield=True):
-                    await body.aclose()
-
-
-class _ClientGone(Exception):
-    """The HTTP client disconnected before its answer came."""
 
 
 class Gateway(Service):
@@ -335,7 +312,7 @@ class Gateway(Service):
                 return render(
                     ApiError(503, "the gateway lost the swarm's broker; try again", code="broker_unreachable")
                 )
-            except _ClientGone:
+            except ClientGone:
                 return Response(status_code=499)  # nobody reads it
             except Exception:
                 log.exception("gateway error", path=request.url.path)
@@ -511,18 +488,18 @@ class Gateway(Service):
         prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
         assert prompt.id is not None
         try:
-            return await _unless_gone(request, client.ask(prompt, timeout=self._wait_s(prompt)))
-        except _ClientGone:
+            return await unless_gone(request, client.ask(prompt, timeout=self._wait_s(prompt)))
+        except ClientGone:
             log.info("client went away; cancelling its request", request_id=prompt.id)
             with contextlib.suppress(ConnectionLost):
                 await client.cancel(prompt.id, "the HTTP client disconnected")
             raise
 
     async def _chat_stream(self, request: Request, client: SwarmClient, call: openai_api.ChatCall) -> Response:
-        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> Events:
             model = requested or served or "unknown"
             chunks = ChatChunks(request_id, model=model, created=int(time.time()), include_usage=call.include_usage)
-            return _OpenAIEvents(chunks)
+            return OpenAIEvents(chunks)
 
         return await self._relay(request, client, call.request, events, headers=ignored_header(call.ignored))
 
@@ -544,7 +521,7 @@ class Gateway(Service):
             answer = await self._ask(request, client, call.request)
             return JSONResponse(anthropic_api.message(answer), headers=headers)
 
-        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> Events:
             return anthropic_api.MessageEvents(request_id, model=requested or served or "unknown")
 
         return await self._relay(request, client, call.request, events, headers=headers)
@@ -561,12 +538,12 @@ class Gateway(Service):
                 completions_api.completion(answer, created=int(time.time()), echo=call.echo), headers=headers
             )
 
-        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> Events:
             model = requested or served or "unknown"
             chunks = completions_api.CompletionChunks(
                 request_id, model=model, created=int(time.time()), include_usage=call.include_usage, echo=call.echo
             )
-            return _OpenAIEvents(chunks)
+            return OpenAIEvents(chunks)
 
         return await self._relay(request, client, call.request, events, headers=headers)
 
@@ -580,7 +557,7 @@ class Gateway(Service):
             answer = await self._ask(request, client, call.request)
             return JSONResponse(responses_api.response(answer, created=int(time.time())), headers=headers)
 
-        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> Events:
             model = requested or served or "unknown"
             return responses_api.ResponseEvents(request_id, model=model, created=int(time.time()))
 
@@ -591,58 +568,16 @@ class Gateway(Service):
         request: Request,
         client: SwarmClient,
         prompt: PromptRequest,
-        events: Callable[[str, str | None, str | None], _Events],
+        events: EventsFor,
         *,
         headers: dict[str, str],
-        media_type: str = "text/event-stream",
+        media_type: str = SSE,
     ) -> Response:
-        """A streamed answer, written by ``events(request_id, requested model, serving node's model)``:
-        server-sent events, or Ollama's NDJSON lines."""
+        """A streamed answer to ``prompt`` under a request id of its own (``relay.py``)."""
         prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
-        assert prompt.id is not None
-        stack = AsyncExitStack()
-        stream = await stack.enter_async_context(client.streaming(prompt, timeout=self._wait_s(prompt)))
-        chunks = stream.__aiter__()
-        answer: Answer | None = None
-        try:
-            # The first piece before the 200, so that a refusal keeps its real HTTP status.
-            first = await _unless_gone(request, anext(chunks, None))
-            if first is None:
-                answer = await stream.answer()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
-            raise
-        writer = events(prompt.id, prompt.model, _model_of(client, first.node_id if first else None))
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                for data in writer.opening():
-                    yield data
-                if first is not None:
-                    for data in writer.piece(first):
-                        yield data
-                    async for piece in chunks:
-                        for data in writer.piece(piece):
-                            yield data
-                for data in writer.closing(answer or await stream.answer()):
-                    yield data
-            except ApiError as exc:
-                for data in writer.failure(exc):
-                    yield data
-            except RequestFailed as exc:
-                for data in writer.failure(openai_api.error_from(exc)):
-                    yield data
-            except ConnectionLost:
-                for data in writer.failure(ApiError(503, "the gateway lost the broker", code="broker_unreachable")):
-                    yield data
-            finally:
-                # Leaving the streaming block before the answer came cancels the request at the hub.
-                with anyio.CancelScope(shield=True):
-                    await stack.aclose()
-
-        return _EventStream(
-            body(), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
+        timeout = self._wait_s(prompt)
+        return await stream_answer(
+            request, client, prompt, events, timeout=timeout, headers=headers, media_type=media_type
         )
 
     # ---------------------------------------------------------------- Ollama's API
@@ -727,9 +662,9 @@ class Gateway(Service):
             answer = await self._ask(request, client, call.request)
             return JSONResponse(ollama_api.response(kind, answer, created_at=created_at), headers=headers)
 
-        def events(request_id: str, requested: str | None, served: str | None) -> _Events:
+        def events(request_id: str, requested: str | None, served: str | None) -> Events:
             # Ollama's clients show the model that answered, so the node's own name comes first.
-            return _OllamaEvents(ollama_api.Lines(kind, model=served or requested or call.model, created_at=created_at))
+            return OllamaEvents(ollama_api.Lines(kind, model=served or requested or call.model, created_at=created_at))
 
         return await self._relay(request, client, call.request, events, headers=headers, media_type=NDJSON)
 
@@ -738,14 +673,6 @@ class Gateway(Service):
 _OLLAMA_ROUTES = frozenset(
     f"/api/{name}" for name in ("chat", "generate", "embed", "embeddings", "tags", "ps", "show", "version")
 )
-#: Ollama's streams: one JSON object per line
-NDJSON = "application/x-ndjson"
-
-
-def _model_of(client: SwarmClient, node_id: str | None) -> str | None:
-    if node_id is None or client.fleet is None:
-        return None
-    return next((row.model for row in client.fleet.nodes if row.node_id == node_id), None)
 
 
 def _error(exc: ApiError) -> Response:
@@ -754,53 +681,6 @@ def _error(exc: ApiError) -> Response:
 
 def _anthropic_error(exc: ApiError) -> Response:
     return JSONResponse(anthropic_api.error_body(exc), status_code=exc.status, headers=exc.headers())
-
-
-class _Events(Protocol):
-    """What ``Gateway._relay`` writes a stream with: its framed events (SSE, or NDJSON lines)."""
-
-    def opening(self) -> list[bytes]: ...
-    def piece(self, chunk: StreamChunk) -> list[bytes]: ...
-    def closing(self, answer: Answer) -> list[bytes]: ...
-    def failure(self, exc: ApiError) -> list[bytes]: ...
-
-
-class _OpenAIEvents:
-    """An OpenAI-style chunk writer (dicts) as framed events: ``data:`` lines, DONE at the end."""
-
-    def __init__(self, chunks: ChatChunks | completions_api.CompletionChunks) -> None:
-        self._chunks = chunks
-
-    def opening(self) -> list[bytes]:
-        return [openai_api.sse(c) for c in self._chunks.opening()]
-
-    def piece(self, chunk: StreamChunk) -> list[bytes]:
-        return [openai_api.sse(c) for c in self._chunks.piece(chunk)]
-
-    def closing(self, answer: Answer) -> list[bytes]:
-        return [*(openai_api.sse(c) for c in self._chunks.closing(answer)), openai_api.DONE]
-
-    def failure(self, exc: ApiError) -> list[bytes]:
-        return [openai_api.sse(exc.body())]
-
-
-class _OllamaEvents:
-    """Ollama's lines (dicts) as NDJSON: no opening, and the error as a last line."""
-
-    def __init__(self, lines: ollama_api.Lines) -> None:
-        self._lines = lines
-
-    def opening(self) -> list[bytes]:
-        return []
-
-    def piece(self, chunk: StreamChunk) -> list[bytes]:
-        return [ollama_api.ndjson(line) for line in self._lines.piece(chunk)]
-
-    def closing(self, answer: Answer) -> list[bytes]:
-        return [ollama_api.ndjson(line) for line in self._lines.closing(answer)]
-
-    def failure(self, exc: ApiError) -> list[bytes]:
-        return [ollama_api.ndjson(ollama_api.error_body(exc))]
 
 
 def _ollama_error(exc: ApiError) -> Response:
@@ -813,31 +693,6 @@ _DRAIN_FACTOR = 16
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes", code="payload_too_large")
-
-
-async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, or _ClientGone (and ``work`` cancelled) if the client disconnects first."""
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def run() -> T:
-        return await work
-
-    working = asyncio.ensure_future(run())
-    watching = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait([working, watching], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-        if not working.done():
-            working.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await working
-    if working.cancelled():
-        raise _ClientGone
-    return working.result()
 
 
 class _AccessLog:
