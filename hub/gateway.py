@@ -10,8 +10,9 @@ The gateway is one more MQTT client of the swarm (a ``SwarmClient`` with its own
 ``gateway``, made at setup, so its requests and replies are a scope of their own; following the
 hub's status and node table), so every request takes the same path as one from ``mosquitto_pub``:
 the hub validates, schedules, retries and journals it. ``openai_api.py`` translates the shapes;
-this module does the HTTP (Starlette on uvicorn), authentication and the connection to the broker,
-which it keeps up across broker restarts.
+``relay.py`` streams answers in each API's events; this module does the HTTP (Starlette on
+uvicorn), authentication and the connection to the broker, which it keeps up across broker
+restarts, and mounts the route groups of other APIs (``ollama_routes.py``).
 
     GET  /                      the chat page (hub/static/index.html)      no auth
     GET  /health                {"status", "hub", "nodes_online", "max_tokens_limit"}   no auth
@@ -25,7 +26,7 @@ which it keeps up across broker restarts.
     POST /v1/messages           Anthropic's Messages API (``anthropic_api.py``): streamed events, tools;
                                 its ``x-api-key`` header carries the token too; errors in its shape
     GET  /v1/swarm/nodes        the hub's node table, as on the wire
-    POST /api/chat, /api/generate           Ollama's API (``ollama_api.py``): NDJSON streams unless
+    POST /api/chat, /api/generate           Ollama's API (``ollama_routes.py``): NDJSON streams unless
     POST /api/embed, /api/embeddings        ``"stream": false``; errors as ``{"error": ...}``
     GET  /api/tags, /api/ps, /api/version   (/api/version needs no auth, as Ollama's clients probe it)
     POST /api/show
@@ -70,16 +71,16 @@ from nova_swarm.broker.link.reconnect import reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
-from . import anthropic_api, completions_api, ollama_api, openai_api, responses_api
+from . import anthropic_api, completions_api, openai_api, responses_api
 from .client import SwarmClient
 from .gateway_config import GatewayConfig, browser_host
 from .http_timeouts import TimedConfig
 from .join import JoinRefused, JoinService
 from .leniency import IGNORED_HEADER, ignored_header
-from .model_names import ModelNames
+from .ollama_routes import OllamaRoutes
 from .openai_api import ApiError, ChatChunks
 from .prometheus import MetricsBoard, SwarmCollector, SwarmView
-from .relay import NDJSON, SSE, ClientGone, Events, EventsFor, OllamaEvents, OpenAIEvents, stream_answer, unless_gone
+from .relay import SSE, ClientGone, Events, EventsFor, OpenAIEvents, stream_answer, unless_gone
 
 log = structlog.get_logger("nova_swarm.gateway")
 
@@ -120,6 +121,8 @@ class Gateway(Service):
         self._link_up = asyncio.Event()
         self._socket: socket.socket | None = None
         self._started = int(time.time())
+        #: Ollama's API under /api/
+        self._ollama = OllamaRoutes(self, models=config.models, started=self._started)
         #: the hub's metrics as they come over MQTT, and /metrics' registry reading them at scrape time
         self._board = MetricsBoard(Topics(config.swarm))
         self._registry = CollectorRegistry(auto_describe=False)
@@ -229,7 +232,8 @@ class Gateway(Service):
             self._client = None
             self._link_up.clear()
 
-    async def _swarm(self) -> SwarmClient:
+    async def swarm(self) -> SwarmClient:
+        """The broker connection, waiting ``connect_wait_s`` for it while it is down (then a 503)."""
         if self._client is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.connect_wait_s):
@@ -264,33 +268,24 @@ class Gateway(Service):
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route(
                     "/metrics",
-                    self._metrics if self.config.metrics_public else self._guarded(self._metrics),
+                    self._metrics if self.config.metrics_public else self.guarded(self._metrics),
                     methods=["GET"],
                 ),
-                Route("/v1/models", self._guarded(self._models), methods=["GET"]),
-                Route("/v1/models/{model:path}", self._guarded(self._model), methods=["GET"]),
-                Route("/v1/chat/completions", self._guarded(self._chat), methods=["POST"]),
-                Route("/v1/embeddings", self._guarded(self._embeddings), methods=["POST"]),
-                Route("/v1/completions", self._guarded(self._completions), methods=["POST"]),
+                Route("/v1/models", self.guarded(self._models), methods=["GET"]),
+                Route("/v1/models/{model:path}", self.guarded(self._model), methods=["GET"]),
+                Route("/v1/chat/completions", self.guarded(self._chat), methods=["POST"]),
+                Route("/v1/embeddings", self.guarded(self._embeddings), methods=["POST"]),
+                Route("/v1/completions", self.guarded(self._completions), methods=["POST"]),
                 Route("/v1/messages", self._anthropic(self._messages), methods=["POST"]),
-                Route("/v1/responses", self._guarded(self._responses), methods=["POST"]),
-                Route("/v1/swarm/nodes", self._guarded(self._nodes), methods=["GET"]),
+                Route("/v1/responses", self.guarded(self._responses), methods=["POST"]),
+                Route("/v1/swarm/nodes", self.guarded(self._nodes), methods=["GET"]),
                 Route("/join/{name}", self._join_file, methods=["GET"]),
-                Route("/api/chat", self._ollama(self._ollama_chat), methods=["POST"]),
-                Route("/api/generate", self._ollama(self._ollama_generate), methods=["POST"]),
-                Route("/api/embed", self._ollama(self._ollama_embed), methods=["POST"]),
-                Route("/api/embeddings", self._ollama(self._ollama_embeddings), methods=["POST"]),
-                Route("/api/tags", self._ollama(self._ollama_tags), methods=["GET"]),
-                Route("/api/ps", self._ollama(self._ollama_ps), methods=["GET"]),
-                Route("/api/show", self._ollama(self._ollama_show), methods=["POST"]),
-                Route("/api/version", self._ollama_version, methods=["GET"]),
-                # pull, push, create, copy, delete...: the owner pins models (swarm-hub pin), not clients
-                Route("/api/{rest:path}", self._ollama_unknown, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
+                *self._ollama.routes(),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
         )
 
-    def _guarded(
+    def guarded(
         self,
         endpoint: Callable[[Request], Awaitable[Response]],
         *,
@@ -345,7 +340,8 @@ class Gateway(Service):
             ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
         )
 
-    async def _body(self, request: Request) -> Any:
+    async def body(self, request: Request) -> Any:
+        """The request's JSON body, at most ``max_body_bytes`` (else a 413)."""
         limit = self.config.max_body_bytes
         body = bytearray()
         seen = 0
@@ -437,12 +433,12 @@ class Gateway(Service):
         )
 
     async def _models(self, request: Request) -> Response:
-        client = await self._swarm()
+        client = await self.swarm()
         limit = client.hub.max_tokens if client.hub else None
         return JSONResponse(openai_api.models(client.fleet, created=self._started, max_tokens_limit=limit))
 
     async def _model(self, request: Request) -> Response:
-        client = await self._swarm()
+        client = await self.swarm()
         limit = client.hub.max_tokens if client.hub else None
         card = openai_api.model(
             client.fleet,
@@ -454,28 +450,28 @@ class Gateway(Service):
         return JSONResponse(card)
 
     async def _nodes(self, request: Request) -> Response:
-        client = await self._swarm()
+        client = await self.swarm()
         return JSONResponse(openai_api.nodes(client.fleet))
 
     async def _embeddings(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
+        body = await self.body(request)
+        client = await self.swarm()
         call = openai_api.embed_request(
             body, known_models=openai_api.known_models(client.fleet), names=self.config.models
         )
-        answer = await self._ask(request, client, call.request)
+        answer = await self.ask(request, client, call.request)
         return JSONResponse(
             openai_api.embeddings(answer, encoding_format=call.encoding_format), headers=ignored_header(call.ignored)
         )
 
     async def _chat(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
+        body = await self.body(request)
+        client = await self.swarm()
         known = openai_api.known_models(client.fleet)
         call = openai_api.chat_request(body, known_models=known, names=self.config.models)
         if call.request.stream:
             return await self._chat_stream(request, client, call)
-        answer = await self._ask(request, client, call.request)
+        answer = await self.ask(request, client, call.request)
         return JSONResponse(
             openai_api.chat_completion(answer, created=int(time.time())), headers=ignored_header(call.ignored)
         )
@@ -484,7 +480,8 @@ class Gateway(Service):
         # The hub answers deadline_exceeded at the request's deadline; our own limit is a backstop.
         return (prompt.timeout_s or self.config.request_timeout_s) + 5.0
 
-    async def _ask(self, request: Request, client: SwarmClient, prompt: PromptRequest) -> Answer:
+    async def ask(self, request: Request, client: SwarmClient, prompt: PromptRequest) -> Answer:
+        """``prompt``'s answer, under a request id of its own; cancelled if the client goes away."""
         prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
         assert prompt.id is not None
         try:
@@ -501,7 +498,7 @@ class Gateway(Service):
             chunks = ChatChunks(request_id, model=model, created=int(time.time()), include_usage=call.include_usage)
             return OpenAIEvents(chunks)
 
-        return await self._relay(request, client, call.request, events, headers=ignored_header(call.ignored))
+        return await self.relay(request, client, call.request, events, headers=ignored_header(call.ignored))
 
     # ---------------------------------------------------------------- Anthropic's API, text completions
 
@@ -509,31 +506,31 @@ class Gateway(Service):
         self, endpoint: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         """The same authentication, plus Anthropic's own ``x-api-key``; refusals in Anthropic's shape."""
-        return self._guarded(endpoint, shape=_anthropic_error, key_header="x-api-key")
+        return self.guarded(endpoint, shape=_anthropic_error, key_header="x-api-key")
 
     async def _messages(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
+        body = await self.body(request)
+        client = await self.swarm()
         known = openai_api.known_models(client.fleet)
         call = anthropic_api.messages_request(body, known_models=known, names=self.config.models)
         headers = ignored_header(call.ignored)
         if not call.request.stream:
-            answer = await self._ask(request, client, call.request)
+            answer = await self.ask(request, client, call.request)
             return JSONResponse(anthropic_api.message(answer), headers=headers)
 
         def events(request_id: str, requested: str | None, served: str | None) -> Events:
             return anthropic_api.MessageEvents(request_id, model=requested or served or "unknown")
 
-        return await self._relay(request, client, call.request, events, headers=headers)
+        return await self.relay(request, client, call.request, events, headers=headers)
 
     async def _completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
+        body = await self.body(request)
+        client = await self.swarm()
         known = openai_api.known_models(client.fleet)
         call = completions_api.completion_request(body, known_models=known, names=self.config.models)
         headers = ignored_header(call.ignored)
         if not call.request.stream:
-            answer = await self._ask(request, client, call.request)
+            answer = await self.ask(request, client, call.request)
             return JSONResponse(
                 completions_api.completion(answer, created=int(time.time()), echo=call.echo), headers=headers
             )
@@ -545,25 +542,25 @@ class Gateway(Service):
             )
             return OpenAIEvents(chunks)
 
-        return await self._relay(request, client, call.request, events, headers=headers)
+        return await self.relay(request, client, call.request, events, headers=headers)
 
     async def _responses(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
+        body = await self.body(request)
+        client = await self.swarm()
         known = openai_api.known_models(client.fleet)
         call = responses_api.responses_request(body, known_models=known, names=self.config.models)
         headers = ignored_header(call.ignored)
         if not call.request.stream:
-            answer = await self._ask(request, client, call.request)
+            answer = await self.ask(request, client, call.request)
             return JSONResponse(responses_api.response(answer, created=int(time.time())), headers=headers)
 
         def events(request_id: str, requested: str | None, served: str | None) -> Events:
             model = requested or served or "unknown"
             return responses_api.ResponseEvents(request_id, model=model, created=int(time.time()))
 
-        return await self._relay(request, client, call.request, events, headers=headers)
+        return await self.relay(request, client, call.request, events, headers=headers)
 
-    async def _relay(
+    async def relay(
         self,
         request: Request,
         client: SwarmClient,
@@ -580,100 +577,6 @@ class Gateway(Service):
             request, client, prompt, events, timeout=timeout, headers=headers, media_type=media_type
         )
 
-    # ---------------------------------------------------------------- Ollama's API
-
-    def _ollama(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """The same authentication and refusals as the OpenAI routes, in Ollama's error shape."""
-        return self._guarded(endpoint, shape=_ollama_error)
-
-    def _ollama_names(self, client: SwarmClient) -> tuple[set[str] | None, ModelNames]:
-        return openai_api.known_models(client.fleet), self.config.models
-
-    async def _ollama_unknown(self, request: Request) -> Response:
-        path = request.url.path
-        if path in _OLLAMA_ROUTES:
-            return _ollama_error(ApiError(405, f"{request.method} is not allowed on {path}", code="method_not_allowed"))
-        message = f"{path} is not served by this swarm: its owner chooses the models (swarm-hub pin)"
-        return _ollama_error(ApiError(404, message, code="not_found"))
-
-    async def _ollama_version(self, request: Request) -> Response:
-        return JSONResponse(ollama_api.version())
-
-    async def _ollama_tags(self, request: Request) -> Response:
-        client = await self._swarm()
-        limit = client.hub.max_tokens if client.hub else None
-        return JSONResponse(ollama_api.tags(client.fleet, started=self._started, max_tokens_limit=limit))
-
-    async def _ollama_ps(self, request: Request) -> Response:
-        client = await self._swarm()
-        limit = client.hub.max_tokens if client.hub else None
-        return JSONResponse(ollama_api.running(client.fleet, max_tokens_limit=limit))
-
-    async def _ollama_show(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
-        limit = client.hub.max_tokens if client.hub else None
-        card = ollama_api.show(body, client.fleet, started=self._started, names=self.config.models, limit=limit)
-        return JSONResponse(card)
-
-    async def _ollama_chat(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
-        served, names = self._ollama_names(client)
-        call = ollama_api.chat_request(body, served=served, names=names)
-        return await self._ollama_answer(request, client, "chat", call)
-
-    async def _ollama_generate(self, request: Request) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
-        served, names = self._ollama_names(client)
-        call = ollama_api.generate_request(body, served=served, names=names)
-        return await self._ollama_answer(request, client, "generate", call)
-
-    async def _ollama_embed(self, request: Request) -> Response:
-        return await self._ollama_embedding(request, legacy=False)
-
-    async def _ollama_embeddings(self, request: Request) -> Response:
-        return await self._ollama_embedding(request, legacy=True)
-
-    async def _ollama_embedding(self, request: Request, *, legacy: bool) -> Response:
-        body = await self._body(request)
-        client = await self._swarm()
-        served, names = self._ollama_names(client)
-        call = ollama_api.embed_request(body, served=served, names=names, legacy=legacy)
-        assert call.request is not None
-        answer = await self._ask(request, client, call.request)
-        if legacy:
-            return JSONResponse(ollama_api.embeddings_response(answer), headers=ignored_header(call.ignored))
-        result = ollama_api.embed_response(answer, model=call.model)
-        return JSONResponse(result, headers=ignored_header(call.ignored))
-
-    async def _ollama_answer(
-        self, request: Request, client: SwarmClient, kind: ollama_api.Kind, call: ollama_api.OllamaCall
-    ) -> Response:
-        created_at = ollama_api.timestamp()
-        headers = ignored_header(call.ignored)
-        if call.request is None:
-            done = ollama_api.loaded(kind, call.model, created_at=created_at)
-            if call.stream:
-                return Response(ollama_api.ndjson(done), media_type=NDJSON, headers=headers)
-            return JSONResponse(done, headers=headers)
-        if not call.stream:
-            answer = await self._ask(request, client, call.request)
-            return JSONResponse(ollama_api.response(kind, answer, created_at=created_at), headers=headers)
-
-        def events(request_id: str, requested: str | None, served: str | None) -> Events:
-            # Ollama's clients show the model that answered, so the node's own name comes first.
-            return OllamaEvents(ollama_api.Lines(kind, model=served or requested or call.model, created_at=created_at))
-
-        return await self._relay(request, client, call.request, events, headers=headers, media_type=NDJSON)
-
-
-#: the Ollama routes served (any other method on them is a 405)
-_OLLAMA_ROUTES = frozenset(
-    f"/api/{name}" for name in ("chat", "generate", "embed", "embeddings", "tags", "ps", "show", "version")
-)
-
 
 def _error(exc: ApiError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
@@ -681,10 +584,6 @@ def _error(exc: ApiError) -> Response:
 
 def _anthropic_error(exc: ApiError) -> Response:
     return JSONResponse(anthropic_api.error_body(exc), status_code=exc.status, headers=exc.headers())
-
-
-def _ollama_error(exc: ApiError) -> Response:
-    return JSONResponse(ollama_api.error_body(exc), status_code=exc.status, headers=exc.headers())
 
 
 #: how far past the limit an oversized body is still read, so its sender gets the 413
