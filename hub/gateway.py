@@ -39,20 +39,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import mimetypes
 import re
 import secrets
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import structlog
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -60,7 +58,6 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from nova_swarm.broker.contract.messages import Answer, PromptRequest
@@ -74,7 +71,7 @@ from nova_swarm.broker.service import Service
 from . import anthropic_api, completions_api, openai_api, responses_api
 from .client import SwarmClient
 from .gateway_config import GatewayConfig, browser_host
-from .http_timeouts import TimedConfig
+from .http_server import listen, read_json, server
 from .join import JoinRefused, JoinService
 from .leniency import IGNORED_HEADER, ignored_header
 from .ollama_routes import OllamaRoutes
@@ -83,23 +80,6 @@ from .prometheus import MetricsBoard, SwarmCollector, SwarmView
 from .relay import SSE, ClientGone, Events, EventsFor, OpenAIEvents, stream_answer, unless_gone
 
 log = structlog.get_logger("nova_swarm.gateway")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, minus its signal handlers: signals belong to whoever owns the gateway."""
-
-    def __init__(self, config: uvicorn.Config, started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._started = started
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._started()
 
 
 class Gateway(Service):
@@ -130,20 +110,7 @@ class Gateway(Service):
         #: set once the HTTP server accepts connections (``port`` is then the real one)
         self.ready = asyncio.Event()
         self.port = config.port
-        self._server = _Server(
-            TimedConfig(
-                _AccessLog(self.app()),
-                timeouts=config.timeouts,
-                lifespan="off",
-                log_config=None,
-                access_log=False,
-                ws="none",
-                timeout_graceful_shutdown=config.shutdown_grace_s,
-                ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
-                ssl_keyfile=str(config.tls_key) if config.tls_key else None,
-            ),
-            started=self.ready.set,
-        )
+        self._server = server(self.app(), config, started=self.ready.set)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -161,19 +128,8 @@ class Gateway(Service):
         """Take the listening socket now, so a port in use is a clear error before anything starts."""
         if self._socket is not None:
             return
-        host, port = self.config.host, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"the HTTP gateway cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        sock.setblocking(False)
-        self._socket = sock
-        self.port = sock.getsockname()[1]
+        self._socket = listen(self.config.host, self.config.port)
+        self.port = self._socket.getsockname()[1]
 
     async def run(self) -> None:
         """Serve until :meth:`stop`; the broker connection is kept up (reconnecting) meanwhile."""
@@ -342,24 +298,7 @@ class Gateway(Service):
 
     async def body(self, request: Request) -> Any:
         """The request's JSON body, at most ``max_body_bytes`` (else a 413)."""
-        limit = self.config.max_body_bytes
-        body = bytearray()
-        seen = 0
-        async for part in request.stream():
-            seen += len(part)
-            if seen <= limit:
-                body += part
-            elif seen > _DRAIN_FACTOR * limit:
-                break  # past any honest mistake: stop reading, the connection is dropped
-        # An oversized body is read to its end (and thrown away) before the 413: a server that
-        # answers while the client is still sending resets the connection, and most clients
-        # then report the reset instead of our answer.
-        if seen > limit:
-            raise _too_large(limit)
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise openai_api.bad_request(f"the body is not valid JSON: {exc}", code=ErrorCode.BAD_JSON) from exc
+        return await read_json(request, limit=self.config.max_body_bytes)
 
     async def _index(self, request: Request) -> Response:
         return self._static_file("index.html")
@@ -584,44 +523,3 @@ def _error(exc: ApiError) -> Response:
 
 def _anthropic_error(exc: ApiError) -> Response:
     return JSONResponse(anthropic_api.error_body(exc), status_code=exc.status, headers=exc.headers())
-
-
-#: how far past the limit an oversized body is still read, so its sender gets the 413
-_DRAIN_FACTOR = 16
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than {limit} bytes", code="payload_too_large")
-
-
-class _AccessLog:
-    """One structured log line per HTTP request (uvicorn's own access log is off)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status = 0
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            # polled by the chat page, probes and scrapers
-            quiet = scope["path"] in ("/health", "/v1/swarm/nodes", "/healthz", "/metrics")
-            (log.debug if quiet else log.info)(
-                "http",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                ms=round((time.monotonic() - started) * 1000, 1),
-            )
