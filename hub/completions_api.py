@@ -140,7 +140,7 @@ def _finish(answer: Answer) -> str:
 class CompletionChunks:
     """The chunks of one streamed completion: ``text_completion`` objects with the next text,
     the last with ``finish_reason``, then a usage chunk when asked for. With ``echo`` (the
-    prompt), the first chunk is the prompt. ``gateway.py`` frames each with ``openai_api.sse``
+    prompt), the first chunk is the prompt. ``relay.py`` frames each with ``openai_api.sse``
     and ends with DONE."""
 
     def __init__(

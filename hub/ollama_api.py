@@ -519,7 +519,7 @@ def response(kind: Kind, answer: Answer, *, created_at: str) -> dict[str, Any]:
 class Lines:
     """The NDJSON lines of one streamed answer: one per piece of text, then what the stream
     missed and the tool calls (Ollama sends whole calls, not pieces), then ``done: true`` with
-    the counts. ``gateway.py`` frames each with :func:`ndjson`."""
+    the counts. ``relay.py`` frames each with :func:`ndjson`."""
 
     def __init__(self, kind: Kind, *, model: str, created_at: str) -> None:
         self.kind = kind

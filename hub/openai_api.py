@@ -469,7 +469,7 @@ class ChatChunks:
 
     an opening delta (``role``), content or ``tool_calls`` deltas, whatever the full answer has
     that the stream missed, a closing chunk (empty delta, ``finish_reason``, ``swarm``), and a
-    usage chunk when asked for. ``gateway.py`` frames each with :func:`sse` and ends with DONE.
+    usage chunk when asked for. ``relay.py`` frames each with :func:`sse` and ends with DONE.
     """
 
     def __init__(self, request_id: str, *, model: str, created: int, include_usage: bool = False) -> None:
