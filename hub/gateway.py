@@ -431,6 +431,23 @@ class Gateway(Service):
                 await client.cancel(prompt.id, "the HTTP client disconnected")
             raise
 
+    async def relay(
+        self,
+        request: Request,
+        client: SwarmClient,
+        prompt: PromptRequest,
+        events: EventsFor,
+        *,
+        headers: dict[str, str],
+        media_type: str = SSE,
+    ) -> Response:
+        """A streamed answer to ``prompt`` under a request id of its own (``relay.py``)."""
+        prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
+        timeout = self._wait_s(prompt)
+        return await stream_answer(
+            request, client, prompt, events, timeout=timeout, headers=headers, media_type=media_type
+        )
+
     async def _chat_stream(self, request: Request, client: SwarmClient, call: openai_api.ChatCall) -> Response:
         def events(request_id: str, requested: str | None, served: str | None) -> Events:
             model = requested or served or "unknown"
@@ -498,23 +515,6 @@ class Gateway(Service):
             return responses_api.ResponseEvents(request_id, model=model, created=int(time.time()))
 
         return await self.relay(request, client, call.request, events, headers=headers)
-
-    async def relay(
-        self,
-        request: Request,
-        client: SwarmClient,
-        prompt: PromptRequest,
-        events: EventsFor,
-        *,
-        headers: dict[str, str],
-        media_type: str = SSE,
-    ) -> Response:
-        """A streamed answer to ``prompt`` under a request id of its own (``relay.py``)."""
-        prompt = prompt.model_copy(update={"id": uuid.uuid4().hex})
-        timeout = self._wait_s(prompt)
-        return await stream_answer(
-            request, client, prompt, events, timeout=timeout, headers=headers, media_type=media_type
-        )
 
 
 def _error(exc: ApiError) -> Response:
