@@ -12,25 +12,27 @@ the service.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 from nova_swarm.broker.contract.errors import ConfigError
 
 
-class Service:
-    """Subclasses give ``run()`` (until stopped) and ``stop()`` (ask ``run()`` to end, soon and
-    cleanly); ``started`` may wait for readiness."""
+class Service(ABC):
+    """Subclasses give ``run()`` and ``stop()``; ``started`` may wait for readiness."""
 
     _owner: asyncio.TaskGroup | None = None
 
+    @abstractmethod
     async def run(self) -> None:
-        raise NotImplementedError
+        """Serve until stopped."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Ask ``run()`` to end, soon and cleanly (drained, offline); returns at once."""
 
-    async def started(self, running: asyncio.Task[None]) -> None:
+    async def started(self, running: asyncio.Task[None]) -> None:  # noqa: B027 - a hook, no-op by default
         """Called in ``__aenter__`` once ``run()`` is started; by default the block begins at once
         (readiness, where it matters, is an event of the service's own)."""
 
