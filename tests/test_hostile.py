@@ -398,9 +398,9 @@ async def test_framing_abuse_is_refused_cleanly(broker: RunningBroker) -> None:
 
 
 #: When a silent client's Will must be out: MQTT's 1.5x keepalive, plus a second. Mosquitto 2.0.11
-#: sweeps keepalives more coarsely (measured here: 5.3 s for keepalive 2, 11.2 s for 5), so
-#: Mosquitto mode is held to 2x keepalive plus 2 s instead.
-WILL_WITHIN_S = {"amqtt": 1.5 * 2 + 1, "mosquitto": 2 * 2 + 2}
+#: sweeps keepalives more coarsely (measured here: 5.3 to 6.04 s for keepalive 2, 11.2 s for 5),
+#: so Mosquitto mode is held to 2x keepalive plus 3 s instead.
+WILL_WITHIN_S = {"amqtt": 1.5 * 2 + 1, "mosquitto": 2 * 2 + 3}
 
 
 async def test_a_silent_clients_will_fires_within_one_and_a_half_keepalives(broker: RunningBroker) -> None:
