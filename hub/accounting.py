@@ -1,10 +1,8 @@
 """Accounting: what follows from each settled attempt, told to observers. No I/O.
 
     settlement = Settlement(Asked.of(request, digest))      # one per request
-    events = settlement.result_failed(result, ts=now)       # or request_answered, request_failed
-    for event in events:
-        for observer in observers:                          # LedgerObserver, WinRateObserver, ...
-            observer.attempt_settled(event)
+    observers = Observers([LedgerObserver(...), WinRateObserver(...), ...])
+    observers.tell(settlement.result_failed(result, ts=now))  # or request_answered, ...
 
 An attempt settles twice over: its *result* is accounted for (a receipt, trust, credits, energy),
 and, once the request is decided, its node's *win or loss* (the win rates). A failed result is
@@ -16,7 +14,8 @@ a node's win or loss counts once per request.
 
 Observers are shaped like dramatiq's middleware: every hook of ``Observer`` does nothing, and
 each observer overrides the hooks it needs. Besides the attempt hook there are two for the
-request as a whole (answered, failed), which feed the metrics window.
+request as a whole (answered, failed), which feed the metrics window, and one for a node's time
+online, which earns it uptime credit. ``Observers`` tells them all, in order.
 """
 
 from __future__ import annotations
@@ -67,6 +66,8 @@ class AttemptSettled:
     #: for best_of_n: where the reranker put this answer (1 is best), and among how many
     rank: int | None = None
     ranked: int | None = None
+    #: the node was lost (gone offline or silent) holding this attempt: it dropped work it took
+    lost: bool = False
 
 
 @dataclass
@@ -127,6 +128,11 @@ class Settlement:
         """The request failed: each of ``losers`` (the nodes that worked on it) lost."""
         return [AttemptSettled(self.asked, node_id, None, won=False, decided=True, ts=ts) for node_id in losers]
 
+    def node_lost(self, node_id: str, *, ts: float) -> list[AttemptSettled]:
+        """``node_id`` was lost while it held work of this request: it counts against its trust
+        at once, once per request. Its loss in the win rates waits for the request's end."""
+        return [AttemptSettled(self.asked, node_id, None, won=False, decided=False, ts=ts, lost=True)]
+
 
 def receipt_body(event: AttemptSettled, result: TaskResult, announced: ModelInfo | None) -> ReceiptBody:
     """The receipt of a settled result. The model's hash and size are those the node announced,
@@ -169,10 +175,41 @@ class Observer:
     def request_failed(self, at: float, code: ErrorCode) -> None:
         """A request was refused or failed, or its client cancelled it (``code`` says which)."""
 
+    def node_up(self, node_id: str, seconds: float) -> None:
+        """``node_id`` was online and taking work for ``seconds`` more."""
+
+
+class Observers(Observer):
+    """Several observers as one: each hook tells every observer, in order."""
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self.observers = list(observers)
+
+    def tell(self, events: Iterable[AttemptSettled]) -> None:
+        for event in events:
+            self.attempt_settled(event)
+
+    def attempt_settled(self, event: AttemptSettled) -> None:
+        for observer in self.observers:
+            observer.attempt_settled(event)
+
+    def request_answered(self, at: float, latency_ms: float) -> None:
+        for observer in self.observers:
+            observer.request_answered(at, latency_ms)
+
+    def request_failed(self, at: float, code: ErrorCode) -> None:
+        for observer in self.observers:
+            observer.request_failed(at, code)
+
+    def node_up(self, node_id: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer.node_up(node_id, seconds)
+
 
 class LedgerObserver(Observer):
     """Each settled result gets a receipt in the ledger, which moves its node's trust and
-    credits. A hub without a ledger (no signing key) keeps trust alone, from the same body."""
+    credits. A hub without a ledger (no signing key) keeps trust alone, from the same body.
+    A node lost holding work loses trust; time online earns uptime credit (with a ledger)."""
 
     def __init__(
         self,
@@ -193,6 +230,8 @@ class LedgerObserver(Observer):
     def attempt_settled(self, event: AttemptSettled) -> None:
         result = event.result
         if result is None:
+            if event.lost:
+                self.trust.failed(event.node_id, ErrorCode.NODE_LOST.value)
             return
         rec = self.registry.nodes.get(result.node_id)
         announced = rec.announce.model if rec is not None and rec.announce is not None else None
@@ -203,6 +242,12 @@ class LedgerObserver(Observer):
         receipt = self.ledger.append(body)
         self.trust.record(receipt.body)
         credits.record(self.accounts, receipt.body, self.rates)
+
+    def node_up(self, node_id: str, seconds: float) -> None:
+        if self.ledger is None:
+            return
+        self.ledger.credit_uptime(node_id, seconds)
+        self.accounts.setdefault(node_id, credits.Contribution(node_id)).uptime_s += seconds
 
 
 class WinRateObserver(Observer):
@@ -243,3 +288,24 @@ class WindowObserver(Observer):
 
     def request_failed(self, at: float, code: ErrorCode) -> None:
         self.window.failed(at, code)
+
+
+def for_hub(
+    registry: Registry,
+    trust: Trust,
+    winrates: WinRates,
+    window: Window,
+    *,
+    ledger: Ledger | None,
+    accounts: dict[str, credits.Contribution],
+    rates: credits.CreditRates,
+) -> Observers:
+    """The hub's observers: receipts, trust and credits; win rates; energy; the metrics window."""
+    return Observers(
+        [
+            LedgerObserver(registry=registry, trust=trust, ledger=ledger, accounts=accounts, rates=rates),
+            WinRateObserver(winrates),
+            EnergyObserver(registry),
+            WindowObserver(window),
+        ]
+    )

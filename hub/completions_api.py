@@ -23,9 +23,10 @@ from typing import Any
 from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
 
+from .api_errors import ApiError, bad_request
 from .leniency import LLAMA_SAMPLING
 from .model_names import ModelNames
-from .openai_api import SWARM_FIELDS, ApiError, bad_request, finish_reason, requested_model, swarm_info, usage
+from .openai_api import SWARM_FIELDS, finish_reason, requested_model, swarm_info, usage
 from .openai_api import _check_fields as check_fields  # OpenAI's accepted-and-ignored and harmless fields
 from .openai_api import _validate as validate  # the one place pydantic's errors become a 400
 

@@ -21,6 +21,7 @@ from nova_swarm.broker.link.base import Links
 
 from . import retrieval
 from .client import SwarmClient
+from .config import HubConfig
 from .registry import Registry
 
 log = structlog.get_logger("nova_swarm.hub")
@@ -91,3 +92,13 @@ class Context:
                 await self._exits.aclose()
             raise
         return answer.embeddings or []  # the retriever checks the count and the sizes
+
+
+def for_hub(config: HubConfig, links: Links, registry: Registry) -> Context | None:
+    """The hub's retrieval, when ``config.retrieval`` turns it on (None when it is off). The
+    document index and the swarm client that asks nodes for embeddings are made on first use."""
+    if config.retrieval is None:
+        return None
+    return Context(
+        config.retrieval, links=links, swarm=config.swarm, registry=registry, timeout_s=config.default_timeout_s
+    )

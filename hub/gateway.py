@@ -68,14 +68,15 @@ from nova_swarm.broker.link.reconnect import reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
-from . import anthropic_api, completions_api, openai_api, responses_api
+from . import anthropic_api, api_errors, completions_api, openai_api, responses_api
+from .api_errors import ApiError
 from .client import SwarmClient
 from .gateway_config import GatewayConfig, browser_host
 from .http_server import listen, read_json, server
 from .join import JoinRefused, JoinService
 from .leniency import IGNORED_HEADER, ignored_header
 from .ollama_routes import OllamaRoutes
-from .openai_api import ApiError, ChatChunks
+from .openai_api import ChatChunks
 from .prometheus import MetricsBoard, SwarmCollector, SwarmView
 from .relay import SSE, ClientGone, Events, EventsFor, OpenAIEvents, stream_answer, unless_gone
 
@@ -258,7 +259,7 @@ class Gateway(Service):
             except ApiError as exc:
                 return render(exc)
             except RequestFailed as exc:
-                return render(openai_api.error_from(exc))
+                return render(api_errors.error_from(exc))
             except ConnectionLost:
                 return render(
                     ApiError(503, "the gateway lost the swarm's broker; try again", code="broker_unreachable")
@@ -282,11 +283,11 @@ class Gateway(Service):
                 if self.config.allow_anonymous:
                     return
                 extra = "".join(f" or '{name}: <token>'" for name in names)
-                raise openai_api.unauthorized(
+                raise api_errors.unauthorized(
                     f"no API key: send 'Authorization: Bearer <token>'{extra} (`swarm-hub token`)"
                 )
         if not secrets.compare_digest(token.strip().encode(), self.config.token.encode()):
-            raise openai_api.unauthorized("incorrect API key (`swarm-hub token` prints the right one)")
+            raise api_errors.unauthorized("incorrect API key (`swarm-hub token` prints the right one)")
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return _error(ApiError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found"))

@@ -25,10 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nova_swarm.broker.contract.errors import ConfigError, ErrorCode
 
-from . import openai_api
+from . import api_errors
+from .api_errors import ApiError
 from .gateway_config import GatewayConfig
 from .http_timeouts import TimedConfig
-from .openai_api import ApiError
 
 log = structlog.get_logger("nova_swarm.gateway")
 
@@ -87,7 +87,7 @@ async def read_json(request: Request, *, limit: int) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
-        raise openai_api.bad_request(f"the body is not valid JSON: {exc}", code=ErrorCode.BAD_JSON) from exc
+        raise api_errors.bad_request(f"the body is not valid JSON: {exc}", code=ErrorCode.BAD_JSON) from exc
 
 
 class _Server(uvicorn.Server):

@@ -14,6 +14,7 @@ one series per node with no transformation. Nothing here touches the network (``
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, NodeMetrics, NodeState
+from nova_swarm.broker.contract.topics import Topics
 
 from .credits import Contribution, CreditRates
 from .registry import NodeRecord, Registry
@@ -172,3 +174,33 @@ def win_rates(rates: WinRates, node_ids: Iterable[str], now: float) -> dict[str,
             name = ALL_TAGS if tag == ALL else tag
             out.setdefault(name, {})[node_id] = round(rates.rate(node_id, tag, now), 4)
     return out
+
+
+def readings(
+    topics: Topics,
+    window: Window,
+    registry: Registry,
+    winrates: WinRates,
+    accounts: dict[str, Contribution],
+    rates: CreditRates,
+    *,
+    heartbeat_timeout_s: float,
+    inflight: int,
+    queued: int,
+    now: float,
+    mono: float,
+) -> list[tuple[str, bytes]]:
+    """Every metrics message the hub publishes on one tick, as (topic, payload). ``now`` is the
+    wall clock, ``mono`` the event loop's (the window's)."""
+    hub = window.hub_metrics(mono, registry, inflight=inflight, queued=queued)
+    nodes = {rec.node_id: node_metrics(rec, now, heartbeat_timeout_s) for rec in reported(registry, now)}
+    batch: list[tuple[str, bytes]] = [(topics.metrics_hub(), hub.encode())]
+    batch += [(topics.metrics_node(node_id), m.encode()) for node_id, m in nodes.items()]
+    batch += [(topics.metrics_fan_in(name), json.dumps(v).encode()) for name, v in fan_in(nodes).items()]
+    batch.append((topics.metrics_fan_in("errors"), json.dumps(window.errors_by_code(mono)).encode()))
+    for tag, by_node in win_rates(winrates, nodes, now).items():
+        batch.append((topics.metrics_win_rate(tag), json.dumps(by_node).encode()))
+    if accounts:  # the ledger's totals, one key per node
+        for name, values in ledger_totals(accounts, rates).items():
+            batch.append((topics.metrics_fan_in(name), json.dumps(values).encode()))
+    return batch

@@ -29,9 +29,10 @@ from nova_swarm.broker.contract.messages import Answer, NodeTable, PromptRequest
 from nova_swarm.broker.contract.version import __version__
 
 from . import model_names
+from .api_errors import ApiError, bad_request
 from .leniency import OptionError, ollama_options
 from .model_names import ModelEntry, ModelNames
-from .openai_api import SWARM_FIELDS, ApiError, bad_request
+from .openai_api import SWARM_FIELDS
 from .openai_api import _validate as validate  # the one place pydantic's errors become a 400
 
 #: the Ollama API release whose shapes this module follows (clients check it for features)

@@ -19,10 +19,10 @@ from starlette.routing import Route
 from nova_swarm.broker.contract.messages import Answer, PromptRequest
 
 from . import ollama_api, openai_api
+from .api_errors import ApiError
 from .client import SwarmClient
 from .leniency import ignored_header
 from .model_names import ModelNames
-from .openai_api import ApiError
 from .relay import NDJSON, SSE, Events, EventsFor, OllamaEvents
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from packaging.version import InvalidVersion, Version
 
-from nova_swarm.broker.contract.messages import Announce, Heartbeat, NodeRow, NodeState, NodeTable, PinReport, Status
+from nova_swarm.broker.contract.messages import (
+    Announce,
+    Heartbeat,
+    NodeRow,
+    NodeState,
+    NodeTable,
+    PinReport,
+    Status,
+    decode,
+)
+from nova_swarm.broker.contract.topics import NodeTopic
 
 TIMEOUT_REASON = "heartbeat timeout"
 
@@ -85,6 +95,32 @@ class Pins:
     model_sha256: str | None = None
     model_tags: tuple[str, ...] = ()
 
+    def seen(self, signed: dict[str, object], *, bundle: bool) -> Pins:
+        """These pins once a retained pin (``pins.unverified_signed``; {} when cleared) is seen:
+        the bundle pin when ``bundle``, else the model pin. Fields of the wrong type read as unset."""
+        if bundle:
+            version = signed.get("version")
+            return replace(self, bundle=version if isinstance(version, str) else None)
+        name, sha, tags = signed.get("name"), signed.get("sha256"), signed.get("tags")
+        return replace(
+            self,
+            model_name=name if isinstance(name, str) else None,
+            model_sha256=sha if isinstance(sha, str) else None,
+            model_tags=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """What a node's announce, status or heartbeat means for the hub."""
+
+    #: the node lost the work it held, for this reason
+    lost: str | None = None
+    #: it may take work now: waiting requests should try again
+    available: bool = False
+    #: the node table changed: the hub's status has news
+    changed: bool = False
+
 
 def _older(running: str, pinned: str) -> bool:
     try:
@@ -141,6 +177,35 @@ class Registry:
         for rec in records:
             rec.inflight = 0
             self.nodes[rec.node_id] = rec
+
+    def hear(self, node_id: str, kind: NodeTopic, payload: bytes, *, retain: bool, now: float) -> Heard:
+        """Take in a message a node sent on its ``kind`` topic (announce, status or heartbeat).
+        A message naming another node than its topic's is ignored. Raises ``ProtocolError`` when
+        the payload is malformed."""
+        if kind is NodeTopic.HEARTBEAT:
+            heartbeat = decode(Heartbeat, payload)
+            back = heartbeat.node_id == node_id and self.on_heartbeat(heartbeat, now=now)
+            return Heard(available=back, changed=back)
+        if kind is NodeTopic.ANNOUNCE:
+            announce = decode(Announce, payload)
+            if announce.node_id != node_id:
+                return Heard()
+            gone = self.on_announce(announce, live=not retain, now=now)
+            return Heard(lost="re-announced" if gone else None, available=True, changed=True)
+        if kind is NodeTopic.STATUS and payload:  # an empty one is a cleared retained status
+            status = decode(Status, payload)
+            if status.node_id != node_id:
+                return Heard()
+            unavailable = self.on_status(status, live=not retain, now=now)
+            # A paused node takes no new work but finishes what it runs: only a node that went
+            # offline loses its attempts.
+            offline = unavailable and status.state is NodeState.OFFLINE
+            return Heard(
+                lost=f"went offline ({status.reason or 'no reason given'})" if offline else None,
+                available=status.state is NodeState.ONLINE,
+                changed=True,
+            )
+        return Heard()
 
     # Each on_* returns True when the node just stopped being available (its tasks must move).
 

@@ -29,9 +29,10 @@ from starlette.types import Send
 from nova_swarm.broker.contract.errors import ConnectionLost, RequestFailed
 from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
 
-from . import completions_api, ollama_api, openai_api
+from . import api_errors, completions_api, ollama_api, openai_api
+from .api_errors import ApiError
 from .client import SwarmClient
-from .openai_api import ApiError, ChatChunks
+from .openai_api import ChatChunks
 
 #: OpenAI's, Anthropic's and the Responses API's streams: server-sent events
 SSE = "text/event-stream"
@@ -137,7 +138,7 @@ async def stream_answer(
             for data in writer.failure(exc):
                 yield data
         except RequestFailed as exc:
-            for data in writer.failure(openai_api.error_from(exc)):
+            for data in writer.failure(api_errors.error_from(exc)):
                 yield data
         except ConnectionLost:
             for data in writer.failure(ApiError(503, "the gateway lost the broker", code="broker_unreachable")):

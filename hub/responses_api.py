@@ -28,9 +28,10 @@ from typing import Any
 from nova_swarm.broker.contract.errors import ErrorCode
 from nova_swarm.broker.contract.messages import Answer, PromptRequest, StreamChunk
 
+from .api_errors import ApiError, bad_request
 from .leniency import LLAMA_SAMPLING
 from .model_names import ModelNames
-from .openai_api import SWARM_FIELDS, ApiError, bad_request, requested_model, swarm_info
+from .openai_api import SWARM_FIELDS, requested_model, swarm_info
 from .openai_api import _validate as validate  # the one place pydantic's errors become a 400
 
 

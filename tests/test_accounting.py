@@ -16,12 +16,12 @@ from nova_swarm.hub import credits
 from nova_swarm.hub.accounting import (
     Asked,
     AttemptSettled,
-    EnergyObserver,
-    LedgerObserver,
     Observer,
+    Observers,
     Settlement,
     WindowObserver,
     WinRateObserver,
+    for_hub,
 )
 from nova_swarm.hub.ledger import Ledger, receipts, sha256_text
 from nova_swarm.hub.metrics import Window
@@ -94,27 +94,21 @@ class Books:
             self.registry.record(node_id).announce = announce(node_id)
 
     @property
-    def observers(self) -> list[Observer]:
-        ledger = LedgerObserver(
-            registry=self.registry,
-            trust=self.trust,
+    def observers(self) -> Observers:
+        """The hub's own set (``accounting.for_hub``), and a recorder after them."""
+        hubs = for_hub(
+            self.registry,
+            self.trust,
+            self.winrates,
+            self.window,
             ledger=self.ledger,
             accounts=self.accounts,
             rates=credits.CreditRates(),
         )
-        return [
-            ledger,
-            WinRateObserver(self.winrates),
-            EnergyObserver(self.registry),
-            WindowObserver(self.window),
-            self.recorder,
-        ]
+        return Observers([*hubs.observers, self.recorder])
 
     def tell(self, events: list[AttemptSettled]) -> None:
-        observers = self.observers
-        for event in events:
-            for observer in observers:
-                observer.attempt_settled(event)
+        self.observers.tell(events)
 
     def bodies(self) -> list[dict[str, object]]:
         assert self.ledger is not None
@@ -207,6 +201,28 @@ def test_a_failed_request_is_a_loss_for_each_of_its_nodes_and_no_receipt(books: 
     assert books.bodies() == []
     assert books.record("a") == books.record("b") == (1.0, 2.0)
     assert books.record("c") == (1.0, 1.0)
+
+
+def test_a_node_lost_holding_work_loses_trust_once_per_request_and_its_loss_waits(books: Books) -> None:
+    settlement = Settlement(RACE)
+    before = books.trust.score("a")
+    books.tell(settlement.node_lost("a", ts=TS))
+    lost = books.trust.score("a")
+    assert lost < before  # it dropped work it had taken
+    assert books.bodies() == []  # no result, so no receipt
+    assert books.record("a") == (1.0, 1.0)  # its loss counts when the request ends
+    books.tell(settlement.request_answered([result("t2", "b")], ("a",), ts=TS))
+    assert books.record("a") == (1.0, 2.0)
+    assert books.trust.score("a") == lost
+
+
+def test_time_online_earns_uptime_credit_only_with_a_ledger(books: Books) -> None:
+    bare = Books(None)
+    for target in (books, bare):
+        target.observers.node_up("a", 2.5)
+        target.observers.node_up("a", 1.5)
+    assert books.accounts["a"].uptime_s == 4.0
+    assert bare.accounts == {}
 
 
 def test_receipts_move_trust_and_credits(books: Books) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from nova_swarm.broker.contract.messages import Answer, FunctionCall, StreamChunk, ToolCall, ToolCallDelta, Usage
 from nova_swarm.hub import anthropic_api
-from nova_swarm.hub.openai_api import ApiError
+from nova_swarm.hub.api_errors import ApiError
 
 from .test_openai_gateway import MODEL, Swarm, ahttp, engine, swarm  # noqa: F401  (fixtures)
 

@@ -13,7 +13,7 @@ import pytest
 
 from nova_swarm.broker.contract.messages import Answer, StreamChunk, Usage
 from nova_swarm.hub import completions_api
-from nova_swarm.hub.openai_api import ApiError
+from nova_swarm.hub.api_errors import ApiError
 
 from .conftest import bundled_model_path
 from .test_openai_gateway import MODEL, Swarm, ahttp, engine, swarm  # noqa: F401  (fixtures)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nova_swarm.broker.contract.errors import ErrorCode
+from nova_swarm.broker.contract.errors import ErrorCode, ProtocolError
 from nova_swarm.broker.contract.messages import (
     Announce,
     ErrorInfo,
@@ -24,17 +24,19 @@ from nova_swarm.broker.contract.messages import (
     NodeChunk,
     NodeState,
     PromptRequest,
+    Status,
     StreamChunk,
     StreamEnd,
     TaskResult,
     ToolCall,
     ToolCallDelta,
 )
+from nova_swarm.broker.contract.topics import NodeTopic
 from nova_swarm.hub.capacity import Capacity
 from nova_swarm.hub.config import HubConfig
 from nova_swarm.hub.lifecycle import Cancel, RequestMachine
 from nova_swarm.hub.placement import Assign, Placement, Shortfall, Terms, Wait, needs
-from nova_swarm.hub.registry import NodeRecord, Registry
+from nova_swarm.hub.registry import Heard, NodeRecord, Pins, Registry
 from nova_swarm.hub.scheduler import Scheduler
 from nova_swarm.hub.streams import ClientStream, StreamMessage
 from nova_swarm.hub.trust import Trust
@@ -178,6 +180,63 @@ def test_pieces_are_deduplicated_per_attempt() -> None:
     assert s.received(piece("t1", 0)) and s.received(piece("t2", 0))  # each attempt counts its own
     assert not s.received(piece("t1", 0)) and not s.received(piece("t2", 0))
     assert s.received(piece("t1", 1)) and not s.received(piece("t1", 1))
+
+
+# ---------------------------------------------------------------- presence
+
+
+def beat(node_id: str, **kw: object) -> bytes:
+    fields = {"battery_pct": None, "charging": None, "temp_c": None, "ram_free_mb": None, "load": None}
+    return Heartbeat.model_validate(
+        {"node_id": node_id, "ts": 0.0, "tokens_per_s": None, "busy": 0, "slots": 1, "queued": 0}
+        | {"tokens_served": 0, "tasks_done": 0, "tasks_failed": 0}
+        | fields
+        | kw
+    ).encode()
+
+
+def test_what_a_node_s_messages_mean_for_the_hub() -> None:
+    registry = Registry(heartbeat_timeout_s=30.0)
+    hear = registry.hear
+    # A retained announce is remembered, but the node is not live until it speaks.
+    assert hear("a", NodeTopic.ANNOUNCE, announce("a").encode(), retain=True, now=1.0) == Heard(
+        available=True, changed=True
+    )
+    assert not registry.nodes["a"].available(1.0, 30.0)
+    online = Status(node_id="a", state=NodeState.ONLINE).encode()
+    assert hear("a", NodeTopic.STATUS, online, retain=False, now=2.0) == Heard(available=True, changed=True)
+    assert registry.nodes["a"].available(2.0, 30.0)
+    assert hear("a", NodeTopic.HEARTBEAT, beat("a"), retain=False, now=3.0) == Heard()  # nothing new
+    # Silent too long, then heard again: back, and waiting requests may use it.
+    assert registry.expire(40.0) == ["a"]
+    assert hear("a", NodeTopic.HEARTBEAT, beat("a"), retain=False, now=41.0) == Heard(available=True, changed=True)
+    # A live re-announce keeps an available node's work (it says what it serves, again).
+    assert hear("a", NodeTopic.ANNOUNCE, announce("a").encode(), retain=False, now=42.0) == Heard(
+        available=True, changed=True
+    )
+    # Paused: no new work, nothing lost; offline: its work is lost, with its reason.
+    paused = Status(node_id="a", state=NodeState.PAUSED, reason="hot").encode()
+    assert hear("a", NodeTopic.STATUS, paused, retain=False, now=43.0) == Heard(changed=True)
+    hear("a", NodeTopic.STATUS, online, retain=False, now=44.0)
+    gone = Status(node_id="a", state=NodeState.OFFLINE, reason="shutdown").encode()
+    assert hear("a", NodeTopic.STATUS, gone, retain=False, now=45.0) == Heard(
+        lost="went offline (shutdown)", changed=True
+    )
+    # A message naming another node than its topic's, and a cleared status, change nothing.
+    assert hear("b", NodeTopic.HEARTBEAT, beat("a"), retain=False, now=8.0) == Heard()
+    assert hear("b", NodeTopic.ANNOUNCE, announce("a").encode(), retain=False, now=8.0) == Heard()
+    assert hear("a", NodeTopic.STATUS, b"", retain=True, now=8.0) == Heard()
+    assert "b" not in registry.nodes
+    with pytest.raises(ProtocolError):
+        hear("a", NodeTopic.HEARTBEAT, b"{not json", retain=False, now=9.0)
+
+
+def test_retained_pins_as_the_hub_reads_them() -> None:
+    pins = Pins().seen({"version": "1.4.0"}, bundle=True)
+    pins = pins.seen({"name": "smollm2", "sha256": "ab" * 32, "tags": ["phone", 3]}, bundle=False)
+    assert pins == Pins(bundle="1.4.0", model_name="smollm2", model_sha256="ab" * 32, model_tags=("phone",))
+    assert pins.seen({}, bundle=True).bundle is None  # a cleared pin
+    assert pins.seen({"name": 7}, bundle=False) == Pins(bundle="1.4.0")  # wrong types read as unset
 
 
 # ---------------------------------------------------------------- placement

@@ -27,9 +27,10 @@ from nova_swarm.broker.contract.messages import (
     ToolCallDelta,
     Usage,
 )
-from nova_swarm.hub import openai_api
+from nova_swarm.hub import api_errors, openai_api
+from nova_swarm.hub.api_errors import ApiError
 from nova_swarm.hub.gateway_config import GatewayConfig, browser_host, parse_listen
-from nova_swarm.hub.openai_api import ApiError, ChatChunks
+from nova_swarm.hub.openai_api import ChatChunks
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -217,7 +218,7 @@ def test_embedding_requests() -> None:
     ],
 )
 def test_error_codes_map_to_http_statuses(code: ErrorCode, status: int) -> None:
-    error = openai_api.error_from(RequestFailed(code, "why", retry_after_s=2.2))
+    error = api_errors.error_from(RequestFailed(code, "why", retry_after_s=2.2))
     assert error.status == status
     assert error.code == ("model_not_found" if code is ErrorCode.UNKNOWN_MODEL else code.value)
     assert error.body()["error"]["message"] == "why"
@@ -228,8 +229,8 @@ def test_error_codes_map_to_http_statuses(code: ErrorCode, status: int) -> None:
 
 
 def test_retry_after_defaults_and_auth_header() -> None:
-    assert openai_api.error_for(ErrorCode.NO_ELIGIBLE_NODES, "x").headers() == {"Retry-After": "5"}
-    error = openai_api.unauthorized("no")
+    assert api_errors.error_for(ErrorCode.NO_ELIGIBLE_NODES, "x").headers() == {"Retry-After": "5"}
+    error = api_errors.unauthorized("no")
     assert error.status == 401 and error.headers() == {"WWW-Authenticate": "Bearer"}
     assert error.body()["error"]["type"] == "authentication_error"
 

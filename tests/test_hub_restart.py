@@ -142,9 +142,9 @@ async def test_a_prompt_that_comes_while_the_hub_drains_is_answered_by_its_next_
                 async with running_hub(amqtt, config) as hub:
                     await nodes_available(hub, 1)
                     await conn.publish(T.prompt(), PromptRequest(id="in-flight", prompt="first").encode())
-                    await until(lambda: bool(hub._runs), what="the first request in flight")
+                    await until(lambda: bool(hub.requests.runs), what="the first request in flight")
                     hub.stop()
-                    await until(lambda: hub._draining, what="the hub draining")
+                    await until(lambda: hub.requests.draining, what="the hub draining")
                     await conn.publish(T.prompt(), PromptRequest(id="while-draining", prompt="second").encode())
                     await until(lambda: len(got) == 1, timeout=20, what="the in-flight answer")
                 assert decode_reply(got[0]).id == "in-flight"  # it finished within the drain time

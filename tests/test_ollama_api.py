@@ -35,11 +35,11 @@ from nova_swarm.broker.home import Role, SwarmHome
 from nova_swarm.broker.link.connection import Connection
 from nova_swarm.hub import Hub
 from nova_swarm.hub import ollama_api as api
+from nova_swarm.hub.api_errors import ApiError
 from nova_swarm.hub.gateway import Gateway
 from nova_swarm.hub.gateway_config import GatewayConfig, check_header_name
 from nova_swarm.hub.leniency import IGNORED_HEADER
 from nova_swarm.hub.model_names import ModelNames
-from nova_swarm.hub.openai_api import ApiError
 from nova_swarm.node.llama import LlamaEngine
 
 from .conftest import (

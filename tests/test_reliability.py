@@ -98,7 +98,7 @@ async def test_past_the_queue_bound_prompts_get_hub_busy_and_none_is_lost(amqtt:
             busy = next(r for r in map(inbox.reply, ids) if isinstance(r, ErrorReply))
             assert busy.error.retry_after_s and "full" in busy.error.message
             # Backpressure keeps the hub's own state bounded, whatever the offered load.
-            assert len(hub._runs) <= limits.max_inflight
+            assert len(hub.requests.runs) <= limits.max_inflight
 
 
 async def test_requests_per_client_per_minute_are_capped(amqtt: RunningBroker, tmp_path: Path) -> None:

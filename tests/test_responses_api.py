@@ -12,7 +12,7 @@ from openai.types.responses import Response
 
 from nova_swarm.broker.contract.messages import Answer, FunctionCall, StreamChunk, ToolCall, ToolCallDelta, Usage
 from nova_swarm.hub import responses_api
-from nova_swarm.hub.openai_api import ApiError
+from nova_swarm.hub.api_errors import ApiError
 
 from .test_openai_gateway import MODEL, Swarm, engine, swarm  # noqa: F401  (fixtures)
 
