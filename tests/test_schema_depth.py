@@ -21,10 +21,10 @@ from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.home import Role
 from nova_swarm.broker.link.base import Message
 from nova_swarm.broker.link.connection import Connection
-from nova_swarm.hub import Hub
 from nova_swarm.hub.intake import Accepted, Limits, Rejected, parse_prompt
 from nova_swarm.hub.journal import canonical
 from nova_swarm.hub.nesting import nesting_depth, top_level
+from nova_swarm.hub.requests import Requests
 from nova_swarm.hub.schemas import MAX_SCHEMA_DEPTH, answer_problem, schema_problem
 
 from .conftest import RunningBroker, hub_config, running_hub, within
@@ -196,7 +196,7 @@ async def test_a_hub_failure_before_a_request_runs_answers_its_sender_once_with_
     async def broken(*_: object) -> bool:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(Hub, "_answer_retry", broken)
+    monkeypatch.setattr(Requests, "_answer_retry", broken)
     request_id = f"bug-{uuid.uuid4().hex[:8]}"
     reply_to = T.reply()
     replies: list[ErrorReply] = []
