@@ -31,7 +31,7 @@ from .ledger import Ledger, ReceiptBody, sha256_text
 from .metrics import Window
 from .registry import Registry
 from .trust import Trust
-from .winrate import WinRates
+from .winrate import WinRates, model_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,8 @@ class AttemptSettled:
     ranked: int | None = None
     #: the node was lost (gone offline or silent) holding this attempt: it dropped work it took
     lost: bool = False
+    #: the model that gave this answer, when it gave one: its win rate moves too
+    model: str | None = None
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Settlement:
                     ts=ts,
                     rank=i if ranked else None,
                     ranked=ranked,
+                    model=answer.model,
                 )
             )
         for node_id in sorted(set(losers) - counted):
@@ -251,14 +254,19 @@ class LedgerObserver(Observer):
 
 
 class WinRateObserver(Observer):
-    """A decided request moves the win rate of each node that worked on it, for its tags."""
+    """A decided request moves the win rate of each node that worked on it, for its tags, and
+    of each model that answered it (``winrate.model_key``): the swarm learns which model answers
+    which kind of prompt best, as well as which node."""
 
     def __init__(self, winrates: WinRates) -> None:
         self.winrates = winrates
 
     def attempt_settled(self, event: AttemptSettled) -> None:
-        if event.decided:
-            self.winrates.record(event.node_id, event.asked.tags, won=event.won, now=event.ts)
+        if not event.decided:
+            return
+        self.winrates.record(event.node_id, event.asked.tags, won=event.won, now=event.ts)
+        if event.model:
+            self.winrates.record(model_key(event.model), event.asked.tags, won=event.won, now=event.ts)
 
 
 class EnergyObserver(Observer):

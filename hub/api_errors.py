@@ -71,6 +71,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.NO_ELIGIBLE_NODES: 503,
     ErrorCode.UNSUPPORTED: 503,
+    ErrorCode.MODEL_TOO_LARGE: 503,
     ErrorCode.HUB_BUSY: 503,
     ErrorCode.HUB_STOPPING: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,

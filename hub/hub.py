@@ -19,6 +19,7 @@ what it had accepted, and a client that sends the same request id again gets the
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Coroutine
@@ -27,15 +28,16 @@ from typing import Any
 
 import structlog
 
-from nova_swarm.broker.contract.errors import ProtocolError
+from nova_swarm.broker.contract.errors import ProtocolError, SwarmError
 from nova_swarm.broker.contract.messages import (
     HubStatus,
     NodeChunk,
     NodeProgress,
+    RouteTable,
     TaskResult,
     decode,
 )
-from nova_swarm.broker.contract.signing import SigningKey
+from nova_swarm.broker.contract.signing import PublicKey, SigningKey
 from nova_swarm.broker.contract.topics import NodeTopic, Topics
 from nova_swarm.broker.contract.version import __version__
 from nova_swarm.broker.identity import hub_client_id
@@ -98,6 +100,8 @@ class Hub(Service):
         self._resume: tuple[list[Entry], list[Unsent]] | None = None
         #: the contribution ledger, when the hub has a signing key (swarm-hub up/serve always do)
         self._ledger: Ledger | None = None
+        #: what checks the retained route table: the hub's own public key (None: no signing key)
+        self._hub_key: PublicKey | None = None
         self._outbox = Outbox()
         self._tg: asyncio.TaskGroup | None = None
         self._stop_requested = asyncio.Event()
@@ -159,8 +163,11 @@ class Hub(Service):
         )
         self._resume = (await asyncio.to_thread(journal.unfinished), await asyncio.to_thread(journal.unsent))
         log.info("journal loaded", unfinished=len(self._resume[0]), unsent=len(self._resume[1]))
-        if self.config.ledger_path is not None and self.config.signing_key_file is not None:
+        key = None
+        if self.config.signing_key_file is not None:
             key = await asyncio.to_thread(SigningKey.load, self.config.signing_key_file)
+            self._hub_key = key.public
+        if self.config.ledger_path is not None and key is not None:
             self._ledger = await asyncio.to_thread(Ledger, self.config.ledger_path, key)
             past, up = await asyncio.to_thread(
                 lambda path: (list(receipts(path)), ledger_uptime(path)), self.config.ledger_path
@@ -253,6 +260,7 @@ class Hub(Service):
             t.cancel_filter(),
             t.model(),
             t.bundle(),
+            t.routes(),
             qos=1,
         )
         # Liveness at QoS 0, as it is sent: our persistent session must not queue stale
@@ -297,6 +305,9 @@ class Hub(Service):
         if message.topic in (self.topics.model(), self.topics.bundle()):
             self._on_pin(message)
             return
+        if message.topic == self.topics.routes():
+            self._on_routes(message.payload)
+            return
         if (scope := self.topics.cancel_scope(message.topic)) is not None:
             self.requests.on_cancel(message, scope)
             return
@@ -331,6 +342,27 @@ class Hub(Service):
             log.warning("ignored malformed pin", topic=message.topic)
         self.registry.pins = self.registry.pins.seen(signed, bundle=message.topic == self.topics.bundle())
         self._status_changed.set()
+
+    def _on_routes(self, payload: bytes) -> None:
+        """The route table (experts by tag), once its signature checks out with this hub's key:
+        anyone else's table is ignored, as is an older one than the hub follows."""
+        if not payload:
+            self.requests.routes = None
+            log.info("route table cleared")
+            return
+        try:
+            if self._hub_key is None:
+                raise ProtocolError("this hub has no signing key to check it with")
+            table = decode(RouteTable, json.dumps(self._hub_key.verify(json.loads(payload))))
+            if table.swarm != self.config.swarm:
+                raise ProtocolError(f"it is for swarm {table.swarm!r}")
+        except (ValueError, SwarmError) as exc:
+            log.warning("ignored a route table", error=str(exc))
+            return
+        current = self.requests.routes
+        if current is None or table.serial >= current.serial:
+            self.requests.routes = table
+            log.info("route table", routes=table.routes)
 
     # ------------------------------------------------------------------ node presence
 

@@ -4,7 +4,8 @@
     swarm/{sid}/metrics/node/{node_id}      NodeMetrics: one node's readings and counters
     swarm/{sid}/metrics/{metric}            fan-in: {"pixel7": 4.2, "s20": 3.1}, one key per node
     swarm/{sid}/metrics/errors              {"node_busy": 0, "deadline_exceeded": 2, ...}: every code
-    swarm/{sid}/metrics/win_rate/{tag}      {"pixel7": 0.71, ...}: decayed win rate per routing tag
+    swarm/{sid}/metrics/win_rate/{tag}      {"pixel7": 0.71, "model:gemma-3-270m-q4_k_m": 0.6, ...}:
+                                            decayed win rate per routing tag, of nodes and models
 
 Grafana's MQTT data source merges every topic a wildcard matches into one frame and plots one
 field per top-level key, so each panel subscribes to one concrete topic, and a fan-in topic gives
@@ -26,7 +27,7 @@ from nova_swarm.broker.contract.topics import Topics
 
 from .credits import Contribution, CreditRates
 from .registry import NodeRecord, Registry
-from .winrate import ALL, WinRates
+from .winrate import ALL, MODEL_PREFIX, WinRates
 
 #: the fan-in topic name for the decayed win rate over every request (the ``*`` tally)
 ALL_TAGS = "all"
@@ -198,7 +199,8 @@ def readings(
     batch += [(topics.metrics_node(node_id), m.encode()) for node_id, m in nodes.items()]
     batch += [(topics.metrics_fan_in(name), json.dumps(v).encode()) for name, v in fan_in(nodes).items()]
     batch.append((topics.metrics_fan_in("errors"), json.dumps(window.errors_by_code(mono)).encode()))
-    for tag, by_node in win_rates(winrates, nodes, now).items():
+    models = {key for key, _ in winrates.keys() if key.startswith(MODEL_PREFIX)}
+    for tag, by_node in win_rates(winrates, [*nodes, *models], now).items():
         batch.append((topics.metrics_win_rate(tag), json.dumps(by_node).encode()))
     if accounts:  # the ledger's totals, one key per node
         for name, values in ledger_totals(accounts, rates).items():

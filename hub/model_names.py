@@ -72,11 +72,19 @@ class ModelNames:
         return cls(aliases=dict(parse_alias(text) for text in aliases), fallback=fallback)
 
 
+def row_models(row: NodeRow) -> list[str]:
+    """Every model a node can serve (a node that serves several lists them all; ``model`` is
+    the one it used last), leaving out any it announced as too big for its RAM."""
+    if row.models:
+        return [m.name for m in row.models if m.fits]
+    return [row.model] if row.model else []
+
+
 def served_models(fleet: NodeTable | None) -> set[str] | None:
     """Every model a node ever announced (the hub's test for ``unknown_model``); None: not seen yet."""
     if fleet is None:
         return None
-    return {row.model for row in fleet.nodes if row.model}
+    return {m.name for row in fleet.nodes for m in row.models} | {row.model for row in fleet.nodes if row.model}
 
 
 def resolve(requested: str | None, served: set[str] | None, names: ModelNames | None = None) -> str | None:
@@ -142,14 +150,19 @@ class ModelEntry:
     #: ``chat`` plus what any of its nodes announced (``embed``, ``tools``, ``json_schema``,
     #: ``stream``): the hub routes a request that needs one to a node that has it
     capabilities: tuple[str, ...]
+    #: the nodes that serve it, and those of them that have it in memory now (a node serving
+    #: several models loads one when a request needs it)
+    node_ids: tuple[str, ...] = ()
+    loaded_on: tuple[str, ...] = ()
 
 
 def catalogue(fleet: NodeTable | None, *, max_tokens_limit: int | None = None) -> list[ModelEntry]:
     """The models served by nodes online or paused, by name; ``max_tokens_limit`` is the hub's cap."""
     rows: dict[str, list[NodeRow]] = {}
     for row in fleet.nodes if fleet else []:
-        if row.model and row.state in _SERVING:
-            rows.setdefault(row.model, []).append(row)
+        if row.state in _SERVING:
+            for name in row_models(row):
+                rows.setdefault(name, []).append(row)
     entries = []
     for name, group in sorted(rows.items()):
         ctxs = [r.ctx for r in group if r.ctx is not None]
@@ -165,6 +178,13 @@ def catalogue(fleet: NodeTable | None, *, max_tokens_limit: int | None = None) -
                 ctx=min(ctxs) if ctxs else None,
                 max_tokens=limit,
                 capabilities=(CHAT, *sorted(offered)),
+                node_ids=tuple(r.node_id for r in group),
+                loaded_on=tuple(r.node_id for r in group if _loaded(r, name)),
             )
         )
     return entries
+
+
+def _loaded(row: NodeRow, name: str) -> bool:
+    """Whether ``row``'s node has model ``name`` in memory (a one-model node always has)."""
+    return any(m.name == name and m.loaded for m in row.models) if row.models else row.model == name

@@ -153,9 +153,12 @@ def tags(fleet: NodeTable | None, *, started: float, max_tokens_limit: int | Non
 
 
 def running(fleet: NodeTable | None, *, max_tokens_limit: int | None = None) -> dict[str, Any]:
-    """``/api/ps``: the same models, as loaded ones (every node keeps its model loaded)."""
+    """``/api/ps``: the models some node has in memory now (a node that serves several loads
+    them as requests need them; a one-model node keeps its model loaded)."""
     out = []
     for entry in model_names.catalogue(fleet, max_tokens_limit=max_tokens_limit):
+        if not entry.loaded_on:
+            continue
         card = _card(entry, "")
         del card["modified_at"]
         out.append({**card, "expires_at": FOREVER, "size_vram": 0, "context_length": entry.ctx})

@@ -483,6 +483,9 @@ def model_card(entry: model_names.ModelEntry, *, created: int) -> dict[str, Any]
         "created": created,
         "owned_by": OWNED_BY,
         "nodes": entry.nodes,
+        # which nodes serve it, and which have it in memory now (the others load it first)
+        "node_ids": list(entry.node_ids),
+        "loaded_on": list(entry.loaded_on),
         # llama-server and LM Studio name these fields so; clients size prompts by them
         "context_length": entry.ctx,
         "max_tokens": entry.max_tokens,

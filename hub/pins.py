@@ -30,11 +30,13 @@ from nova_swarm.broker.contract.messages import (
     BUNDLE_PACKAGES,
     BundleManifest,
     ModelPin,
+    RouteTable,
     decode,
     parse_version,
 )
 from nova_swarm.broker.contract.signing import SigningKey
 from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.link.base import Link
 from nova_swarm.broker.link.connection import Connection
 
 #: well under every broker's packet limit (EMQX defaults to 1 MB)
@@ -136,6 +138,12 @@ def model_pin(
     return decode(ModelPin, json.dumps(payload))
 
 
+def route_table(swarm: str, routes: dict[str, str]) -> RouteTable:
+    """A new route table (``ProtocolError`` for a bad tag or model name)."""
+    payload = {"swarm": swarm, "routes": routes, "serial": time.time_ns() // 1000, "created": time.time()}
+    return decode(RouteTable, json.dumps(payload))
+
+
 def unverified_signed(payload: bytes) -> dict[str, Any] | None:
     """The ``signed`` body of a retained manifest, unchecked: for display, never to act on."""
     try:
@@ -185,6 +193,11 @@ async def publish_bundle(
 async def publish_model_pin(conn: Connection, topics: Topics, key: SigningKey, pin: ModelPin) -> None:
     envelope = key.sign(pin.model_dump(mode="json"))
     await conn.publish(topics.model(), json.dumps(envelope).encode(), qos=1, retain=True)
+
+
+async def publish_routes(conn: Link, topics: Topics, key: SigningKey, table: RouteTable) -> None:
+    envelope = key.sign(table.model_dump(mode="json"))
+    await conn.publish(topics.routes(), json.dumps(envelope).encode(), qos=1, retain=True)
 
 
 async def unpin_model(conn: Connection, topics: Topics) -> None:

@@ -120,7 +120,7 @@ class Placement:
             else:
                 error = self.why_no_nodes(req.model, tried, now, wanted)
             return Shortfall(count, error)
-        picked = self.scheduler.pick(eligible, count, tags=req.all_tags(), now=now) if eligible else []
+        picked = self.scheduler.pick(eligible, count, tags=req.all_tags(), now=now, model=req.model) if eligible else []
         picked = self.with_a_proven_node(picked, eligible, req, now)
         if not picked:
             return Wait()
@@ -139,7 +139,8 @@ class Placement:
         max_tokens = req.params.max_tokens
         if max_tokens is None and req.kind != "embed":
             max_tokens = self.default_length(node, remaining)
-        return Terms(max_tokens, self.attempt_timeout(node, max_tokens, remaining), self.quiet_window(node))
+        timeout = self.attempt_timeout(node, max_tokens, remaining, load_s=node.load_s(req.model))
+        return Terms(max_tokens, timeout, self.quiet_window(node))
 
     def with_a_proven_node(
         self, picked: list[NodeRecord], eligible: list[NodeRecord], req: PromptRequest, now: float
@@ -150,7 +151,7 @@ class Placement:
         if not picked or not all(self.trust.on_probation(n.node_id) for n in picked):
             return picked
         proven = [n for n in eligible if n not in picked and not self.trust.on_probation(n.node_id)]
-        extra = self.scheduler.pick(proven, 1, tags=req.all_tags(), now=now)
+        extra = self.scheduler.pick(proven, 1, tags=req.all_tags(), now=now, model=req.model)
         if not extra:
             return picked
         if req.strategy == "best_of_n" and len(picked) >= 2:
@@ -170,18 +171,25 @@ class Placement:
         speed = heard or (node.announce.tokens_per_s if node.announce is not None else None)
         return default_max_tokens(self.config.limits.max_tokens, speed, remaining)
 
-    def attempt_timeout(self, node: NodeRecord, max_tokens: int | None, remaining: float) -> float:
+    def attempt_timeout(
+        self, node: NodeRecord, max_tokens: int | None, remaining: float, *, load_s: float = 0.0
+    ) -> float:
+        """Time for the answer at the node's speed, with slack, plus ``load_s`` when the node
+        must load the model first; within the request's ``remaining`` time."""
         announce = node.announce
         tokens = min(max_tokens or self.config.limits.max_tokens, announce.max_tokens if announce else 512)
         speed = max(announce.tokens_per_s if announce else 1.0, 1.0)
         expected = tokens / speed
-        return max(0.05, min(remaining, max(self.config.attempt_min_s, self.config.attempt_slack * expected)))
+        wanted = (
+            max(self.config.attempt_min_s, self.config.attempt_slack * expected) + self.config.attempt_slack * load_s
+        )
+        return max(0.05, min(remaining, wanted))
 
     def why_no_nodes(self, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str]) -> ErrorInfo:
         online = self.registry.eligible(model=None, exclude=frozenset(), now=now)
         if not online:
             message = "no node is online"
-        elif model is not None and not any(n.announce and n.announce.model.name == model for n in online):
+        elif model is not None and not any(n.serves(model) for n in online):
             message = f"no online node serves model {model!r}"
         elif needs and not self.registry.eligible(model=model, exclude=frozenset(), now=now, needs=needs):
             return ErrorInfo(

@@ -20,12 +20,18 @@ from nova_swarm.broker.contract.messages import (
     NodeState,
     NodeTable,
     PinReport,
+    ServedModel,
     Status,
     decode,
 )
 from nova_swarm.broker.contract.topics import NodeTopic
 
 TIMEOUT_REASON = "heartbeat timeout"
+
+#: a guess at a model's load time before the node has measured one: a fixed cost, plus reading
+#: its file from flash (a slow phone's; a laptop does better, and then reports what it took)
+LOAD_BASE_S = 0.5
+LOAD_BYTES_PER_S = 100 * 2**20
 
 
 #: the recent answers a node's joules per token is taken over
@@ -76,6 +82,32 @@ class NodeRecord:
     def slots(self) -> int:
         return self.announce.slots if self.announce else 1
 
+    def serves(self, model: str) -> bool:
+        """Whether the node has ``model`` and it fits the node's RAM."""
+        an = self.announce
+        return an is not None and any(m.name == model and m.fits is not False for m in an.served())
+
+    def warm(self, model: str | None) -> bool:
+        """Whether ``model`` (None: whatever the node runs) is in the node's memory now. A
+        one-model node's model always is."""
+        an = self.announce
+        if an is None or model is None:
+            return True
+        return any(m.name == model and m.loaded is not False for m in an.served())
+
+    def load_s(self, model: str | None) -> float:
+        """Seconds the node is expected to spend loading ``model`` before a task on it starts:
+        0 when it is warm; else its last measured load, or a guess from the file's size."""
+        an = self.announce
+        if an is None or self.warm(model):
+            return 0.0
+        info = next((m for m in an.served() if m.name == model), None)
+        if info is None:
+            return 0.0
+        if info.load_s is not None:
+            return info.load_s
+        return LOAD_BASE_S + info.size_bytes / LOAD_BYTES_PER_S
+
     def available(self, now: float, timeout_s: float) -> bool:
         return (
             self.state is NodeState.ONLINE
@@ -120,6 +152,10 @@ class Heard:
     available: bool = False
     #: the node table changed: the hub's status has news
     changed: bool = False
+
+
+def _mb(size: int | None) -> str:
+    return "an unknown amount" if size is None else f"{size / 2**20:.0f} MB"
 
 
 def _older(running: str, pinned: str) -> bool:
@@ -289,12 +325,39 @@ class Registry:
             for rec in self.nodes.values()
             if rec.node_id not in exclude
             and state_ok(rec)
-            and (model is None or (rec.announce is not None and rec.announce.model.name == model))
+            and (model is None or rec.serves(model))
             and (not needs or (rec.announce is not None and needs <= set(rec.announce.capabilities)))
         ]
 
+    def servable(self, now: float) -> list[str]:
+        """The models online nodes can serve now (that fit them), by name."""
+        online = self.eligible(model=None, exclude=frozenset(), now=now)
+        return sorted({m.name for rec in online if rec.announce for m in rec.announce.served() if m.fits is not False})
+
     def known_models(self) -> set[str]:
-        return {rec.announce.model.name for rec in self.nodes.values() if rec.announce is not None}
+        """Every model any node has announced, whether it fits that node or not."""
+        return {m.name for rec in self.nodes.values() if rec.announce is not None for m in rec.announce.served()}
+
+    def too_large(self, model: str) -> str | None:
+        """Why no node can ever take ``model``, when every node that has it said it does not
+        fit its RAM: the model, what it needs, and what those nodes can give. None otherwise."""
+        having = [
+            (rec, m)
+            for rec in sorted(self.nodes.values(), key=lambda r: r.node_id)
+            if rec.announce is not None
+            for m in rec.announce.served()
+            if m.name == model
+        ]
+        if not having or any(m.fits is not False for _, m in having):
+            return None
+        needs = max(m.needs_bytes or 0 for _, m in having)
+        rooms = ", ".join(
+            f"{rec.node_id} has a budget of {_mb(rec.announce.ram_budget_bytes)}"
+            if rec.announce is not None and rec.announce.ram_budget_bytes is not None
+            else f"{rec.node_id} has too little free RAM"
+            for rec, _ in having
+        )
+        return f"model {model!r} needs ~{_mb(needs)} of RAM, more than any node that has it can give ({rooms})"
 
     def counts(self, now: float) -> dict[str, int]:
         counts = {"online": 0, "paused": 0, "offline": 0}
@@ -332,6 +395,17 @@ class Registry:
                     ctx=an.model.ctx if an else None,
                     max_tokens=an.max_tokens if an else None,
                     capabilities=list(an.capabilities) if an else [],
+                    models=[
+                        ServedModel(
+                            name=m.name,
+                            loaded=m.loaded is not False,
+                            fits=m.fits is not False,
+                            needs_mb=round(m.needs_bytes / 2**20, 1) if m.needs_bytes is not None else None,
+                            load_s=m.load_s,
+                        )
+                        for m in (an.served() if an else [])
+                    ],
+                    swaps=hb.swaps if hb else 0,
                 )
             )
         return NodeTable(ts=now, nodes=rows)

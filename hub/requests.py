@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -25,6 +26,7 @@ from nova_swarm.broker.contract.messages import (
     NodeChunk,
     NodeProgress,
     PromptRequest,
+    RouteTable,
     TaskResult,
     decode,
 )
@@ -88,6 +90,8 @@ class Requests:
             changed=changed,
         )
         self.runs: dict[str, Run] = {}
+        #: experts by tag (the retained ``RouteTable`` the hub follows), or None
+        self.routes: RouteTable | None = None
         self.limiter = RateLimiter(per_minute=config.limits.requests_per_minute)
         #: stopping: new prompts are journalled for the next run, not started (``_defer``)
         self.draining = False
@@ -283,6 +287,8 @@ class Requests:
                 request_digest = digest(body)
                 if await self._answer_retry(accepted, request_digest):
                     return
+                # After the digest: a retry by id compares what the client sent, not the route.
+                accepted = self._routed(accepted)
                 refusal = self._refuse(accepted)
                 if refusal is not None:
                     self.runner.count_failure(refusal.code)
@@ -301,6 +307,7 @@ class Requests:
                 )
             else:
                 entry = resumed
+                accepted = self._routed(accepted)
             run = self._new_run(accepted, entry)
             self.runs[accepted.key] = run
             try:
@@ -368,6 +375,15 @@ class Requests:
         await self.outbox.send(accepted.reply_topic, stored, correlation=accepted.correlation)
         return True
 
+    def _routed(self, accepted: Accepted) -> Accepted:
+        """A request that names no model takes the one its first routed tag names."""
+        req = accepted.request
+        model = self.routes.model_for(req.all_tags()) if self.routes is not None and req.model is None else None
+        if model is None:
+            return accepted
+        log.info("routed by tag", model=model)
+        return replace(accepted, request=req.model_copy(update={"model": model}))
+
     def _refuse(self, accepted: Accepted) -> ErrorInfo | None:
         req = accepted.request
         limits = self.config.limits
@@ -380,11 +396,14 @@ class Requests:
                 ),
                 retry_after_s=2.0,
             )
-        if req.model is not None and req.model not in self.registry.known_models():
-            known = ", ".join(sorted(self.registry.known_models())) or "none yet"
-            return ErrorInfo(
-                code=ErrorCode.UNKNOWN_MODEL, message=f"no node has announced model {req.model!r} (known: {known})"
-            )
+        for model in [req.model] if req.model is not None else req.models or []:
+            if model not in self.registry.known_models():
+                known = ", ".join(sorted(self.registry.known_models())) or "none yet"
+                return ErrorInfo(
+                    code=ErrorCode.UNKNOWN_MODEL, message=f"no node has announced model {model!r} (known: {known})"
+                )
+            if (why := self.registry.too_large(model)) is not None:
+                return ErrorInfo(code=ErrorCode.MODEL_TOO_LARGE, message=why)
         return None
 
     async def _reply(self, topic: str, reply: Answer | ErrorReply, correlation: bytes | None) -> None:

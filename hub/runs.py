@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -28,6 +29,7 @@ from nova_swarm.broker.contract.messages import (
     ErrorInfo,
     ErrorReply,
     NodeChunk,
+    PromptRequest,
     Task,
     TaskResult,
 )
@@ -43,7 +45,7 @@ from .intake import Accepted
 from .journal import JournalWriter
 from .lifecycle import Action, AttemptState, Cancel, Dispatch, Fail, Quiet, RequestMachine, Succeed
 from .placement import Placement, Shortfall, Wait
-from .registry import Registry
+from .registry import NodeRecord, Registry
 from .streams import ClientStream, StreamMessage
 
 log = structlog.get_logger("nova_swarm.hub")
@@ -94,6 +96,8 @@ class Run:
     settlement: accounting.Settlement = field(init=False)
     #: what the nodes are given: the request's chat, with retrieved context when that is on
     messages: list[ChatMessage] = field(default_factory=list)
+    #: the model each attempt was sent to (when the request or its route names one)
+    attempt_models: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.settlement = accounting.Settlement(accounting.Asked.of(self.accepted.request, self.digest))
@@ -220,67 +224,95 @@ class Runner:
         return follow_up
 
     async def _dispatch(self, run: Run, action: Dispatch) -> list[Action]:
-        """Carry out the placement's decision (``placement.py``) for ``action``."""
+        """Carry out the placement's decisions (``placement.py``) for ``action``: one for the
+        whole count, or, across models (``models``, ``diverse``), one per model."""
         req = run.accepted.request
         loop = asyncio.get_running_loop()
-        decision = self.placement.place(
-            req,
-            action.count,
-            action.exclude,
-            trusted=self._trusted_nodes() if req.private else frozenset(),
-            now=time.time(),
-            settling=loop.time() < self.settle_until,
-        )
-        if isinstance(decision, Wait):
+        trusted = self._trusted_nodes() if req.private else frozenset()
+        exclude, placed, waiting, short = action.exclude, [], 0, None
+        for model, count in self._models_for(run, action.count):
+            asked = req if model == req.model else req.model_copy(update={"model": model})
+            decision = self.placement.place(
+                asked, count, exclude, trusted=trusted, now=time.time(), settling=loop.time() < self.settle_until
+            )
+            if isinstance(decision, Wait):
+                waiting += count
+                continue
+            if isinstance(decision, Shortfall):
+                short = Shortfall((short.missing if short else 0) + decision.missing, decision.error)
+                continue
+            placed += [(node, asked) for node in decision.nodes]
+            exclude |= {node.node_id for node in decision.nodes}
+            if decision.short is not None:
+                short = Shortfall((short.missing if short else 0) + decision.short.missing, decision.short.error)
+        if waiting:
             # In line behind those already waiting, for capacity or the deadline.
-            run.pending = action
+            run.pending = Dispatch(waiting, exclude)
             self.waiting.setdefault(run, None)
-            return []
-        self.waiting.pop(run, None)
-        if isinstance(decision, Shortfall):
-            return run.machine.shortfall(decision.missing, decision.error, loop.time())
-        for node in decision.nodes:
-            task_id = uuid.uuid4().hex
-            terms = self.placement.terms(node, req, run.machine.deadline - loop.time())
-            max_tokens, timeout = terms.max_tokens, terms.timeout_s
-            run.machine.assigned(
-                task_id=task_id,
-                node_id=node.node_id,
-                deadline=loop.time() + timeout,
-                quiet_s=terms.quiet_s,
-                now=loop.time(),
-            )
-            self.capacity.assign(run, task_id, node)
-            task = Task(
-                task_id=task_id,
-                request_id=run.machine.request_id,
-                messages=run.messages,
-                # No max_tokens: until the model stops or its context ends, within the hub's
-                # cap (which the hub's status shows); the node clamps to its own cap as well.
-                params=(
-                    req.params
-                    if max_tokens == req.params.max_tokens
-                    else req.params.model_copy(update={"max_tokens": max_tokens})
-                ),
-                timeout_s=round(timeout, 3),
-                model=req.model,
-                kind=req.kind,
-                input=req.input,
-                prompt=req.prompt if req.kind == "complete" else None,
-                # best_of_n ranks whole answers: its nodes have nothing to stream to anyone
-                stream=req.stream and req.strategy == "race",
-                response_format=req.response_format,
-                tools=req.tools,
-                tool_choice=req.tool_choice,
-            )
-            log.info("dispatched", node_id=node.node_id, task_id=task_id, timeout_s=round(timeout, 1))
-            # Fields at their defaults stay off the wire: a node still on an older bundle (which
-            # refuses unknown fields) can take a plain chat task while the fleet updates.
-            payload = task.model_dump_json(exclude_defaults=True).encode()
-            await self.outbox.send(self.topics.node_task(node.node_id), payload)
-        if decision.short is not None:
-            return run.machine.shortfall(decision.short.missing, decision.short.error, loop.time())
+        else:
+            self.waiting.pop(run, None)
+        for node, asked in placed:
+            await self._send_task(run, node, asked)
+        if short is not None:
+            return run.machine.shortfall(short.missing, short.error, loop.time())
         return []
+
+    def _models_for(self, run: Run, count: int) -> list[tuple[str | None, int]]:
+        """Which models ``count`` more attempts go to, and how many each: the request's model
+        for all of them, or, across models, those with the fewest attempts so far, in turn."""
+        req = run.accepted.request
+        pool = req.models or (self.registry.servable(time.time()) if req.diverse else None)
+        if not pool:
+            return [(req.model, count)]
+        tried = Counter(run.attempt_models.values())
+        out: Counter[str] = Counter()
+        for _ in range(count):
+            model = min(pool, key=lambda m: (tried[m] + out[m], pool.index(m)))
+            out[model] += 1
+        return list(out.items())
+
+    async def _send_task(self, run: Run, node: NodeRecord, req: PromptRequest) -> None:
+        loop = asyncio.get_running_loop()
+        task_id = uuid.uuid4().hex
+        terms = self.placement.terms(node, req, run.machine.deadline - loop.time())
+        max_tokens, timeout = terms.max_tokens, terms.timeout_s
+        run.machine.assigned(
+            task_id=task_id,
+            node_id=node.node_id,
+            deadline=loop.time() + timeout,
+            quiet_s=terms.quiet_s,
+            now=loop.time(),
+        )
+        self.capacity.assign(run, task_id, node)
+        if req.model is not None:
+            run.attempt_models[task_id] = req.model
+        task = Task(
+            task_id=task_id,
+            request_id=run.machine.request_id,
+            messages=run.messages,
+            # No max_tokens: until the model stops or its context ends, within the hub's
+            # cap (which the hub's status shows); the node clamps to its own cap as well.
+            params=(
+                req.params
+                if max_tokens == req.params.max_tokens
+                else req.params.model_copy(update={"max_tokens": max_tokens})
+            ),
+            timeout_s=round(timeout, 3),
+            model=req.model,
+            kind=req.kind,
+            input=req.input,
+            prompt=req.prompt if req.kind == "complete" else None,
+            # best_of_n ranks whole answers: its nodes have nothing to stream to anyone
+            stream=req.stream and req.strategy == "race",
+            response_format=req.response_format,
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+        )
+        log.info("dispatched", node_id=node.node_id, task_id=task_id, model=req.model, timeout_s=round(timeout, 1))
+        # Fields at their defaults stay off the wire: a node still on an older bundle (which
+        # refuses unknown fields) can take a plain chat task while the fleet updates.
+        payload = task.model_dump_json(exclude_defaults=True).encode()
+        await self.outbox.send(self.topics.node_task(node.node_id), payload)
 
     def _trusted_nodes(self) -> frozenset[str]:
         """Nodes the owner trusts with private requests, re-read when the enrolment file changes."""
@@ -326,6 +358,7 @@ class Runner:
             candidates = [
                 Candidate(
                     node_id=a.node_id,
+                    model=a.model,
                     text=a.text,
                     score=s,
                     finish_reason=a.finish_reason,

@@ -9,9 +9,12 @@ work (a node too hot or too flat has already paused itself and is not a candidat
 Distrusted nodes are marked down too (``trust.py``: late, crashing or always-outranked work).
 
     score = Beta(wins + 1, losses + 1) draw − 0.5 × load − heat and battery penalty (≤ 0.5)
-            − 0.4 × (1 − trust)
+            − 0.4 × (1 − trust) − cold
 
-``load`` is the node's tasks in flight (running and queued) per slot.
+``load`` is the node's tasks in flight (running and queued) per slot. ``cold`` marks down a node
+that serves the requested model but would have to load it first (it serves several, and another
+is in memory): 0.2, plus 0.1 a second of its expected load, up to 0.6. A warm node is preferred,
+but an idle cold one still beats a warm one with a full queue.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ COOL_C, HOT_C = 30.0, 42.0
 BATTERY_WEIGHT = 0.2
 #: how much distrust costs: a node at trust 0 loses this much, one at trust 1 nothing
 TRUST_WEIGHT = 0.4
+#: what having to load the model first costs: a base, a share per expected second, a cap
+COLD_BASE, COLD_PER_S, COLD_MAX = 0.2, 0.1, 0.6
+
+
+def cold_penalty(node: NodeRecord, model: str | None) -> float:
+    """0 when ``model`` is in the node's memory; more the longer its load is expected to take."""
+    if node.warm(model):
+        return 0.0
+    return min(COLD_MAX, COLD_BASE + COLD_PER_S * node.load_s(model))
 
 
 def comfort_penalty(node: NodeRecord) -> float:
@@ -56,9 +68,15 @@ class Scheduler:
     trust: Trust = field(default_factory=Trust)
 
     def pick(
-        self, candidates: Sequence[NodeRecord], count: int, *, tags: Sequence[str], now: float
+        self,
+        candidates: Sequence[NodeRecord],
+        count: int,
+        *,
+        tags: Sequence[str],
+        now: float,
+        model: str | None = None,
     ) -> list[NodeRecord]:
-        """Up to ``count`` nodes with free capacity, best first."""
+        """Up to ``count`` nodes with free capacity, best first, for a request for ``model``."""
         free = [n for n in candidates if n.inflight < n.capacity]
         scored = []
         for node in free:
@@ -68,7 +86,7 @@ class Scheduler:
             # on a few nodes while others idle.
             load = node.inflight / node.slots
             score = self.rng.betavariate(alpha, beta) - LOAD_WEIGHT * load - comfort_penalty(node)
-            score -= TRUST_WEIGHT * (1.0 - self.trust.score(node.node_id))
+            score -= TRUST_WEIGHT * (1.0 - self.trust.score(node.node_id)) + cold_penalty(node, model)
             scored.append((score, node.node_id, node))
         scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
         return [node for _, _, node in scored[:count]]

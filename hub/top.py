@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nova_swarm.broker.contract.errors import ConfigError, ConnectionLost, ProtocolError
-from nova_swarm.broker.contract.messages import HubMetrics, HubStatus, NodeState, NodeTable, decode
+from nova_swarm.broker.contract.messages import HubMetrics, HubStatus, NodeRow, NodeState, NodeTable, decode
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.link.base import Message
 from nova_swarm.broker.link.connection import Connection
@@ -204,6 +204,16 @@ def _rates(m: HubMetrics | None, at: float | None, now: float) -> Text:
     )
 
 
+def _models(n: NodeRow) -> str:
+    """What a node has in memory: its model, or for a node that serves several, those loaded now
+    and how many more it can load."""
+    if len(n.models) <= 1:
+        return n.model or "-"
+    loaded = [m.name for m in n.models if m.loaded]
+    rest = len(n.models) - len(loaded)
+    return (", ".join(loaded) or "none loaded") + (f" (+{rest} not loaded)" if rest else "")
+
+
 def _node_table(table: NodeTable | None) -> RenderableType:
     if table is None:
         return Text("no node table yet", style="dim")
@@ -221,7 +231,7 @@ def _node_table(table: NodeTable | None) -> RenderableType:
             # Text, not str: a str cell is rich markup, and these come off the wire
             Text(n.node_id),
             Text(n.state.value, style=_STATE_STYLE.get(n.state, "")),
-            Text(_clean(n.model or "-")),
+            Text(_clean(_models(n))),
             Text(battery),
             Text("-" if n.temp_c is None else f"{n.temp_c:.1f}C"),
             Text("-" if n.tokens_per_s is None else f"{n.tokens_per_s:.1f}"),

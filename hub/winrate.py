@@ -3,7 +3,8 @@
 Every outcome decays old evidence by half every ``half_life_s``, so a node that got better (or
 worse) is noticed within a few half-lives. The posterior is Beta(1 + wins, 1 + losses): a node
 with no history sits at 0.5 and still gets picked, which is how new nodes get their chance.
-The tag ``*`` tracks every request, tagged or not.
+The tag ``*`` tracks every request, tagged or not. Models are tallied too, under
+``model_key(name)``: a key no node id can be (node ids have no colon).
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 ALL = "*"
+#: what a model's tallies are kept under, beside the nodes'
+MODEL_PREFIX = "model:"
+
+
+def model_key(model: str) -> str:
+    return MODEL_PREFIX + model
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """The node agent: announce, heartbeat, take tasks from its own topic, answer them.
 
-    node = Node(config, engine, url)
+    node = Node(config, engine, url)     # or Node(config, ModelSet([...]), url): several models
     await node.run()          # until node.stop(); drains or hands back in-flight work
 
 A task is never silently dropped: it is answered, or refused with an error (``node_busy``,
@@ -11,6 +11,10 @@ The guard (``guard.py``) watches the device's sensors: when the phone gets too h
 the node finishes what it is running, hands back what is queued, unsubscribes from its task
 topic and reports ``paused`` with the reason, until the readings are back past a margin. A model
 switch (``updater.py``) holds the node the same way while it swaps engines.
+
+A node serves a set of models (``model_set.py``): a task names one, and the node loads it if it
+is not in memory, evicting the least recently used idle model within its RAM budget. Whenever
+what is loaded changes, the node announces again, so the hub routes to where a model is warm.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import get_args
 
 import structlog
 
-from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError
+from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
 from nova_swarm.broker.contract.messages import (
     Announce,
     Cancel,
@@ -54,6 +58,7 @@ from .energy import EnergyMeter, sample_while_busy
 from .engine import Engine
 from .execution import Executor, Job, failure, profile, sampling_for
 from .guard import Guard, Pause, Resume
+from .model_set import ModelSet, ModelSpec, model_spec
 from .updater import Updater, UpdateSetup
 
 log = structlog.get_logger("nova_swarm.node")
@@ -66,7 +71,7 @@ class Node(Service):
     def __init__(
         self,
         config: NodeConfig,
-        engine: Engine,
+        engine: Engine | ModelSet,
         url: BrokerURL | None = None,
         *,
         links: Links | None = None,
@@ -76,7 +81,9 @@ class Node(Service):
         energy: EnergyMeter | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine
+        #: the models this node serves; an engine given alone is a set of one
+        self.models = engine if isinstance(engine, ModelSet) else ModelSet.single(engine)
+        self.models.watch(self._models_changed)
         self.sensor = sensor or sensors.PsutilSource()
         self.guard = Guard(config.guard)
         self.reading = sensors.UNKNOWN
@@ -115,6 +122,11 @@ class Node(Service):
         self._online_reported = False
 
     @property
+    def engine(self) -> Engine:
+        """The engine used most recently: the one a task that names no model runs on."""
+        return self.models.current
+
+    @property
     def _conn(self) -> Link | None:
         """The broker link we have now, if any."""
         return self._outbox.link
@@ -128,6 +140,7 @@ class Node(Service):
     async def run(self) -> None:
         # Every line this node logs, from every task it starts, says which node it is.
         structlog.contextvars.bind_contextvars(node_id=self.config.node_id)
+        await self.models.start()
         await self._profile()
         await self._sense()  # before connecting: a node that starts hot starts paused
         async with asyncio.TaskGroup() as tg:
@@ -384,14 +397,18 @@ class Node(Service):
             # What is queued was accepted: it runs on the old model. Then the workers stand still
             # while the engine is swapped.
             await self._until_idle(then_swap=True)
-            old = self.engine
-            await asyncio.to_thread(old.close)  # a phone may not hold two models at once
+
+            def load_spec(spec: ModelSpec) -> Engine:
+                return load(spec.path)
+
+            # Every model is closed before the new one loads: a phone may not hold two at once.
             try:
-                self.engine = await asyncio.to_thread(load, model_path)
+                spec = await asyncio.to_thread(model_spec, model_path, self.updates.ram)
+                await self.models.replace(spec, load_spec)
             except ConfigError:
                 if old_path is None:
                     raise
-                self.engine = await asyncio.to_thread(load, old_path)
+                await self.models.replace(await asyncio.to_thread(model_spec, old_path, self.updates.ram), load_spec)
                 raise
             self.model_path = model_path
             await self._profile()
@@ -478,7 +495,7 @@ class Node(Service):
                 self._measuring.set()
             mark = self.energy.begin() if self.energy is not None else None
             try:
-                result = await self._executor.run(job, self.engine, chunks_to=self._publish_chunk)
+                result = await self._run(job)
             finally:
                 sharing = len(self._running)
                 self._running.pop(job.task.task_id, None)
@@ -489,8 +506,28 @@ class Node(Service):
                 result = result.model_copy(update={"energy_j": None if joules is None else round(joules, 3)})
             await self._send_result(result)
 
+    async def _run(self, job: Job) -> TaskResult:
+        """Run ``job`` on its model, loaded first if need be (``model_set.py``)."""
+        try:
+            async with self.models.use(job.task.model, deadline=job.deadline) as lease:
+                result = await self._executor.run(job, lease.engine, chunks_to=self._publish_chunk)
+        except RequestFailed as exc:  # a model this node cannot serve now, or not in time
+            log.warning("refused task", code=exc.code.value, reason=exc.message)
+            return self._failure(job, exc.code, exc.message)
+        if lease.load_s is not None and result.timings is not None:
+            result = result.model_copy(
+                update={"timings": result.timings.model_copy(update={"load_ms": round(lease.load_s * 1000, 2)})}
+            )
+        return result
+
     def _failure(self, job: Job, code: ErrorCode, message: str) -> TaskResult:
-        return failure(job, self.config.node_id, self.engine.info.name, code, message)
+        return failure(job, self.config.node_id, job.task.model or self.engine.info.name, code, message)
+
+    async def _models_changed(self) -> None:
+        """A model was loaded or evicted: say so (retained), so the hub routes to warm models,
+        and with a heartbeat, which counts the swaps."""
+        await self._send(self.topics.node_announce(self.config.node_id), self._announce().encode(), retain=True)
+        await self._send(self.topics.node_heartbeat(self.config.node_id), self._heartbeat().encode())
 
     # ------------------------------------------------------------------ messages out
 
@@ -564,6 +601,8 @@ class Node(Service):
             ts=time.time(),
             capabilities=sorted(c for c in info.capabilities if c in CAPABILITIES),  # type: ignore[misc]
             progress_s=self.config.progress_s,
+            models=self.models.announced(),
+            ram_budget_bytes=self.models.policy.budget_bytes,
         )
 
     def _status(self, state: NodeState, reason: str | None = None) -> Status:
@@ -595,4 +634,5 @@ class Node(Service):
             tasks_failed=self._executor.tasks_failed,
             paused=not self._accepting(),
             pauses=self.guard.pauses,
+            swaps=len(self.models.swaps),
         )

@@ -32,6 +32,7 @@ from .engine import Engine, load_engine
 from .guard import GuardConfig
 from .homeassistant import HomeAssistantConfig
 from .memory import RamPolicy, budget_from
+from .model_set import ModelSet, ModelSpec, model_spec
 from .models import CATALOGUE, ModelCache, bundled_model, progress_bar, pull
 from .supervisor import CHILD_ENV, HEALTH_ENV, Supervisor, SupervisorConfig
 from .updater import UpdateSetup
@@ -46,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", help="mqtt://user:pass@host:port (default: this machine's swarm, from the config dir)")
     run.add_argument("--port", type=argtypes.port, help="port of this machine's swarm, when --broker is not given")
     run.add_argument("--ca-file", type=argtypes.existing_file, help="CA certificate to trust for mqtts:// brokers")
-    run.add_argument("--model", help="a GGUF file, or the name of a pulled model (default: the bundled SmolLM2-135M)")
+    run.add_argument(
+        "--model",
+        action="append",
+        help="a GGUF file, or the name of a pulled model (default: the bundled SmolLM2-135M); give it again to"
+        " serve several models, loaded as requests need them within the RAM budget (the first loads at start)",
+    )
     run.add_argument("--cache-dir", type=Path, help="where pulled models live (default: ~/.cache/nova-swarm/models)")
     run.add_argument("--engine", default="llama", help="inference engine (default: llama)")
     run.add_argument(
@@ -67,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--ram-budget",
         metavar="SIZE|PROFILE",
-        help="the most RAM the model may take (700M, 2G, or a profile: phone-2gb, phone-3gb, phone-4gb,"
-        " phone-6gb); a model that needs more is refused (default: $NOVA_SWARM_RAM_BUDGET, else what is free)",
+        help="the most RAM the models may take together (700M, 2G, or a profile: phone-2gb, phone-3gb, phone-4gb,"
+        " phone-6gb); a model that needs more is refused, and with several models the least recently used one"
+        " is unloaded to make room (default: $NOVA_SWARM_RAM_BUDGET, else what is free)",
     )
     run.add_argument("--slots", type=argtypes.positive_int, default=1, help="tasks generated at once (%(default)s)")
     run.add_argument(
@@ -357,9 +364,12 @@ async def run_node(args: argparse.Namespace) -> bool:
     cache = ModelCache(args.cache_dir)
     options: dict[str, object] = {}
     model_path: Path | None = None
+    paths = [resolve_model(spec, cache) for spec in args.model or [None]]
     if args.engine == "llama":
-        model_path = resolve_model(args.model, cache)
+        model_path = paths[0]
         options = {"model_path": model_path, "ctx": args.ctx, "threads": args.threads}
+    elif args.model and len(args.model) > 1:
+        raise ConfigError(f"--model more than once needs the llama engine, not {args.engine!r}")
     extra = engine_options(args.engine_option)
     options.update(extra)
     ram = RamPolicy(
@@ -367,11 +377,19 @@ async def run_node(args: argparse.Namespace) -> bool:
         ctx=args.ctx,
         embeddings=options.get("embeddings", True) is not False,
     )
+    served: Engine | ModelSet
     if model_path is not None:
+
+        def load_spec(spec: ModelSpec) -> Engine:
+            return load_engine(args.engine, **{**options, "model_path": spec.path, "sha256": spec.info.sha256})
+
+        specs = await asyncio.to_thread(lambda: [model_spec(path, ram) for path in paths])
+        served = ModelSet(specs, load=load_spec, policy=ram)
         # Before loading: a model too big for the phone is a clear refusal, not the low-memory killer.
-        needs = ram.check(model_path)
-        log.info("model fits", model=needs.name, needs_mb=round(needs.total / 2**20), room_mb=_mb(ram.room()))
-    engine = await asyncio.to_thread(load_engine, args.engine, **options)
+        await served.start()
+        log.info("serving", models=[s.name for s in specs], loaded=served.loaded(), room_mb=_mb(ram.room()))
+    else:
+        served = await asyncio.to_thread(load_engine, args.engine, **options)
     source = sensors.load_source(args.sensors)
     log.info("sensors", source=source.name)
     power = energy.load_source(args.energy)
@@ -393,7 +411,7 @@ async def run_node(args: argparse.Namespace) -> bool:
     )
     node = Node(
         config,
-        engine,
+        served,
         url,
         ca_file=args.ca_file,
         sensor=source,
@@ -406,7 +424,7 @@ async def run_node(args: argparse.Namespace) -> bool:
     try:
         await node.run()
     finally:
-        node.engine.close()  # a model switch has closed the engine it replaced
+        node.models.close()  # a model switch has closed the engines it replaced
     return node.restart_requested
 
 

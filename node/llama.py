@@ -64,7 +64,10 @@ class LlamaEngine:
         threads: int | None = None,
         name: str | None = None,
         embeddings: bool = True,
+        sha256: str | None = None,
     ) -> None:
+        """``sha256``: the file's hash, when the caller has it already (hashing takes a phone
+        seconds); else it is computed here."""
         path = Path(model_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"model file {path} does not exist")
@@ -84,7 +87,7 @@ class LlamaEngine:
         capabilities = {STREAM, JSON_SCHEMA, TOOLS, COMPLETE} | ({EMBED} if embeddings else set())
         self._info = EngineInfo(
             name=name or model_name(path),
-            sha256=sha256_file(path),
+            sha256=sha256 or sha256_file(path),
             size_bytes=path.stat().st_size,
             ctx=ctx,
             threads=threads,

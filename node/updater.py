@@ -76,8 +76,10 @@ class Updated(Protocol):
 
     config: NodeConfig
     topics: Topics
-    engine: Engine
     model_path: Path | None
+
+    @property
+    def engine(self) -> Engine: ...
 
     @property
     def swapping(self) -> bool: ...

@@ -340,6 +340,9 @@ def wrong_values(field: str, text: st.SearchStrategy[str]) -> st.SearchStrategy[
         "tools": st.one_of(st.just([]), text, st.integers(), st.just([{"type": "function"}])),
         # without tools, only "none" is a valid choice
         "tool_choice": st.one_of(st.integers(), text.filter(lambda v: v != "none"), st.just({"type": "function"})),
+        # across models is for best_of_n only, and these requests are races or have one model
+        "models": st.one_of(not_a_string(text), st.just([]), st.lists(st.just("m"), min_size=2, max_size=2)),
+        "diverse": st.one_of(st.integers(min_value=2), text, containers),
     }[field]
 
 
@@ -668,6 +671,10 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "StreamEnd": {"id": "req-42", "seq": 3, "done": True, "ok": True, "node_id": "pixel7", "model": "m",
                       "finish_reason": "stop", "usage": usage, "timings": timings, "error": None},
         "CancelRequest": {"id": "req-42", "reason": "user pressed stop"},
+        "ServedModel": {"name": "gemma-3-270m-q4_k_m", "loaded": True, "fits": True, "needs_mb": 1498.6,
+                        "load_s": 0.46},
+        "RouteTable": {"kind": "routes", "swarm": "main", "routes": {"code": "qwen2.5-coder-0.5b", "chat": "smol"},
+                       "serial": 1795450000123456, "created": 1.5},
     }  # fmt: skip
     return {m: seeds[m.__name__] for m in WIRE_MODELS if m.__name__ in seeds}
 

@@ -50,6 +50,8 @@ class ErrorCode(StrEnum):
     INVALID_OUTPUT = "invalid_output"
     #: the request needs something no online node can do (embeddings, say)
     UNSUPPORTED = "unsupported"
+    #: the requested model needs more RAM than any node that has it can give
+    MODEL_TOO_LARGE = "model_too_large"
 
 
 #: Errors after which the hub may try the same request on another node.
@@ -62,6 +64,7 @@ RETRYABLE = frozenset(
         ErrorCode.ENGINE_ERROR,
         ErrorCode.DEADLINE_EXCEEDED,
         ErrorCode.INVALID_OUTPUT,
+        ErrorCode.MODEL_TOO_LARGE,
     }
 )
 

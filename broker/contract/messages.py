@@ -8,6 +8,7 @@ silently ignored option.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -213,6 +214,28 @@ class PromptRequest(Wire):
     tool_choice: ToolChoice | None = None
     #: add snippets from the hub's document folder as context (None: the hub's default)
     retrieval: bool | None = None
+    #: best_of_n across models: the attempts go to these models in turn, so the reranker picks
+    #: among different models' answers (instead of ``model``)
+    models: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, min_length=2, max_length=16
+    )
+    #: best_of_n across models: the attempts go to as many different models as online nodes serve
+    diverse: bool = False
+
+    @model_validator(mode="after")
+    def _across_models(self) -> PromptRequest:
+        if self.models is None and not self.diverse:
+            return self
+        if self.strategy != "best_of_n":
+            raise ValueError("'models' and 'diverse' are for best_of_n: the reranker picks among the models' answers")
+        if self.model is not None or (self.models is not None and self.diverse):
+            raise ValueError("give one of 'model', 'models' or 'diverse'")
+        if self.models is not None:
+            if len(set(self.models)) != len(self.models):
+                raise ValueError("'models' names a model twice")
+            if self.fanout < len(self.models):
+                raise ValueError(f"'models' names {len(self.models)} models: 'fanout' must be at least that")
+        return self
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptRequest:
@@ -280,6 +303,8 @@ class Timings(Wire):
     ttft_ms: float | None = Field(default=None, ge=0)
     generate_ms: float = Field(ge=0)
     tokens_per_s: float | None = Field(default=None, ge=0)
+    #: the node loaded the model for this task first, taking this long (None: it was in memory)
+    load_ms: float | None = Field(default=None, ge=0)
 
 
 class ErrorInfo(Wire):
@@ -290,6 +315,8 @@ class ErrorInfo(Wire):
 
 class Candidate(Wire):
     node_id: NodeId
+    #: the model that wrote it (None from older nodes)
+    model: str | None = None
     text: str
     score: float
     finish_reason: str | None
@@ -488,6 +515,13 @@ class ModelInfo(Wire):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
     ctx: int = Field(ge=1)
+    #: for each of ``Announce.models`` (None in ``Announce.model``, and from older nodes): the
+    #: RAM it takes once loaded (weights and contexts), whether it is in memory now, how long
+    #: its last load took, and whether it fits the node's RAM at all
+    needs_bytes: int | None = Field(default=None, ge=0)
+    loaded: bool | None = None
+    load_s: float | None = Field(default=None, ge=0)
+    fits: bool | None = None
 
 
 class Announce(Wire):
@@ -511,6 +545,17 @@ class Announce(Wire):
     #: the node sends ``NodeProgress`` at least this often while it holds tasks (None: an older
     #: node that never does; the hub then judges its attempts by their deadlines alone)
     progress_s: float | None = Field(default=None, gt=0, le=60)
+    #: every model the node can serve, when it serves more than one (empty: just ``model``).
+    #: It loads one when a task needs it, evicting the least recently used within its RAM
+    #: budget, and announces again whenever what is loaded changes; ``model`` is the one it
+    #: used last.
+    models: list[ModelInfo] = Field(default_factory=list, max_length=64)
+    #: the most RAM the node lets its models take (None: not said; it then uses what is free)
+    ram_budget_bytes: int | None = Field(default=None, ge=0)
+
+    def served(self) -> list[ModelInfo]:
+        """Every model the node can serve (``model`` alone for a one-model node)."""
+        return self.models or [self.model]
 
 
 class PinReport(Wire):
@@ -556,6 +601,8 @@ class Heartbeat(Wire):
     #: the battery and thermal guard: paused now, and how often it has paused since start
     paused: bool = False
     pauses: int = Field(default=0, ge=0)
+    #: models loaded since start because a task needed one that was not in memory
+    swaps: int = Field(default=0, ge=0)
 
 
 # ---------------------------------------------------------------- hub presence
@@ -584,6 +631,19 @@ class HubStatus(Wire):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
+class ServedModel(Wire):
+    """A model a node can serve, as the node table shows it."""
+
+    name: str
+    #: in the node's memory now
+    loaded: bool
+    #: fits the node's RAM (False: announced, but too big for it)
+    fits: bool = True
+    needs_mb: float | None = None
+    #: how long its last load took on that node
+    load_s: float | None = None
+
+
 class NodeRow(Wire):
     node_id: NodeId
     state: NodeState
@@ -605,6 +665,10 @@ class NodeRow(Wire):
     ctx: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     capabilities: list[Capability] = Field(default_factory=list)
+    #: every model the node can serve (``model`` is the one it used last), and how many times it
+    #: loaded one because a task needed it
+    models: list[ServedModel] = Field(default_factory=list)
+    swaps: int = Field(default=0, ge=0)
 
 
 class NodeTable(Wire):
@@ -665,6 +729,23 @@ class ModelPin(Wire):
     #: grows with every pin: a node refuses an older pin replayed at it
     serial: int = Field(ge=1)
     created: float
+
+
+class RouteTable(Wire):
+    """Experts by tag: which model answers a request carrying a tag (and naming no model);
+    travels signed on ``routes``, and the hub applies it."""
+
+    kind: Literal["routes"] = "routes"
+    swarm: str
+    #: tag -> model name, e.g. {"code": "qwen2.5-coder-0.5b", "chat": "SmolLM2-135M-Instruct.Q4_1"}
+    routes: dict[Tag, Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")]] = Field(max_length=256)
+    #: grows with every table: the hub keeps the newest it has seen
+    serial: int = Field(ge=1)
+    created: float
+
+    def model_for(self, tags: Sequence[str]) -> str | None:
+        """The model the first routed tag of ``tags`` names (None: no tag is routed)."""
+        return next((self.routes[t] for t in tags if t in self.routes), None)
 
 
 # ---------------------------------------------------------------- metrics (for Grafana and friends)

@@ -145,6 +145,7 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("swarm/{sid}/model", "hub", "node, client", 1, True),
     TopicSpec("swarm/{sid}/bundle", "hub", "node, client", 1, True),
     TopicSpec("swarm/{sid}/bundle/chunk/{index}", "hub", "node", 1, True),
+    TopicSpec("swarm/{sid}/routes", "hub", "hub, client", 1, True),
     TopicSpec("swarm/{sid}/metrics/hub", "hub", "client", 0, False),
     TopicSpec("swarm/{sid}/metrics/node/{node_id}", "hub", "client", 0, False),
     TopicSpec("swarm/{sid}/metrics/{metric}", "hub", "client", 0, False),
@@ -294,6 +295,10 @@ class Topics:
 
     def bundle(self) -> str:
         return f"{self.base}/bundle"
+
+    def routes(self) -> str:
+        """Retained, signed: which model answers which tag (``RouteTable``)."""
+        return f"{self.base}/routes"
 
     def bundle_chunk(self, index: int) -> str:
         if index < 0:

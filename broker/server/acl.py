@@ -75,6 +75,7 @@ RULES: tuple[Rule, ...] = (
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/metrics/#"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/model"),
     Rule(Role.CLIENT, Access.READ, "swarm/{sid}/bundle"),
+    Rule(Role.CLIENT, Access.READ, "swarm/{sid}/routes"),
     *(Rule(Role.CLIENT, Access.READ, f"swarm/{{sid}}/node/+/{leaf}") for leaf in ("announce", "status", "heartbeat")),
     # Home Assistant logs in as the client: it reads discovery and announces itself.
     Rule(Role.CLIENT, Access.READ, f"{_HA}/#"),

@@ -11,6 +11,7 @@ swarm-hub enroll NODE            a node's own login, as a one-line join command
 swarm-hub enroll --client NAME   a client login of its own: private replies, ids no one else can take
 swarm-hub bundle publish         sign this hub's node code and roll it out to every node
 swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained)
+swarm-hub route set TAG MODEL    experts by tag: requests tagged TAG go to MODEL (signed, retained)
 swarm-hub ledger [verify|export] what each node gave, from signed, hash-chained receipts
 swarm-hub gateway --http H:P     the OpenAI-compatible HTTP API and chat page alone (up and serve run it too)
 swarm-hub token                  the HTTP gateway's bearer token
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         admin.add_enrolled,
         release.add_bundle,
         release.add_model,
+        release.add_route,
         release.add_ledger,
         serve.add_gateway,
         serve.add_token,

@@ -24,6 +24,7 @@ from nova_swarm.broker.contract.messages import (
     NodeTable,
     PromptRequest,
     ResponseFormat,
+    Strategy,
     decode,
 )
 from nova_swarm.broker.contract.topics import Topics
@@ -64,6 +65,16 @@ def add_ask(sub: Subparsers) -> None:
     )
     ask.add_argument("--tags", default="", help="comma-separated tags for routing")
     ask.add_argument("--model", help="only nodes serving this model")
+    across = ask.add_mutually_exclusive_group()
+    across.add_argument(
+        "--models",
+        help="best_of_n across models: comma-separated names, one attempt each in turn (implies best_of_n)",
+    )
+    across.add_argument(
+        "--diverse",
+        action="store_true",
+        help="best_of_n across models: spread the attempts over the models online nodes serve (implies best_of_n)",
+    )
     ask.add_argument("--max-tokens", type=argtypes.positive_int, help="longest answer, in tokens")
     ask.add_argument("--temperature", type=argtypes.non_negative_float, help="sampling temperature (0: greedy)")
     ask.add_argument("--seed", type=int, help="sampling seed, for a repeatable answer")
@@ -107,12 +118,16 @@ def add_top(sub: Subparsers) -> None:
 async def cmd_ask(args: argparse.Namespace) -> int:
     home = swarm_home(args)
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
-    fanout = args.fanout or (2 if args.strategy == "best_of_n" else 1)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    strategy: Strategy = "best_of_n" if models or args.diverse else args.strategy
+    fanout = args.fanout or (max(2, len(models or [])) if strategy == "best_of_n" else 1)
     try:
         request = PromptRequest(
             prompt=args.prompt,
-            strategy=args.strategy,
+            strategy=strategy,
             fanout=fanout,
+            models=models,
+            diverse=args.diverse,
             tags=tags,
             model=args.model,
             timeout_s=args.timeout,
@@ -275,6 +290,16 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
         for n in table.nodes
     ]
     print_table(header, rows)
+    several = [n for n in table.nodes if len(n.models) > 1]
+    if several:
+        print("\nmodels (* in memory now):")
+        for n in several:
+            listed = ", ".join(
+                m.name + ("*" if m.loaded else "") + ("" if m.fits else " (too big for its RAM)")
+                + (f" (loads in {m.load_s:.1f} s)" if m.load_s is not None else "")
+                for m in n.models
+            )  # fmt: skip
+            print(f"  {n.node_id}: {listed}; {n.swaps} swap{'' if n.swaps == 1 else 's'}")
     lagging = [n for n in table.nodes if n.lag]
     if lagging:
         print("\nnot on the pinned bundle or model:")

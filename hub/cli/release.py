@@ -71,6 +71,19 @@ def add_model(sub: Subparsers) -> None:
         broker_options(p, broker_role="hub")
 
 
+def add_route(sub: Subparsers) -> None:
+    route = sub.add_parser("route", help="experts by tag: which model answers a request carrying a tag")
+    rsub = route.add_subparsers(dest="route_command", required=True)
+    rset = rsub.add_parser("set", help="requests tagged TAG (and naming no model) go to MODEL")
+    rset.add_argument("tag")
+    rset.add_argument("model", help="a model name as nodes announce it (`swarm-hub nodes`)")
+    runset = rsub.add_parser("unset", help="TAG no longer chooses a model")
+    runset.add_argument("tag")
+    rshow = rsub.add_parser("show", help="the route table in force")
+    for p in (rset, runset, rshow):
+        broker_options(p, broker_role="hub")
+
+
 def add_ledger(sub: Subparsers) -> None:
     ledger = sub.add_parser("ledger", help="what each node and owner gave: tasks, tokens, wins, credits, tier")
     ledger.add_argument(
@@ -141,6 +154,36 @@ async def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_route(args: argparse.Namespace) -> int:
+    home = swarm_home(args)
+    topics = Topics(swarm_id(args, home))
+    async with Connection(broker_url(args, home, Role.HUB), ca_file=args.ca_file) as conn:
+        current = await pins.current_manifest(conn, topics.routes())
+        routes = current.get("routes") if current is not None else None
+        table = {str(k): str(v) for k, v in routes.items()} if isinstance(routes, dict) else {}
+        if args.route_command == "show":
+            if not table:
+                print("no routes: requests go to any node, or the model they name")
+                return 0
+            print_table(("TAG", "MODEL"), sorted(table.items()))
+            return 0
+        if args.route_command == "unset":
+            if table.pop(args.tag, None) is None:
+                raise ConfigError(f"tag {args.tag!r} has no route (`swarm-hub route show`)")
+        else:
+            table[args.tag] = args.model
+        try:
+            new = pins.route_table(topics.swarm, table)
+        except ProtocolError as exc:
+            raise ConfigError(f"cannot route that: {exc}") from exc
+        await pins.publish_routes(conn, topics, home.signing_key(), new)
+    if args.route_command == "set":
+        print(f"requests tagged {args.tag!r} that name no model now go to {args.model}")
+    else:
+        print(f"tag {args.tag!r} no longer chooses a model")
+    return 0
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     home = swarm_home(args)
     path = home.ledger_file
@@ -199,5 +242,5 @@ def _account(c: credits.Contribution, rates: CreditRates) -> dict[str, object]:
     }
 
 
-COMMANDS = {"bundle": cmd_bundle, "model": cmd_model}
+COMMANDS = {"bundle": cmd_bundle, "model": cmd_model, "route": cmd_route}
 SYNC_COMMANDS = {"ledger": cmd_ledger}
