@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-SECTIONS = ("overhead", "dispatch", "scaling", "race", "recovery", "linkdown", "memory")
+SECTIONS = ("overhead", "dispatch", "scaling", "race", "recovery", "linkdown", "memory", "ensemble")
 BROKERS = ("amqtt", "mosquitto")
 
 
@@ -79,6 +79,9 @@ class BenchConfig:
     #: how long the fresh hub and broker settle before their idle memory is read
     memory_idle_s: float = 1.0
 
+    # 7. ensembles across models (real SmolLM2-135M and Gemma 3 270M nodes)
+    ensemble_prompts: int = 120
+
     @classmethod
     def full(cls, out_dir: Path) -> BenchConfig:
         return cls(out_dir=out_dir)
@@ -108,6 +111,7 @@ class BenchConfig:
             recovery_task_s=0.6,
             linkdown_trials=2,
             memory_nodes=500,
+            ensemble_prompts=4,
             memory_window_s=0.5,
             memory_idle_s=0.3,
         )

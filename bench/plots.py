@@ -138,6 +138,24 @@ def _memory(ax: Any, s: SectionResult) -> None:
     ax.legend(fontsize=8)
 
 
+def _ensemble(ax: Any, s: SectionResult) -> None:
+    labels, chosen, either = [], [], []
+    for broker, d in s.data.items():
+        for label, c in d["ensembles"].items():
+            answered = max(1, c["asked"] - c["failed"])
+            labels.append(label if len(s.data) == 1 else f"{label}\n{broker}")
+            chosen.append(100 * c["right"] / answered)
+            either.append(100 * c["either"] / answered)
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], chosen, width=0.4, label="reranked answer right", color="#1f77b4")
+    ax.bar([x + 0.2 for x in xs], either, width=0.4, label="either candidate right", color="#aec7e8")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("% of prompts")
+    ax.set_ylim(0, 100)
+    ax.set_title("7. Ensembles of two answers: one model or two")
+    ax.legend(fontsize=8)
+
+
 DRAW: dict[str, Callable[[Any, SectionResult], None]] = {
     "overhead": _overhead,
     "dispatch": _dispatch,
@@ -146,6 +164,7 @@ DRAW: dict[str, Callable[[Any, SectionResult], None]] = {
     "recovery": _recovery,
     "linkdown": _linkdown,
     "memory": _memory,
+    "ensemble": _ensemble,
 }
 
 

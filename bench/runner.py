@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import celery_baseline, dispatch, linkdown, memory, overhead, plots, race, recovery, report, scaling
+from . import celery_baseline, dispatch, ensemble, linkdown, memory, overhead, plots, race, recovery, report, scaling
 from .config import SECTIONS, BenchConfig
 from .load import LoadResult
 from .section import SectionResult
@@ -73,6 +73,13 @@ class Run:
                     self.cfg, b, self.workdir / f"linkdown-{b}"))  # fmt: skip
                 if got is not None:
                     self.raw["linkdown"][broker] = got
+        if self.wants("ensemble"):
+            # Real models, so once: on the last broker of the run.
+            broker = self.cfg.brokers[-1]
+            got = await self.part("ensemble", broker, lambda: ensemble.measure(
+                self.cfg, broker, self.workdir / "ensemble"))  # fmt: skip
+            if got is not None:
+                self.raw["ensemble"][broker] = got
         if self.wants("dispatch"):
             why = celery_baseline.missing()
             if why is not None:
@@ -168,6 +175,7 @@ class Run:
             "recovery": recovery.section,
             "linkdown": linkdown.section,
             "memory": memory.section,
+            "ensemble": ensemble.section,
         }
         out = []
         for key in SECTIONS:
@@ -189,6 +197,7 @@ _TITLES = {
     "recovery": "5. Recovery after SIGKILL",
     "linkdown": linkdown.TITLE,
     "memory": "6. Memory",
+    "ensemble": ensemble.TITLE,
 }
 
 

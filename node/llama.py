@@ -16,11 +16,16 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import structlog
+
 from nova_swarm.broker.contract.errors import ConfigError, EngineError
 
 from .engine import COMPLETE, EMBED, JSON_SCHEMA, STREAM, TOOLS, Embedding, EngineInfo, Generation, Message, Sampling
+from .memory import read_metadata
 from .models import model_name, sha256_file
 from .tools import as_text_turns
+
+log = structlog.get_logger("nova_swarm.node")
 
 #: grammars kept, by canonical schema text: a node mostly sees the same few schemas again
 GRAMMAR_CACHE_SIZE = 32
@@ -55,6 +60,27 @@ UNSUPPORTED_KEYWORDS = frozenset(
 JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 
 
+#: chat formats of llama-cpp-python for architectures whose GGUF may come without a chat template
+#: (a base model's): without one, llama-cpp falls back to Llama 2's format, which such a model
+#: answers with an immediate end of turn
+_CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
+def fallback_chat_format(path: Path) -> str | None:
+    """The chat format for a GGUF that carries no chat template of its own, by its architecture
+    (None: it has a template, or llama-cpp's default is all there is)."""
+    try:
+        meta = read_metadata(path)
+    except ConfigError:
+        return None  # llama-cpp then says what is wrong with the file
+    if meta.get("tokenizer.chat_template"):
+        return None
+    arch = meta.get("general.architecture")
+    chosen = _CHAT_FORMATS.get(arch) if isinstance(arch, str) else None
+    log.warning("the model has no chat template", model=path.name, chat_format=chosen or "llama-cpp's default")
+    return chosen
+
+
 class LlamaEngine:
     def __init__(
         self,
@@ -78,9 +104,15 @@ class LlamaEngine:
         self._processors = LogitsProcessorList
         threads = threads or max(1, min(4, os.cpu_count() or 1))
         self._path, self._ctx, self._threads = path, ctx, threads
+        chat_format = fallback_chat_format(path)
         try:
             self._llm = Llama(
-                model_path=str(path), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+                model_path=str(path),
+                n_ctx=ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                chat_format=chat_format,
             )
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"llama-cpp could not load {path}: {exc}") from exc

@@ -31,6 +31,7 @@ TITLES = (
     "== 5. Recovery",
     "== 5b. Recovery after the link goes down",
     "== 6. Memory",
+    "== 7. Ensembles across models",
     "== Targets ==",
 )
 
@@ -79,6 +80,9 @@ def test_quick_run_prints_every_section(tmp_path: Path) -> None:
         assert s["memory"]["data"]["brokers"][broker]["loaded"]["hub_mb"] > 0
     assert s["scaling"]["data"]["mosquitto"]["real"]["speedup"] > 0
     assert s["memory"]["data"]["node"]["overhead_mb"] is not None
+    [ensembles] = s["ensemble"]["data"].values()
+    assert set(ensembles["ensembles"]) == {"SmolLM2 x2", "Gemma x2", "SmolLM2 + Gemma"}
+    assert all(c["asked"] == 4 and c["failed"] == 0 for c in ensembles["ensembles"].values())
     assert doc["targets"] and all(t["met"] is not None for t in doc["targets"])
     assert doc["meta"]["machine"] and doc["meta"]["versions"]["celery"]
 

