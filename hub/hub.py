@@ -19,7 +19,6 @@ what it had accepted, and a client that sends the same request id again gets the
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Coroutine
@@ -33,7 +32,6 @@ from nova_swarm.broker.contract.messages import (
     HubStatus,
     NodeChunk,
     NodeProgress,
-    RouteTable,
     TaskResult,
     decode,
 )
@@ -133,11 +131,6 @@ class Hub(Service):
         return self.window.failed_total
 
     @property
-    def cancelled(self) -> int:
-        """Requests their client cancelled since the hub started."""
-        return self.window.cancelled_total
-
-    @property
     def connected(self) -> bool:
         """Whether the hub is on the broker now."""
         return self._outbox.link is not None
@@ -156,12 +149,7 @@ class Hub(Service):
         self.scheduler.winrates = self.winrates
         journal = Journal(self.config.db_path)
         self._journal = JournalWriter(journal, keep_s=self.config.journal_keep_s, remember=self.config.journal_remember)
-        self._journal.load_recent(
-            await asyncio.to_thread(
-                journal.recent, time.time() - self.config.journal_keep_s, self.config.journal_remember
-            )
-        )
-        self._resume = (await asyncio.to_thread(journal.unfinished), await asyncio.to_thread(journal.unsent))
+        self._resume = await self._journal.load()
         log.info("journal loaded", unfinished=len(self._resume[0]), unsent=len(self._resume[1]))
         key = None
         if self.config.signing_key_file is not None:
@@ -344,25 +332,17 @@ class Hub(Service):
         self._status_changed.set()
 
     def _on_routes(self, payload: bytes) -> None:
-        """The route table (experts by tag), once its signature checks out with this hub's key:
-        anyone else's table is ignored, as is an older one than the hub follows."""
-        if not payload:
-            self.requests.routes = None
-            log.info("route table cleared")
-            return
+        """The route table (experts by tag): only one signed with this hub's key, and not older
+        than the one it follows; an empty payload clears it."""
         try:
-            if self._hub_key is None:
-                raise ProtocolError("this hub has no signing key to check it with")
-            table = decode(RouteTable, json.dumps(self._hub_key.verify(json.loads(payload))))
-            if table.swarm != self.config.swarm:
-                raise ProtocolError(f"it is for swarm {table.swarm!r}")
+            table = pins.verified_routes(payload, self._hub_key, self.config.swarm)
         except (ValueError, SwarmError) as exc:
             log.warning("ignored a route table", error=str(exc))
             return
         current = self.requests.routes
-        if current is None or table.serial >= current.serial:
+        if table is None or current is None or table.serial >= current.serial:
             self.requests.routes = table
-            log.info("route table", routes=table.routes)
+            log.info("route table", routes=table.routes if table else None)
 
     # ------------------------------------------------------------------ node presence
 
@@ -390,24 +370,15 @@ class Hub(Service):
     # ------------------------------------------------------------------ status and metrics out
 
     def status(self) -> HubStatus:
-        counts = self.registry.counts(time.time())
-        requests = self._requests
-        return HubStatus(
-            hub_id=self.config.hub_id,
-            state="online",
-            ts=time.time(),
-            version=__version__,
-            nodes_online=counts["online"],
-            nodes_paused=counts["paused"],
-            nodes_offline=counts["offline"],
-            inflight=len(requests.runs) if requests is not None else 0,
-            queued=len(requests.waiting) if requests is not None else 0,
-            answered=self.answered,
-            failed=self.failed,
-            cancelled=self.cancelled,
-            started_at=self.started_at,
-            max_tokens=self.config.limits.max_tokens,
+        inflight, queued = self._counts()
+        return self.window.hub_status(
+            self.config, self.registry, now=time.time(), inflight=inflight, queued=queued, started_at=self.started_at
         )
+
+    def _counts(self) -> tuple[int, int]:
+        """Requests in flight, and those of them waiting for a node."""
+        requests = self._requests
+        return (len(requests.runs), len(requests.waiting)) if requests is not None else (0, 0)
 
     async def _publish_status(self) -> None:
         if self._gone_offline:
@@ -447,8 +418,7 @@ class Hub(Service):
                 self.accounts,
                 self.rates,
                 heartbeat_timeout_s=self.config.heartbeat_timeout_s,
-                inflight=len(self.requests.runs),
-                queued=len(self.requests.waiting),
+                load=self._counts(),
                 now=time.time(),
                 mono=asyncio.get_running_loop().time(),
             )

@@ -195,38 +195,40 @@ def parse_prompt(message: Message, topics: Topics, limits: Limits) -> Accepted |
     else:
         request = PromptRequest(prompt=text)
 
-    request_id = request.id or new_request_id()
+    # A refusal carries the id the client sent (None when it sent none): one made up here would
+    # name nothing the client knows. An accepted request without one gets a fresh id.
+    given = request.id
     chars = request.prompt_chars()
     if chars > limits.max_prompt_chars:
         return reject(
             ErrorCode.PROMPT_TOO_LARGE,
             f"prompt is {chars} characters; the limit is {limits.max_prompt_chars}",
-            request_id=request_id,
+            request_id=given,
             reply=reply_topic,
         )
     if request.params.max_tokens is not None and request.params.max_tokens > limits.max_tokens:
         return reject(
             ErrorCode.MAX_TOKENS_TOO_LARGE,
             f"max_tokens is {request.params.max_tokens}; the limit is {limits.max_tokens}",
-            request_id=request_id,
+            request_id=given,
             reply=reply_topic,
         )
     if request.fanout > limits.max_fanout:
         return reject(
             ErrorCode.FANOUT_TOO_LARGE,
             f"fanout is {request.fanout}; the limit is {limits.max_fanout}",
-            request_id=request_id,
+            request_id=given,
             reply=reply_topic,
         )
     try:
         schema_problem = request_problem(request)
     except Exception:  # jsonschema meeting a schema nobody foresaw: refuse it, to its sender, once
-        log.exception("checking a request's schemas failed", request_id=request_id)
+        log.exception("checking a request's schemas failed", request_id=given)
         problem = "the hub could not check this request's schemas"
-        return reject(ErrorCode.INTERNAL_ERROR, problem, request_id=request_id, reply=reply_topic)
+        return reject(ErrorCode.INTERNAL_ERROR, problem, request_id=given, reply=reply_topic)
     if schema_problem is not None:
-        return reject(ErrorCode.INVALID_REQUEST, schema_problem, request_id=request_id, reply=reply_topic)
-    return Accepted(request, request_id, reply_topic, correlation, scope)
+        return reject(ErrorCode.INVALID_REQUEST, schema_problem, request_id=given, reply=reply_topic)
+    return Accepted(request, given or new_request_id(), reply_topic, correlation, scope)
 
 
 #: Only a \uD800-\uDFFF escape can smuggle an unpaired surrogate into parsed JSON: the full

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,9 +184,16 @@ class JournalWriter:
         self.settled_ids: OrderedDict[str, str] = OrderedDict()
         self._remember = remember
 
-    def load_recent(self, rows: list[tuple[str, str]]) -> None:
-        for request_id, request_digest in rows:
+    async def load(self) -> tuple[list[Entry], list[Unsent]]:
+        """Remember the requests settled within ``keep_s`` (a retry of one gets its reply again),
+        and return what a previous run left: the requests it had not finished, and the replies
+        it had not sent."""
+        journal = self.journal
+        for request_id, request_digest in await asyncio.to_thread(
+            journal.recent, time.time() - self.keep_s, self._remember
+        ):
             self._remember_settled(request_id, request_digest)
+        return await asyncio.to_thread(journal.unfinished), await asyncio.to_thread(journal.unsent)
 
     async def accept(self, entry: Entry) -> None:
         """Returns once ``entry`` is committed."""

@@ -22,9 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nova_swarm.broker.contract.errors import ErrorCode
-from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, NodeMetrics, NodeState
+from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, HubStatus, NodeMetrics, NodeState
 from nova_swarm.broker.contract.topics import Topics
+from nova_swarm.broker.contract.version import __version__
 
+from .config import HubConfig
 from .credits import Contribution, CreditRates
 from .registry import NodeRecord, Registry
 from .winrate import ALL, MODEL_PREFIX, WinRates
@@ -97,6 +99,28 @@ class Window:
             latency_p95_ms=self.latency_percentile(now, 0.95),
             answered_total=self.answered_total,
             failed_total=self.failed_total,
+        )
+
+    def hub_status(
+        self, config: HubConfig, registry: Registry, *, now: float, inflight: int, queued: int, started_at: float
+    ) -> HubStatus:
+        """The hub's retained status: its nodes, its requests, its totals since it started."""
+        counts = registry.counts(now)
+        return HubStatus(
+            hub_id=config.hub_id,
+            state="online",
+            ts=now,
+            version=__version__,
+            nodes_online=counts["online"],
+            nodes_paused=counts["paused"],
+            nodes_offline=counts["offline"],
+            inflight=inflight,
+            queued=queued,
+            answered=self.answered_total,
+            failed=self.failed_total,
+            cancelled=self.cancelled_total,
+            started_at=started_at,
+            max_tokens=config.limits.max_tokens,
         )
 
 
@@ -186,14 +210,14 @@ def readings(
     rates: CreditRates,
     *,
     heartbeat_timeout_s: float,
-    inflight: int,
-    queued: int,
+    load: tuple[int, int],
     now: float,
     mono: float,
 ) -> list[tuple[str, bytes]]:
-    """Every metrics message the hub publishes on one tick, as (topic, payload). ``now`` is the
-    wall clock, ``mono`` the event loop's (the window's)."""
-    hub = window.hub_metrics(mono, registry, inflight=inflight, queued=queued)
+    """Every metrics message the hub publishes on one tick, as (topic, payload). ``load``: the
+    requests in flight and those waiting; ``now`` is the wall clock, ``mono`` the event loop's
+    (the window's)."""
+    hub = window.hub_metrics(mono, registry, inflight=load[0], queued=load[1])
     nodes = {rec.node_id: node_metrics(rec, now, heartbeat_timeout_s) for rec in reported(registry, now)}
     batch: list[tuple[str, bytes]] = [(topics.metrics_hub(), hub.encode())]
     batch += [(topics.metrics_node(node_id), m.encode()) for node_id, m in nodes.items()]

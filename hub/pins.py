@@ -24,7 +24,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from nova_swarm.broker.contract.errors import ConfigError
+from nova_swarm.broker.contract.errors import ConfigError, ProtocolError
 from nova_swarm.broker.contract.messages import (
     BUNDLE_LEAVES_OUT,
     BUNDLE_PACKAGES,
@@ -34,7 +34,7 @@ from nova_swarm.broker.contract.messages import (
     decode,
     parse_version,
 )
-from nova_swarm.broker.contract.signing import SigningKey
+from nova_swarm.broker.contract.signing import PublicKey, SigningKey
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.broker.link.base import Link
 from nova_swarm.broker.link.connection import Connection
@@ -123,7 +123,9 @@ def model_pin(
     url: str | None = None,
     size_bytes: int | None = None,
     tags: list[str] | None = None,
+    more: list[dict[str, Any]] | None = None,
 ) -> ModelPin:
+    """A pin of one model (``more``: further entries, as ``PinnedModel`` fields)."""
     payload = {
         "swarm": swarm,
         "name": name,
@@ -134,8 +136,35 @@ def model_pin(
         # Microseconds since the epoch: grows with every pin, so nodes can refuse a replayed one.
         "serial": time.time_ns() // 1000,
         "created": time.time(),
+        "more": more or [],
     }
     return decode(ModelPin, json.dumps(payload))
+
+
+def with_model(swarm: str, current: dict[str, Any] | None, entry: dict[str, Any]) -> ModelPin:
+    """The pin ``current`` (a signed body, or None) with ``entry`` added, or put in place of the
+    entry of the same name (``ProtocolError`` for a bad one)."""
+    if current is None:
+        return model_pin(swarm, **entry)
+    entries = [e for e in _entries(current) if e.get("name") != entry["name"]] + [entry]
+    return model_pin(swarm, **entries[0], more=entries[1:])
+
+
+def without_model(swarm: str, current: dict[str, Any], name: str) -> ModelPin | None:
+    """The pin ``current`` with model ``name`` taken out (None: nothing left pinned); ConfigError
+    when it is not pinned."""
+    entries = _entries(current)
+    left = [e for e in entries if e.get("name") != name]
+    if len(left) == len(entries):
+        raise ConfigError(f"{name} is not pinned (`swarm-hub model show`)")
+    return model_pin(swarm, **left[0], more=left[1:]) if left else None
+
+
+def _entries(signed: dict[str, Any]) -> list[dict[str, Any]]:
+    fields = ("name", "sha256", "url", "size_bytes", "tags")
+    more = signed.get("more")
+    rest = [m for m in more if isinstance(m, dict)] if isinstance(more, list) else []
+    return [{k: e.get(k) for k in fields} for e in [signed, *rest]]
 
 
 def route_table(swarm: str, routes: dict[str, str]) -> RouteTable:
@@ -190,9 +219,26 @@ async def publish_bundle(
     return manifest
 
 
-async def publish_model_pin(conn: Connection, topics: Topics, key: SigningKey, pin: ModelPin) -> None:
-    envelope = key.sign(pin.model_dump(mode="json"))
+async def publish_model_pin(conn: Link, topics: Topics, key: SigningKey, pin: ModelPin) -> None:
+    envelope = key.sign(pin.signed_body())
     await conn.publish(topics.model(), json.dumps(envelope).encode(), qos=1, retain=True)
+
+
+def verified_routes(payload: bytes, key: PublicKey | None, swarm: str) -> RouteTable | None:
+    """The retained route table, once its signature checks out with ``key`` (the hub's own):
+    None when cleared; ``ProtocolError`` or ``SignatureError`` when it is not to be followed."""
+    if not payload:
+        return None
+    if key is None:
+        raise ProtocolError("this hub has no signing key to check it with")
+    try:
+        signed = key.verify(json.loads(payload))
+    except ValueError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from exc
+    table = decode(RouteTable, json.dumps(signed))
+    if table.swarm != swarm:
+        raise ProtocolError(f"it is for swarm {table.swarm!r}")
+    return table
 
 
 async def publish_routes(conn: Link, topics: Topics, key: SigningKey, table: RouteTable) -> None:

@@ -126,6 +126,18 @@ class Pins:
     model_name: str | None = None
     model_sha256: str | None = None
     model_tags: tuple[str, ...] = ()
+    #: the pin's further models: (name, sha256, tags) each
+    more: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def models_for(self, tags: Iterable[str]) -> list[tuple[str, str]]:
+        """(name, sha256) of every pinned model a node carrying ``tags`` follows."""
+        mine = set(tags)
+        first = (self.model_name, self.model_sha256, self.model_tags)
+        return [
+            (name, sha)
+            for name, sha, only in [first, *self.more]
+            if name is not None and sha is not None and (not only or mine & set(only))
+        ]
 
     def seen(self, signed: dict[str, object], *, bundle: bool) -> Pins:
         """These pins once a retained pin (``pins.unverified_signed``; {} when cleared) is seen:
@@ -133,13 +145,25 @@ class Pins:
         if bundle:
             version = signed.get("version")
             return replace(self, bundle=version if isinstance(version, str) else None)
-        name, sha, tags = signed.get("name"), signed.get("sha256"), signed.get("tags")
+        name, sha, tags = _entry(signed)
+        more = signed.get("more")
+        extra = [_entry(m) for m in more if isinstance(m, dict)] if isinstance(more, list) else []
         return replace(
             self,
-            model_name=name if isinstance(name, str) else None,
-            model_sha256=sha if isinstance(sha, str) else None,
-            model_tags=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
+            model_name=name,
+            model_sha256=sha,
+            model_tags=tags,
+            more=tuple((n, s, t) for n, s, t in extra if n is not None and s is not None),
         )
+
+
+def _entry(signed: dict[str, object]) -> tuple[str | None, str | None, tuple[str, ...]]:
+    name, sha, tags = signed.get("name"), signed.get("sha256"), signed.get("tags")
+    return (
+        name if isinstance(name, str) else None,
+        sha if isinstance(sha, str) else None,
+        tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,14 +207,13 @@ def lag(rec: NodeRecord, pins: Pins) -> str | None:
         reasons.append(
             f"runs {an.agent_version}, bundle {pins.bundle} is pinned ({_why(rec.bundle_report, pins.bundle, rec)})"
         )
-    if (
-        pins.model_sha256 is not None
-        and pins.model_name is not None
-        and an.model.sha256 != pins.model_sha256
-        and (not pins.model_tags or set(an.tags) & set(pins.model_tags))
-    ):
-        why = _why(rec.model_report, pins.model_name, rec)
-        reasons.append(f"serves {an.model.name}, {pins.model_name} is pinned ({why})")
+    wanted = pins.models_for(an.tags)
+    served = {m.sha256 for m in an.served()}
+    missing = [name for name, sha in wanted if sha not in served]
+    if missing:
+        # What the node reports it is after: one model's name, or a set's names joined (updater.py).
+        why = _why(rec.model_report, " + ".join(name for name, _ in wanted), rec)
+        reasons.append(f"serves {', '.join(m.name for m in an.served())}, {', '.join(missing)} is pinned ({why})")
     return "; ".join(reasons) or None
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import get_args
 
 import structlog
 
@@ -31,10 +32,8 @@ from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolEr
 from nova_swarm.broker.contract.messages import (
     Announce,
     Cancel,
-    Capability,
     Heartbeat,
     HubStatus,
-    ModelInfo,
     NodeProgress,
     NodeState,
     Status,
@@ -52,19 +51,16 @@ from nova_swarm.broker.link.reconnect import raise_if_cancelled, reconnecting
 from nova_swarm.broker.link.url import BrokerURL
 from nova_swarm.broker.service import Service
 
-from . import homeassistant, sensors
+from . import homeassistant, reports, sensors
 from .config import NodeConfig
 from .energy import EnergyMeter, sample_while_busy
 from .engine import Engine
 from .execution import Executor, Job, failure, profile, sampling_for
 from .guard import Guard, Pause, Resume
-from .model_set import ModelSet, ModelSpec, model_spec
+from .model_set import ModelSet, by_path, model_spec
 from .updater import Updater, UpdateSetup
 
 log = structlog.get_logger("nova_swarm.node")
-
-#: what a node may announce (``messages.Capability``); an engine's other claims are not ours to pass on
-CAPABILITIES = frozenset(get_args(Capability))
 
 
 class Node(Service):
@@ -186,7 +182,7 @@ class Node(Service):
         await conn.publish(self.topics.node_status(node_id), self._current_status().encode(), retain=True)
         if self.config.home_assistant.enabled:
             await conn.subscribe(self.config.home_assistant.topics.status(), qos=1)
-            await self._publish_discovery(conn)
+            await conn.publish(*reports.discovery(self.config), qos=1, retain=True)
         await self._outbox.attach(conn)
         try:
             self.connected.set()
@@ -247,7 +243,7 @@ class Node(Service):
             return
         if self.config.home_assistant.enabled and topic == self.config.home_assistant.topics.status():
             if homeassistant.is_birth(message.payload):
-                await self._publish_discovery(conn)
+                await conn.publish(*reports.discovery(self.config), qos=1, retain=True)
             return
         if message.retain:
             # Task and cancel topics are never retained; a retained one is stale or leaked.
@@ -374,12 +370,9 @@ class Node(Service):
     def _accepting(self) -> bool:
         return not self.guard.paused and self._hold is None
 
-    def _why_paused(self) -> str | None:
-        return self.guard.reason if self.guard.paused else self._hold
-
     def _current_status(self) -> Status:
         if not self._accepting():
-            return self._status(NodeState.PAUSED, reason=self._why_paused())
+            return self._status(NodeState.PAUSED, reason=self.guard.reason if self.guard.paused else self._hold)
         return self._status(NodeState.ONLINE)
 
     # ------------------------------------------------------------------ model switch and restart
@@ -388,19 +381,9 @@ class Node(Service):
         """Serve ``model_path`` from now on, between tasks: take no new work, hand back what is
         queued, let what runs finish, then swap. If the new model does not load, the old one is
         loaded again and ``ConfigError`` says why."""
-        load = self.updates.load_model
-        if load is None:
-            raise ConfigError("this node's engine cannot switch models")
+        load_spec = by_path(self.updates.load_model)
         old_path = self.model_path
-        await self._hold_work(reason)
-        try:
-            # What is queued was accepted: it runs on the old model. Then the workers stand still
-            # while the engine is swapped.
-            await self._until_idle(then_swap=True)
-
-            def load_spec(spec: ModelSpec) -> Engine:
-                return load(spec.path)
-
+        async with self._between_tasks(reason):
             # Every model is closed before the new one loads: a phone may not hold two at once.
             try:
                 spec = await asyncio.to_thread(model_spec, model_path, self.updates.ram)
@@ -411,6 +394,29 @@ class Node(Service):
                 await self.models.replace(await asyncio.to_thread(model_spec, old_path, self.updates.ram), load_spec)
                 raise
             self.model_path = model_path
+
+    async def serve_models(self, paths: list[Path], reason: str) -> list[str]:
+        """Serve every model of ``paths`` from now on (a pin of several), between tasks as
+        ``switch_engine`` does; the models already loaded that stay in the set stay loaded.
+        Returns why each model that cannot fit does not; ConfigError, and the old set still
+        served, when none fits."""
+        load_spec = by_path(self.updates.load_model)
+        specs = await asyncio.to_thread(lambda: [model_spec(p, self.updates.ram) for p in paths])
+        async with self._between_tasks(reason):
+            await self.models.reset(specs, load_spec)
+            self.model_path = self.models.specs[self.models.default].path
+        return list(self.models.unfit.values())
+
+    @asynccontextmanager
+    async def _between_tasks(self, reason: str) -> AsyncIterator[None]:
+        """Take no new work (paused, with ``reason``), let what is accepted run, then hold the
+        workers while the block swaps models; announce what is served after, and take work again."""
+        await self._hold_work(reason)
+        try:
+            # What is queued was accepted: it runs on the old model. Then the workers stand still
+            # while the engine is swapped.
+            await self._until_idle(then_swap=True)
+            yield
             await self._profile()
             await self._send(self.topics.node_announce(self.config.node_id), self._announce().encode(), retain=True)
         finally:
@@ -550,15 +556,6 @@ class Node(Service):
         """Publish now, or keep it for the next connection: a result is never dropped."""
         await self._outbox.send(topic, payload, retain=retain)
 
-    async def _publish_discovery(self, conn: Link) -> None:
-        """Describe this node to Home Assistant (retained): after every connect and every HA start."""
-        cfg = self.config
-        payload = homeassistant.discovery_payload(
-            node_id=cfg.node_id, swarm=cfg.swarm, version=__version__, heartbeat_s=cfg.heartbeat_s
-        )
-        topic = cfg.home_assistant.topics.device_config(cfg.node_id)
-        await conn.publish(topic, homeassistant.encode(payload), qos=1, retain=True)
-
     async def _heartbeats(self, conn: Link) -> None:
         topic = self.topics.node_heartbeat(self.config.node_id)
         while True:
@@ -583,55 +580,18 @@ class Node(Service):
             await asyncio.sleep(self.config.progress_s)
 
     def _announce(self) -> Announce:
-        info = self.engine.info
-        reading = self.reading
-        return Announce(
-            node_id=self.config.node_id,
-            model=ModelInfo(name=info.name, sha256=info.sha256, size_bytes=info.size_bytes, ctx=info.ctx),
-            threads=info.threads,
-            tokens_per_s=round(self.profile_tokens_per_s, 2),
-            ram_total_mb=reading.ram_total_mb,
-            device=self.config.device,  # type: ignore[arg-type]
-            tags=list(self.config.tags),
-            agent_version=__version__,
-            slots=self.config.slots,
-            queue_max=self.config.queue_max,
-            max_tokens=self.config.max_tokens,
-            max_temperature=self.config.max_temperature,
-            ts=time.time(),
-            capabilities=sorted(c for c in info.capabilities if c in CAPABILITIES),  # type: ignore[misc]
-            progress_s=self.config.progress_s,
-            models=self.models.announced(),
-            ram_budget_bytes=self.models.policy.budget_bytes,
-        )
+        return reports.announce(self.config, self.models, tokens_per_s=self.profile_tokens_per_s, reading=self.reading)
 
     def _status(self, state: NodeState, reason: str | None = None) -> Status:
-        return Status(
-            node_id=self.config.node_id,
-            state=state,
-            reason=reason,
-            ts=time.time(),
-            bundle=self.updater.bundle_report,
-            model_pin=self.updater.model_report,
-        )
+        return reports.status(self.config, state, reason, self.updater.bundle_report, self.updater.model_report)
 
     def _heartbeat(self) -> Heartbeat:
-        reading = self.reading
-        return Heartbeat(
-            node_id=self.config.node_id,
-            ts=time.time(),
-            battery_pct=reading.battery_pct,
-            charging=reading.charging,
-            temp_c=reading.temp_c,
-            ram_free_mb=reading.ram_free_mb,
-            load=reading.load,
-            tokens_per_s=self._executor.recent_tokens_per_s,
+        return reports.heartbeat(
+            self.config,
+            self.reading,
+            self._executor,
             busy=len(self._running),
-            slots=self.config.slots,
             queued=len(self._queued),
-            tokens_served=self._executor.tokens_served,
-            tasks_done=self.tasks_done,
-            tasks_failed=self._executor.tasks_failed,
             paused=not self._accepting(),
             pauses=self.guard.pauses,
             swaps=len(self.models.swaps),

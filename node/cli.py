@@ -406,6 +406,7 @@ async def run_node(args: argparse.Namespace) -> bool:
         models=cache,
         load_model=load_model if model_path is not None else None,
         model_path=model_path,
+        model_paths=tuple(paths) if model_path is not None else (),
         ram=ram,
         on_online=_mark_healthy(Path(health)) if supervised and health else None,
     )

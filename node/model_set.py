@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +161,18 @@ def model_spec(path: Path, policy: RamPolicy) -> ModelSpec:
     return ModelSpec(name, path, info, policy.needs(path, name))
 
 
+def by_path(load: Callable[[Path], Engine] | None) -> Callable[[ModelSpec], Engine]:
+    """A set's loader from an engine factory that takes a GGUF path (None: ConfigError, this
+    engine cannot switch models)."""
+    if load is None:
+        raise ConfigError("this node's engine cannot switch models")
+
+    def load_spec(spec: ModelSpec) -> Engine:
+        return load(spec.path)
+
+    return load_spec
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A model in use by one task."""
@@ -257,22 +269,57 @@ class ModelSet:
         if self._load is None or self._started:
             return
         self._started = True
-        first_error: ConfigError | None = None
-        for name, spec in self.specs.items():
-            try:
-                self.policy.check(spec.path, name=name)
-            except ConfigError as exc:
-                first_error = first_error or exc
-                self.unfit[name] = str(exc)
-                log.warning("model does not fit this node; announced, never loaded", model=name, reason=str(exc))
-        fitting = [n for n in self.specs if n not in self.unfit]
-        if not fitting:
-            assert first_error is not None
-            raise first_error
-        self.default = fitting[0]
+        self.unfit = self._unfit(self.specs.values(), freed=self.shelf.used)
+        self.default = next(n for n in self.specs if n not in self.unfit)
         if not self._engines:
             await self._bring_in(self.default, (), count_swap=False)
             self.shelf.give_back(self.default)
+
+    def _unfit(self, specs: Iterable[ModelSpec], *, freed: int) -> dict[str, str]:
+        """Why each of ``specs`` that can never fit does not (the models loaded now would give
+        ``freed`` back). ConfigError, with the numbers of the first, when none fits."""
+        unfit: dict[str, str] = {}
+        first_error: ConfigError | None = None
+        specs = list(specs)
+        for spec in specs:
+            try:
+                self.policy.check(spec.path, name=spec.name, freed=freed)
+            except ConfigError as exc:
+                first_error = first_error or exc
+                unfit[spec.name] = str(exc)
+                log.warning("model does not fit this node; announced, never loaded", model=spec.name, reason=str(exc))
+        if len(unfit) == len(specs) and first_error is not None:
+            raise first_error
+        return unfit
+
+    async def reset(self, specs: Sequence[ModelSpec], load: Callable[[ModelSpec], Engine]) -> None:
+        """Serve ``specs`` from now on (a pin of several models). ConfigError, and nothing
+        changed, when none of them fits. Models no longer served are closed; those still served
+        stay loaded. The caller makes sure nothing is in use."""
+        if not specs:
+            raise ConfigError("a node needs at least one model")
+        unfit = self._unfit(specs, freed=self.shelf.used)
+        new = {s.name: s for s in specs}
+        keep = {
+            name: engine
+            for name, engine in self._engines.items()
+            if name in new and name not in unfit and new[name].info.sha256 == self.specs[name].info.sha256
+        }
+        for name, engine in self._engines.items():
+            if name not in keep:
+                await asyncio.to_thread(engine.close)
+        self._engines = keep
+        self.specs, self._load, self.unfit = new, load, unfit
+        self.default = next(s.name for s in specs if s.name not in unfit)
+        self.shelf = Shelf({s.name: s.needs.total for s in specs})
+        for name in keep:
+            self.shelf.loading(name, ())
+            self.shelf.give_back(name)
+        if not self._engines:
+            await self._bring_in(self.default, (), count_swap=False)
+            self.shelf.give_back(self.default)
+        else:
+            await self._changed_now()
 
     def _room(self) -> int | None:
         return self.policy.room(freed=self.shelf.used)

@@ -5,6 +5,9 @@ pulls it from the pin's URL, verified by sha256), then switches between tasks: i
 work (reported as ``paused``, so the hub sends it nothing), hands back what is queued, lets what is
 running finish, swaps the engine and announces the new model. A pin that fails any check leaves
 the old model serving. An empty retained message unpins: the node goes back to its own model.
+A pin of several models (``ModelPin.more``) that apply to a node makes it serve them all: it
+finds or pulls each, then, between tasks as for a switch, takes them as its set of models
+(``model_set.py``).
 
 Bundle (``swarm/{sid}/bundle``): the node checks the signature and version, collects the chunks,
 checks the archive's sha256, installs it next to the running version, flips ``current`` and exits
@@ -39,6 +42,7 @@ from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manife
 from .config import NodeConfig
 from .engine import Engine
 from .memory import RamPolicy
+from .model_set import ModelSet
 from .models import CATALOGUE, ModelCache, pull
 
 log = structlog.get_logger("nova_swarm.node.updates")
@@ -60,6 +64,8 @@ class UpdateSetup:
     load_model: Callable[[Path], Engine] | None = None
     #: the node's own model, served when nothing (or nothing for this node) is pinned
     model_path: Path | None = None
+    #: all its own models, when it was started with several (``model_path`` is the first)
+    model_paths: tuple[Path, ...] = ()
     #: called once, when the node first comes online (the supervisor's health signal)
     on_online: Callable[[], None] | None = None
     #: how long collecting a bundle's chunks may take
@@ -77,6 +83,7 @@ class Updated(Protocol):
     config: NodeConfig
     topics: Topics
     model_path: Path | None
+    models: ModelSet
 
     @property
     def engine(self) -> Engine: ...
@@ -87,6 +94,8 @@ class Updated(Protocol):
     async def send_status(self) -> None: ...
 
     async def switch_engine(self, model_path: Path, reason: str) -> None: ...
+
+    async def serve_models(self, paths: list[Path], reason: str) -> list[str]: ...
 
     async def restart_for_update(self, version: str) -> None: ...
 
@@ -229,7 +238,11 @@ class Updater:
         if not payload:
             if self.model_report is None:
                 return  # nothing was ever pinned
-            await self._follow(None, own, tg, "unpinned", "nothing is pinned: serving this node's own model")
+            reason = "nothing is pinned: serving this node's own model"
+            if len(self.setup.model_paths) > 1:
+                await self._follow_own_set(tg, reason)
+            else:
+                await self._follow(None, own, tg, "unpinned", reason)
             return
         wanted = claimed(payload, "name")
         try:
@@ -245,20 +258,36 @@ class Updater:
             await self._report("model", wanted, "refused", str(exc))
             return
         self._pin_serial = pin.serial
-        mine = set(self.node.config.tags)
-        if pin.tags and not mine & set(pin.tags):
-            reason = f"pinned for nodes tagged {', '.join(pin.tags)}: serving this node's own model"
+        following = pin.for_node(self.node.config.tags)
+        if not following:
+            tagged = sorted({t for e in pin.entries() for t in e.tags})
+            reason = f"pinned for nodes tagged {', '.join(tagged)}: serving this node's own model"
             await self._follow(None, own, tg, "unpinned", reason)
             return
-        await self._follow(pin, None, tg, "applied", None)
+        if len(following) == 1:
+            await self._follow(pin.only(following[0]), None, tg, "applied", None)
+            return
+        await self._follow_set([pin.only(e) for e in following], tg)
 
     async def _follow(
         self, pin: ModelPin | None, own: Path | None, tg: asyncio.TaskGroup, outcome: Outcome, reason: str | None
     ) -> None:
         wanted = pin.name if pin is not None else (own.name.removesuffix(".gguf") if own else "own model")
         target = pin.sha256 if pin is not None else (str(own) if own else None)
-        if target == self._switch_to and self._switch is not None and not self._switch.done():
+        if not await self._supersede(target):
             return  # already on its way there
+        serving = self._serving()
+        own_served = own is None or serving == {self._own_sha256}
+        if (pin is not None and serving == {pin.sha256}) or (pin is None and own_served):
+            await self._report("model", wanted, outcome, reason)
+            return
+        self._switch_to = target
+        self._switch = tg.create_task(self._switch_model(pin, own, wanted, outcome, reason))
+
+    async def _supersede(self, target: str | None) -> bool:
+        """Make way for a switch to ``target``: False when one to it is under way already."""
+        if target == self._switch_to and self._switch is not None and not self._switch.done():
+            return False
         if self._switch is not None and not self._switch.done():
             # A newer pin supersedes the one under way: stop its download, or let its swap end.
             self._download_stop.set()
@@ -266,13 +295,55 @@ class Updater:
                 self._switch.cancel()
             await asyncio.gather(self._switch, return_exceptions=True)
             self._download_stop = threading.Event()
-        serving = self.node.engine.info.sha256
-        own_served = own is None or self._own_sha256 == serving
-        if (pin is not None and pin.sha256 == serving) or (pin is None and own_served):
-            await self._report("model", wanted, outcome, reason)
+        return True
+
+    def _serving(self) -> set[str]:
+        """The sha256 of every model the node serves now."""
+        return {spec.info.sha256 for spec in self.node.models.specs.values()}
+
+    async def _follow_set(self, pins: list[ModelPin], tg: asyncio.TaskGroup) -> None:
+        """Serve every model of ``pins`` (those of a pin that apply to this node)."""
+        wanted = " + ".join(p.name for p in pins)
+        target = ",".join(sorted(p.sha256 for p in pins))
+        if not await self._supersede(target):
+            return
+        if self._serving() == {p.sha256 for p in pins}:
+            await self._report("model", wanted, "applied", None)
             return
         self._switch_to = target
-        self._switch = tg.create_task(self._switch_model(pin, own, wanted, outcome, reason))
+        self._switch = tg.create_task(self._switch_set(pins, [], wanted, "applied", None))
+
+    async def _follow_own_set(self, tg: asyncio.TaskGroup, reason: str) -> None:
+        """Back to the several models the node was started with."""
+        own = list(self.setup.model_paths)
+        target = ",".join(str(p) for p in own)
+        if not await self._supersede(target):
+            return
+        wanted = " + ".join(p.name.removesuffix(".gguf") for p in own)
+        if {spec.path for spec in self.node.models.specs.values()} == set(own):
+            await self._report("model", wanted, "unpinned", reason)
+            return
+        self._switch_to = target
+        self._switch = tg.create_task(self._switch_set([], own, wanted, "unpinned", reason))
+
+    async def _switch_set(
+        self, pins: list[ModelPin], own: list[Path], wanted: str, outcome: Outcome, reason: str | None
+    ) -> None:
+        try:
+            paths = list(own)
+            if pins:
+                await self._report("model", wanted, "fetching", None)
+                for pin in pins:
+                    paths.append(await asyncio.to_thread(self._locate, pin))
+            await self._report("model", wanted, "switching", f"taking {len(paths)} models once running tasks finish")
+            unfit = await self.node.serve_models(paths, f"switching models to {wanted}")
+        except (UpdateRefused, ConfigError, OSError) as exc:
+            serving = ", ".join(self.node.models.specs)
+            await self._report("model", wanted, "refused", f"{exc}; still serving {serving}")
+            return
+        if unfit:  # served, but announced as too big for this node
+            reason = "; ".join([*([reason] if reason else []), *unfit])
+        await self._report("model", wanted, outcome, reason)
 
     async def _switch_model(
         self, pin: ModelPin | None, own: Path | None, wanted: str, outcome: Outcome, reason: str | None

@@ -671,6 +671,8 @@ def _seeds() -> dict[type[Wire], dict[str, Any]]:
         "StreamEnd": {"id": "req-42", "seq": 3, "done": True, "ok": True, "node_id": "pixel7", "model": "m",
                       "finish_reason": "stop", "usage": usage, "timings": timings, "error": None},
         "CancelRequest": {"id": "req-42", "reason": "user pressed stop"},
+        "PinnedModel": {"name": "gemma-3-270m-q4_k_m", "sha256": "a5" * 32, "size_bytes": 253113024,
+                        "url": "http://127.0.0.1:8000/g.gguf", "tags": ["big"]},
         "ServedModel": {"name": "gemma-3-270m-q4_k_m", "loaded": True, "fits": True, "needs_mb": 1498.6,
                         "load_s": 0.46},
         "RouteTable": {"kind": "routes", "swarm": "main", "routes": {"code": "qwen2.5-coder-0.5b", "chat": "smol"},

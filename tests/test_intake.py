@@ -75,6 +75,21 @@ def test_a_refusal_goes_to_the_senders_reply_topic_when_readable() -> None:
     assert (out.request_id, out.reply_topic, out.error.code) == ("x1", "swarm/main/reply/me", ErrorCode.UNKNOWN_FIELD)
 
 
+def test_a_refusal_carries_the_id_the_client_sent_and_none_when_it_sent_none() -> None:
+    # Refused after parsing (its schema, its length): an id made up by the hub names nothing the
+    # client knows. Found by test_fuzz.
+    schema = b'"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}'
+    for body, expected in (
+        (b'{"prompt": "hi", ' + schema + b"}", None),
+        (b'{"id": "s1", "prompt": "hi", ' + schema + b"}", "s1"),
+    ):
+        out = parse(body)
+        assert isinstance(out, Rejected) and out.error.code is ErrorCode.INVALID_REQUEST
+        assert out.request_id == expected
+    long = parse(("x" * 101).encode())  # plain text over the prompt limit
+    assert isinstance(long, Rejected) and long.error.code is ErrorCode.PROMPT_TOO_LARGE and long.request_id is None
+
+
 def test_mqtt5_response_topic_and_correlation_are_honoured_and_checked() -> None:
     out = parse(b"hi", T.prompt("r5"), response_topic="swarm/main/reply/r5", correlation_data=b"c1")
     assert isinstance(out, Accepted) and (out.reply_topic, out.correlation) == ("swarm/main/reply/r5", b"c1")

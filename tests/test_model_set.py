@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 
 from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, ProtocolError, RequestFailed
-from nova_swarm.broker.contract.messages import Announce, GenParams, ModelInfo, NodeState, PromptRequest
+from nova_swarm.broker.contract.messages import Announce, GenParams, ModelInfo, NodeState, PinReport, PromptRequest
 from nova_swarm.broker.contract.signing import SigningKey
 from nova_swarm.broker.contract.topics import Topics
 from nova_swarm.hub import pins
 from nova_swarm.hub.config import HubConfig
+from nova_swarm.hub.model_names import catalogue, served_models
+from nova_swarm.hub.ollama_api import running, tags
+from nova_swarm.hub.openai_api import models
 from nova_swarm.hub.placement import Placement
-from nova_swarm.hub.registry import NodeRecord, Registry
+from nova_swarm.hub.registry import NodeRecord, Pins, Registry, lag
 from nova_swarm.hub.scheduler import Scheduler, cold_penalty
 from nova_swarm.hub.trust import Trust
 from nova_swarm.hub.winrate import WinRates, model_key
@@ -33,10 +36,12 @@ from nova_swarm.node.fake import FakeEngine
 from nova_swarm.node.llama import fallback_chat_format
 from nova_swarm.node.memory import MB, Needs, RamPolicy
 from nova_swarm.node.model_set import Busy, Load, ModelSet, ModelSpec, Ready, Shelf, TooLarge
+from nova_swarm.node.models import sha256_file
 
 from .conftest import Processes, RunningBroker, bundled_model_path, nodes_available, nodes_until, until, wait_online
 from .test_memory import GEMMA, node_argv
 from .test_memory_link import client, node, swarm
+from .test_updates import StatusWatch
 
 SMOL = bundled_model_path().name.removesuffix(".gguf")
 
@@ -212,9 +217,9 @@ def several(node_id: str, *cards: ModelInfo, budget_mb: int | None = None) -> No
     return NodeRecord(node_id, announce, NodeState.ONLINE, last_seen=0.0)
 
 
-def card(name: str, *, loaded: bool, fits: bool = True, load_s: float | None = None) -> ModelInfo:
+def card(name: str, *, loaded: bool, fits: bool = True, load_s: float | None = None, sha: str = "0" * 64) -> ModelInfo:
     return ModelInfo(
-        name=name, sha256="0" * 64, size_bytes=200 * MB, ctx=512, needs_bytes=400 * MB, loaded=loaded, fits=fits,
+        name=name, sha256=sha, size_bytes=200 * MB, ctx=512, needs_bytes=400 * MB, loaded=loaded, fits=fits,
         load_s=load_s,
     )  # fmt: skip
 
@@ -433,3 +438,109 @@ def test_a_gguf_without_a_chat_template_gets_its_architecture_s_format(gemma: Pa
     # (Llama 2's) makes it end its turn at once, an empty answer every time.
     assert fallback_chat_format(gemma) == "gemma"
     assert fallback_chat_format(bundled_model_path()) is None  # SmolLM2 has its own template
+
+
+# ---------------------------------------------------------------- pins of several models
+
+
+def test_a_pin_of_several_models_applies_each_by_its_tags() -> None:
+    pin = pins.model_pin(
+        "main", "smol", "ab" * 32, more=[{"name": "gemma", "sha256": "cd" * 32, "tags": ["big"]}]
+    )  # fmt: skip
+    assert [e.name for e in pin.entries()] == ["smol", "gemma"]
+    assert [e.name for e in pin.for_node(["big"])] == ["smol", "gemma"]
+    assert [e.name for e in pin.for_node(["phone"])] == ["smol"]
+    narrowed = pin.only(pin.entries()[1])
+    assert (narrowed.name, narrowed.sha256, narrowed.tags, narrowed.more) == ("gemma", "cd" * 32, ["big"], [])
+    assert "more" in pin.signed_body() and "more" not in narrowed.signed_body()  # older nodes read a one-model pin
+    # Adding and removing by name, from the signed body the hub reads back.
+    grown = pins.with_model("main", pin.signed_body(), {"name": "qwen", "sha256": "ef" * 32, "tags": []})
+    assert [e.name for e in grown.entries()] == ["smol", "gemma", "qwen"] and grown.serial >= pin.serial
+    replaced = pins.with_model("main", grown.signed_body(), {"name": "gemma", "sha256": "aa" * 32})
+    assert [(e.name, e.sha256[:2]) for e in replaced.entries()] == [("smol", "ab"), ("qwen", "ef"), ("gemma", "aa")]
+    shrunk = pins.without_model("main", replaced.signed_body(), "smol")
+    assert shrunk is not None and [e.name for e in shrunk.entries()] == ["qwen", "gemma"]
+    assert pins.without_model("main", pins.model_pin("main", "x", "ab" * 32).signed_body(), "x") is None
+    with pytest.raises(ConfigError, match="not pinned"):
+        pins.without_model("main", pin.signed_body(), "nope")
+
+
+def test_the_hub_says_who_lags_a_pin_of_several_models() -> None:
+    pinned = Pins().seen(
+        pins.model_pin("main", "a", "0" * 64, more=[{"name": "b", "sha256": "1" * 64, "tags": ["big"]}]).signed_body(),
+        bundle=False,
+    )
+    assert pinned.models_for(["big"]) == [("a", "0" * 64), ("b", "1" * 64)] and pinned.models_for([]) == [
+        ("a", "0" * 64)
+    ]
+    both = several("both", card("a", loaded=True), card("b", loaded=False, sha="1" * 64))
+    both.announce = both.announce.model_copy(update={"tags": ["big"]})  # type: ignore[union-attr]
+    assert lag(both, pinned) is None  # serves both, loaded or not
+    only_a = several("only-a", card("a", loaded=True), card("c", loaded=False, sha="2" * 64))
+    assert lag(only_a, pinned) is None  # not tagged big: a alone applies
+    only_a.announce = only_a.announce.model_copy(update={"tags": ["big"]})  # type: ignore[union-attr]
+    assert lag(only_a, pinned) == "serves a, c, b is pinned (has not answered the pin yet)"
+    only_a.model_report = PinReport(wanted="a + b", outcome="refused", reason="no copy of b here", ts=1.0)
+    assert lag(only_a, pinned) == "serves a, c, b is pinned (refused: no copy of b here)"
+
+
+async def test_a_pin_of_two_models_makes_a_one_model_node_serve_both(
+    procs: Processes,
+    amqtt: RunningBroker,
+    gemma: Path,
+    tmp_path: Path,
+) -> None:
+    watch = StatusWatch(amqtt)
+    watching = asyncio.create_task(watch.run())
+    try:
+        cache = tmp_path / "phone-cache"
+        cache.mkdir()
+        (cache / f"{GEMMA}.gguf").symlink_to(gemma)  # on the phone already: no download here
+        gemma_sha = sha256_file(gemma)
+        (cache / f"{GEMMA}.gguf.sha256").write_text(f"{gemma_sha}  {gemma.stat().st_size}\n")
+        smol_sha = sha256_file(bundled_model_path())
+        procs.hub("--heartbeat-timeout", "20")
+        argv = node_argv(procs, "--model", str(bundled_model_path()), "--ctx", "512", "--cache-dir", str(cache),
+                         "--max-tokens", "8")  # fmt: skip
+        procs.spawn("node-phone", argv)
+        await wait_online(procs, 1)
+        assert procs.swarm_hub("model", "pin", SMOL, "--sha256", smol_sha).returncode == 0
+        added = procs.swarm_hub("model", "add", GEMMA, "--sha256", gemma_sha)
+        assert added.returncode == 0 and f"pinned now: {SMOL}, {GEMMA}" in added.stdout, added.stdout + added.stderr
+        both = f"{SMOL} + {GEMMA}"
+        await watch.until(
+            "phone",
+            lambda s: s.model_pin is not None and s.model_pin.wanted == both and s.model_pin.outcome == "applied",
+            "serving the pinned pair",
+        )
+        [row] = await nodes_until(procs, lambda rows: len(rows) == 1 and len(rows[0]["models"]) == 2, "two models")
+        assert {m["name"] for m in row["models"]} == {SMOL, GEMMA} and row["lag"] is None, row
+        assert ask(procs, GEMMA, "Name a fruit.").get("model") == GEMMA
+        assert ask(procs, SMOL, "Name a fruit.").get("model") == SMOL
+        # Taken out again: the node switches back to the one model left pinned.
+        assert procs.swarm_hub("model", "remove", GEMMA).returncode == 0
+        await nodes_until(procs, lambda rows: [m["name"] for m in rows[0]["models"]] == [SMOL], "back to one")
+    finally:
+        watching.cancel()
+
+
+def test_every_model_is_listed_with_the_nodes_that_serve_it_loaded_or_not() -> None:
+    registry = Registry(heartbeat_timeout_s=30.0)
+    phone = several(
+        "phone",
+        card("small", loaded=True),
+        card("big", loaded=False),
+        card("mid", loaded=False),
+        card("huge", loaded=False, fits=False),
+    )
+    registry.nodes = {"phone": phone, "laptop": several("laptop", card("big", loaded=True))}
+    fleet = registry.table(1.0)
+    entries = {e.name: e for e in catalogue(fleet)}
+    assert set(entries) == {"small", "big", "mid"}  # too big for its only node: not served
+    assert (entries["big"].node_ids, entries["big"].loaded_on) == (("laptop", "phone"), ("laptop",))
+    assert entries["mid"].loaded_on == ()
+    assert served_models(fleet) == {"small", "big", "mid", "huge"}  # known, for the hub's unknown_model check
+    cards = {c["id"]: c for c in models(fleet, created=0)["data"]}
+    assert cards["small"]["node_ids"] == ["phone"] and cards["small"]["loaded_on"] == ["phone"]
+    assert [m["name"] for m in running(fleet)["models"]] == ["big:latest", "small:latest"]  # /api/ps: in memory
+    assert [m["name"] for m in tags(fleet, started=0.0)["models"]] == ["big:latest", "mid:latest", "small:latest"]

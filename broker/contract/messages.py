@@ -714,8 +714,22 @@ class BundleManifest(Wire):
     created: float
 
 
+class PinnedModel(Wire):
+    """One more model a pin asks nodes to serve (``ModelPin.more``), with the same fields."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    sha256: Sha256
+    size_bytes: int | None = Field(default=None, ge=1)
+    url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    tags: list[Tag] = Field(default_factory=list)
+
+
 class ModelPin(Wire):
-    """The GGUF model the swarm's nodes should serve; travels signed on ``model``."""
+    """The GGUF models the swarm's nodes should serve; travels signed on ``model``.
+
+    A node follows every entry (this one, and each of ``more``) whose ``tags`` are empty or share
+    one with its own. One entry: the node switches to that model. Several: it serves them all,
+    loading each when a request needs it within its RAM budget."""
 
     kind: Literal["model"] = "model"
     swarm: str
@@ -729,6 +743,30 @@ class ModelPin(Wire):
     #: grows with every pin: a node refuses an older pin replayed at it
     serial: int = Field(ge=1)
     created: float
+    #: further models the swarm serves, each on the nodes its own tags say (older nodes knew
+    #: none: the hub leaves the field out when it is empty)
+    more: list[PinnedModel] = Field(default_factory=list, max_length=15)
+
+    def entries(self) -> list[PinnedModel]:
+        """Every pinned model, this pin's own first."""
+        own = self.model_dump(include={"name", "sha256", "size_bytes", "url", "tags"})
+        return [PinnedModel.model_validate(own), *self.more]
+
+    def for_node(self, tags: Sequence[str]) -> list[PinnedModel]:
+        """The entries a node carrying ``tags`` follows."""
+        mine = set(tags)
+        return [e for e in self.entries() if not e.tags or mine & set(e.tags)]
+
+    def only(self, entry: PinnedModel) -> ModelPin:
+        """This pin narrowed to one of its entries (what a node that follows just that one does)."""
+        return self.model_copy(update={**entry.model_dump(), "more": []})
+
+    def signed_body(self) -> dict[str, Any]:
+        """What the hub signs: ``more`` left out when empty, so older nodes still read the pin."""
+        body = self.model_dump(mode="json")
+        if not body["more"]:
+            del body["more"]
+        return body
 
 
 class RouteTable(Wire):

@@ -10,7 +10,7 @@ swarm-hub creds [--role ROLE]    -h -p -u -P flags for mosquitto_pub / mosquitto
 swarm-hub enroll NODE            a node's own login, as a one-line join command
 swarm-hub enroll --client NAME   a client login of its own: private replies, ids no one else can take
 swarm-hub bundle publish         sign this hub's node code and roll it out to every node
-swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained)
+swarm-hub model pin NAME ...     make every node serve one GGUF model (signed, retained; `model add` pins more)
 swarm-hub route set TAG MODEL    experts by tag: requests tagged TAG go to MODEL (signed, retained)
 swarm-hub ledger [verify|export] what each node gave, from signed, hash-chained receipts
 swarm-hub gateway --http H:P     the OpenAI-compatible HTTP API and chat page alone (up and serve run it too)

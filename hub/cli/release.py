@@ -53,21 +53,25 @@ def add_bundle(sub: Subparsers) -> None:
 
 
 def add_model(sub: Subparsers) -> None:
-    model = sub.add_parser("model", help="pin the GGUF model every node serves")
+    model = sub.add_parser("model", help="pin the GGUF models the nodes serve")
     msub = model.add_subparsers(dest="model_command", required=True)
-    pin = msub.add_parser("pin", help="publish a signed, retained model pin")
-    pin.add_argument("name", help="the model's name (its file name in node caches, without .gguf)")
-    pin.add_argument("--sha256", required=True, help="the GGUF file's sha256: nodes refuse anything else")
-    pin.add_argument("--url", help="where nodes without the file download it (http or https)")
-    pin.add_argument(
-        "--size",
-        type=argtypes.positive_int,
-        help="the file's size in bytes (lets nodes refuse what they cannot hold)",
-    )
-    pin.add_argument("--tags", default="", help="only nodes with one of these comma-separated tags follow the pin")
-    unpin = msub.add_parser("unpin", help="clear the pin: nodes go back to their own model")
-    mshow = msub.add_parser("show", help="the model pinned now")
-    for p in (pin, unpin, mshow):
+    pin = msub.add_parser("pin", help="publish a signed, retained pin of one model: nodes switch to it")
+    add = msub.add_parser("add", help="add a model to the pin: nodes it applies to serve every pinned model")
+    for p in (pin, add):
+        p.add_argument("name", help="the model's name (its file name in node caches, without .gguf)")
+        p.add_argument("--sha256", required=True, help="the GGUF file's sha256: nodes refuse anything else")
+        p.add_argument("--url", help="where nodes without the file download it (http or https)")
+        p.add_argument(
+            "--size",
+            type=argtypes.positive_int,
+            help="the file's size in bytes (lets nodes refuse what they cannot hold)",
+        )
+        p.add_argument("--tags", default="", help="only nodes with one of these comma-separated tags follow it")
+    remove = msub.add_parser("remove", help="take a model out of the pin")
+    remove.add_argument("name")
+    unpin = msub.add_parser("unpin", help="clear the pin: nodes go back to their own models")
+    mshow = msub.add_parser("show", help="the models pinned now")
+    for p in (pin, add, remove, unpin, mshow):
         broker_options(p, broker_role="hub")
 
 
@@ -143,14 +147,31 @@ async def cmd_model(args: argparse.Namespace) -> int:
             await pins.unpin_model(conn, topics)
             print("model unpinned: nodes go back to their own model")
             return 0
+        if args.model_command == "remove":
+            current = await pins.current_manifest(conn, topics.model())
+            if current is None:
+                raise ConfigError("no model is pinned")
+            left = pins.without_model(topics.swarm, current, args.name)
+            if left is None:
+                await pins.unpin_model(conn, topics)
+            else:
+                await pins.publish_model_pin(conn, topics, home.signing_key(), left)
+            print(f"{args.name} is no longer pinned" + ("; nothing is pinned now" if left is None else ""))
+            return 0
         tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+        entry = {"name": args.name, "sha256": args.sha256, "url": args.url, "size_bytes": args.size, "tags": tags}
         try:
-            pin = pins.model_pin(topics.swarm, args.name, args.sha256, url=args.url, size_bytes=args.size, tags=tags)
+            if args.model_command == "add":
+                pin = pins.with_model(topics.swarm, await pins.current_manifest(conn, topics.model()), entry)
+            else:
+                pin = pins.model_pin(topics.swarm, **entry)
         except ProtocolError as exc:
             raise ConfigError(f"cannot pin that: {exc}") from exc
         await pins.publish_model_pin(conn, topics, home.signing_key(), pin)
     who = f"nodes tagged {', '.join(tags)}" if tags else "every node"
-    print(f"pinned {pin.name} (sha256 {pin.sha256[:16]}...) for {who}; `swarm-hub nodes` shows who follows")
+    print(f"pinned {args.name} (sha256 {args.sha256[:16]}...) for {who}; `swarm-hub nodes` shows who follows")
+    if len(pin.entries()) > 1:
+        print(f"pinned now: {', '.join(e.name for e in pin.entries())}")
     return 0
 
 
