@@ -34,6 +34,7 @@ from nova_swarm.broker.contract.messages import UNKNOWN, HubMetrics, HubStatus, 
 from nova_swarm.broker.contract.topics import Topics
 
 from .metrics import LEDGER_TOTALS
+from .winrate import MODEL_PREFIX
 
 #: the prefix of every family this module exposes
 PREFIX = "nova_swarm"
@@ -246,10 +247,20 @@ class SwarmCollector(Collector):
             "decayed win rate per node and routing tag (all: over every request)",
             labels=["node", "tag"],
         )
+        models = GaugeMetricFamily(
+            f"{PREFIX}_model_win_rate",
+            "decayed win rate per model and routing tag, from best_of_n rankings (all: over every request)",
+            labels=["model", "tag"],
+        )
         for tag, values in board.current(board.win_rates).items():
-            for node_id, rate in sorted(values.items()):
-                rates.add_metric([node_id, tag], rate)
+            for key, rate in sorted(values.items()):
+                # The hub publishes the models' rates beside the nodes', as model:NAME (winrate.py).
+                if key.startswith(MODEL_PREFIX):
+                    models.add_metric([key.removeprefix(MODEL_PREFIX), tag], rate)
+                else:
+                    rates.add_metric([key, tag], rate)
         yield rates
+        yield models
         ledger = board.current(board.ledger)
         for key, name, kind, documentation in _LEDGER_FAMILIES:
             family = _family(kind, name, documentation, ["node"])

@@ -99,7 +99,9 @@ async def test_every_metrics_payload_is_flat_numbers_with_a_fixed_key_set(amqtt:
     errors = json.loads(seen[T.metrics_fan_in("errors")][-1])
     assert set(errors) == {c.value for c in ErrorCode} and errors["invalid_request"] == 1
     poetry = json.loads(seen[T.metrics_win_rate("poetry")][-1])
-    assert poetry and set(poetry) <= {"n1", "n2"} and all(0 < r < 1 for r in poetry.values())
+    # Every node's decayed win rate, and every model's beside them (winrate.model_key).
+    assert poetry and set(poetry) <= {"n1", "n2", "model:fake"} and all(0 < r < 1 for r in poetry.values())
+    assert "model:fake" in poetry
     assert set(json.loads(seen[T.metrics_win_rate(ALL_TAGS)][-1])) == set(poetry)
     # Nothing else is published under metrics/.
     allowed = {T.metrics_hub(), T.metrics_node("n1"), T.metrics_node("n2"), T.metrics_fan_in("errors")}

@@ -102,7 +102,7 @@ def full_round(board: MetricsBoard, nodes: dict[str, NodeMetrics]) -> None:
         board.feed(T.metrics_fan_in("tokens_per_s"), json.dumps({node_id: m.tokens_per_s}).encode())
     board.feed(T.metrics_fan_in("errors"), json.dumps({"node_busy": 2, "bad_json": 0}).encode())
     board.feed(T.metrics_win_rate("all"), json.dumps({n: 0.5 for n in nodes}).encode())
-    board.feed(T.metrics_win_rate("code"), json.dumps({n: 0.75 for n in nodes}).encode())
+    board.feed(T.metrics_win_rate("code"), json.dumps({**{n: 0.75 for n in nodes}, "model:gemma": 0.6}).encode())
     for name in ("credits", "tokens_total", "tasks_total", "wins_total"):
         board.feed(T.metrics_fan_in(name), json.dumps({n: 7 for n in nodes}).encode())
 
@@ -155,6 +155,9 @@ def test_the_exposition_carries_the_hub_and_node_figures_with_labels() -> None:
     assert got["nova_swarm_errors_last_minute"] == {(("code", "bad_json"),): 0.0, (("code", "node_busy"),): 2.0}
     assert got["nova_swarm_node_win_rate"][(("node", "pixel7"), ("tag", "code"))] == 0.75
     assert got["nova_swarm_node_win_rate"][(("node", "s20"), ("tag", "all"))] == 0.5
+    # A model's rate is a model's, not a node called "model:gemma".
+    assert got["nova_swarm_model_win_rate"] == {(("model", "gemma"), ("tag", "code")): 0.6}
+    assert all(dict(labels)["node"] in ("pixel7", "s20") for labels in got["nova_swarm_node_win_rate"])
     assert got["nova_swarm_node_credits"] == {(("node", "pixel7"),): 7.0, (("node", "s20"),): 7.0}
     assert got["nova_swarm_node_wins_total"][(("node", "s20"),)] == 7.0
     assert got["nova_swarm_metrics_age_seconds"][()] >= 0
