@@ -68,7 +68,7 @@ def add_model(sub: Subparsers) -> None:
         )
         p.add_argument("--tags", default="", help="only nodes with one of these comma-separated tags follow it")
     remove = msub.add_parser("remove", help="take a model out of the pin")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the pinned model's name (`swarm-hub model show`)")
     unpin = msub.add_parser("unpin", help="clear the pin: nodes go back to their own models")
     mshow = msub.add_parser("show", help="the models pinned now")
     for p in (pin, add, remove, unpin, mshow):
@@ -79,10 +79,10 @@ def add_route(sub: Subparsers) -> None:
     route = sub.add_parser("route", help="experts by tag: which model answers a request carrying a tag")
     rsub = route.add_subparsers(dest="route_command", required=True)
     rset = rsub.add_parser("set", help="requests tagged TAG (and naming no model) go to MODEL")
-    rset.add_argument("tag")
+    rset.add_argument("tag", help="a routing tag, as requests carry it (--tags)")
     rset.add_argument("model", help="a model name as nodes announce it (`swarm-hub nodes`)")
     runset = rsub.add_parser("unset", help="TAG no longer chooses a model")
-    runset.add_argument("tag")
+    runset.add_argument("tag", help="the tag whose route goes")
     rshow = rsub.add_parser("show", help="the route table in force")
     for p in (rset, runset, rshow):
         broker_options(p, broker_role="hub")
