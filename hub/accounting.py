@@ -237,7 +237,9 @@ class LedgerObserver(Observer):
                 self.trust.failed(event.node_id, ErrorCode.NODE_LOST.value)
             return
         rec = self.registry.nodes.get(result.node_id)
-        announced = rec.announce.model if rec is not None and rec.announce is not None else None
+        served = rec.announce.served() if rec is not None and rec.announce is not None else []
+        # The model that answered, among those the node serves (the one it used last otherwise).
+        announced = next((m for m in served if m.name == result.model), served[0] if served else None)
         body = receipt_body(event, result, announced)
         if self.ledger is None:
             self.trust.record(asdict(body))

@@ -335,14 +335,12 @@ class Hub(Service):
         """The route table (experts by tag): only one signed with this hub's key, and not older
         than the one it follows; an empty payload clears it."""
         try:
-            table = pins.verified_routes(payload, self._hub_key, self.config.swarm)
+            table = pins.verified_routes(payload, self._hub_key, self.config.swarm, follows=self.requests.routes)
         except (ValueError, SwarmError) as exc:
             log.warning("ignored a route table", error=str(exc))
             return
-        current = self.requests.routes
-        if table is None or current is None or table.serial >= current.serial:
-            self.requests.routes = table
-            log.info("route table", routes=table.routes if table else None)
+        self.requests.routes = table
+        log.info("route table", routes=table.routes if table else None)
 
     # ------------------------------------------------------------------ node presence
 

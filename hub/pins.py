@@ -167,9 +167,11 @@ def _entries(signed: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: e.get(k) for k in fields} for e in [signed, *rest]]
 
 
-def route_table(swarm: str, routes: dict[str, str]) -> RouteTable:
-    """A new route table (``ProtocolError`` for a bad tag or model name)."""
-    payload = {"swarm": swarm, "routes": routes, "serial": time.time_ns() // 1000, "created": time.time()}
+def route_table(swarm: str, routes: dict[str, str], *, after: int = 0) -> RouteTable:
+    """A new route table (``ProtocolError`` for a bad tag or model name). Its serial is past
+    ``after`` (the table it replaces), even from a machine whose clock is behind."""
+    serial = max(time.time_ns() // 1000, after + 1)
+    payload = {"swarm": swarm, "routes": routes, "serial": serial, "created": time.time()}
     return decode(RouteTable, json.dumps(payload))
 
 
@@ -224,9 +226,12 @@ async def publish_model_pin(conn: Link, topics: Topics, key: SigningKey, pin: Mo
     await conn.publish(topics.model(), json.dumps(envelope).encode(), qos=1, retain=True)
 
 
-def verified_routes(payload: bytes, key: PublicKey | None, swarm: str) -> RouteTable | None:
-    """The retained route table, once its signature checks out with ``key`` (the hub's own):
-    None when cleared; ``ProtocolError`` or ``SignatureError`` when it is not to be followed."""
+def verified_routes(
+    payload: bytes, key: PublicKey | None, swarm: str, *, follows: RouteTable | None = None
+) -> RouteTable | None:
+    """The retained route table, once its signature checks out with ``key`` (the hub's own)
+    and it is no older than the one ``follows``: None when cleared; ``ProtocolError`` or
+    ``SignatureError`` when it is not to be followed."""
     if not payload:
         return None
     if key is None:
@@ -238,6 +243,8 @@ def verified_routes(payload: bytes, key: PublicKey | None, swarm: str) -> RouteT
     table = decode(RouteTable, json.dumps(signed))
     if table.swarm != swarm:
         raise ProtocolError(f"it is for swarm {table.swarm!r}")
+    if follows is not None and table.serial < follows.serial:
+        raise ProtocolError(f"it is older (serial {table.serial}) than the one followed ({follows.serial})")
     return table
 
 

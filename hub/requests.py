@@ -351,7 +351,8 @@ class Requests:
     def _routed(self, accepted: Accepted) -> Accepted:
         """A request that names no model takes the one its first routed tag names."""
         req = accepted.request
-        model = self.routes.model_for(req.all_tags()) if self.routes is not None and req.model is None else None
+        named = req.model is not None or req.models is not None or req.diverse  # it chose its models itself
+        model = self.routes.model_for(req.all_tags()) if self.routes is not None and not named else None
         if model is None:
             return accepted
         log.info("routed by tag", model=model)

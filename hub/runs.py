@@ -98,6 +98,10 @@ class Run:
     messages: list[ChatMessage] = field(default_factory=list)
     #: the model each attempt was sent to (when the request or its route names one)
     attempt_models: dict[str, str] = field(default_factory=dict)
+    #: across models: those no node can take for this request (they had a shortfall)
+    unplaceable: set[str] = field(default_factory=set)
+    #: a shortfall held back while other attempts wait for a node (``Runner._dispatch``)
+    short: Shortfall | None = None
 
     def __post_init__(self) -> None:
         self.settlement = accounting.Settlement(accounting.Asked.of(self.accepted.request, self.digest))
@@ -226,7 +230,7 @@ class Runner:
         req = run.accepted.request
         loop = asyncio.get_running_loop()
         trusted = self._trusted_nodes() if req.private else frozenset()
-        exclude, placed, waiting, short = action.exclude, [], 0, None
+        exclude, placed, waiting, short = action.exclude, [], 0, run.short
         for model, count in self._models_for(run, action.count):
             asked = req if model == req.model else req.model_copy(update={"model": model})
             decision = self.placement.place(
@@ -237,6 +241,8 @@ class Runner:
                 continue
             if isinstance(decision, Shortfall):
                 short = Shortfall((short.missing if short else 0) + decision.missing, decision.error)
+                if model is not None and model != req.model:
+                    run.unplaceable.add(model)  # across models: the next attempts go to the others
                 continue
             placed += [(node, asked) for node in decision.nodes]
             exclude |= {node.node_id for node in decision.nodes}
@@ -250,6 +256,12 @@ class Runner:
             self.waiting.pop(run, None)
         for node, asked in placed:
             await self._send_task(run, node, asked)
+        if short is not None and waiting:
+            # Across models, some attempts wait for a node while others have none: the machine
+            # hears of the shortfall once those are placed, so it does not settle for fewer first.
+            run.short = short
+            return []
+        run.short = None
         if short is not None:
             return run.machine.shortfall(short.missing, short.error, loop.time())
         return []
@@ -259,6 +271,7 @@ class Runner:
         for all of them, or, across models, those with the fewest attempts so far, in turn."""
         req = run.accepted.request
         pool = req.models or (self.registry.servable(time.time()) if req.diverse else None)
+        pool = [m for m in pool or () if m not in run.unplaceable]
         if not pool:
             return [(req.model, count)]
         tried = Counter(run.attempt_models.values())

@@ -382,7 +382,7 @@ class Node(Service):
         queued, let what runs finish, then swap. If the new model does not load, the old one is
         loaded again and ``ConfigError`` says why."""
         load_spec = by_path(self.updates.load_model)
-        old_path = self.model_path
+        old_path, old = self.model_path, list(self.models.specs.values())
         async with self._between_tasks(reason):
             # Every model is closed before the new one loads: a phone may not hold two at once.
             try:
@@ -391,7 +391,7 @@ class Node(Service):
             except ConfigError:
                 if old_path is None:
                     raise
-                await self.models.replace(await asyncio.to_thread(model_spec, old_path, self.updates.ram), load_spec)
+                await self.models.reset(old, load_spec)  # every model it served, as before
                 raise
             self.model_path = model_path
 
@@ -527,7 +527,7 @@ class Node(Service):
         return result
 
     def _failure(self, job: Job, code: ErrorCode, message: str) -> TaskResult:
-        return failure(job, self.config.node_id, job.task.model or self.engine.info.name, code, message)
+        return failure(job, self.config.node_id, job.task.model or self.models.current_info().name, code, message)
 
     async def _models_changed(self) -> None:
         """A model was loaded or evicted: say so (retained), so the hub routes to warm models,

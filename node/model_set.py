@@ -24,7 +24,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -32,7 +32,7 @@ import structlog
 from nova_swarm.broker.contract.errors import ConfigError, ErrorCode, RequestFailed
 from nova_swarm.broker.contract.messages import ModelInfo
 
-from .engine import Engine
+from .engine import Engine, EngineInfo
 from .memory import Needs, RamPolicy, mb
 from .models import model_name, sha256_file
 
@@ -218,6 +218,10 @@ class ModelSet:
         #: names that cannot fit even alone, found at start
         self.unfit: dict[str, str] = {}
         self._started = False
+        #: the model being loaded now, if any (one at a time)
+        self._loading: set[str] = set()
+        #: the last engine's description, for when none is loaded (a load failed after an eviction)
+        self._last_info: EngineInfo | None = next((e.info for e in self._engines.values()), None)
 
     @classmethod
     def single(cls, engine: Engine) -> ModelSet:
@@ -240,6 +244,17 @@ class ModelSet:
         if name is None or name not in self._engines:
             raise ConfigError("no model is loaded")
         return self._engines[name]
+
+    def current_info(self) -> EngineInfo:
+        """What the node says it serves first: the engine used most recently, or, with none
+        loaded (a load failed after an eviction), its default model as the last engine was."""
+        name = self.shelf.last_used()
+        if name is not None and name in self._engines:
+            return self._engines[name].info
+        spec = self.specs[self.default]
+        if self._last_info is None:
+            raise ConfigError("no model is loaded")
+        return replace(self._last_info, name=spec.name, sha256=spec.info.sha256, size_bytes=spec.info.size_bytes)
 
     def loaded(self) -> list[str]:
         return sorted(self._engines)
@@ -272,8 +287,7 @@ class ModelSet:
         self.unfit = self._unfit(self.specs.values(), freed=self.shelf.used)
         self.default = next(n for n in self.specs if n not in self.unfit)
         if not self._engines:
-            await self._bring_in(self.default, (), count_swap=False)
-            self.shelf.give_back(self.default)
+            await self._load_alone(self.default)
 
     def _unfit(self, specs: Iterable[ModelSpec], *, freed: int) -> dict[str, str]:
         """Why each of ``specs`` that can never fit does not (the models loaded now would give
@@ -316,8 +330,7 @@ class ModelSet:
             self.shelf.loading(name, ())
             self.shelf.give_back(name)
         if not self._engines:
-            await self._bring_in(self.default, (), count_swap=False)
-            self.shelf.give_back(self.default)
+            await self._load_alone(self.default)
         else:
             await self._changed_now()
 
@@ -327,19 +340,26 @@ class ModelSet:
     @asynccontextmanager
     async def use(self, name: str | None, *, deadline: float) -> AsyncIterator[Lease]:
         """The engine for ``name`` (None: the one used last), loaded first if need be. Raises
-        ``RequestFailed`` for a model this node does not have, one that cannot fit, or when
-        the room it needs is still held by busy models at ``deadline`` (``time.monotonic``)."""
-        name = name or self.shelf.last_used() or self.default
-        if name not in self.specs:
-            have = ", ".join(self.specs)
-            raise RequestFailed(ErrorCode.UNKNOWN_MODEL, f"this node does not serve {name!r} (it serves {have})")
-        if name in self.unfit:
-            raise RequestFailed(ErrorCode.MODEL_TOO_LARGE, self.unfit[name])
+        ``RequestFailed`` for a model this node does not have, one that cannot fit, one that does
+        not load, or when the room it needs is still held by busy models at ``deadline``
+        (``time.monotonic``).
+
+        A load runs outside the set's lock, one at a time: tasks on loaded models start and end
+        meanwhile. The shelf counts the model from the moment its load begins."""
         load_s: float | None = None
+        #: set when this task reserved a load (the models it evicts)
+        evicting: list[tuple[str, Engine]] | None = None
         async with self._changed:
+            # Under the lock: a load that ends meanwhile may have changed what "the last" is.
+            name = name or self.shelf.last_used() or self.default
+            if name not in self.specs:
+                have = ", ".join(self.specs)
+                raise RequestFailed(ErrorCode.UNKNOWN_MODEL, f"this node does not serve {name!r} (it serves {have})")
+            if name in self.unfit:
+                raise RequestFailed(ErrorCode.MODEL_TOO_LARGE, self.unfit[name])
             while True:
                 plan = self.shelf.plan(name, self._room())
-                if isinstance(plan, Ready):
+                if isinstance(plan, Ready) and name in self._engines:
                     self.shelf.take(name)
                     break
                 if isinstance(plan, TooLarge):
@@ -347,13 +367,10 @@ class ModelSet:
                         ErrorCode.MODEL_TOO_LARGE,
                         f"{name} needs ~{mb(plan.needs)} but only {mb(plan.room)} is available to this node's models",
                     )
-                if isinstance(plan, Load):
-                    # Under the lock: one load at a time, and the shelf counts it before it ends.
-                    try:
-                        load_s = await self._bring_in(name, plan.evict, count_swap=True)
-                    except ConfigError as exc:  # the file went bad since start, say
-                        raise RequestFailed(ErrorCode.ENGINE_ERROR, f"could not load {name}: {exc}") from exc
+                if isinstance(plan, Load) and not self._loading:
+                    evicting = self._reserve(name, plan.evict)
                     break
+                # Busy, another load under way, or this very model still loading: wait.
                 try:
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                         await self._changed.wait()
@@ -362,6 +379,11 @@ class ModelSet:
                         ErrorCode.DEADLINE_EXCEEDED,
                         f"{name} could not be loaded in time: models in use held the room it needs",
                     ) from None
+        if evicting is not None:  # this task reserved the load: do it, outside the lock
+            try:
+                load_s = await self._bring_in(name, evicting, count_swap=True)
+            except ConfigError as exc:  # the file went bad since start, say
+                raise RequestFailed(ErrorCode.ENGINE_ERROR, f"could not load {name}: {exc}") from exc
         try:
             yield Lease(self._engines[name], load_s)
         finally:
@@ -369,29 +391,51 @@ class ModelSet:
                 self.shelf.give_back(name)
                 self._changed.notify_all()
 
-    async def _bring_in(self, name: str, evict: Sequence[str], *, count_swap: bool) -> float:
-        """Evict, then load ``name`` (it counts as in use: the caller holds it). Its load time."""
-        if self._load is None:
-            raise RequestFailed(ErrorCode.UNKNOWN_MODEL, f"this node cannot load {name}")
+    def _reserve(self, name: str, evict: Sequence[str]) -> list[tuple[str, Engine]]:
+        """Take the room for ``name`` (held, as in use) in place of ``evict``, whose engines are
+        handed back to be closed: under the lock, before the load itself."""
         self.shelf.loading(name, evict)
-        for other in evict:
-            engine = self._engines.pop(other)
-            log.info("evicting model", model=other, frees=mb(self.shelf.needs[other]))
-            await asyncio.to_thread(engine.close)
-        started = time.monotonic()
+        self._loading.add(name)
+        return [(other, self._engines.pop(other)) for other in evict]
+
+    async def _bring_in(self, name: str, evicting: Sequence[tuple[str, Engine]], *, count_swap: bool) -> float:
+        """Close ``evicting``, then load ``name``, reserved by ``_reserve``. Its load time. A load
+        that fails gives its room back; either way, the node announces what it now holds."""
         try:
-            self._engines[name] = await asyncio.to_thread(self._load, self.specs[name])
+            if self._load is None:
+                raise ConfigError(f"this node cannot load {name}")
+            for other, engine in evicting:
+                log.info("evicting model", model=other, frees=mb(self.shelf.needs[other]))
+                try:
+                    await asyncio.to_thread(engine.close)
+                except Exception:  # its memory is llama-cpp's to free now; the load goes on
+                    log.exception("closing a model failed", model=other)
+            started = time.monotonic()
+            engine = await asyncio.to_thread(self._load, self.specs[name])
         except BaseException:
-            self.shelf.failed(name)
+            async with self._changed:
+                self.shelf.failed(name)
+                self._loading.discard(name)
+                self._changed.notify_all()
             await self._changed_now()
             raise
         took = time.monotonic() - started
+        async with self._changed:
+            self._engines[name] = engine
+            self._loading.discard(name)
+            self._last_info = engine.info
+            self._changed.notify_all()
         self.load_times[name] = took
         if count_swap:
             self.swaps.append((name, took))
-        log.info("loaded model", model=name, seconds=round(took, 2), evicted=list(evict), swap=count_swap)
+        log.info("loaded model", model=name, seconds=round(took, 2), evicted=[o for o, _ in evicting], swap=count_swap)
         await self._changed_now()
         return took
+
+    async def _load_alone(self, name: str) -> None:
+        """Load ``name`` with nothing in use (start, a pin): not counted as a swap."""
+        await self._bring_in(name, self._reserve(name, ()), count_swap=False)
+        self.shelf.give_back(name)
 
     async def _changed_now(self) -> None:
         for callback in self._watchers:
@@ -408,8 +452,7 @@ class ModelSet:
         self._load = load
         self.unfit.clear()
         self.shelf = Shelf({spec.name: spec.needs.total})
-        await self._bring_in(spec.name, (), count_swap=False)
-        self.shelf.give_back(spec.name)
+        await self._load_alone(spec.name)
 
     def close(self) -> None:
         for engine in self._engines.values():

@@ -33,7 +33,7 @@ CAPABILITIES = frozenset(get_args(Capability))
 
 def announce(config: NodeConfig, models: ModelSet, *, tokens_per_s: float, reading: Reading) -> Announce:
     """``tokens_per_s``: what the node measured at start (``execution.profile``)."""
-    info = models.current.info
+    info = models.current_info()
     return Announce(
         node_id=config.node_id,
         model=ModelInfo(name=info.name, sha256=info.sha256, size_bytes=info.size_bytes, ctx=info.ctx),

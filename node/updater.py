@@ -115,7 +115,7 @@ class Updater:
         self._download_stop = threading.Event()
         self._pin_serial = 0
         # A node starts on its own model, so the engine already knows that file's hash.
-        self._own_sha256: str | None = node.engine.info.sha256 if setup.model_path else None
+        self._own_sha256: str | None = next(iter(node.models.specs.values())).info.sha256 if setup.model_path else None
 
     def cancel(self) -> None:
         """The node is stopping: a model still downloading is abandoned (the download resumes next
@@ -262,7 +262,10 @@ class Updater:
         if not following:
             tagged = sorted({t for e in pin.entries() for t in e.tags})
             reason = f"pinned for nodes tagged {', '.join(tagged)}: serving this node's own model"
-            await self._follow(None, own, tg, "unpinned", reason)
+            if len(self.setup.model_paths) > 1:
+                await self._follow_own_set(tg, reason)
+            else:
+                await self._follow(None, own, tg, "unpinned", reason)
             return
         if len(following) == 1:
             await self._follow(pin.only(following[0]), None, tg, "applied", None)
@@ -359,7 +362,8 @@ class Updater:
             await self._report("model", wanted, "switching", f"loading {path.name} once running tasks finish")
             await self.node.switch_engine(path, f"switching model to {wanted}")
         except (UpdateRefused, ConfigError, OSError) as exc:  # a file gone or a full disk: refused, not a crash
-            await self._report("model", wanted, "refused", f"{exc}; still serving {self.node.engine.info.name}")
+            serving = ", ".join(self.node.models.specs)
+            await self._report("model", wanted, "refused", f"{exc}; still serving {serving}")
             return
         await self._report("model", wanted, outcome, reason)
 

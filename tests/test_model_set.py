@@ -47,6 +47,7 @@ from .conftest import (
     nodes_until,
     until,
     wait_online,
+    within,
 )
 from .test_memory import node_argv
 from .test_memory_link import client, node, swarm
@@ -121,12 +122,17 @@ class Loads:
     """Builds scripted engines and counts loads and closes (the set's own bookkeeping is what
     is under test here; the real models come below)."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, *, load_s: float = 0.0, broken: str | None = None) -> None:
         self.loads: list[str] = []
         self.delay_s = delay_s
+        self.load_s = load_s
+        self.broken = broken
 
     def __call__(self, spec: ModelSpec) -> Engine:
         self.loads.append(spec.name)
+        time.sleep(self.load_s)  # in the set's worker thread, as llama-cpp's load is
+        if spec.name == self.broken:
+            raise ConfigError(f"llama-cpp could not load {spec.name}.gguf: bad magic")
         return FakeEngine(name=spec.name, reply=f"from {spec.name}", delay_s=self.delay_s)
 
 
@@ -187,6 +193,39 @@ async def test_waiting_past_the_deadline_and_unknown_or_unfit_models_are_clear_e
     cards = {m.name: m for m in models.announced()}
     assert cards["huge"].fits is False and cards["huge"].needs_bytes == 900 * MB
     assert cards["a"].loaded is True and cards["b"].loaded is False and cards["b"].fits is True
+
+
+async def test_a_task_on_a_loaded_model_runs_while_another_model_loads() -> None:
+    models = ready_set(spec("a", 300), spec("b", 300), budget_mb=700, loads=Loads(load_s=0.5))
+    async with models.use("a", deadline=time.monotonic() + 5):
+        pass  # a is loaded, and b fits beside it
+    order: list[str] = []
+
+    async def load_b() -> None:
+        async with models.use("b", deadline=time.monotonic() + 5):
+            order.append("b ready")
+
+    async def use_a() -> None:
+        await asyncio.sleep(0.1)  # b's load is under way
+        async with models.use("a", deadline=time.monotonic() + 5):
+            order.append("a ran")
+
+    await asyncio.gather(load_b(), use_a())
+    assert order == ["a ran", "b ready"]
+
+
+async def test_a_model_that_fails_to_load_gives_its_room_back_and_the_node_still_says_what_it_serves() -> None:
+    models = ready_set(spec("a", 300), spec("b", 300), budget_mb=400, loads=Loads(broken="b"))
+    async with models.use("a", deadline=time.monotonic() + 5):
+        pass
+    with pytest.raises(RequestFailed) as failed:
+        async with models.use("b", deadline=time.monotonic() + 5):
+            pass
+    assert failed.value.code is ErrorCode.ENGINE_ERROR and "bad magic" in failed.value.message
+    assert models.loaded() == [] and models.shelf.used == 0  # a was evicted for it
+    assert models.current_info().name == "a"  # what its announce says: the default, as it was
+    async with models.use("a", deadline=time.monotonic() + 5) as lease:  # and a loads again
+        assert lease.engine.info.name == "a" and lease.load_s is not None
 
 
 def test_a_set_needs_models_and_no_name_twice() -> None:
@@ -411,6 +450,27 @@ async def test_best_of_n_across_models_asks_each_model_and_the_swarm_learns_per_
             )
 
 
+async def test_across_models_a_busy_model_is_waited_for_while_a_missing_one_is_given_up(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as (broker, hub):
+        async with node(broker, FakeEngine(name="gamma"), "g1"):
+            await nodes_available(hub, 1)  # gamma is known from now on, then its node leaves
+        async with (
+            node(broker, FakeEngine(name="alpha", reply="Paris."), "a1"),
+            node(broker, FakeEngine(name="beta", reply="Paris, France.", delay_s=0.6), "b1", slots=1, queue_max=0),
+            client(broker) as asker,
+        ):
+            await nodes_available(hub, 2)
+            busy = await asker.send(PromptRequest(prompt="first", model="beta"))  # holds b1's one slot
+            await until(lambda: hub.registry.nodes["b1"].inflight == 1, timeout=5, what="b1 busy")
+            request = PromptRequest(
+                prompt="Capital of France?", strategy="best_of_n", fanout=3, models=["alpha", "beta", "gamma"]
+            )
+            answer = await asker.ask(request, timeout=10)
+            await within(busy, 10)
+    # gamma has no node: given up; beta was busy: waited for, not dropped for alpha alone.
+    assert sorted(c.model or "" for c in answer.candidates) == ["alpha", "beta"]
+
+
 async def test_a_signed_route_table_sends_a_tag_to_its_model(tmp_path: Path) -> None:
     key, stranger = SigningKey.generate(), SigningKey.generate()
     key.save(tmp_path / "hub.key")
@@ -431,6 +491,14 @@ async def test_a_signed_route_table_sends_a_tag_to_its_model(tmp_path: Path) -> 
                     assert answer.model == "coder" and answer.node_id == "n2"
                 named = await asker.ask(PromptRequest(prompt="hi", tags=["code"], model="smol"), timeout=10)
                 assert named.model == "smol"  # a request that names its model keeps it
+                both = PromptRequest(
+                    prompt="hi", tags=["code"], strategy="best_of_n", fanout=2, models=["smol", "coder"]
+                )
+                across = await asker.ask(both, timeout=10)
+                assert sorted(c.model or "" for c in across.candidates) == [
+                    "coder",
+                    "smol",
+                ]  # and so does one across models
                 await link.publish(topics.routes(), b"", retain=True)  # cleared
                 await until(lambda: hub.requests.routes is None, timeout=5, what="the table to clear")
 

@@ -194,7 +194,8 @@ async def cmd_route(args: argparse.Namespace) -> int:
         else:
             table[args.tag] = args.model
         try:
-            new = pins.route_table(topics.swarm, table)
+            serial = current.get("serial") if current is not None else None
+            new = pins.route_table(topics.swarm, table, after=serial if isinstance(serial, int) else 0)
         except ProtocolError as exc:
             raise ConfigError(f"cannot route that: {exc}") from exc
         await pins.publish_routes(conn, topics, home.signing_key(), new)
