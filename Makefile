@@ -75,7 +75,7 @@ lint: install
 chaos: install
 	$(BIN)/python -m tests.chaos --prompts 500 --duration 150 $(ARGS)
 
-# The benchmark suite (about 12 minutes on 2 cores; ARGS=--quick for under 2 minutes): overhead
+# The benchmark suite (about 8 minutes on 2 cores; ARGS=--quick for under 2 minutes): overhead
 # against direct llama-cpp, dispatch against Celery + Redis, scaling, race tails, recovery, memory,
 # and ensembles of SmolLM2 and Gemma (ARGS="--only ensemble" runs one section).
 # Results, tables and plots go to bench/results/.
