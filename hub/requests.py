@@ -370,11 +370,13 @@ class Requests:
                 ),
                 retry_after_s=2.0,
             )
-        for model in [req.model] if req.model is not None else req.models or []:
-            if model not in self.registry.known_models():
-                known = ", ".join(sorted(self.registry.known_models())) or "none yet"
+        named = [req.model] if req.model is not None else req.models or []
+        known = self.registry.known_models() if named else set()
+        for model in named:
+            if model not in known:
+                listed = ", ".join(sorted(known)) or "none yet"
                 return ErrorInfo(
-                    code=ErrorCode.UNKNOWN_MODEL, message=f"no node has announced model {model!r} (known: {known})"
+                    code=ErrorCode.UNKNOWN_MODEL, message=f"no node has announced model {model!r} (known: {listed})"
                 )
             if (why := self.registry.too_large(model)) is not None:
                 return ErrorInfo(code=ErrorCode.MODEL_TOO_LARGE, message=why)

@@ -384,10 +384,9 @@ class Node(Service):
         load_spec = by_path(self.updates.load_model)
         old_path, old = self.model_path, list(self.models.specs.values())
         async with self._between_tasks(reason):
-            # Every model is closed before the new one loads: a phone may not hold two at once.
             try:
                 spec = await asyncio.to_thread(model_spec, model_path, self.updates.ram)
-                await self.models.replace(spec, load_spec)
+                await self.models.reset([spec], load_spec)
             except ConfigError:
                 if old_path is None:
                     raise

@@ -364,8 +364,9 @@ async def run_node(args: argparse.Namespace) -> bool:
     cache = ModelCache(args.cache_dir)
     options: dict[str, object] = {}
     model_path: Path | None = None
-    paths = [resolve_model(spec, cache) for spec in args.model or [None]]
+    paths: list[Path] = []
     if args.engine == "llama":
+        paths = [resolve_model(spec, cache) for spec in args.model or [None]]
         model_path = paths[0]
         options = {"model_path": model_path, "ctx": args.ctx, "threads": args.threads}
     elif args.model and len(args.model) > 1:
@@ -406,7 +407,7 @@ async def run_node(args: argparse.Namespace) -> bool:
         models=cache,
         load_model=load_model if model_path is not None else None,
         model_path=model_path,
-        model_paths=tuple(paths) if model_path is not None else (),
+        model_paths=tuple(paths),
         ram=ram,
         on_online=_mark_healthy(Path(health)) if supervised and health else None,
     )

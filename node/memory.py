@@ -20,12 +20,14 @@ apps have their share. The budget is also how a test simulates a small phone on 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any
 
 from nova_swarm.broker.contract.errors import ConfigError
@@ -115,10 +117,24 @@ _FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q
 _STRING, _ARRAY = 8, 9
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
+def read_metadata(path: Path) -> Mapping[str, Any]:
     """The key/value metadata of a GGUF file, from its header alone (no tensors are read).
 
-    Arrays come back as their length only: the tokenizer's 262 144 tokens are not worth a list."""
+    Arrays come back as their length only: the tokenizer's 262 144 tokens are not worth a list.
+    Read once per file as it is on disk: walking a big vocabulary takes a phone the better part
+    of a second, and sizing a model, then loading it (every swap), both want the header."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError as exc:
+        raise GGUFError(f"model file {path} does not exist") from exc
+    except OSError as exc:
+        raise GGUFError(f"cannot read {path}: {exc}") from exc
+    return _metadata(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _metadata(path: Path, _size: int, _mtime_ns: int) -> Mapping[str, Any]:
+    """``read_metadata`` for one version of a file (its size and mtime are the cache's key)."""
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
@@ -133,7 +149,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
                 key = _string(fh)
                 (kind,) = _unpack(fh, "I")
                 out[key] = _value(fh, kind)
-            return out
+            return MappingProxyType(out)  # shared by every caller: read-only
     except FileNotFoundError as exc:
         raise GGUFError(f"model file {path} does not exist") from exc
     except OSError as exc:

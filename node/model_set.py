@@ -307,9 +307,10 @@ class ModelSet:
         return unfit
 
     async def reset(self, specs: Sequence[ModelSpec], load: Callable[[ModelSpec], Engine]) -> None:
-        """Serve ``specs`` from now on (a pin of several models). ConfigError, and nothing
-        changed, when none of them fits. Models no longer served are closed; those still served
-        stay loaded. The caller makes sure nothing is in use."""
+        """Serve ``specs`` from now on (a model pin: one model, or several). ConfigError, and
+        nothing changed, when none of them fits. Models no longer served are closed before any
+        other loads (a phone may not hold two); those still served stay loaded. The caller makes
+        sure nothing is in use."""
         if not specs:
             raise ConfigError("a node needs at least one model")
         unfit = self._unfit(specs, freed=self.shelf.used)
@@ -440,19 +441,6 @@ class ModelSet:
     async def _changed_now(self) -> None:
         for callback in self._watchers:
             await callback()
-
-    async def replace(self, spec: ModelSpec, load: Callable[[ModelSpec], Engine]) -> None:
-        """Serve ``spec`` alone from now on (a model pin): every model is closed first, for a
-        phone may not hold two. The caller makes sure nothing is in use."""
-        for engine in self._engines.values():
-            await asyncio.to_thread(engine.close)
-        self._engines.clear()
-        self.specs = {spec.name: spec}
-        self.default = spec.name
-        self._load = load
-        self.unfit.clear()
-        self.shelf = Shelf({spec.name: spec.needs.total})
-        await self._load_alone(spec.name)
 
     def close(self) -> None:
         for engine in self._engines.values():
