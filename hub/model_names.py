@@ -75,9 +75,7 @@ class ModelNames:
 def row_models(row: NodeRow) -> list[str]:
     """Every model a node can serve (a node that serves several lists them all; ``model`` is
     the one it used last), leaving out any it announced as too big for its RAM."""
-    if row.models:
-        return [m.name for m in row.models if m.fits]
-    return [row.model] if row.model else []
+    return [m.name for m in row.served() if m.fits]
 
 
 def served_models(fleet: NodeTable | None) -> set[str] | None:
@@ -187,4 +185,4 @@ def catalogue(fleet: NodeTable | None, *, max_tokens_limit: int | None = None) -
 
 def _loaded(row: NodeRow, name: str) -> bool:
     """Whether ``row``'s node has model ``name`` in memory (a one-model node always has)."""
-    return any(m.name == name and m.loaded for m in row.models) if row.models else row.model == name
+    return any(m.name == name and m.loaded for m in row.served())

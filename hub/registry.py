@@ -366,13 +366,14 @@ class Registry:
         fit its RAM: the model, what it needs, and what those nodes can give. None otherwise."""
         having = [
             (rec, m)
-            for rec in sorted(self.nodes.values(), key=lambda r: r.node_id)
+            for rec in self.nodes.values()
             if rec.announce is not None
             for m in rec.announce.served()
             if m.name == model
         ]
         if not having or any(m.fits is not False for _, m in having):
-            return None
+            return None  # the usual case, on every request that names a model: no sorting
+        having.sort(key=lambda rm: rm[0].node_id)
         needs = max(m.needs_bytes or 0 for _, m in having)
         rooms = ", ".join(
             f"{rec.node_id} has a budget of {_mb(rec.announce.ram_budget_bytes)}"

@@ -87,9 +87,8 @@ class Requests:
             run.inbox.put_nowait(ClientCancel(cancel.reason))
 
     def on_chunk(self, node_id: str, chunk: NodeChunk) -> None:
-        run = self.runner.capacity.route(chunk.task_id)
-        attempt = run.machine.attempts.get(chunk.task_id) if run is not None else None
-        if run is not None and attempt is not None and attempt.node_id == node_id:
+        run = self._run_of(chunk.task_id, node_id)
+        if run is not None:
             run.inbox.put_nowait(Chunk(chunk))
 
     def on_progress(self, node_id: str, progress: NodeProgress) -> None:
@@ -99,15 +98,13 @@ class Requests:
             return
         now = asyncio.get_running_loop().time()
         for task_id in progress.tasks:
-            run = self.runner.capacity.route(task_id)
-            attempt = run.machine.attempts.get(task_id) if run is not None else None
-            if run is not None and attempt is not None and attempt.node_id == node_id:
+            run = self._run_of(task_id, node_id)
+            if run is not None:
                 run.machine.on_progress(task_id, now)
 
     def on_result(self, node_id: str, result: TaskResult) -> None:
-        run = self.runner.capacity.route(result.task_id)
-        attempt = run.machine.attempts.get(result.task_id) if run is not None else None
-        if run is None or attempt is None or not (result.node_id == node_id == attempt.node_id):
+        run = self._run_of(result.task_id, node_id) if result.node_id == node_id else None
+        if run is None:
             # Late (its attempt was written off) or not ours: ignore it, cleanly.
             log.debug("ignored result", node_id=node_id, task_id=result.task_id)
             return
@@ -124,6 +121,12 @@ class Requests:
             # know whether it won.
             self.observers.tell(run.settlement.result_failed(result, ts=time.time()))
         run.inbox.put_nowait(result)
+
+    def _run_of(self, task_id: str, node_id: str) -> Run | None:
+        """The run whose attempt ``task_id`` is, when that attempt is ``node_id``'s."""
+        run = self.runner.capacity.route(task_id)
+        attempt = run.machine.attempts.get(task_id) if run is not None else None
+        return run if attempt is not None and attempt.node_id == node_id else None
 
     def node_lost(self, node_id: str, reason: str) -> None:
         for run in list(self.runs.values()):

@@ -57,7 +57,7 @@ from .energy import EnergyMeter, sample_while_busy
 from .engine import Engine
 from .execution import Executor, Job, failure, profile, sampling_for
 from .guard import Guard, Pause, Resume
-from .model_set import ModelSet, by_path, model_spec
+from .model_set import ModelSet, model_spec
 from .updater import Updater, UpdateSetup
 
 log = structlog.get_logger("nova_swarm.node")
@@ -378,31 +378,27 @@ class Node(Service):
     # ------------------------------------------------------------------ model switch and restart
 
     async def switch_engine(self, model_path: Path, reason: str) -> None:
-        """Serve ``model_path`` from now on, between tasks: take no new work, hand back what is
-        queued, let what runs finish, then swap. If the new model does not load, the old one is
-        loaded again and ``ConfigError`` says why."""
-        load_spec = by_path(self.updates.load_model)
-        old_path, old = self.model_path, list(self.models.specs.values())
-        async with self._between_tasks(reason):
-            try:
-                spec = await asyncio.to_thread(model_spec, model_path, self.updates.ram)
-                await self.models.reset([spec], load_spec)
-            except ConfigError:
-                if old_path is None:
-                    raise
-                await self.models.reset(old, load_spec)  # every model it served, as before
-                raise
-            self.model_path = model_path
+        """Serve ``model_path`` alone from now on (``serve_models``)."""
+        await self.serve_models([model_path], reason)
 
     async def serve_models(self, paths: list[Path], reason: str) -> list[str]:
-        """Serve every model of ``paths`` from now on (a pin of several), between tasks as
-        ``switch_engine`` does; the models already loaded that stay in the set stay loaded.
-        Returns why each model that cannot fit does not; ConfigError, and the old set still
-        served, when none fits."""
-        load_spec = by_path(self.updates.load_model)
+        """Serve every model of ``paths`` from now on, between tasks: take no new work, hand back
+        what is queued, let what runs finish, then swap; the models already loaded that stay in
+        the set stay loaded. Returns why each model that cannot fit does not. When none fits or
+        the new set does not load, the node serves its old set again and ``ConfigError`` says why."""
+        load = self.updates.load_model
+        if load is None:
+            raise ConfigError("this node's engine cannot switch models")
         specs = await asyncio.to_thread(lambda: [model_spec(p, self.updates.ram) for p in paths])
+        old = list(self.models.specs.values())
         async with self._between_tasks(reason):
-            await self.models.reset(specs, load_spec)
+            try:
+                await self.models.reset(specs, load)
+            except ConfigError:
+                if self.model_path is None:
+                    raise
+                await self.models.reset(old, load)  # every model it served, as before
+                raise
             self.model_path = self.models.specs[self.models.default].path
         return list(self.models.unfit.values())
 

@@ -379,11 +379,12 @@ async def run_node(args: argparse.Namespace) -> bool:
         embeddings=options.get("embeddings", True) is not False,
     )
     served: Engine | ModelSet
+
+    def load_spec(spec: ModelSpec) -> Engine:
+        # The spec carries the file's hash: hashing it again at every load would cost a swap seconds.
+        return load_engine(args.engine, **{**options, "model_path": spec.path, "sha256": spec.info.sha256})
+
     if model_path is not None:
-
-        def load_spec(spec: ModelSpec) -> Engine:
-            return load_engine(args.engine, **{**options, "model_path": spec.path, "sha256": spec.info.sha256})
-
         specs = await asyncio.to_thread(lambda: [model_spec(path, ram) for path in paths])
         served = ModelSet(specs, load=load_spec, policy=ram)
         # Before loading: a model too big for the phone is a clear refusal, not the low-memory killer.
@@ -398,14 +399,11 @@ async def run_node(args: argparse.Namespace) -> bool:
     supervised = os.environ.get(CHILD_ENV) == "1"
     health = os.environ.get(HEALTH_ENV)
 
-    def load_model(path: Path) -> Engine:
-        return load_engine(args.engine, **{**options, "model_path": path})
-
     updates = UpdateSetup(
         hub_key=hub_key(args, home),
         bundles=BundleStore((args.state_dir or default_state_dir(config.node_id)) / "bundles") if supervised else None,
         models=cache,
-        load_model=load_model if model_path is not None else None,
+        load_model=load_spec if model_path is not None else None,
         model_path=model_path,
         model_paths=tuple(paths),
         ram=ram,

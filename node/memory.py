@@ -308,9 +308,13 @@ class RamPolicy:
     def check(self, path: Path, *, name: str | None = None, freed: int = 0) -> Needs:
         """What ``path`` needs, or ConfigError saying it does not fit and by how much."""
         needs = self.needs(path, name)
+        self.check_needs(needs, freed=freed)
+        return needs
+
+    def check_needs(self, needs: Needs, *, freed: int = 0) -> None:
+        """ConfigError unless ``needs`` fits, as ``check`` says it."""
         without = needs.total - needs.embeddings
         self._refuse_unless(needs.total, needs.name, needs.describe(), freed=freed, without=without)
-        return needs
 
     def check_size(self, size: int, name: str, *, freed: int = 0) -> None:
         """Before a download: the weights alone (the context is sized once the file is here)."""

@@ -161,18 +161,6 @@ def model_spec(path: Path, policy: RamPolicy) -> ModelSpec:
     return ModelSpec(name, path, info, policy.needs(path, name))
 
 
-def by_path(load: Callable[[Path], Engine] | None) -> Callable[[ModelSpec], Engine]:
-    """A set's loader from an engine factory that takes a GGUF path (None: ConfigError, this
-    engine cannot switch models)."""
-    if load is None:
-        raise ConfigError("this node's engine cannot switch models")
-
-    def load_spec(spec: ModelSpec) -> Engine:
-        return load(spec.path)
-
-    return load_spec
-
-
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A model in use by one task."""
@@ -297,7 +285,7 @@ class ModelSet:
         specs = list(specs)
         for spec in specs:
             try:
-                self.policy.check(spec.path, name=spec.name, freed=freed)
+                self.policy.check_needs(spec.needs, freed=freed)
             except ConfigError as exc:
                 first_error = first_error or exc
                 unfit[spec.name] = str(exc)

@@ -42,7 +42,7 @@ from .bundles import BundleStore, assemble, check_bundle, claimed, verify_manife
 from .config import NodeConfig
 from .engine import Engine
 from .memory import RamPolicy
-from .model_set import ModelSet
+from .model_set import ModelSet, ModelSpec
 from .models import CATALOGUE, ModelCache, pull
 
 log = structlog.get_logger("nova_swarm.node.updates")
@@ -60,8 +60,8 @@ class UpdateSetup:
     bundles: BundleStore | None = None
     #: where pinned models are looked up and pulled to
     models: ModelCache | None = None
-    #: builds an engine for a GGUF file; None: this engine cannot switch models
-    load_model: Callable[[Path], Engine] | None = None
+    #: builds an engine for a model (``model_set.model_spec``); None: this engine cannot switch models
+    load_model: Callable[[ModelSpec], Engine] | None = None
     #: the node's own model, served when nothing (or nothing for this node) is pinned
     model_path: Path | None = None
     #: all its own models, when it was started with several (``model_path`` is the first)
@@ -84,9 +84,6 @@ class Updated(Protocol):
     topics: Topics
     model_path: Path | None
     models: ModelSet
-
-    @property
-    def engine(self) -> Engine: ...
 
     @property
     def swapping(self) -> bool: ...

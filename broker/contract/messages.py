@@ -670,6 +670,10 @@ class NodeRow(Wire):
     models: list[ServedModel] = Field(default_factory=list)
     swaps: int = Field(default=0, ge=0)
 
+    def served(self) -> list[ServedModel]:
+        """Every model the node can serve (a row without ``models``: its ``model``, loaded)."""
+        return self.models or ([ServedModel(name=self.model, loaded=True)] if self.model else [])
+
 
 class NodeTable(Wire):
     """Retained: the hub's view of every node it knows, for ``swarm-hub nodes``."""
