@@ -215,3 +215,24 @@ async def test_fan_out_survives_clients_subscribing_meanwhile(home: SwarmHome) -
     with pytest.raises(RuntimeError, match="changed size during iteration"):
         walk_while_subscribing(Broker(config))  # stock amqtt 0.12.1: this is the defect
     assert walk_while_subscribing(HardenedBroker(config)) == 1
+
+
+async def test_fan_out_finds_filters_added_and_removed_as_clients_come_and_go(amqtt: RunningBroker) -> None:
+    """The embedded broker looks a topic up among exact filters and matches only wildcard ones,
+    a list it works out again when a filter comes or goes: each change is seen at once."""
+    url = amqtt.url(Role.HUB)
+    topic = T.node_task("n1")
+    any_node, under_n1 = topic.replace("/n1/", "/+/"), topic.rsplit("/", 1)[0] + "/#"
+    async with Connection(url) as sender, Connection(url) as wild, Connection(url) as exact:
+        await wild.subscribe(any_node)
+        await sender.publish(topic, b"1")
+        assert await collect(wild, 0.3) == [topic]
+        await exact.subscribe(topic)  # a filter added after fan-outs have happened
+        await sender.publish(topic, b"2")
+        assert await collect(exact, 0.3) == [topic] == await collect(wild, 0.1)
+        await wild.unsubscribe(any_node)  # and one removed
+        await wild.subscribe(under_n1)  # and another wildcard
+        await sender.publish(topic, b"3")
+        await sender.publish(T.node_task("n2"), b"4")  # matched by nobody now
+        assert await collect(exact, 0.3) == [topic]
+        assert await collect(wild, 0.3) == [topic]
