@@ -40,12 +40,12 @@ class Capacity(Generic[_R]):
         self._routes[task_id] = request
         self._by_request.setdefault(request, set()).add(task_id)
 
-    def release(self, task_id: str, *, keep_route: bool = False) -> bool:
-        """Task ``task_id`` no longer counts against its node; True if it did until now.
+    def release(self, task_id: str, *, keep_route: bool = False) -> NodeRecord | None:
+        """Task ``task_id`` no longer counts against its node; that node, if it did until now.
         ``keep_route``: its answer would still count (a quiet attempt), so keep finding it."""
         node = self._held.pop(task_id, None)
         if node is None:
-            return False
+            return None
         if node.inflight > 0:  # the count is the registry's field, and Registry.load zeroes it
             node.inflight -= 1
         request = self._routes[task_id] if keep_route else self._routes.pop(task_id)
@@ -53,7 +53,7 @@ class Capacity(Generic[_R]):
         held.discard(task_id)
         if not held:
             del self._by_request[request]
-        return True
+        return node
 
     def forget(self, task_id: str) -> None:
         """Stop finding ``task_id``'s request (its request is over); frees its place too."""

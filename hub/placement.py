@@ -28,7 +28,7 @@ from nova_swarm.broker.contract.messages import ErrorInfo, PromptRequest
 
 from .config import HubConfig
 from .intake import default_max_tokens
-from .registry import NodeRecord, Registry
+from .registry import SCAN_ALL, NodeRecord, Registry, can_serve
 from .scheduler import Scheduler
 from .trust import Trust
 
@@ -103,14 +103,19 @@ class Placement:
         if req.private:
             exclude |= frozenset(self.registry.nodes) - trusted
         wanted = needs(req)
-        eligible = self.registry.eligible(model=req.model, exclude=exclude, now=now, needs=wanted)
-        # With every node paused for now (too hot, switching models) the request waits for one
-        # to come back, up to its deadline, rather than failing at once.
-        if (
-            not eligible
-            and not settling
-            and not self.registry.resting(model=req.model, exclude=exclude, now=now, needs=wanted)
-        ):
+        free = self.registry.free(model=req.model, exclude=exclude, now=now, needs=wanted, count=count)
+        if len(self.registry.nodes) > SCAN_ALL:
+            free += self._free_leaders(req, exclude, wanted, now, free, trusted)
+        if not free:
+            # Every node that could take it is busy, or nodes are coming back: wait in line. With
+            # every node paused for now (too hot, switching models) the request waits for one to
+            # come back too, up to its deadline, rather than failing at once.
+            if (
+                settling
+                or self.registry.any_eligible(model=req.model, exclude=exclude, now=now, needs=wanted)
+                or self.registry.resting(model=req.model, exclude=exclude, now=now, needs=wanted)
+            ):
+                return Wait()
             if req.private:
                 error = ErrorInfo(
                     code=ErrorCode.NO_ELIGIBLE_NODES,
@@ -120,10 +125,8 @@ class Placement:
             else:
                 error = self.why_no_nodes(req.model, tried, now, wanted)
             return Shortfall(count, error)
-        picked = self.scheduler.pick(eligible, count, tags=req.all_tags(), now=now, model=req.model) if eligible else []
-        picked = self.with_a_proven_node(picked, eligible, req, now)
-        if not picked:
-            return Wait()
+        picked = self.scheduler.pick(free, count, tags=req.all_tags(), now=now, model=req.model)
+        picked = self.with_a_proven_node(picked, free, req, now)
         if len(picked) >= count:
             return Assign(tuple(picked))
         error = ErrorInfo(
@@ -132,6 +135,56 @@ class Placement:
             retry_after_s=5.0,
         )
         return Assign(tuple(picked), Shortfall(count - len(picked), error))
+
+    def _free_leaders(
+        self,
+        req: PromptRequest,
+        exclude: frozenset[str],
+        wanted: frozenset[str],
+        now: float,
+        found: list[NodeRecord],
+        trusted: frozenset[str],
+    ) -> list[NodeRecord]:
+        """In a big swarm, where only some free nodes are weighed: the free ones that lead the
+        request's tags too, so tag routing still finds its best nodes."""
+        tags = req.all_tags()
+        if not tags:
+            return []
+        seen = {rec.node_id for rec in found}
+        out = []
+        for node_id in self.scheduler.winrates.leaders(tags, now):
+            rec = self.registry.nodes.get(node_id)
+            if (
+                rec is not None
+                and node_id not in seen
+                and self.could_take(rec, req, exclude, now, wanted=wanted, trusted=trusted)
+            ):
+                seen.add(node_id)
+                out.append(rec)
+        return out
+
+    def could_take(
+        self,
+        node: NodeRecord,
+        req: PromptRequest,
+        exclude: frozenset[str],
+        now: float,
+        *,
+        wanted: frozenset[str] | None = None,
+        trusted: frozenset[str] = frozenset(),
+    ) -> bool:
+        """Whether ``node`` has a free place for an attempt of ``req`` (of any of its models,
+        across models), not being in ``exclude``. ``wanted``: ``needs(req)``, when known;
+        ``trusted``: the nodes a private request may go to."""
+        if node.node_id in exclude or node.inflight >= node.capacity or (req.private and node.node_id not in trusted):
+            return False
+        if not node.available(now, self.registry.heartbeat_timeout_s) or node.announce is None:
+            return False
+        wanted = needs(req) if wanted is None else wanted
+        if req.diverse or req.models:
+            pool = req.models or [m.name for m in node.announce.served()]
+            return any(can_serve(node, m, wanted) for m in pool)
+        return can_serve(node, req.model, wanted)
 
     def terms(self, node: NodeRecord, req: PromptRequest, remaining: float) -> Terms:
         """The terms of an attempt of ``req`` on ``node``, ``remaining`` seconds before the

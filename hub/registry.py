@@ -37,6 +37,12 @@ LOAD_BYTES_PER_S = 100 * 2**20
 #: the recent answers a node's joules per token is taken over
 ENERGY_WINDOW = 32
 
+#: up to this many nodes, placement weighs every free one; above it, only those free the longest
+#: (``Registry.free``), so that choosing a node costs the same with 100 nodes as with 10,000
+SCAN_ALL = 64
+#: how many free nodes placement weighs in a swarm bigger than ``SCAN_ALL``
+FREE_SAMPLE = 16
+
 
 @dataclass(slots=True)
 class EnergyTally:
@@ -217,18 +223,30 @@ def lag(rec: NodeRecord, pins: Pins) -> str | None:
     return "; ".join(reasons) or None
 
 
+def can_serve(rec: NodeRecord, model: str | None, needs: frozenset[str]) -> bool:
+    """Whether ``rec`` serves ``model`` (any, when None) and can do ``needs``."""
+    return (model is None or rec.serves(model)) and (
+        not needs or (rec.announce is not None and needs <= set(rec.announce.capabilities))
+    )
+
+
 @dataclass
 class Registry:
     heartbeat_timeout_s: float = 35.0
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     pins: Pins = field(default_factory=Pins)
     _dirty: set[str] = field(default_factory=set)
+    #: nodes that may have a free place, those free the longest first: every node is put here
+    #: when it is heard from or a place of its frees up (``vacated``), and dropped when it is
+    #: found full or unavailable, so a full swarm's index holds only what just freed up
+    _maybe_free: dict[str, NodeRecord] = field(default_factory=dict)
 
     def record(self, node_id: str) -> NodeRecord:
         rec = self.nodes.get(node_id)
         if rec is None:
             rec = self.nodes[node_id] = NodeRecord(node_id)
         self._dirty.add(node_id)
+        self._maybe_free.setdefault(node_id, rec)
         return rec
 
     def load(self, records: Iterable[NodeRecord]) -> None:
@@ -236,6 +254,11 @@ class Registry:
         for rec in records:
             rec.inflight = 0
             self.nodes[rec.node_id] = rec
+            self._maybe_free[rec.node_id] = rec
+
+    def vacated(self, rec: NodeRecord) -> None:
+        """A place on ``rec`` freed up."""
+        self._maybe_free.setdefault(rec.node_id, rec)
 
     def hear(self, node_id: str, kind: NodeTopic, payload: bytes, *, retain: bool, now: float) -> Heard:
         """Take in a message a node sent on its ``kind`` topic (announce, status or heartbeat).
@@ -322,6 +345,47 @@ class Registry:
         ``needs`` (announced capabilities such as ``embed``)."""
         return self._matching(model, exclude, needs, lambda rec: rec.available(now, self.heartbeat_timeout_s))
 
+    def free(
+        self, *, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str], count: int
+    ) -> list[NodeRecord]:
+        """Available nodes with a free place that can take a request for ``model`` needing
+        ``needs``, none in ``exclude``: every one, in a swarm of up to ``SCAN_ALL`` nodes; in a
+        bigger one, ``count`` or ``FREE_SAMPLE`` of them (the more), those free the longest, so
+        the work does not grow with the swarm (a model few nodes serve may cost a longer look)."""
+        timeout = self.heartbeat_timeout_s
+        if len(self.nodes) <= SCAN_ALL:
+            return [
+                rec
+                for rec in self.nodes.values()
+                if rec.inflight < rec.capacity
+                and rec.node_id not in exclude
+                and rec.available(now, timeout)
+                and can_serve(rec, model, needs)
+            ]
+        found: list[NodeRecord] = []
+        stale: list[str] = []
+        want = max(count, FREE_SAMPLE)
+        for node_id, rec in self._maybe_free.items():
+            if rec.inflight >= rec.capacity or not rec.available(now, timeout):
+                stale.append(node_id)
+            elif node_id not in exclude and can_serve(rec, model, needs):
+                found.append(rec)
+                if len(found) >= want:
+                    break
+        for node_id in stale:
+            del self._maybe_free[node_id]
+        return found
+
+    def any_eligible(
+        self, *, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str] = frozenset()
+    ) -> bool:
+        """Whether any node could take the request, free or not: stops at the first."""
+        timeout = self.heartbeat_timeout_s
+        return any(
+            rec.node_id not in exclude and rec.available(now, timeout) and can_serve(rec, model, needs)
+            for rec in self.nodes.values()
+        )
+
     def resting(
         self, *, model: str | None, exclude: frozenset[str], now: float, needs: frozenset[str] = frozenset()
     ) -> list[NodeRecord]:
@@ -346,10 +410,7 @@ class Registry:
         return [
             rec
             for rec in self.nodes.values()
-            if rec.node_id not in exclude
-            and state_ok(rec)
-            and (model is None or rec.serves(model))
-            and (not needs or (rec.announce is not None and needs <= set(rec.announce.capabilities)))
+            if rec.node_id not in exclude and state_ok(rec) and can_serve(rec, model, needs)
         ]
 
     def servable(self, now: float) -> list[str]:
@@ -364,6 +425,8 @@ class Registry:
     def too_large(self, model: str) -> str | None:
         """Why no node can ever take ``model``, when every node that has it said it does not
         fit its RAM: the model, what it needs, and what those nodes can give. None otherwise."""
+        if any(rec.serves(model) for rec in self.nodes.values()):
+            return None  # the usual case, on every request that names a model: stops at the first
         having = [
             (rec, m)
             for rec in self.nodes.values()
@@ -371,8 +434,8 @@ class Registry:
             for m in rec.announce.served()
             if m.name == model
         ]
-        if not having or any(m.fits is not False for _, m in having):
-            return None  # the usual case, on every request that names a model: no sorting
+        if not having:
+            return None
         having.sort(key=lambda rm: rm[0].node_id)
         needs = max(m.needs_bytes or 0 for _, m in having)
         rooms = ", ".join(

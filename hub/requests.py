@@ -38,6 +38,7 @@ from .intake import Accepted, Rejected, parse_prompt, scoped_key, split_key
 from .journal import Entry, Unsent, canonical, digest
 from .lifecycle import RequestMachine
 from .ratelimit import RateLimiter
+from .registry import NodeRecord
 from .runs import Abort, Chunk, ClientCancel, NodeLost, Run, Runner, Wiring, stopping
 from .schemas import answer_problem
 from .streams import ClientStream
@@ -140,9 +141,10 @@ class Requests:
         """Runs waiting for a free node, oldest first."""
         return self.runner.waiting
 
-    def wake(self) -> None:
-        """Capacity may have come back: every waiting run tries its dispatch again."""
-        self.runner.wake()
+    def wake(self, node: NodeRecord) -> None:
+        """``node`` may take work now (it came online, or back): its free places go to the
+        oldest waiting runs it can serve."""
+        self.runner.wake(node)
 
     def reconnected(self, now: float) -> None:
         """The hub is back on the broker: we heard nothing while away, so nobody's silence
@@ -291,12 +293,12 @@ class Requests:
                     await self._defer(run, entry)
                     return
                 if resumed is None and req.private:
-                    log.info("accepted private request", strategy=req.strategy, fanout=req.fanout)
+                    log.debug("accepted private request", strategy=req.strategy, fanout=req.fanout)
                 elif resumed is None:
                     await self.journal.accept(entry)  # before any node hears of it
-                    log.info("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
+                    log.debug("accepted request", strategy=req.strategy, fanout=req.fanout, tags=list(req.all_tags()))
                 else:
-                    log.info("resumed request", strategy=req.strategy, fanout=req.fanout)
+                    log.debug("resumed request", strategy=req.strategy, fanout=req.fanout)
                     if req.stream:
                         # What the previous run streamed is unknown: start over, numbered past
                         # anything it can have sent, so readers drop it rather than splice.
@@ -358,7 +360,7 @@ class Requests:
         model = self.routes.model_for(req.all_tags()) if self.routes is not None and not named else None
         if model is None:
             return accepted
-        log.info("routed by tag", model=model)
+        log.debug("routed by tag", model=model)
         return replace(accepted, request=req.model_copy(update={"model": model}))
 
     def _refuse(self, accepted: Accepted) -> ErrorInfo | None:

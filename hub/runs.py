@@ -102,6 +102,8 @@ class Run:
     unplaceable: set[str] = field(default_factory=set)
     #: a shortfall held back while other attempts wait for a node (``Runner._dispatch``)
     short: Shortfall | None = None
+    #: a wake is on its way to it: a place freed up that it may take (``Runner.wake``)
+    woken: bool = False
 
     def __post_init__(self) -> None:
         self.settlement = accounting.Settlement(accounting.Asked.of(self.accepted.request, self.digest))
@@ -144,12 +146,32 @@ class Runner:
         self._trusted: frozenset[str] = frozenset()
         self._trusted_mtime: int | None = None
 
-    def wake(self) -> None:
-        """Capacity may have come back: every waiting run tries its dispatch again."""
+    def wake(self, node: NodeRecord | None = None) -> None:
+        """Capacity came back. On ``node``: each of its free places goes to the oldest waiting
+        run it can serve, one place a run. With no node (nodes are reappearing after a
+        reconnect): every waiting run tries its dispatch again.
+
+        Waking only as many runs as there are places keeps a finished task from costing every
+        waiting request a try at placement: with W waiting, that was W tries per answer, each
+        weighing every node, and throughput fell as nodes were added (issue 17)."""
+        places = node.capacity - node.inflight if node is not None else len(self.waiting)
+        if places <= 0:
+            return
+        now = time.time()
         # Oldest first: asyncio resumes them in this order, so the longest-waiting gets a slot.
         for run in self.waiting:
-            if run.pending is not None:
-                run.inbox.put_nowait(Wake())
+            if run.pending is None or run.woken:
+                continue
+            if node is not None:
+                req = run.accepted.request
+                trusted = self._trusted_nodes() if req.private else frozenset()
+                if not self.placement.could_take(node, req, run.pending.exclude, now, trusted=trusted):
+                    continue
+            run.woken = True
+            run.inbox.put_nowait(Wake())
+            places -= 1
+            if places == 0:
+                return
 
     def settle(self, until: float) -> None:
         """Until ``until`` (loop clock), a dispatch with too few nodes waits rather than fails."""
@@ -172,11 +194,13 @@ class Runner:
         machine = run.machine
         actions: list[Action] = machine.begin(loop.time())
         while True:
+            # The one place attempts stop counting against their node: whatever the machine
+            # settled (answered, failed, lost, timed out, cancelled) frees that capacity, and
+            # before the reply is journalled and sent, so the node gets its next task at once.
+            self._release_settled(run)
             while actions:
                 actions = await self._carry_out(run, actions)
-            # The one place attempts stop counting against their node: whatever the machine
-            # settled (answered, failed, lost, timed out, cancelled) frees that capacity.
-            self._release_settled(run)
+                self._release_settled(run)
             if machine.finished:
                 return
             try:
@@ -200,6 +224,7 @@ class Runner:
                 actions = machine.on_cancel(f"cancelled by the client: {event.reason}", now)
             elif isinstance(event, Wake):
                 # Stay in line (self.waiting) until the dispatch gets a node, so order holds.
+                run.woken = False
                 pending, run.pending = run.pending, None
                 actions = [pending] if pending is not None and not machine.finished else []
             else:
@@ -318,7 +343,7 @@ class Runner:
             tools=req.tools,
             tool_choice=req.tool_choice,
         )
-        log.info("dispatched", node_id=node.node_id, task_id=task_id, model=req.model, timeout_s=round(timeout, 1))
+        log.debug("dispatched", node_id=node.node_id, task_id=task_id, model=req.model, timeout_s=round(timeout, 1))
         # Fields at their defaults stay off the wire: a node still on an older bundle (which
         # refuses unknown fields) can take a plain chat task while the fleet updates.
         payload = task.model_dump_json(exclude_defaults=True).encode()
@@ -397,13 +422,13 @@ class Runner:
         )
         await self._end_stream(run, winner=winner)
         self.observers.request_answered(loop.time(), answer.latency_ms)
-        log.info("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
+        log.debug("answered", node_id=winner.node_id, latency_ms=answer.latency_ms, attempts=answer.attempts)
         await self._settle(run, answer)
 
     async def finish_failed(self, run: Run, error: ErrorInfo, losers: tuple[str, ...]) -> None:
         self.observers.tell(run.settlement.request_failed(losers, ts=time.time()))
         self.count_failure(error.code)
-        log.info("request failed", code=error.code.value, reason=error.message)
+        log.debug("request failed", code=error.code.value, reason=error.message)
         await self._end_stream(run, error=error)
         await self._settle(run, ErrorReply(id=run.machine.request_id, error=error))
 
@@ -450,8 +475,10 @@ class Runner:
         attempt = run.machine.attempts.get(task_id)
         # A quiet attempt's answer still counts: it keeps its route.
         quiet = attempt is not None and attempt.state is AttemptState.QUIET
-        if self.capacity.release(task_id, keep_route=quiet):
-            self.wake()
+        node = self.capacity.release(task_id, keep_route=quiet)
+        if node is not None:
+            self.registry.vacated(node)
+            self.wake(node)
 
     def _release_settled(self, run: Run) -> None:
         for task_id in self.capacity.held(run):

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 ALL = "*"
+#: how many leading nodes per tag ``leaders`` keeps, and how often (s) it works them out again
+LEADERS, LEADERS_EVERY_S = 8, 1.0
 #: what a model's tallies are kept under, beside the nodes'
 MODEL_PREFIX = "model:"
 
@@ -36,9 +38,14 @@ class WinRates:
     def __init__(self, *, half_life_s: float = 86_400.0, rows: Iterable[tuple[str, str, float, float, float]] = ()):
         self.half_life_s = half_life_s
         self._tallies: dict[tuple[str, str], Tally] = {}
+        #: tag -> the node ids with a tally for it (so ``leaders`` need not walk every tally)
+        self._by_tag: dict[str, set[str]] = {}
         for node_id, tag, wins, trials, updated in rows:
             self._tallies[(node_id, tag)] = Tally(wins, trials, updated)
+            self._by_tag.setdefault(tag, set()).add(node_id)
         self._dirty: set[tuple[str, str]] = set()
+        #: tag -> (when worked out, its leading node ids): ``leaders``
+        self._leaders: dict[str, tuple[float, list[str]]] = {}
 
     def record(self, node_id: str, tags: Iterable[str], *, won: bool, now: float) -> None:
         for tag in {ALL, *tags}:
@@ -46,6 +53,7 @@ class WinRates:
             tally = self._tallies.get(key)
             wins, trials = tally.decayed(now, self.half_life_s) if tally else (0.0, 0.0)
             self._tallies[key] = Tally(wins + (1.0 if won else 0.0), trials + 1.0, now)
+            self._by_tag.setdefault(tag, set()).add(node_id)
             self._dirty.add(key)
 
     def posterior(self, node_id: str, tags: Iterable[str], now: float) -> tuple[float, float]:
@@ -62,6 +70,24 @@ class WinRates:
     def rate(self, node_id: str, tag: str, now: float) -> float:
         alpha, beta = self.posterior(node_id, [tag], now)
         return alpha / (alpha + beta)
+
+    def leaders(self, tags: Iterable[str], now: float) -> list[str]:
+        """The nodes with the best rates on any of ``tags``, best first per tag: at most
+        ``LEADERS`` a tag, worked out again at most every ``LEADERS_EVERY_S`` (placement in a big
+        swarm weighs these beside the free nodes it samples)."""
+        out: list[str] = []
+        for tag in tags:
+            cached = self._leaders.get(tag)
+            if cached is None or now - cached[0] >= LEADERS_EVERY_S or now < cached[0]:
+                rated = [
+                    (self.rate(node_id, tag, now), node_id)
+                    for node_id in self._by_tag.get(tag, ())
+                    if not node_id.startswith(MODEL_PREFIX)
+                ]
+                rated.sort(reverse=True)
+                cached = self._leaders[tag] = (now, [node_id for _, node_id in rated[:LEADERS]])
+            out += [node_id for node_id in cached[1] if node_id not in out]
+        return out
 
     def keys(self) -> list[tuple[str, str]]:
         """Every (node_id, tag) with a tally."""

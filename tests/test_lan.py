@@ -268,7 +268,8 @@ def _start_swarm(
     http = ["--http", f"{lan.hub.address}:{HTTP_PORT}"] if one_line else ["--no-http"]
     hub = lan.hub.popen(
         [_bin("swarm-hub"), "up", "--host", lan.hub.address, "--port", str(PORT), "--tls", "--no-node", *http]
-        + ["--log-json"],
+        # debug: which node each task went to ("dispatched") is logged per request, at debug
+        + ["--log-json", "--log-level", "debug"],
         log=hub_log,
     )
     _wait_for_line(hub_log, hub, "swarm up:")
