@@ -20,7 +20,7 @@ from nova_swarm.broker.contract.signing import SigningKey
 from nova_swarm.broker.home import Role
 from nova_swarm.hub import SwarmClient, credits, metrics
 from nova_swarm.hub.credits import CreditRates
-from nova_swarm.hub.ledger import Ledger, ReceiptBody, export, receipts, uptime, verify
+from nova_swarm.hub.ledger import Ledger, ReceiptBody, Verdict, export, receipt_hash, receipts, uptime, verify
 from nova_swarm.node import FakeEngine
 
 from .conftest import BIN, RunningBroker, env_for, hub_config, nodes_available, running_hub, running_node
@@ -121,6 +121,44 @@ def test_cutting_off_the_end_or_rewriting_the_chain_without_the_key_is_caught(tm
     forged = filled(tmp_path / "forged", SigningKey.generate(), n=5)
     verdict = verify(forged, key.public)
     assert not verdict.ok and verdict.bad_seq == 1 and "not signed by the hub key" in (verdict.problem or "")
+
+
+def test_a_chain_rebuilt_from_the_middle_without_the_key_names_the_batch_it_rewrote(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    """Receipts are signed a batch at a time (flushes after receipts 1, 38, 75, 112, ...): an
+    altered receipt whose hash, and every later one, was made again matches no checkpoint."""
+    path = filled(tmp_path, key)
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT seq, body FROM receipts WHERE seq >= 77 ORDER BY seq").fetchall()
+        prev = db.execute("SELECT hash FROM receipts WHERE seq = 76").fetchone()[0]
+        for seq, raw in rows:
+            body = json.loads(raw)
+            if seq == 77:
+                body["node_id"] = "mallory"
+            digest = receipt_hash(seq, body, prev)
+            db.execute("UPDATE receipts SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                       (json.dumps(body), prev, digest, seq))  # fmt: skip
+            prev = digest
+    verdict = verify(path, key.public)
+    assert not verdict.ok and verdict.bad_seq == 76 and verdict.count == 75
+    assert "receipts #76 to #112 were rewritten" in (verdict.problem or "")
+
+
+def test_a_ledger_from_before_checkpoints_still_verifies(tmp_path: Path, key: SigningKey) -> None:
+    """Receipts once carried their own signature, and there was no checkpoints table."""
+    path = filled(tmp_path, key, n=20)
+    with sqlite3.connect(path) as db:
+        for seq, hash_ in db.execute("SELECT seq, hash FROM receipts").fetchall():
+            db.execute("UPDATE receipts SET signature = ? WHERE seq = ?", (key.sign({"hash": hash_})["signature"], seq))
+        db.execute("DROP TABLE checkpoints")
+    assert verify(path, key.public) == Verdict(True, 20)
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE receipts SET signature = ? WHERE seq = 7", (SigningKey.generate().sign({"hash": "x"})["signature"],)
+        )
+    verdict = verify(path, key.public)
+    assert not verdict.ok and verdict.bad_seq == 7 and "not signed by the hub key" in (verdict.problem or "")
 
 
 def test_a_missing_ledger_is_a_clear_error(tmp_path: Path, key: SigningKey) -> None:
