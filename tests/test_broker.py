@@ -20,7 +20,7 @@ from nova_swarm.broker.link.connection import Connection
 from nova_swarm.broker.link.net import free_port
 from nova_swarm.broker.server.embedded import EmbeddedBrokerConfig, amqtt_config
 
-from .conftest import RunningBroker
+from .conftest import RunningBroker, until
 
 T = Topics("main")
 
@@ -236,3 +236,28 @@ async def test_fan_out_finds_filters_added_and_removed_as_clients_come_and_go(am
         await sender.publish(T.node_task("n2"), b"4")  # matched by nobody now
         assert await collect(exact, 0.3) == [topic]
         assert await collect(wild, 0.3) == [topic]
+
+
+async def test_mosquitto_sends_a_busy_reader_hundreds_of_messages_before_its_acks(mosquitto: RunningBroker) -> None:
+    """Mosquitto holds QoS 1 deliveries to a client at 20 unacknowledged by default; the hub,
+    which takes every result and prompt, would wait a round trip per 20. A reader that has
+    acknowledged nothing yet still gets all 300 here."""
+    import paho.mqtt.client as paho
+
+    url = mosquitto.url(Role.HUB)
+    got: list[int] = []
+    reader = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="slow-reader", manual_ack=True)
+    reader.username_pw_set(url.username, url.password)
+    reader.on_message = lambda _c, _u, msg: got.append(msg.mid)
+    reader.connect(url.host, url.port)
+    reader.loop_start()
+    try:
+        reader.subscribe(T.node_result("n1"), qos=1)
+        await asyncio.sleep(0.3)
+        async with Connection(url) as sender:
+            for i in range(300):
+                await sender.publish(T.node_result("n1"), str(i).encode(), qos=1)
+        await until(lambda: len(got) == 300, timeout=10, what=f"300 unacknowledged deliveries (got {len(got)})")
+    finally:
+        reader.loop_stop()
+        reader.disconnect()

@@ -47,6 +47,10 @@ class MosquittoConfig:
     limits: BrokerLimits = BrokerLimits()
 
 
+#: QoS 1 messages Mosquitto sends one client before it waits for their acknowledgements
+MAX_INFLIGHT = 1000
+
+
 def write_config(config: MosquittoConfig) -> Path:
     """Render mosquitto.conf and its ACL into ``workdir``; return the config's path."""
     private_dir(config.workdir)
@@ -90,6 +94,10 @@ def write_config(config: MosquittoConfig) -> Path:
                 # A subscriber that stops reading: its backlog beyond this is dropped (counted
                 # in $SYS, and logged as "Outgoing messages are being dropped", a notice).
                 f"max_queued_messages {config.limits.max_queued_messages}",
+                # QoS 1 messages on their way to one client before Mosquitto waits for its
+                # acknowledgements (20 by default): the hub takes every node's results and every
+                # client's prompts, and at 20 it was held to one broker round trip per 20.
+                f"max_inflight_messages {MAX_INFLIGHT}",
                 "log_dest stderr",
                 "log_type error",
                 "log_type warning",
