@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from nova_swarm.broker.contract.messages import PromptRequest
@@ -52,3 +53,19 @@ async def test_writer_group_commits_and_remembers_a_bounded_window(tmp_path: Pat
         assert writer.journal.unfinished() == []
     finally:
         runner.cancel()
+
+
+def test_commits_never_fold_the_log_back_a_checkpoint_does(tmp_path: Path) -> None:
+    """Commits run on the hub's event loop, so none may take the slow step of copying the
+    write-ahead log into the database (SQLite does it at 1,000 pages unless told not to)."""
+    journal = Journal(tmp_path / "hub.sqlite")
+    for i in range(1500):
+        journal.write([entry(f"r{i}")], [], [])
+    wal = tmp_path / "hub.sqlite-wal"
+    assert wal.stat().st_size > 2000 * 4096  # about 1,010 pages if commits checkpointed (5,172 here)
+    journal.checkpoint()
+    with sqlite3.connect(tmp_path / "hub.sqlite") as db:
+        busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied  # everything was already in the database
+    assert len(journal.unfinished()) == 1500
+    journal.close()
